@@ -1,0 +1,247 @@
+"""Settings: defaults, the ``quick`` and ``paper`` profiles, YAML/TOML files, validation.
+
+Every knob of every stage lives here, grouped by stage. A config file uses the same sections::
+
+    seed = 7
+    [generate]
+    num_instructions = 500
+    [train]
+    epochs = 3
+
+Precedence: defaults < profile < config file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+import yaml
+
+from .errors import SelfspecError
+
+
+@dataclass
+class GenerateSettings:
+    """Instruction generation (stage 1)."""
+
+    num_instructions: int = 300
+    num_examples: int = 3
+    human_example_share: float = 0.67
+    temperature: float = 1.0
+    top_p: float = 0.98
+    max_new_tokens: int = 160
+    batch_size: int = 16
+    max_rounds: int = 40
+    rouge_threshold: float = 0.7
+    min_words: int = 3
+    max_words: int = 150
+    min_relevance: float = 0.0
+
+
+@dataclass
+class RespondSettings:
+    """Response generation (stage 2) and its data-quality checks."""
+
+    retrieval: bool = True
+    top_k: int = 3
+    passage_tokens: int = 200
+    num_demos: int = 5
+    max_new_tokens: int = 160
+    batch_size: int = 8
+    temperature: float = 0.0
+    option_answers: bool = True
+    calibrate: bool = True
+    max_label_share: float = 0.5
+    consistency_samples: int = 1
+    consistency_min_agreement: float = 0.5
+    judge: bool = False
+    judge_keep_fraction: float = 0.8
+
+
+@dataclass
+class TrainSettings:
+    """(Q)LoRA tuning (stage 3)."""
+
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    learning_rate: float = 3e-4
+    epochs: float = 2.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 384
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    quant: str = "auto"
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    save_steps: int = 50
+
+
+@dataclass
+class EvaluateSettings:
+    """Evaluation (stage 4) and the report."""
+
+    max_items: int = 0
+    shots: int = 0
+    length_normalize: bool = False
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    bootstrap_samples: int = 1000
+    ngram: int = 13
+    cross_domain: bool = True
+
+
+@dataclass
+class Settings:
+    """Everything a run needs; ``model=None`` means the embedded SmolLM2-135M-Instruct."""
+
+    model: str | None = None
+    seed: int = 42
+    backend: str = "hf"
+    data_dir: str | None = None
+    corpus: str | None = None
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
+    respond: RespondSettings = field(default_factory=RespondSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of the settings a stage depends on (the top-level keys plus ``sections``)."""
+        data = self.to_dict()
+        selected = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        selected.update({name: data[name] for name in sections})
+        return hashlib.sha256(json.dumps(selected, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PROFILES: dict[str, dict] = {
+    "quick": {},
+    "paper": {
+        "generate": {"num_instructions": 5000, "max_rounds": 1000, "batch_size": 32},
+        "respond": {"batch_size": 16},
+        "train": {"epochs": 3.0, "batch_size": 8, "grad_accum": 4, "max_length": 1024},
+    },
+    # A few records end to end in well under a minute of model time; for smoke tests.
+    "tiny": {
+        "generate": {"num_instructions": 6, "max_rounds": 3, "batch_size": 4, "max_new_tokens": 48},
+        "respond": {"batch_size": 4, "max_new_tokens": 32, "num_demos": 2},
+        "train": {"epochs": 1.0, "batch_size": 2, "max_length": 128, "save_steps": 2},
+        "evaluate": {"max_items": 8, "bootstrap_samples": 200, "max_new_tokens": 8},
+    },
+}
+
+
+def load_settings(profile: str = "quick", config_file: str | Path | None = None,
+                  overrides: dict | None = None) -> Settings:
+    """Build settings from a profile, an optional YAML/TOML file, then flag overrides."""
+    if profile not in PROFILES:
+        raise SelfspecError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    settings = Settings()
+    apply(settings, PROFILES[profile], source=f"profile {profile}")
+    if config_file is not None:
+        apply(settings, read_config_file(Path(config_file)), source=str(config_file))
+    if overrides:
+        apply(settings, overrides, source="command line")
+    return settings
+
+
+def read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise SelfspecError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise SelfspecError(f"{path}: config must be .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise SelfspecError(f"{path}: not valid {path.suffix[1:].upper()}: {_first_line(exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise SelfspecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if not isinstance(data, dict):
+        raise SelfspecError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+_RANGES = {
+    "temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "rouge_threshold": (0.0, 1.0),
+    "human_example_share": (0.0, 1.0), "max_label_share": (0.0, 1.0), "lora_dropout": (0.0, 1.0),
+    "judge_keep_fraction": (0.0, 1.0), "consistency_min_agreement": (0.0, 1.0),
+    "warmup_ratio": (0.0, 1.0), "learning_rate": (0.0, 1.0), "min_relevance": (0.0, 1e9),
+}
+_CHOICES = {
+    "quant": ("auto", "none", "nf4"), "scheduler": ("cosine", "linear", "constant"),
+    "backend": ("hf", "vllm", "openai"),
+}
+
+
+def apply(target: Any, values: dict, source: str, prefix: str = "") -> None:
+    """Validate ``values`` against the dataclass ``target`` and set them, naming any bad key."""
+    hints = get_type_hints(type(target))
+    names = [f.name for f in dataclasses.fields(target)]
+    for key, value in values.items():
+        where = f"{source}: {prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise SelfspecError(f"{source}: unknown setting {prefix}{key}{hint}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise SelfspecError(f"{where}: expected a section of settings, got {type(value).__name__}")
+            apply(current, value, source, prefix=f"{prefix}{key}.")
+            continue
+        setattr(target, key, _coerce(value, hints[key], where, key))
+
+
+def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
+    optional = type(None) in get_args(hint)
+    kind = next((arg for arg in get_args(hint) if arg is not type(None)), hint)
+    if value is None and optional:
+        return None
+    if kind is bool and not isinstance(value, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
+            value = value.lower() in ("true", "on", "yes", "1")
+        else:
+            raise SelfspecError(f"{where}: expected true or false, got {value!r}")
+    elif kind in (int, float):
+        if isinstance(value, bool):
+            raise SelfspecError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = kind(value) if kind is float else _as_int(value)
+        except (TypeError, ValueError):
+            raise SelfspecError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        if number < 0:
+            raise SelfspecError(f"{where}: must not be negative, got {number}")
+        low, high = _RANGES.get(key, (0, float("inf")))
+        if not low <= number <= high:
+            raise SelfspecError(f"{where}: must be between {low} and {high}, got {number}")
+        value = number
+    elif not isinstance(value, str):
+        raise SelfspecError(f"{where}: expected text, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise SelfspecError(f"{where}: expected one of {', '.join(_CHOICES[key])}, got {value!r}")
+    return value
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return int(value)

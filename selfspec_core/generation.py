@@ -1,0 +1,133 @@
+"""Batched text generation and log-likelihood scoring behind one backend interface.
+
+Every stage that needs the model (instructions, responses, data-quality checks, evaluation) talks to
+a :class:`Generator`. ``HFGenerator`` runs transformers in-process: prompts are sorted by length and
+left-padded into batches so one ``generate`` call with a KV cache serves many prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from .errors import SelfspecError
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finished: bool  # False when cut off at max_new_tokens
+    num_tokens: int
+
+
+class Generator(Protocol):
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0) -> list[Completion]:
+        """Complete each prompt; sampling is seeded so the same call gives the same texts."""
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
+        """For each ``(context, continuation)``: summed log-probability of the continuation and its token count."""
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class HFGenerator:
+    """In-process transformers backend (CPU or one GPU)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(1, batch_size)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _batches(self, texts: Sequence[str]) -> list[list[int]]:
+        """Indices grouped into batches of similar length (less padding, same results)."""
+        lengths = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, stop=(), seed=0):
+        import torch
+
+        results: list[Completion | None] = [None] * len(prompts)
+        self.tokenizer.padding_side = "left"
+        for number, batch in enumerate(self._batches(prompts)):
+            encoded = self.tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                                     add_special_tokens=False).to(self.device)
+            sampling = temperature > 0
+            options = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
+                           pad_token_id=self.tokenizer.pad_token_id)
+            if sampling:
+                options.update(temperature=temperature, top_p=top_p)
+            else:
+                options.update(temperature=None, top_p=None, top_k=None)
+            if stop:
+                options.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+            torch.manual_seed(seed * 100_003 + number)
+            with torch.inference_mode():
+                output = self.model.generate(**encoded, **options)
+            new_tokens = output[:, encoded.input_ids.shape[1]:]
+            for row, index in enumerate(batch):
+                ids = new_tokens[row].tolist()
+                ended = self.tokenizer.eos_token_id in ids
+                if ended:
+                    ids = ids[: ids.index(self.tokenizer.eos_token_id)]
+                while ids and ids[-1] == self.tokenizer.pad_token_id:
+                    ids.pop()
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                text, stopped = cut_at_stop(text, stop)
+                results[index] = Completion(text, ended or stopped or len(ids) < max_new_tokens, len(ids))
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, requests):
+        import torch
+
+        pairs = []
+        for context, continuation in requests:
+            context_ids = self.tokenizer(context, add_special_tokens=False).input_ids
+            continuation_ids = self.tokenizer(continuation, add_special_tokens=False).input_ids
+            if not continuation_ids:
+                raise SelfspecError(f"empty continuation to score after {context[-40:]!r}")
+            pairs.append((context_ids, continuation_ids))
+        scores: list[tuple[float, int] | None] = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            sequences = [pairs[i][0] + pairs[i][1] for i in batch]
+            width = max(map(len, sequences))
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, sequence in enumerate(sequences):
+                ids[row, : len(sequence)] = torch.tensor(sequence)
+                mask[row, : len(sequence)] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, index in enumerate(batch):
+                context_ids, continuation_ids = pairs[index]
+                begin = len(context_ids)
+                positions = torch.arange(begin - 1, begin - 1 + len(continuation_ids))
+                target = torch.tensor(continuation_ids)
+                total = logprobs[row, positions, target.to(logprobs.device)].sum().item()
+                scores[index] = (total, len(continuation_ids))
+        return scores  # type: ignore[return-value]
+
+
+def make_generator(settings, model_ref, adapter=None, batch_size: int | None = None) -> Generator:
+    """The backend named by ``settings.backend`` for ``model_ref`` (plus an optional adapter)."""
+    from .models import load_model, load_tokenizer
+
+    if settings.backend == "hf":
+        model = load_model(model_ref, adapter=adapter)
+        return HFGenerator(model, load_tokenizer(model_ref), batch_size or 8)
+    raise SelfspecError(f"backend {settings.backend!r} is not available in this install; use backend = \"hf\"")

@@ -1,0 +1,87 @@
+"""Every hook a selfspec plugin can implement.
+
+A plugin is a module or object with functions decorated by ``@hookimpl`` whose names match the
+specifications below. Domain plugins register through the ``selfspec`` entry-point group::
+
+    [project.entry-points.selfspec]
+    finance = "selfspec_finance"
+
+The core registers its own defaults (``selfspec_core.defaults``) first, so a domain plugin only
+implements what it needs to change. Hooks marked ``firstresult`` return the first non-``None``
+answer, and plugins registered later are called first: that is how a domain overrides a default.
+Every hook is called with keyword arguments; an implementation may accept only those it uses.
+"""
+
+from pluggy import HookimplMarker, HookspecMarker
+
+hookspec = HookspecMarker("selfspec")
+hookimpl = HookimplMarker("selfspec")
+
+
+@hookspec
+def register_domains(register):
+    """Declare the domains this plugin provides.
+
+    Call ``register(Domain(name=..., description=..., task_families=[...]))`` once per domain.
+    A domain name must be unique across installed plugins.
+    """
+
+
+@hookspec(firstresult=True)
+def seed_provider(domain):
+    """Return the human-written seeds of ``domain``.
+
+    Return a path to a JSONL/YAML seed file (``{id, task_type, instruction, input, output}`` per
+    record) or a list of :class:`selfspec_core.records.Seed`; ``None`` when this plugin does not
+    serve ``domain``. The user's ``--seeds`` file replaces whatever this hook returns.
+    """
+
+
+@hookspec(firstresult=True)
+def prompt_template(domain, stage):
+    """Return the :class:`selfspec_core.templates.PromptTemplate` for one pipeline ``stage``.
+
+    ``stage`` is one of ``"instruction"`` (writing new instructions from examples), ``"response"``
+    (answering an instruction, with retrieved passages), ``"train"`` (the format the model is tuned
+    on, also used to query the tuned model) and ``"judge"`` (asking the model whether a response is
+    good). The core answers every stage with a generic template; return ``None`` to keep it.
+    """
+
+
+@hookspec
+def filter_record(domain, stage, record):
+    """Reject a record of any domain: return a short reason (``str``) to drop it, ``None`` to keep.
+
+    Called for every candidate instruction (``stage="instruction"``, ``record`` has
+    ``instruction`` and ``input``) and every response (``stage="response"``, ``record`` also has
+    ``output``). Any plugin may filter any domain, e.g. a PII filter installed on its own.
+    """
+
+
+@hookspec
+def blacklist_words(domain):
+    """Return extra words that make an instruction unanswerable by a text model (e.g. "chart").
+
+    They are added to the core's list (image, graph, video, ...); an instruction containing any of
+    them is dropped with reason ``blacklist``.
+    """
+
+
+@hookspec
+def evaluation_tasks(domain):
+    """Return the evaluation tasks of ``domain`` as a list of :class:`selfspec_core.tasks.EvalTask`.
+
+    Each task names its data file (relative to the data dir), a loader for the benchmark's own file
+    format, its prompt, scoring mode and metric. Tasks of every installed domain are collected, so
+    evaluation can also report the cross-domain cost of specializing.
+    """
+
+
+@hookspec(firstresult=True)
+def retrieval_corpus(domain, data_dir):
+    """Return the default retrieval corpus of ``domain``: a list of paths (files or folders of
+    ``.jsonl``/``.txt``/``.parquet``/``.csv``), or of :class:`selfspec_core.retrieval.Passage`.
+
+    ``data_dir`` is the user's data directory (may be ``None``). Return ``None`` when there is no
+    corpus; retrieval is then switched off with a message. ``--corpus`` replaces this hook.
+    """

