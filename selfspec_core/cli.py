@@ -1,0 +1,233 @@
+"""The ``selfspec`` command: parses options and calls stages; no logic of its own."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__, plugins
+from .config import PROFILES, load_settings
+from .errors import SelfspecError
+from .rundir import STAGES, RunDir, safe_name
+
+
+class Session:
+    """What the group options resolve to, shared by every command."""
+
+    def __init__(self, domain, profile, config_file, overrides, seeds, out, debug):
+        self.domain_name = domain
+        self.profile = profile
+        self.config_file = config_file
+        self.overrides = overrides
+        self.seeds_path = seeds
+        self.out = out
+        self.debug = debug
+
+    def settings(self, **extra):
+        overrides = _merge(self.overrides, extra)
+        return load_settings(self.profile, self.config_file, overrides)
+
+    def domain(self):
+        if not self.domain_name:
+            raise SelfspecError("no domain given: pass --domain NAME (see `selfspec domains`)")
+        return plugins.get_domain(safe_name(self.domain_name, "domain name"))
+
+    def run_dir(self, domain):
+        if self.out:
+            return RunDir(Path(self.out), domain.name)
+        return RunDir(Path("runs") / safe_name(f"{domain.name}-{self.profile}", "run name"), domain.name)
+
+    def pipeline(self, **extra):
+        from .pipeline import Pipeline, domain_seeds
+
+        settings = self.settings(**extra)
+        domain = self.domain()
+        run = self.run_dir(domain).open()
+        from .rundir import atomic_write_json
+
+        atomic_write_json(run.path / "config.json", {"profile": self.profile, **settings.to_dict()})
+        return Pipeline(settings, domain, run, domain_seeds(domain.name, self.seeds_path), log=click.echo)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = {key: (dict(value) if isinstance(value, dict) else value) for key, value in base.items()}
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            merged.setdefault(key, {}).update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _drop_none(values: dict) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--domain", "-d", help="Domain to specialize in (see `selfspec domains`).")
+@click.option("--profile", type=click.Choice(list(PROFILES)), default="quick", show_default=True,
+              help="quick: CPU demo, a few hundred examples. paper: the paper's settings (~5K examples). tiny: smoke test.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML or TOML file with any setting; flags override it.")
+@click.option("--model", help="Base model: local HF folder, .gguf file, hub id, or embedded smollm2-135m (default) / gemma3-270m.")
+@click.option("--seeds", type=click.Path(dir_okay=False), help="Your seed file (JSONL or YAML) instead of the domain's own.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<domain>-<profile>).")
+@click.option("--seed", type=int, help="Random seed: the same seed gives the same data.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Benchmark data and corpora (or SELFSPEC_DATA).")
+@click.option("--corpus", type=click.Path(), help="Retrieval corpus: a .jsonl/.txt/.parquet/.csv file or folder.")
+@click.option("--backend", type=click.Choice(["hf", "vllm", "openai"]), help="Generation backend.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(__version__, prog_name="selfspec")
+@click.pass_context
+def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, corpus, backend, debug):
+    """Self-specialize a language model on a domain from a handful of seeds.
+
+    \b
+    selfspec domains                          list installed domains
+    selfspec --domain finance run             every stage into runs/finance-quick/
+    selfspec --domain finance generate        one stage on the same run directory
+    """
+    overrides = _drop_none({"model": model, "seed": seed, "data_dir": data_dir, "corpus": corpus, "backend": backend})
+    ctx.obj = Session(domain, profile, config_file, overrides, seeds, out, debug)
+
+
+@cli.command()
+def domains():
+    """List installed domains with their plugin, seeds, tasks and corpus."""
+    from .pipeline import domain_seeds
+
+    installed = plugins.domains()
+    if not installed:
+        click.echo("no domains installed: `pip install -e plugins/finance` or `selfspec new-domain NAME`")
+        return
+    for name, domain in installed.items():
+        try:
+            seeds = domain_seeds(name)
+            families = sorted({s.task_type for s in seeds})
+            seed_text = f"{len(seeds)} seeds"
+        except SelfspecError as exc:
+            families, seed_text = list(domain.task_families), f"seeds unavailable ({exc})"
+        tasks = [task.name for _, found in plugins.results("evaluation_tasks", domain=name) for task in found]
+        _, corpus = plugins.first_result("retrieval_corpus", (list, tuple), domain=name, data_dir=None)
+        corpus_text = f"{len(corpus)} sources" if corpus else "none found (set SELFSPEC_DATA or pass --corpus)"
+        click.echo(f"{name}  (plugin {domain.plugin}): {seed_text}")
+        click.echo(f"  {domain.description}")
+        click.echo(f"  task families: {', '.join(families) or '-'}")
+        click.echo(f"  evaluation tasks: {', '.join(tasks) or '-'}")
+        click.echo(f"  retrieval corpus: {corpus_text}")
+
+
+def _stage_command(stage: str, help_text: str):
+    @cli.command(name=stage, help=help_text)
+    @click.option("--force", is_flag=True, help="Run again even if up to date.")
+    @click.pass_obj
+    def command(session: Session, force: bool, **options):
+        session.pipeline(**_stage_overrides(options)).run_stages([stage], force=force)
+
+    return command
+
+
+def _stage_overrides(options: dict) -> dict:
+    overrides = {}
+    if options.get("retrieval") is not None:
+        overrides["respond"] = {"retrieval": options["retrieval"] == "on"}
+    if options.get("quant") is not None:
+        overrides["train"] = {"quant": options["quant"]}
+    if options.get("adapter") is not None:
+        overrides["evaluate"] = {"adapter": options["adapter"]}
+    return overrides
+
+
+_retrieval = click.option("--retrieval", type=click.Choice(["on", "off"]), help="Ground responses in retrieved passages (default on).")
+_quant = click.option("--quant", type=click.Choice(["auto", "none", "nf4"]), help="Base weights for tuning: nf4 = QLoRA (default on CUDA).")
+
+generate = _stage_command("generate", "Stage 1: write new domain instructions from the seeds.")
+respond = _retrieval(_stage_command("respond", "Stage 2: answer the instructions (grounded by retrieval)."))
+train = _quant(_stage_command("train", "Stage 3: tune the model on its own data with (Q)LoRA."))
+report = _stage_command("report", "Write report.html and report.md for the run.")
+
+
+@cli.command()
+@_retrieval
+@_quant
+@click.option("--force", is_flag=True, help="Run every stage again.")
+@click.pass_obj
+def run(session: Session, force: bool, **options):
+    """Run every stage: generate, respond, train, evaluate, report."""
+    pipeline = session.pipeline(**_stage_overrides(options))
+    pipeline.run_stages(list(STAGES), force=force)
+    click.echo(f"report: {pipeline.run.stage_dir('report') / 'report.html'}")
+
+
+@cli.command()
+@click.option("--adapter", type=click.Path(file_okay=False), help="Adapter to compare with the base (default: the run's).")
+@click.option("--eval-file", type=click.Path(dir_okay=False), help="Your task: JSONL rows {instruction, input, output, choices?}.")
+@click.option("--metric", type=click.Choice(["accuracy", "exact_match", "f1", "rouge_l", "numeric"]), help="Metric for --eval-file rows without choices.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Where --eval-file results go (JSON).")
+@click.option("--force", is_flag=True, help="Run again even if up to date.")
+@click.pass_obj
+def evaluate(session: Session, adapter, eval_file, metric, output, force):
+    """Stage 4: score base vs specialized on the domain's benchmarks (or on --eval-file)."""
+    if eval_file:
+        from .evaluation import evaluate_file
+
+        results = evaluate_file(session.settings(), eval_file, metric=metric or "exact_match", adapter=adapter,
+                                output=output or "results.json")
+        click.echo(f"results: {output or 'results.json'}")
+        for task, row in results.items():
+            click.echo(f"  {task}: {row}")
+        return
+    session.pipeline(**_stage_overrides({"adapter": adapter})).run_stages(["evaluate"], force=force)
+
+
+@cli.command()
+@click.option("--merge", is_flag=True, required=True, help="Write the base model with the adapter merged in.")
+@click.option("--output", type=click.Path(file_okay=False), required=True, help="Folder for the merged model.")
+@click.option("--adapter", type=click.Path(file_okay=False), help="Adapter folder (default: the run's).")
+@click.pass_obj
+def export(session: Session, merge, output, adapter):
+    """Export the specialized model (safetensors + tokenizer) for from_pretrained."""
+    from .models import resolve_model
+    from .training import export_merged
+
+    settings = session.settings()
+    if adapter is None:
+        run = session.run_dir(session.domain())
+        adapter = run.require("train", "adapter")
+    export_merged(resolve_model(settings.model), Path(adapter), Path(output))
+    click.echo(f"merged model written to {output}")
+
+
+@cli.command(name="new-domain")
+@click.argument("name")
+@click.option("--dest", type=click.Path(file_okay=False), default=".", show_default=True, help="Where to create the plugin folder.")
+def new_domain(name, dest):
+    """Scaffold an installable domain plugin package (then `pip install -e <folder>`)."""
+    from .scaffold import scaffold_domain
+
+    folder = scaffold_domain(safe_name(name, "domain name"), Path(dest))
+    click.echo(f"created {folder}\nnext: pip install -e {folder} && selfspec domains")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit code 2 (``--debug`` for the traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="selfspec", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SelfspecError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(130)
