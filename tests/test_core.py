@@ -1,0 +1,146 @@
+"""Config, seeds, templates, run directory and plugin manager."""
+
+import json
+import os
+
+import pytest
+
+from selfspec_core import plugins
+from selfspec_core.config import Settings, apply, load_settings
+from selfspec_core.errors import SelfspecError
+from selfspec_core.hookspecs import hookimpl
+from selfspec_core.records import Domain
+from selfspec_core.rundir import RecordLog, RunDir, read_jsonl, safe_name
+from selfspec_core.seeds import load_seeds
+from selfspec_core.templates import PromptTemplate, fill
+
+SEED = {"id": "a", "task_type": "qa", "instruction": "Q?", "input": "", "output": "A."}
+
+
+def test_profiles_and_overrides(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("seed = 7\n[train]\nepochs = 5\n")
+    settings = load_settings("paper", config, {"train": {"lora_r": 4}})
+    assert settings.seed == 7 and settings.train.epochs == 5 and settings.train.lora_r == 4
+    assert settings.generate.num_instructions == 5000
+    yaml_config = tmp_path / "c.yaml"
+    yaml_config.write_text("generate:\n  num_examples: 2\n")
+    assert load_settings("quick", yaml_config).generate.num_examples == 2
+
+
+def test_config_hash_tracks_only_relevant_sections():
+    a, b = Settings(), Settings()
+    b.train.epochs = 9
+    assert a.section_hash("generate") == b.section_hash("generate")
+    assert a.section_hash("train") != b.section_hash("train")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"genrate": {}}, "did you mean generate"),
+    ({"train": {"lora_rr": 4}}, "did you mean train.lora_r"),
+    ({"train": {"lora_r": "x"}}, "expected an integer"),
+    ({"generate": {"top_p": 1.5}}, "between"),
+    ({"train": {"quant": "int8"}}, "expected one of"),
+    ({"respond": {"retrieval": "maybe"}}, "true or false"),
+    ({"train": 3}, "expected a section"),
+])
+def test_bad_settings_name_key(values, message):
+    with pytest.raises(SelfspecError, match=message):
+        apply(Settings(), values, source="my.toml")
+
+
+def test_fill_drops_empty_optional_parts():
+    assert fill("Q: {instruction}[[\nInput: {input}]]\nA:", {"instruction": "x", "input": ""}) == "Q: x\nA:"
+    assert fill("Q: {instruction}[[\nInput: {input}]]", {"instruction": "x", "input": "y"}) == "Q: x\nInput: y"
+
+
+def test_template_render_and_stop():
+    template = PromptTemplate(header="H {domain}", example="I: {instruction} O: {output}", query="I: {instruction} O:")
+    text = template.render([{"instruction": "a", "output": "b"}], {"instruction": "c"}, domain="fin")
+    assert text == "H fin\n\n###\n\nI: a O: b\n\n###\n\nI: c O:"
+    assert template.stop == ["\n###"]
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_seeds_jsonl_and_yaml(tmp_path):
+    assert load_seeds(write(tmp_path / "s.jsonl", [SEED]))[0].output == "A."
+    yaml_file = tmp_path / "s.yaml"
+    yaml_file.write_text("- id: a\n  task_type: qa\n  instruction: Q?\n  output: A.\n")
+    assert load_seeds(yaml_file)[0].input == ""
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "empty"),
+    (b'{"id": "a"\n', ":1: not valid JSON"),
+    (json.dumps({**SEED, "output": ""}).encode() + b"\n", ":1: field 'output' is empty"),
+    (json.dumps({k: v for k, v in SEED.items() if k != "instruction"}).encode() + b"\n", "field 'instruction' is missing"),
+    (json.dumps({**SEED, "output": 3}).encode() + b"\n", "field 'output': expected a string"),
+    ((json.dumps(SEED) + "\n" + json.dumps(SEED) + "\n").encode(), ":2: field 'id': duplicate id"),
+    (b'{"id": "\xff"}\n', ":1: not UTF-8"),
+    (json.dumps({**SEED, "input": "x" * 300_000}).encode() + b"\n", "over the 200 kB limit"),
+])
+def test_bad_seed_files_name_line_and_field(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SelfspecError, match=message) as info:
+        load_seeds(path)
+    assert str(path) in str(info.value)
+
+
+def test_record_log_drops_torn_tail(tmp_path):
+    path = tmp_path / "r.jsonl"
+    log = RecordLog(path)
+    log.append([{"n": 1}, {"n": 2}])
+    with open(path, "a") as handle:
+        handle.write('{"n": 3')  # a kill in the middle of a write
+    assert read_jsonl(path) == [{"n": 1}, {"n": 2}]
+    resumed = RecordLog(path)
+    assert resumed.records == [{"n": 1}, {"n": 2}]
+    resumed.append([{"n": 3}])
+    assert [r["n"] for r in read_jsonl(path)] == [1, 2, 3]
+
+
+def test_run_dir_seals_stages_and_refuses_other_domains(tmp_path):
+    run = RunDir(tmp_path / "run", "finance").open()
+    (run.partial_dir("generate") / "x.jsonl").write_text("{}\n")
+    run.finish("generate", {"config_hash": "c", "input_hash": "i"})
+    assert run.is_fresh("generate", "c", "i") and not run.is_fresh("generate", "c", "other")
+    assert not (tmp_path / "run" / "generate.partial").exists()
+    with pytest.raises(SelfspecError, match="belongs to domain 'finance'"):
+        RunDir(tmp_path / "run", "biomed").open()
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", "..", ""])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(SelfspecError):
+        safe_name(name, "run name")
+
+
+class _TestPlugin:
+    @hookimpl
+    def register_domains(self, register):
+        register(Domain("testdomain", "testing"))
+
+    @hookimpl
+    def prompt_template(self, domain, stage):
+        if domain == "testdomain" and stage == "response":
+            return "not a template"
+
+
+def test_plugin_overrides_and_wrong_types_name_the_plugin():
+    manager = plugins.get_plugin_manager()
+    manager.register(_TestPlugin(), name="testplugin")
+    try:
+        assert plugins.domains()["testdomain"].plugin == "testplugin"
+        _, core_template = plugins.first_result("prompt_template", PromptTemplate, domain="testdomain", stage="train")
+        assert isinstance(core_template, PromptTemplate)
+        with pytest.raises(SelfspecError, match="plugin 'testplugin': hook prompt_template returned str"):
+            plugins.first_result("prompt_template", PromptTemplate, domain="testdomain", stage="response")
+    finally:
+        manager.unregister(name="testplugin")
+    with pytest.raises(SelfspecError, match="unknown domain 'testdomain'"):
+        plugins.get_domain("testdomain")
