@@ -98,6 +98,34 @@ class EvaluateSettings:
     bootstrap_samples: int = 1000
     ngram: int = 13
     cross_domain: bool = True
+    # The adapter to evaluate; None means the run's own ``train/adapter``.
+    adapter: str | None = None
+    # Drop generated training records that share an ``ngram``-gram with an evaluation item.
+    drop_contaminated: bool = False
+    # Generated records shown in the report.
+    report_samples: int = 5
+
+
+@dataclass
+class OpenAISettings:
+    """An OpenAI-compatible server for ``backend = "openai"`` (unset values come from OPENAI_BASE_URL,
+    SELFSPEC_OPENAI_MODEL, or the one model the server lists; the key from the variable ``api_key_env``)."""
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    max_retries: int = 5
+    timeout: float = 300.0
+
+
+@dataclass
+class RaySettings:
+    """``executor = "ray"``: generation as Ray Data jobs, one model per actor (cluster from RAY_ADDRESS)."""
+
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
 
 
 @dataclass
@@ -107,12 +135,15 @@ class Settings:
     model: str | None = None
     seed: int = 42
     backend: str = "hf"
+    executor: str = "local"
     data_dir: str | None = None
     corpus: str | None = None
     generate: GenerateSettings = field(default_factory=GenerateSettings)
     respond: RespondSettings = field(default_factory=RespondSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
+    ray: RaySettings = field(default_factory=RaySettings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,10 +216,13 @@ _RANGES = {
     "human_example_share": (0.0, 1.0), "max_label_share": (0.0, 1.0), "lora_dropout": (0.0, 1.0),
     "judge_keep_fraction": (0.0, 1.0), "consistency_min_agreement": (0.0, 1.0),
     "warmup_ratio": (0.0, 1.0), "learning_rate": (0.0, 1.0), "min_relevance": (0.0, 1e9),
+    "concurrency": (1, 1024), "timeout": (0.001, 86400.0), "actors": (1, 100_000),
+    "ngram": (1, 100), "bootstrap_samples": (1, 1_000_000), "shots": (0, 64),
 }
 _CHOICES = {
     "quant": ("auto", "none", "nf4"), "scheduler": ("cosine", "linear", "constant"),
     "backend": ("hf", "vllm", "openai"),
+    "executor": ("local", "ray"),
 }
 
 

@@ -89,38 +89,59 @@ class HFGenerator:
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests):
-        import torch
-
+        """Scores requests; when every continuation of a context is one token (labels such as
+        yes/no/maybe), one forward pass of the context scores them all."""
         pairs = []
         for context, continuation in requests:
-            context_ids = self.tokenizer(context, add_special_tokens=False).input_ids
             continuation_ids = self.tokenizer(continuation, add_special_tokens=False).input_ids
             if not continuation_ids:
                 raise SelfspecError(f"empty continuation to score after {context[-40:]!r}")
-            pairs.append((context_ids, continuation_ids))
+            pairs.append((context, continuation_ids))
+        groups: dict[str, list[int]] = {}
+        for index, (context, _) in enumerate(pairs):
+            groups.setdefault(context, []).append(index)
+        sequences, readouts = [], []  # readouts: (request index, sequence number, first scored position)
+        for context, members in groups.items():
+            context_ids = self.tokenizer(context, add_special_tokens=False).input_ids
+            if all(len(pairs[i][1]) == 1 for i in members):
+                sequences.append(context_ids)
+                readouts += [(i, len(sequences) - 1, len(context_ids)) for i in members]
+            else:
+                for i in members:
+                    sequences.append(context_ids + pairs[i][1])
+                    readouts.append((i, len(sequences) - 1, len(context_ids)))
+        by_sequence: dict[int, list[tuple[int, int]]] = {}
+        for index, sequence, begin in readouts:
+            by_sequence.setdefault(sequence, []).append((index, begin))
         scores: list[tuple[float, int] | None] = [None] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        import torch
+
+        for sequence, logits in self._forward(sequences):
+            for index, begin in by_sequence[sequence]:
+                target = torch.tensor(pairs[index][1])
+                positions = torch.arange(begin - 1, begin - 1 + len(target))
+                logprobs = torch.log_softmax(logits[positions].float(), dim=-1)
+                scores[index] = (logprobs[torch.arange(len(target)), target].sum().item(), len(target))
+        return scores  # type: ignore[return-value]
+
+    def _forward(self, sequences: list[list[int]]):
+        """Yield ``(sequence number, logits at each position)``, batched by length."""
+        import torch
+
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            sequences = [pairs[i][0] + pairs[i][1] for i in batch]
-            width = max(map(len, sequences))
+            width = max(len(sequences[i]) for i in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, sequence in enumerate(sequences):
-                ids[row, : len(sequence)] = torch.tensor(sequence)
-                mask[row, : len(sequence)] = 1
+            for row, index in enumerate(batch):
+                ids[row, : len(sequences[index])] = torch.tensor(sequences[index])
+                mask[row, : len(sequences[index])] = 1
             with torch.inference_mode():
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
             for row, index in enumerate(batch):
-                context_ids, continuation_ids = pairs[index]
-                begin = len(context_ids)
-                positions = torch.arange(begin - 1, begin - 1 + len(continuation_ids))
-                target = torch.tensor(continuation_ids)
-                total = logprobs[row, positions, target.to(logprobs.device)].sum().item()
-                scores[index] = (total, len(continuation_ids))
-        return scores  # type: ignore[return-value]
+                yield index, logits[row].cpu()
 
 
 def make_generator(settings, model_ref, adapter=None, batch_size: int | None = None) -> Generator:

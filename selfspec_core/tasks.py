@@ -38,7 +38,8 @@ class EvalTask:
     metric: str = "accuracy"
     description: str = ""
     licence: str = ""
-    tolerance: float = 0.01
+    tolerance: float = 0.01  # relative, for the ``numeric`` metric
+    max_new_tokens: int | None = None  # generation length for this task; None: ``evaluate.max_new_tokens``
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -1,0 +1,95 @@
+"""selfspec's biomedicine domain: seeds, prompt framing, filters, retrieval corpus, PubMedQA.
+
+Every hook answers only for the ``biomed`` domain and returns ``None`` for any other, so the core's
+defaults and other plugins serve the rest. The train and judge templates are the core's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from importlib.resources import files
+from pathlib import Path
+
+from selfspec_core import defaults
+from selfspec_core.hookspecs import hookimpl
+from selfspec_core.records import Domain
+
+from . import corpus, tasks
+
+DOMAIN = Domain(
+    name="biomed",
+    description="biomedicine and clinical research",
+    task_families=("yesno_qa", "factoid_qa", "list_qa", "ner", "relation_extraction", "document_classification",
+                   "sentence_similarity", "nli", "multiple_choice", "summarization"),
+)
+
+TEMPLATES = {
+    "instruction": replace(
+        defaults.INSTRUCTION_TEMPLATE,
+        header="Tasks for an assistant in {description}. Each task has a type, an instruction, and an input "
+               "when the instruction needs one: an abstract, a sentence from a paper or a clinical note. The "
+               "tasks test biomedical knowledge and reading of research, not advice about one person's health. "
+               "Every task is new and different from the others."),
+    "response": replace(
+        defaults.RESPONSE_TEMPLATE,
+        query="[[Background from medical abstracts (use it only where it is relevant):\n{passages}\n\n]]"
+              "Instruction: {instruction}[[\nInput: {input}]]\nAnswer:"),
+}
+
+# First-person requests for advice about one's own (or a relative's) health: a tuned model should
+# not learn to answer them, and the seeds never ask them. Matched on the instruction only, since an
+# input may legitimately quote a patient (e.g. "classify this patient question").
+_PERSONAL_ADVICE = re.compile(
+    r"\b(?:should i|can i take|can i stop|do i need|do i have|am i|is it safe for me|"
+    r"i (?:have been|was|got) diagnosed|i(?:'m| am) (?:taking|on|pregnant)|i (?:feel|have had)|"
+    r"my (?:doctor|physician|gp|nurse|symptoms?|medications?|medicines?|pills?|prescriptions?|diagnosis|"
+    r"test results?|lab results?|blood (?:test|pressure|sugar)|pain|child|son|daughter|baby|wife|husband|"
+    r"mother|father|mom|dad|partner))\b",
+    re.I)
+
+# Instructions that ask the model to look at something only an image carries (the core adds
+# image, picture, graph, ...).
+BLACKLIST = ["micrograph", "micrographs", "radiograph", "radiographs", "histology slide", "ecg tracing",
+             "ekg tracing"]
+
+
+@hookimpl
+def register_domains(register):
+    register(DOMAIN)
+
+
+@hookimpl
+def seed_provider(domain):
+    if domain == DOMAIN.name:
+        return Path(str(files(__name__) / "seeds" / "seeds.jsonl"))
+
+
+@hookimpl
+def prompt_template(domain, stage):
+    if domain == DOMAIN.name:
+        return TEMPLATES.get(stage)
+
+
+@hookimpl
+def filter_record(domain, stage, record):
+    if domain == DOMAIN.name and stage == "instruction" and _PERSONAL_ADVICE.search(record["instruction"]):
+        return "personal_medical_advice"
+
+
+@hookimpl
+def blacklist_words(domain):
+    if domain == DOMAIN.name:
+        return BLACKLIST
+
+
+@hookimpl
+def retrieval_corpus(domain, data_dir):
+    if domain == DOMAIN.name:
+        return corpus.passages(data_dir)
+
+
+@hookimpl
+def evaluation_tasks(domain):
+    if domain == DOMAIN.name:
+        return tasks.evaluation_tasks()

@@ -1,0 +1,164 @@
+"""Finance evaluation tasks, read from the benchmarks' own files in the data directory.
+
+* Financial PhraseBank v1.0 (Malo et al. 2014, CC BY-NC-SA 3.0: read from the data directory,
+  never shipped): ``financial_phrasebank/Sentences_<level>.txt``, one latin-1 ``sentence@label`` a
+  line. The agreement level is ``$SELFSPEC_FPB_LEVEL`` (default 50Agree, the full 4,846 sentences).
+  The test split is a fixed fifth of the sentences chosen by a salted hash of the sentence text, so a
+  sentence is in the same split at every agreement level and in every file order; ``fpb_dev`` is the
+  rest.
+* TAT-QA dev (Zhu et al. 2021, CC BY 4.0): ``tatqa/tatqa_dev/tatqa_dataset_dev.json``, the arithmetic
+  questions (all have a numeric answer), asked over the table as pipe rows and the report's text.
+
+Items are posed the way the seeds pose the same tasks (``sentiment`` and ``numerical_reasoning``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+from selfspec_core.errors import SelfspecError
+from selfspec_core.tasks import EvalItem, EvalTask
+
+FPB_LEVELS = ("50Agree", "66Agree", "75Agree", "AllAgree")
+DEFAULT_FPB_LEVEL = "50Agree"
+FPB_LEVEL_ENV = "SELFSPEC_FPB_LEVEL"
+FPB_TEST_ONE_IN = 5
+FPB_SPLIT_SALT = "selfspec-fpb-split-v1"
+SENTIMENTS = ("positive", "negative", "neutral")
+FPB_INSTRUCTION = "Classify the sentiment of this financial news sentence as positive, negative, or neutral."
+FPB_LICENCE = "CC BY-NC-SA 3.0 (Financial PhraseBank, Malo et al. 2014): non-commercial; never redistributed"
+
+TATQA_FILE = "tatqa/tatqa_dev/tatqa_dataset_dev.json"
+TATQA_INSTRUCTION = ("Use the table and text below to answer the question. "
+                     "Show your arithmetic and end with 'The answer is ...'.")
+TATQA_LICENCE = "CC BY 4.0 (TAT-QA, Zhu et al. 2021)"
+MAX_CONTEXT_CHARS = 2000
+
+
+# ---------------------------------------------------------------------------------------------
+# Financial PhraseBank
+
+
+def fpb_level() -> str:
+    level = os.environ.get(FPB_LEVEL_ENV, DEFAULT_FPB_LEVEL)
+    if level not in FPB_LEVELS:
+        raise SelfspecError(f"{FPB_LEVEL_ENV}={level!r}: not a Financial PhraseBank agreement level; "
+                            f"use one of {', '.join(FPB_LEVELS)}")
+    return level
+
+
+def in_fpb_test_split(sentence: str) -> bool:
+    digest = hashlib.sha256(f"{FPB_SPLIT_SALT}\x00{sentence}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % FPB_TEST_ONE_IN == 0
+
+
+def read_fpb(path: Path) -> list[tuple[int, str, str]]:
+    """``(line number, sentence, label)`` for every line of a ``Sentences_<level>.txt`` file."""
+    if not path.is_file():
+        raise SelfspecError(f"{path}: not found; put Financial PhraseBank v1.0's {path.name} there")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="latin-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        sentence, at, label = line.rpartition("@")
+        label = label.strip().lower()
+        if not at or not sentence.strip() or label not in SENTIMENTS:
+            raise SelfspecError(f"{path}:{number}: expected 'sentence@label' with label "
+                                f"{', '.join(SENTIMENTS)}; got {line[:80]!r}")
+        rows.append((number, sentence.strip(), label))
+    return rows
+
+
+def load_fpb(path: Path, split: str) -> list[EvalItem]:
+    return [EvalItem(id=f"fpb:{number}", instruction=FPB_INSTRUCTION, input=sentence, answer=label,
+                     choices=SENTIMENTS)
+            for number, sentence, label in read_fpb(path) if in_fpb_test_split(sentence) == (split == "test")]
+
+
+# ---------------------------------------------------------------------------------------------
+# TAT-QA
+
+
+def table_text(rows: list[list[str]]) -> str:
+    """A TAT-QA table as pipe-separated rows (the seeds' table format), empty rows left out."""
+    cells = [[" ".join(str(cell).split()) for cell in row] for row in rows]
+    return "\n".join(" | ".join(row) for row in cells if any(row))
+
+
+def tatqa_input(context: dict, question: dict) -> str:
+    """The table, the report's paragraphs, then the question.
+
+    Paragraphs the annotators marked relevant to the question are always kept (without them the
+    question cannot be answered); the others in order while the text stays under
+    ``MAX_CONTEXT_CHARS``, so the prompt fits a small model.
+    """
+    table = table_text(context["table"]["table"])
+    relevant = {str(order) for order in question.get("rel_paragraphs", [])}
+    paragraphs = sorted(context["paragraphs"], key=lambda p: p["order"])
+    budget = MAX_CONTEXT_CHARS - len(table) - sum(len(p["text"]) for p in paragraphs if str(p["order"]) in relevant)
+    kept = []
+    for paragraph in paragraphs:
+        if str(paragraph["order"]) not in relevant:
+            if len(paragraph["text"]) > budget:
+                continue
+            budget -= len(paragraph["text"])
+        kept.append(paragraph["text"].strip())
+    return "\n\n".join(part for part in (table, "\n".join(kept), f"Question: {question['question'].strip()}") if part)
+
+
+def read_tatqa(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SelfspecError(f"{path}: not found; put TAT-QA's {path.name} there (github.com/NExTplusplus/TAT-QA, dataset_raw/)")
+    try:
+        contexts = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SelfspecError(f"{path}: not valid JSON ({exc}); download the file again") from None
+    if not isinstance(contexts, list) or not all(isinstance(c, dict) and "table" in c for c in contexts):
+        raise SelfspecError(f"{path}: expected TAT-QA's list of {{table, paragraphs, questions}} contexts")
+    return contexts
+
+
+def load_tatqa(path: Path) -> list[EvalItem]:
+    """The arithmetic questions; the answer is the number alone (TAT-QA's scale is not scored)."""
+    items = []
+    for context in read_tatqa(path):
+        for question in context["questions"]:
+            answer = question.get("answer")
+            if question.get("answer_type") != "arithmetic" or isinstance(answer, bool) or not isinstance(answer, (int, float)):
+                continue
+            items.append(EvalItem(id=question["uid"], instruction=TATQA_INSTRUCTION,
+                                  input=tatqa_input(context, question), answer=number_text(answer)))
+    return items
+
+
+def number_text(value: int | float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluation_tasks() -> list[EvalTask]:
+    level = fpb_level()
+    fpb_file = f"financial_phrasebank/Sentences_{level}.txt"
+    extra = {"agreement": level}
+
+    def fpb(name: str, split: str, mode: str, description: str, **options) -> EvalTask:
+        return EvalTask(name=name, domain="finance", data_file=fpb_file, load=partial(load_fpb, split=split),
+                        mode=mode, metric="accuracy", description=f"{description} ({level})",
+                        licence=FPB_LICENCE, extra={**extra, "split": split}, **options)
+
+    return [
+        fpb("fpb", "test", "loglikelihood", "Financial PhraseBank test fifth: sentiment by the likeliest label"),
+        fpb("fpb_dev", "dev", "loglikelihood", "Financial PhraseBank outside the test fifth, for development"),
+        fpb("fpb_gen", "test", "generate", "Financial PhraseBank test fifth: sentiment read from the generated answer",
+            max_new_tokens=8),
+        EvalTask(name="tatqa", domain="finance", data_file=TATQA_FILE, load=load_tatqa, mode="generate",
+                 metric="numeric", tolerance=0.01, max_new_tokens=96, licence=TATQA_LICENCE,
+                 description="TAT-QA dev arithmetic questions over annual-report tables and text: final number "
+                             "within 1%", extra={"split": "test"}),
+    ]

@@ -1,0 +1,331 @@
+"""Retrieval corpora and their cached BM25 index.
+
+A corpus is a list of :class:`Passage` records: given by a plugin's ``retrieval_corpus`` hook, or
+read from ``--corpus PATH`` (a file or folder of ``.jsonl`` / ``.txt`` / ``.parquet`` / ``.csv``).
+Long documents are cut into windows of 100-200 words with stable ids (``<doc id>#<n>``), so a
+retrieved passage fits a small model's prompt and its id can be traced back to the document.
+
+The BM25 index (bm25s, English stopwords, Snowball stemming via PyStemmer) is built once per corpus
+and cached on disk under the hash of the passages' content, so every later run loads it in
+well under a second. The cache folder is ``$SELFSPEC_INDEX_CACHE`` or ``<selfspec cache>/indexes``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from .errors import SelfspecError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".txt", ".parquet", ".csv")
+MAX_PASSAGE_WORDS = 200
+TEXT_FIELDS = ("text", "contents", "content", "passage", "abstract", "body", "document", "medical_abstract")
+ID_FIELDS = ("id", "_id", "doc_id", "docid")
+TITLE_FIELDS = ("title",)
+# Part of the cache key: bump when tokenization or scoring changes, so stale indexes are not reused.
+INDEX_FORMAT = "bm25s-lucene-k1.5-b0.75-en-stop-snowball-en-v1"
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrievable piece of text; ``id`` is stable across runs and names its source."""
+
+    id: str
+    text: str
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class Hit:
+    passage: Passage
+    score: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading corpora
+
+
+def split_document(doc_id: str, text: str, title: str = "") -> list[Passage]:
+    """Cut a document into near-equal windows of at most ``MAX_PASSAGE_WORDS`` words.
+
+    A document of up to 200 words stays whole (id unchanged); a longer one becomes
+    ``ceil(words / 200)`` windows of 100-200 words, ids ``<doc id>#0``, ``#1``, ...
+    """
+    words = text.split()
+    if not words:
+        return []
+    count = math.ceil(len(words) / MAX_PASSAGE_WORDS)
+    if count == 1:
+        return [Passage(doc_id, " ".join(words), title)]
+    size = math.ceil(len(words) / count)
+    return [Passage(f"{doc_id}#{n}", " ".join(words[start:start + size]), title)
+            for n, start in enumerate(range(0, len(words), size))]
+
+
+def load_corpus(sources: Sequence[str | Path | Passage]) -> list[Passage]:
+    """Passages from paths (files or folders) and/or ready :class:`Passage` records, ids unique."""
+    passages: list[Passage] = []
+    first_seen: dict[str, str] = {}
+    for source in sources:
+        if isinstance(source, Passage):
+            found, origin = split_document(source.id, source.text, source.title), "the retrieval_corpus hook"
+            passages.extend(_unique(found, origin, first_seen))
+            continue
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise SelfspecError(f"corpus {path} not found; pass --corpus with a file or folder of "
+                                f"{'/'.join(SUPPORTED_SUFFIXES)} files")
+        for file, name in _corpus_files(path):
+            passages.extend(_unique(list(_read_file(file, name)), str(file), first_seen))
+    return passages
+
+
+def _unique(found: list[Passage], origin: str, first_seen: dict[str, str]) -> list[Passage]:
+    for passage in found:
+        if passage.id in first_seen:
+            raise SelfspecError(f"{origin}: passage id {passage.id!r} also occurs in {first_seen[passage.id]}; "
+                                "give every document a unique id")
+        first_seen[passage.id] = origin
+    return found
+
+
+def _corpus_files(path: Path) -> list[tuple[Path, str]]:
+    """The files to read under ``path`` with their id prefix (the path relative to the folder)."""
+    if path.is_file():
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise SelfspecError(f"{path}: unsupported corpus file type {path.suffix or '(none)'}; "
+                                f"use {', '.join(SUPPORTED_SUFFIXES)}")
+        return [(path, path.name)]
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES
+                   and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    if not files:
+        raise SelfspecError(f"{path}: no {', '.join(SUPPORTED_SUFFIXES)} files in this corpus folder")
+    return [(f, f.relative_to(path).as_posix()) for f in files]
+
+
+def _read_file(path: Path, name: str) -> Iterator[Passage]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            yield from split_document(name, _read_text(path))
+        elif suffix == ".jsonl":
+            yield from _documents(path, name, _jsonl_rows(path))
+        elif suffix == ".csv":
+            yield from _documents(path, name, _csv_rows(path))
+        else:
+            yield from _documents(path, name, _parquet_rows(path))
+    except SelfspecError:
+        raise
+    except Exception as exc:  # a corrupt file in any format must name itself
+        raise SelfspecError(f"{path}: corrupt or unreadable corpus file ({type(exc).__name__}: {exc}); "
+                            "fix or remove it") from exc
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SelfspecError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#x}); save the file as UTF-8") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SelfspecError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                "write one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise SelfspecError(f"{path}:{number}: expected a JSON object with a 'text' field, got {type(row).__name__}")
+        yield number, row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    text = _read_text(path)
+    sample = text[:65536]
+    try:
+        dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
+    except csv.Error:
+        dialect = csv.excel
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.reader(io.StringIO(text, newline=""), dialect, skipinitialspace=True)
+    header = next(reader, None)
+    if not header:
+        raise SelfspecError(f"{path}: empty CSV file; the first row must name the columns (e.g. id,text)")
+    header = [column.strip().lower() for column in header]
+    for number, values in enumerate(reader, start=2):
+        if values:
+            yield number, dict(zip(header, values))
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    columns = {name.lower(): name for name in table.column_names}
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield number, {lower: row[name] for lower, name in columns.items()}
+
+
+def _documents(path: Path, name: str, rows: Iterable[tuple[int, dict]]) -> Iterator[Passage]:
+    """Documents of a table-like file: the text column by name, else the column with most text."""
+    text_field = id_field = title_field = None
+    for number, row in rows:
+        if text_field is None:
+            fields = {k.lower(): k for k in row}
+            text_field = next((fields[f] for f in TEXT_FIELDS if f in fields), None) or _longest_text_field(row)
+            if text_field is None:
+                raise SelfspecError(f"{path}:{number}: no text field; name one of {', '.join(TEXT_FIELDS)}")
+            id_field = next((fields[f] for f in ID_FIELDS if f in fields), None)
+            title_field = next((fields[f] for f in TITLE_FIELDS if f in fields), None)
+        text = row.get(text_field)
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise SelfspecError(f"{path}:{number}: field {text_field!r}: expected text, got {type(text).__name__}")
+        doc_id = str(row[id_field]).strip() if id_field and row.get(id_field) not in (None, "") else f"{name}:{number}"
+        title = str(row.get(title_field) or "").strip() if title_field else ""
+        yield from split_document(doc_id, text, title)
+
+
+def _longest_text_field(row: dict) -> str | None:
+    texts = {key: value for key, value in row.items() if isinstance(value, str) and value.strip()}
+    return max(texts, key=lambda key: len(texts[key])) if texts else None
+
+
+def corpus_hash(passages: Sequence[Passage]) -> str:
+    """Hash of the passages' ids, titles and texts plus the index format: the index cache key."""
+    digest = hashlib.sha256(INDEX_FORMAT.encode())
+    for passage in passages:
+        digest.update(f"{passage.id}\x00{passage.title}\x00{passage.text}\x01".encode())
+    return digest.hexdigest()[:24]
+
+
+def resolve_corpus(corpus_setting: str | None, domain: str, data_dir: str | None) -> tuple[list[Passage], str] | None:
+    """The corpus the user passed (``--corpus``), else the domain plugin's; ``None`` when neither.
+
+    Returns the passages and a short description of where they came from (for the manifest).
+    """
+    from . import plugins
+
+    if corpus_setting:
+        return load_corpus([corpus_setting]), str(corpus_setting)
+    plugin, provided = plugins.first_result("retrieval_corpus", list, domain=domain, data_dir=data_dir)
+    if provided is None:
+        return None
+    for item in provided:
+        plugins.check_type(plugin, "retrieval_corpus", item, (str, Path, Passage))
+    missing = [str(item) for item in provided if not isinstance(item, Passage) and not Path(item).exists()]
+    if missing:
+        raise SelfspecError(f"plugin {plugin!r}: retrieval corpus {missing[0]} not found; put the corpus there "
+                            "or pass --corpus PATH")
+    described = ", ".join(str(item) for item in provided if not isinstance(item, Passage))
+    return load_corpus(provided), described or f"plugin {plugin}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The index
+
+
+def index_cache_dir() -> Path:
+    configured = os.environ.get("SELFSPEC_INDEX_CACHE")
+    if configured:
+        return Path(configured)
+    from .models import cache_dir
+
+    return cache_dir() / "indexes"
+
+
+def _tokenize(texts: Sequence[str]) -> list[list[str]]:
+    import bm25s
+    import Stemmer
+
+    return bm25s.tokenize(list(texts), stopwords="en", stemmer=Stemmer.Stemmer("english"),
+                          return_ids=False, show_progress=False)
+
+
+class BM25Index:
+    """BM25 over a list of passages; ``from_cache`` tells whether it was loaded rather than built."""
+
+    def __init__(self, passages: list[Passage], retriever, from_cache: bool):
+        self.passages = passages
+        self.retriever = retriever
+        self.from_cache = from_cache
+
+    @classmethod
+    def build(cls, passages: list[Passage]) -> "BM25Index":
+        import bm25s
+
+        if not passages:
+            raise SelfspecError("the retrieval corpus has no text; check the corpus files or pass --retrieval off")
+        retriever = bm25s.BM25()
+        retriever.index(_tokenize([_indexed_text(p) for p in passages]), show_progress=False)
+        return cls(passages, retriever, from_cache=False)
+
+    @classmethod
+    def open(cls, passages: list[Passage], cache_dir: Path | None = None) -> "BM25Index":
+        """Load the cached index of exactly these passages, or build and cache it."""
+        import bm25s
+
+        folder = (cache_dir or index_cache_dir()) / corpus_hash(passages)
+        if (folder / "complete").exists():
+            try:
+                retriever = bm25s.BM25.load(str(folder), show_progress=False)
+            except Exception:  # an unreadable cache is rebuilt, never trusted
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                if retriever.scores["num_docs"] == len(passages):
+                    return cls(passages, retriever, from_cache=True)
+        index = cls.build(passages)
+        index._save(folder)
+        return index
+
+    def _save(self, folder: Path) -> None:
+        """Write the index to a staging folder, then rename it: a killed save leaves no half index."""
+        staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self.retriever.save(str(staging), show_progress=False)
+            (staging / "complete").write_text(f"{len(self.passages)}\n")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(staging, folder)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SelfspecError(f"{folder}: could not write the BM25 index cache ({exc.strerror}); free space or "
+                                "set SELFSPEC_INDEX_CACHE to a writable folder") from exc
+
+    def search(self, queries: Sequence[str], top_k: int) -> list[list[Hit]]:
+        """The best ``top_k`` passages with a positive score for each query, best first, batched."""
+        if not queries or top_k <= 0:
+            return [[] for _ in queries]
+        k = min(top_k, len(self.passages))
+        documents, scores = self.retriever.retrieve(_tokenize(queries), k=k, show_progress=False)
+        return [[Hit(self.passages[int(i)], float(s)) for i, s in zip(row_ids, row_scores) if s > 0]
+                for row_ids, row_scores in zip(documents, scores)]
+
+
+def _indexed_text(passage: Passage) -> str:
+    return f"{passage.title}\n{passage.text}" if passage.title else passage.text
+
+
+def truncate_passage(text: str, max_tokens: int, tokenizer=None) -> str:
+    """Cut ``text`` to ``max_tokens`` model tokens (or ~0.75 words a token without a tokenizer)."""
+    if tokenizer is None:
+        words = text.split()
+        limit = max(1, int(max_tokens * 0.75))
+        return text if len(words) <= limit else " ".join(words[:limit]) + " ..."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]).rstrip() + " ..."

@@ -1,0 +1,157 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from selfspec_core.errors import SelfspecError
+from selfspec_core.generation import HFGenerator
+from selfspec_core.models import ModelRef, load_model, load_tokenizer
+from selfspec_core.scoring import (
+    accuracy, choice_request, compare, exact_match, metric_score, normalize_answer, numeric_match,
+    paired_bootstrap, parse_number, parsed_label, rouge_l, score_generation, score_loglikelihood, token_f1)
+from selfspec_core.tasks import EvalItem
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    ref = ModelRef("tiny", str(tiny_model_dir))
+    return load_model(ref), load_tokenizer(ref)
+
+
+def test_squad_normalization_and_exact_match():
+    assert normalize_answer("  The Cat, sat!  ") == "cat sat"
+    assert exact_match("The cat.", "cat") == 1.0
+    assert exact_match("a dog", "cat") == 0.0
+
+
+def test_token_f1_matches_hand_computation():
+    # normalized: "cat sat on mat" vs "cat sat on hat": 3 shared of 4 -> P = R = 0.75
+    assert token_f1("the cat sat on the mat", "a cat sat on a hat") == pytest.approx(0.75)
+    # "cat cat" vs "cat": 1 shared; P = 1/2, R = 1 -> F1 = 2/3
+    assert token_f1("cat cat", "cat") == pytest.approx(2 / 3)
+    assert token_f1("dog", "cat") == 0.0
+    assert token_f1("the", "a") == 1.0  # both empty after normalization
+
+
+def test_rouge_l_matches_hand_computation():
+    # LCS "the cat on the mat" = 5 of 6 words on both sides
+    assert rouge_l("the cat is on the mat", "the cat sat on the mat") == pytest.approx(5 / 6)
+    # LCS "a c" = 2; P = 2/3, R = 2/2 -> F = 0.8
+    assert rouge_l("a b c", "a c") == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("text, value, percent", [
+    ("(1,234.5)", -1234.5, False),
+    ("12.5%", 12.5, True),
+    ("a loss of -3 million", -3.0, False),
+    ("revenue of $1,200 million in 2019", 1200.0, False),
+    ("Q3 rose 7", 7.0, False),
+    ("about .5", 0.5, False),
+    ("pre-2019 levels", 2019.0, False),
+    ("(4.2%)", -4.2, True),
+])
+def test_parse_number(text, value, percent):
+    parsed = parse_number(text)
+    assert parsed.value == pytest.approx(value) and parsed.percent == percent
+
+
+def test_numeric_match_with_relative_tolerance():
+    assert numeric_match("1,234", "1234") == 1.0
+    assert numeric_match("The answer is 1250", "1234", tolerance=0.01) == 0.0  # off by 16 > 12.34
+    assert numeric_match("The answer is 1250", "1234", tolerance=0.02) == 1.0  # 16 <= 24.68
+    assert numeric_match("12.5%", "0.125") == 1.0
+    assert numeric_match("(5)", "-5") == 1.0
+    assert numeric_match("no number", "5") == 0.0
+    assert numeric_match("Europe", "europe") == 1.0  # span reference: exact match
+    assert numeric_match("0", "0") == 1.0 and numeric_match("0.001", "0") == 0.0
+
+
+def test_parsed_label_and_accuracy():
+    choices = ("yes", "no", "maybe")
+    assert parsed_label("The answer is no, not yes", choices) == "no"
+    assert parsed_label("Maybe.", choices) == "maybe"
+    assert parsed_label("none of these", choices) is None  # "no" is not a word of "none"
+    assert parsed_label("no change expected", ("no", "no change")) == "no change"
+    assert accuracy("I think: No.", "no", choices) == 1.0
+    assert accuracy("yes", "no", choices) == 0.0
+    assert accuracy("positive.", "Positive") == 1.0  # no choices: exact match
+    with pytest.raises(SelfspecError, match="unknown metric"):
+        metric_score("bleu", "a", "a")
+
+
+def test_choice_request_places_the_space_with_the_answer():
+    assert choice_request("Answer:", "yes") == ("Answer:", " yes")
+    assert choice_request("Answer: ", " yes") == ("Answer:", " yes")
+    assert choice_request("### Response:\n", "yes") == ("### Response:\n", "yes")
+
+
+def _manual_logprob(model, tokenizer, context, continuation):
+    context_ids = tokenizer(context, add_special_tokens=False).input_ids
+    continuation_ids = tokenizer(continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    total = sum(logprobs[len(context_ids) - 1 + i, token].item() for i, token in enumerate(continuation_ids))
+    return total, len(continuation_ids)
+
+
+def test_loglikelihood_scoring_matches_a_manual_forward_pass(tiny):
+    model, tokenizer = tiny
+    generator = HFGenerator(model, tokenizer, batch_size=3)
+    items = [EvalItem("a", "Is it good?", "", "yes", ("yes", "no", "maybe positive negative neutral")),
+             EvalItem("b", "Sentiment?", "Revenue rose.", "positive", ("positive", "negative", "neutral"))]
+    prompts = ["Question: is it good?\nAnswer:", "### Response:\n"]
+    for normalize in (False, True):
+        scores = score_loglikelihood(generator, prompts, items, metric="accuracy", length_normalize=normalize)
+        for prompt, item, score in zip(prompts, items, scores):
+            manual = [_manual_logprob(model, tokenizer, *choice_request(prompt, c)) for c in item.choices]
+            values = [total / tokens if normalize else total for total, tokens in manual]
+            assert score.logprobs == pytest.approx(values, abs=1e-3)
+            assert score.prediction == item.choices[int(np.argmax(values))]
+            assert score.score == float(score.prediction == item.answer)
+
+
+def test_generation_scoring_matches_greedy_decoding(tiny):
+    model, tokenizer = tiny
+    generator = HFGenerator(model, tokenizer, batch_size=2)
+    prompts = ["The company reported", "Patients receiving"]
+    manual = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        manual.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    items = [EvalItem("a", "", "", manual[0]), EvalItem("b", "", "", "zzz unrelated")]
+    scores = score_generation(generator, prompts, items, metric="f1", max_new_tokens=6)
+    assert [s.prediction for s in scores] == manual
+    assert scores[0].score == 1.0
+    assert scores[1].score == token_f1(manual[1], "zzz unrelated")
+
+
+def test_paired_bootstrap_constant_difference_is_exact():
+    assert paired_bootstrap([0.0] * 40, [1.0] * 40, samples=200, seed=1) == (1.0, 1.0)
+
+
+def test_paired_bootstrap_covers_the_true_difference_and_is_deterministic():
+    rng = np.random.default_rng(123)
+    base = rng.integers(0, 2, size=400).astype(float)
+    # the specialized model fixes 20% of the wrong answers: true delta = 0.2 * share wrong
+    fixed = (base == 0) & (rng.random(400) < 0.2)
+    specialized = np.where(fixed, 1.0, base)
+    true_delta = 0.2 * (1 - 0.5)
+    low, high = paired_bootstrap(base, specialized, samples=2000, seed=7)
+    assert low < true_delta < high
+    assert low < specialized.mean() - base.mean() < high
+    assert low > 0  # a real gain is told apart from noise
+    # analytic standard error of a mean of paired differences
+    differences = specialized - base
+    se = differences.std() / math.sqrt(differences.size)
+    assert (high - low) == pytest.approx(2 * 1.96 * se, rel=0.2)
+    assert paired_bootstrap(base, specialized, samples=2000, seed=7) == (low, high)
+
+
+def test_compare_reports_means_delta_and_interval():
+    summary = compare([1, 0, 0, 1], [1, 1, 0, 1], samples=500, seed=0)
+    assert summary["base"] == 0.5 and summary["specialized"] == 0.75 and summary["delta"] == 0.25
+    assert summary["n"] == 4 and summary["ci"][0] <= 0.25 <= summary["ci"][1]
