@@ -145,10 +145,13 @@ class HFGenerator:
 
 
 def make_generator(settings, model_ref, adapter=None, batch_size: int | None = None) -> Generator:
-    """The backend named by ``settings.backend`` for ``model_ref`` (plus an optional adapter)."""
+    """The backend named by ``settings.backend`` for ``model_ref`` (plus an optional adapter), run by
+    ``settings.executor`` (``local``: in this process; ``ray``: as Ray Data jobs)."""
     from .models import load_model, load_tokenizer
 
-    if settings.backend == "hf":
+    if settings.backend == "hf" and settings.executor == "local":
         model = load_model(model_ref, adapter=adapter)
         return HFGenerator(model, load_tokenizer(model_ref), batch_size or 8)
-    raise SelfspecError(f"backend {settings.backend!r} is not available in this install; use backend = \"hf\"")
+    from .backends import make_backend
+
+    return make_backend(settings, model_ref, adapter=adapter, batch_size=batch_size)
