@@ -44,13 +44,13 @@ def main() -> None:
     real = load_corpus([DATA / c for c in CORPORA])
     load_s = time.perf_counter() - started
     passages = list(real)
-    copy = 1
+    copies = 0
     while len(passages) < args.passages:
-        passages += [Passage(f"{p.id}~copy{copy}", p.text, p.title) for p in real]
-        copy += 1
+        copies += 1
+        passages += [Passage(f"{p.id}~copy{copies}", p.text, p.title) for p in real]
     words = sum(len(p.text.split()) for p in passages)
     print(f"corpus: {len(real)} real passages from {len(CORPORA)} corpora (read in {load_s:.1f}s), "
-          f"repeated x{copy} -> {len(passages)} passages, {words / len(passages):.0f} words each on average")
+          f"plus {copies} copies with suffixed ids -> {len(passages)} passages, {words / len(passages):.0f} words each on average")
 
     started = time.perf_counter()
     index = BM25Index.build(passages)

@@ -47,21 +47,26 @@ class GenerateSettings:
 
 @dataclass
 class RespondSettings:
-    """Response generation (stage 2) and its data-quality checks."""
+    """Response generation (stage 2) and its data-quality checks; every check can be switched off."""
 
-    retrieval: bool = True
-    top_k: int = 3
-    passage_tokens: int = 200
-    num_demos: int = 5
+    retrieval: bool = True  # ground answers in BM25 passages of the domain corpus (--retrieval off)
+    top_k: int = 3  # passages per instruction
+    passage_tokens: int = 200  # each passage cut to this many model tokens
+    num_demos: int = 5  # seed demonstrations per prompt, same task type first
     max_new_tokens: int = 160
     batch_size: int = 8
-    temperature: float = 0.0
-    option_answers: bool = True
-    calibrate: bool = True
-    max_label_share: float = 0.5
-    consistency_samples: int = 1
-    consistency_min_agreement: float = 0.5
-    judge: bool = False
+    temperature: float = 0.0  # 0 = greedy
+    min_relevance: float = 0.0  # drop instructions whose best BM25 score is lower (needs a corpus; 0 = off)
+    response_checks: str = "degenerate,echo,refusal,truncated,copy,language"  # "" = none
+    option_answers: bool = True  # tasks with stated options: pick the option by log-likelihood
+    calibrate: bool = True  # ... minus each option's mean log-likelihood over the task's items
+    rationale: bool = False  # follow the chosen option with a short generated reason
+    max_label_share: float = 0.5  # most one label may have of an option group (1 = no cap)
+    consistency_samples: int = 1  # answers per instruction for self-consistency (1 = off)
+    consistency_temperature: float = 0.7
+    consistency_min_agreement: float = 0.5  # option tasks: least share of votes for the majority
+    consistency_min_rouge: float = 0.3  # free text: least mean ROUGE-L of the kept answer to the others
+    judge: bool = False  # the model rates each pair (log P(yes) - log P(no)); keep the best
     judge_keep_fraction: float = 0.8
 
 
@@ -218,6 +223,7 @@ _RANGES = {
     "warmup_ratio": (0.0, 1.0), "learning_rate": (0.0, 1.0), "min_relevance": (0.0, 1e9),
     "concurrency": (1, 1024), "timeout": (0.001, 86400.0), "actors": (1, 100_000),
     "ngram": (1, 100), "bootstrap_samples": (1, 1_000_000), "shots": (0, 64),
+    "consistency_samples": (1, 64), "consistency_temperature": (0.0, 5.0), "consistency_min_rouge": (0.0, 1.0),
 }
 _CHOICES = {
     "quant": ("auto", "none", "nf4"), "scheduler": ("cosine", "linear", "constant"),

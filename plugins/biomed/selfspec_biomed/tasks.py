@@ -5,7 +5,10 @@ PubMedQA's expert-labelled set (PQA-L, Jin et al. 2019, MIT licence) has 1,000 q
 split. Scores are reported on those; the other 500 are for development (prompts, settings).
 
 Items are posed the way the ``yesno_qa`` seeds pose them: the question with its options in the
-instruction, the abstract (without its conclusion) as the input.
+instruction, the abstract (without its conclusion) as the input. The phrasing is seed bio-015's, not
+the most common one: that one's fixed words ("Based on the abstract, answer the question with yes,
+no, or maybe. Question:") are 13, so every item would share a 13-gram with every training record
+that copies them and the evaluation's contamination check would flag them all.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ LICENCE = "MIT (PubMedQA, Jin et al. 2019)"
 
 
 def pubmedqa_instruction(question: str) -> str:
-    return f"Based on the abstract, answer the question with yes, no, or maybe. Question: {question.strip()}"
+    return f"Question: {question.strip()} Based on the abstract, answer yes, no, or maybe."
 
 
 def load_pubmedqa(path: Path, split: str) -> list[EvalItem]:

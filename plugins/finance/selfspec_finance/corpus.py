@@ -14,12 +14,11 @@ Either part may be absent; the corpus is what is found.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 
 from selfspec_core.errors import SelfspecError
+from selfspec_core.evaluation import find_overlaps
 from selfspec_core.retrieval import Passage
 
 from .tasks import TATQA_FILE, read_tatqa, table_text
@@ -28,7 +27,6 @@ CORPUS_FOLDER = "fin_corpus"
 FINCAUSAL_FOLDER = "fincausal2020"
 TATQA_CORPUS_FILE = "tatqa/tatqa_dataset_test_gold.json"
 OVERLAP_WORDS = 13
-_WORD = re.compile(r"\w+")
 
 
 def data_root(data_dir: str | Path | None) -> Path | None:
@@ -73,18 +71,13 @@ def tatqa_passages(path: Path, exclude: Path | None) -> list[Passage]:
         uid = context["table"]["uid"]
         found.append(Passage(f"tatqa:{uid}:table", table_text(context["table"]["table"]), "annual report table"))
         found += [Passage(f"tatqa:{uid}:p{p['order']}", p["text"].strip(), "annual report")
-                  for p in context["paragraphs"] if p["text"].strip()]
+                  for p in context["paragraphs"]]
+    found = [p for p in found if p.text]
     if exclude is None:
         return found
-    evaluation = set()
+    evaluation = []
     for context in read_tatqa(exclude):
-        texts = [table_text(context["table"]["table"])] + [p["text"] for p in context["paragraphs"]]
-        texts += [q["question"] for q in context["questions"]]
-        for text in texts:
-            evaluation |= word_ngrams(text)
-    return [p for p in found if p.text and not word_ngrams(p.text) & evaluation]
-
-
-def word_ngrams(text: str, n: int = OVERLAP_WORDS) -> set[tuple[str, ...]]:
-    words = _WORD.findall(text.lower())
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+        evaluation.append(table_text(context["table"]["table"]))
+        evaluation += [p["text"] for p in context["paragraphs"]] + [q["question"] for q in context["questions"]]
+    overlapping = find_overlaps([p.text for p in found], evaluation, OVERLAP_WORDS)
+    return [p for i, p in enumerate(found) if i not in overlapping]

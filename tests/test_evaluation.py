@@ -1,0 +1,295 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from selfspec_core import plugins
+from selfspec_core.config import load_settings
+from selfspec_core.defaults import TRAIN_TEMPLATE
+from selfspec_core.errors import SelfspecError
+from selfspec_core.evaluation import (
+    check_contamination, drop_overlapping, evaluate_file, find_overlaps, item_texts, load_tasks, ngram_overlap,
+    read_items, render_prompt, score_model, split_items)
+from selfspec_core.hookspecs import hookimpl
+from selfspec_core.models import ModelRef
+from selfspec_core.pipeline import Pipeline
+from selfspec_core.records import Domain
+from selfspec_core.rundir import RecordLog, RunDir, read_jsonl, write_jsonl
+from selfspec_core.tasks import EvalItem, EvalTask
+
+SENTENCES = [
+    ("Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007", "positive"),
+    ("The company said that its net sales in the first quarter fell by a quarter compared with last year", "negative"),
+    ("The annual general meeting of the shareholders will be held in Helsinki on the first of April", "neutral"),
+    ("Pretax profit totaled EUR 9.0 mn , down from EUR 36.3 mn in 2008", "negative"),
+    ("Sales increased due to growing market rates and increased operations", "positive"),
+    ("The contract covers the installation of cables in the new office building", "neutral"),
+    ("Net income from life insurance doubled to EUR 6.8 mn from EUR 3.2 mn", "positive"),
+    ("The share of the company fell sharply after the profit warning on Monday", "negative"),
+    ("The board proposes a dividend of EUR 0.20 per share for the financial year", "neutral"),
+    ("Finnish retailer reported a rise in quarterly sales driven by strong demand", "positive"),
+    ("Component supplier cut its forecast and announced layoffs at two plants", "negative"),
+]
+LEAKED = SENTENCES[0][0]
+
+
+def load_sentences(path: Path) -> list[EvalItem]:
+    """The test benchmark's own format: one ``sentence@label`` per line."""
+    items = []
+    for number, line in enumerate(path.read_text().splitlines()):
+        sentence, label = line.rsplit("@", 1)
+        items.append(EvalItem(str(number), "Classify the sentiment of the sentence as positive, negative or neutral.",
+                              sentence, label, ("positive", "negative", "neutral")))
+    return items
+
+
+def load_questions(path: Path) -> list[EvalItem]:
+    return [EvalItem(row["qid"], row["question"], "", row["answer"]) for row in read_jsonl(path)]
+
+
+class TinyTasks:
+    """A test plugin: two domains, each with benchmarks in their own file formats."""
+
+    @hookimpl
+    def register_domains(self, register):
+        register(Domain("tinydom", "tiny finance test domain"))
+        register(Domain("otherdom", "another test domain"))
+
+    @hookimpl
+    def evaluation_tasks(self, domain):
+        if domain == "tinydom":
+            return [EvalTask("sentiment", "tinydom", "tiny/sentences.txt", load_sentences),
+                    EvalTask("numbers", "tinydom", "tiny/numbers.jsonl", load_questions, mode="generate",
+                             metric="numeric", max_new_tokens=4),
+                    EvalTask("absent", "tinydom", "tiny/not_there.json", load_questions)]
+        if domain == "otherdom":
+            return [EvalTask("other_qa", "otherdom", "other/qa.jsonl", load_questions, mode="generate", metric="f1")]
+        return None
+
+
+@pytest.fixture
+def tiny_plugin():
+    manager = plugins.get_plugin_manager()
+    manager.register(TinyTasks(), name="tiny-tasks")
+    yield
+    manager.unregister(name="tiny-tasks")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    root = tmp_path / "data"
+    (root / "tiny").mkdir(parents=True)
+    (root / "other").mkdir()
+    (root / "tiny" / "sentences.txt").write_text("\n".join(f"{s}@{label}" for s, label in SENTENCES) + "\n")
+    write_jsonl(root / "tiny" / "numbers.jsonl",
+                [{"qid": f"n{i}", "question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(5)])
+    write_jsonl(root / "other" / "qa.jsonl",
+                [{"qid": f"q{i}", "question": f"Name test entity number {i}.", "answer": f"entity {i}"} for i in range(4)])
+    return root
+
+
+def _settings(tiny_model_dir, data_dir, **evaluate):
+    return load_settings("tiny", overrides={"model": str(tiny_model_dir), "data_dir": str(data_dir),
+                                            "evaluate": {"bootstrap_samples": 100, **evaluate}})
+
+
+def _make_adapter(tiny_model_dir, folder: Path) -> Path:
+    """A LoRA adapter with random (non-zero) weights, so the specialized model differs from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from selfspec_core.models import load_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(ModelRef("tiny", str(tiny_model_dir))),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_split_items_holds_out_demonstrations_and_caps_items():
+    task = EvalTask("t", "d", "f", load_questions)
+    items = [EvalItem(str(i), f"q{i}", "", "a") for i in range(10)]
+    loaded = split_items(task, items, shots=2, max_items=3, seed=5)
+    assert len(loaded.demos) == 2 and len(loaded.scored) == 3
+    assert not {d.id for d in loaded.demos} & {s.id for s in loaded.scored}
+    assert [s.id for s in loaded.scored] == sorted((s.id for s in loaded.scored), key=int)  # file order kept
+    assert split_items(task, items, shots=2, max_items=3, seed=5) == loaded
+    assert len(split_items(task, items, shots=0, max_items=0, seed=5).scored) == 10
+
+
+def test_prompt_uses_the_training_format_with_optional_shots():
+    item = EvalItem("1", "Classify the sentiment.", "Sales rose.", "positive")
+    demo = EvalItem("2", "Classify the sentiment.", "Sales fell.", "negative")
+    zero_shot = render_prompt(TRAIN_TEMPLATE, item, [], {})
+    assert zero_shot == TRAIN_TEMPLATE.render([], {"instruction": item.instruction, "input": item.input})
+    assert zero_shot.endswith("### Input:\nSales rose.\n\n### Response:\n")
+    one_shot = render_prompt(TRAIN_TEMPLATE, item, [demo], {})
+    assert one_shot.startswith(render_prompt(TRAIN_TEMPLATE, demo, [], {}) + "negative\n\n")
+    assert one_shot.endswith(zero_shot)
+
+
+def test_missing_data_is_skipped_with_a_message(tmp_path, tiny_model_dir, monkeypatch):
+    task = EvalTask("absent", "tinydom", "tiny/not_there.json", load_questions)
+    assert "SELFSPEC_DATA" in read_items(task, None)
+    message = read_items(task, tmp_path)
+    assert str(tmp_path / "tiny" / "not_there.json") in message and "put tiny/not_there.json under" in message
+    lines = []
+    monkeypatch.delenv("SELFSPEC_DATA", raising=False)
+    loaded, skipped = load_tasks([task], load_settings("tiny", overrides={"data_dir": str(tmp_path)}), lines.append)
+    assert loaded == [] and list(skipped) == ["tinydom/absent"] and lines == [f"[evaluate] {message}"]
+
+
+def test_a_loader_that_fails_names_task_and_file(tmp_path):
+    (tmp_path / "bad.txt").write_text("no label here\n")
+    task = EvalTask("sentiment", "tinydom", "bad.txt", load_sentences)
+    with pytest.raises(SelfspecError, match=r"task sentiment \(tinydom\): could not read .*bad.txt"):
+        read_items(task, tmp_path)
+
+
+def test_contamination_finds_planted_overlap():
+    items = load_sentences_from(SENTENCES)
+    texts = item_texts(items)
+    assert all("Classify the sentiment" not in t for t in texts)  # shared task wording is not content
+    records = [
+        {"id": "clean", "instruction": "Summarize the text.", "input": "Profits were flat this year.", "output": "Flat."},
+        {"id": "leak", "instruction": "What is the sentiment?", "input": f"News: {LEAKED.upper()}!", "output": "positive"},
+        {"id": "wording", "instruction": "Classify the sentiment of the sentence as positive, negative or neutral.",
+         "input": "", "output": "neutral"},
+    ]
+    assert find_overlaps([r["instruction"] + " " + r["input"] for r in records], texts, 13) == {1: {0}}
+    kept, dropped = drop_overlapping(records, texts, 13)
+    assert [r["id"] for r in kept] == ["clean", "wording"] and [r["id"] for r in dropped] == ["leak"]
+    shared = ngram_overlap([LEAKED], [SENTENCES[0][0] + " and more"], 13)
+    assert "operating profit rose to eur 13 1 mn from eur 8 7 mn" in shared
+    assert ngram_overlap([LEAKED], [SENTENCES[1][0]], 13) == set()
+    assert ngram_overlap(["a b c"], ["a b c"], 13) == set()  # shorter than n: cannot be checked
+
+    task = EvalTask("sentiment", "tinydom", "f", load_sentences)
+    loaded = split_items(task, items, shots=0, max_items=4, seed=0)
+    report, touched = check_contamination(records, [loaded], 13)
+    assert touched == {("tinydom/sentiment", "0")}
+    entry = report["tasks"]["tinydom/sentiment"]
+    assert entry["items_touched"] == 1 and entry["share"] == pytest.approx(1 / len(items))
+    assert entry["training_records"] == ["leak"]
+    assert report["overlapping_records"][0]["id"] == "leak"
+    assert report["overlapping_records"][0]["items"] == ["tinydom/sentiment:0"]
+
+
+def load_sentences_from(pairs):
+    return [EvalItem(str(i), "Classify the sentiment of the sentence as positive, negative or neutral.", s, label,
+                     ("positive", "negative", "neutral")) for i, (s, label) in enumerate(pairs)]
+
+
+def test_scores_cached_for_a_model_are_not_recomputed(tmp_path, tiny_model_dir, data_dir):
+    settings = _settings(tiny_model_dir, data_dir)
+    task = EvalTask("sentiment", "tinydom", "tiny/sentences.txt", load_sentences)
+    loaded = [split_items(task, read_items(task, data_dir), 0, 4, 0)]
+    cache = RecordLog(tmp_path / "scored.jsonl")
+    first = score_model("base", settings, ModelRef("tiny", str(tiny_model_dir)), None, loaded, TRAIN_TEMPLATE, {}, print, cache)
+    # a model that cannot be loaded proves the second call reads the cache instead of scoring again
+    again = score_model("base", settings, ModelRef("gone", str(tmp_path / "gone")), None, loaded, TRAIN_TEMPLATE, {}, print,
+                        RecordLog(tmp_path / "scored.jsonl"))
+    assert again == first
+
+
+def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plugin, capsys):
+    settings = _settings(tiny_model_dir, data_dir)
+    run = RunDir(tmp_path / "run", "tinydom").open()
+    write_jsonl(run.partial_dir("respond") / "data.jsonl", [
+        {"id": "r1", "instruction": "Explain the result.", "input": LEAKED, "output": "Profit rose."},
+        {"id": "r2", "instruction": "Define EBITDA.", "input": "", "output": "Earnings before interest."},
+    ])
+    run.finish("respond", {"funnel": {"generated": 2, "kept": 2, "dropped": {}}})
+    _make_adapter(tiny_model_dir, run.partial_dir("train") / "adapter")
+    run.finish("train", {})
+
+    Pipeline(settings, plugins.get_domain("tinydom"), run, seeds=[]).run_stages(["evaluate"])
+
+    folder = run.stage_dir("evaluate")
+    report = json.loads((folder / "eval.json").read_text())
+    sentiment = report["sentiment"]
+    assert sentiment["metric"] == "accuracy" and sentiment["mode"] == "loglikelihood" and sentiment["domain"] == "tinydom"
+    assert sentiment["n"] == 8  # the tiny profile's max_items
+    assert sentiment["delta"] == pytest.approx(sentiment["specialized"] - sentiment["base"], abs=1e-6)
+    assert sentiment["ci"][0] <= sentiment["delta"] <= sentiment["ci"][1]
+    assert report["numbers"]["metric"] == "numeric" and report["numbers"]["n"] == 5
+    assert report["absent"]["n"] == 0 and "tiny/not_there.json" in report["absent"]["skipped"]
+    assert "[evaluate] task absent (tinydom) skipped" in capsys.readouterr().out
+    assert report["cross_domain"]["other_qa"]["domain"] == "otherdom" and report["cross_domain"]["other_qa"]["n"] == 4
+
+    predictions = read_jsonl(folder / "predictions.jsonl")
+    assert len(predictions) == 8 + 5 + 4
+    rows = [p for p in predictions if p["task"] == "sentiment"]
+    assert sum(p["base_score"] for p in rows) / len(rows) == pytest.approx(sentiment["base"])
+    assert sum(p["specialized_score"] for p in rows) / len(rows) == pytest.approx(sentiment["specialized"])
+    assert any(p["base_logprobs"] != p["specialized_logprobs"] for p in rows)  # the adapter was applied
+
+    contamination = json.loads((folder / "contamination.json").read_text())
+    assert sum(p["contaminated"] for p in rows) == contamination["tasks"]["tinydom/sentiment"]["scored_items_touched"]
+    assert contamination["tasks"]["tinydom/sentiment"]["training_records"] == ["r1"]
+    assert contamination["tasks"]["tinydom/sentiment"]["items_touched"] == 1
+    assert [r["id"] for r in contamination["overlapping_records"]] == ["r1"]
+
+    manifest = run.manifest("evaluate")
+    assert manifest["tasks"] == 3 and manifest["skipped"] >= 1 and manifest["contaminating_records"] == 1
+    assert not (folder / "scored.jsonl").exists()
+
+
+def test_evaluate_stage_without_an_adapter_says_what_to_do(tmp_path, tiny_model_dir, data_dir, tiny_plugin):
+    run = RunDir(tmp_path / "run", "tinydom").open()
+    write_jsonl(run.partial_dir("respond") / "data.jsonl", [])
+    run.finish("respond", {})
+    settings = _settings(tiny_model_dir, data_dir, adapter=str(tmp_path / "nowhere"))
+    from selfspec_core import evaluation
+    from selfspec_core.pipeline import StageContext
+
+    ctx = StageContext(settings, plugins.get_domain("tinydom"), run, [], ModelRef("tiny", str(tiny_model_dir)),
+                       run.partial_dir("evaluate"))
+    with pytest.raises(SelfspecError, match="no adapter to evaluate"):
+        evaluation.run_stage(ctx)
+
+
+def _write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_evaluate_file_with_and_without_choices(tmp_path, tiny_model_dir, data_dir):
+    settings = _settings(tiny_model_dir, data_dir, max_items=0)
+    rows = [{"instruction": "Sentiment?", "input": s, "output": label, "choices": ["positive", "negative", "neutral"]}
+            for s, label in SENTENCES[:4]]
+    rows += [{"instruction": f"What is {i} plus {i}?", "output": str(2 * i)} for i in range(3)]
+    eval_file = _write_rows(tmp_path / "mine.jsonl", rows)
+    adapter = _make_adapter(tiny_model_dir, tmp_path / "adapter")
+
+    alone = evaluate_file(settings, eval_file, metric="numeric")
+    assert set(alone) == {"mine:choices", "mine:generate"}
+    assert alone["mine:choices"] == {"metric": "accuracy", "mode": "loglikelihood", "n": 4, "value": alone["mine:choices"]["value"]}
+    assert alone["mine:generate"]["metric"] == "numeric" and alone["mine:generate"]["n"] == 3
+
+    output = tmp_path / "out" / "result.json"
+    compared = evaluate_file(settings, eval_file, metric="numeric", adapter=adapter, output=output)
+    assert json.loads(output.read_text()) == compared
+    choices = compared["mine:choices"]
+    assert choices["base"] == alone["mine:choices"]["value"]  # the same base model, the same items
+    assert choices["delta"] == pytest.approx(choices["value"] - choices["base"], abs=1e-6)
+    assert choices["ci"][0] <= choices["delta"] <= choices["ci"][1]
+
+    single = evaluate_file(settings, _write_rows(tmp_path / "free.jsonl", rows[4:]))
+    assert list(single) == ["free"] and single["free"]["metric"] == "rouge_l"
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"instruction": "x", "output": ', r"bad.jsonl:2: not valid JSON"),
+    ({"instruction": "x"}, r"bad.jsonl:2: field 'output': missing or empty"),
+    ({"instruction": "", "output": "y"}, r"bad.jsonl:2: field 'instruction'"),
+    ({"instruction": "x", "input": 3, "output": "y"}, r"bad.jsonl:2: field 'input': expected a string"),
+    ({"instruction": "x", "output": "maybe", "choices": ["yes", "no"]}, r"bad.jsonl:2: field 'output': 'maybe' is not one of"),
+    ({"instruction": "x", "output": "yes", "choices": ["yes"]}, r"bad.jsonl:2: field 'choices': needs at least two"),
+    ({"instruction": "x", "output": "yes", "choice": ["yes", "no"]}, r"bad.jsonl:2: field 'choice': unknown field \(did you mean 'choices'\?\)"),
+])
+def test_evaluate_file_bad_rows_name_file_line_and_field(tmp_path, tiny_model_dir, data_dir, row, message):
+    bad = _write_rows(tmp_path / "bad.jsonl", [{"instruction": "ok", "output": "fine"}, row])
+    with pytest.raises(SelfspecError, match=message):
+        evaluate_file(_settings(tiny_model_dir, data_dir), bad)

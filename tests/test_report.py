@@ -1,0 +1,98 @@
+import base64
+import re
+
+from selfspec_core import report
+from selfspec_core.config import load_settings
+from selfspec_core.models import ModelRef
+from selfspec_core.pipeline import StageContext
+from selfspec_core.records import Domain, Seed
+from selfspec_core.rundir import RunDir, atomic_write_json, write_jsonl
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _context(run: RunDir, seeds=()):
+    settings = load_settings("tiny")
+    return StageContext(settings, Domain("finance", "financial analysis"), run, list(seeds),
+                        ModelRef("smollm2-135m", "/nowhere"), run.partial_dir("report"), log=lambda _: None)
+
+
+def _synthetic_run(path) -> RunDir:
+    """A finished run written by hand: manifests, training log, evaluation and contamination files."""
+    run = RunDir(path, "finance").open()
+    atomic_write_json(run.stage_dir("generate") / "manifest.json", {
+        "stage": "generate", "seconds": 12.5, "peak_rss_mb": 900.0,
+        "funnel": {"generated": 120, "kept": 80, "dropped": {"rouge_duplicate": 30, "blacklist": 10}}})
+    atomic_write_json(run.stage_dir("respond") / "manifest.json", {
+        "stage": "respond", "seconds": 30.0,
+        "funnel": {"generated": 80, "kept": 70, "dropped": {"empty_output": 4, "judge": 6}},
+        "retrieval": {"corpus_passages": 4740, "mean_top_score": 7.25, "records_with_passages": 66},
+        "judge_scores": [0.1, 0.4, 0.8, 0.9, 0.95, 0.7]})
+    write_jsonl(run.stage_dir("respond") / "data.jsonl", [
+        {"id": f"r{i}", "instruction": f"Explain the ratio number {i}.", "input": "a | b", "output": f"Answer {i}."}
+        for i in range(12)])
+    atomic_write_json(run.stage_dir("train") / "manifest.json", {"stage": "train", "seconds": 60.0, "train_records": 70,
+                                                                 "final_loss": 1.234})
+    write_jsonl(run.stage_dir("train") / "train_log.jsonl",
+                [{"step": s, "loss": 3.0 - 0.1 * s, "learning_rate": 3e-4 * (1 - s / 20)} for s in range(1, 20)])
+    atomic_write_json(run.stage_dir("evaluate") / "manifest.json", {"stage": "evaluate", "seconds": 40.0})
+    atomic_write_json(run.stage_dir("evaluate") / "eval.json", {
+        "phrasebank": {"metric": "accuracy", "mode": "loglikelihood", "base": 0.55, "specialized": 0.68,
+                       "delta": 0.13, "ci": [0.08, 0.18], "n": 500, "domain": "finance"},
+        "tatqa": {"metric": "numeric", "mode": "generate", "base": 0.10, "specialized": 0.09,
+                  "delta": -0.01, "ci": [-0.04, 0.02], "n": 300, "domain": "finance"},
+        "finqa": {"metric": "numeric", "mode": "generate", "domain": "finance", "n": 0,
+                  "skipped": "task finqa (finance) skipped: /data/finqa/test.json not found; put finqa/test.json under /data"},
+        "cross_domain": {"pubmedqa": {"metric": "accuracy", "mode": "loglikelihood", "base": 0.5, "specialized": 0.44,
+                                      "delta": -0.06, "ci": [-0.1, -0.02], "n": 200, "domain": "biomed"}},
+    })
+    atomic_write_json(run.stage_dir("evaluate") / "contamination.json", {
+        "ngram": 13, "training_records": 70,
+        "overlapping_records": [{"id": "r3", "items": ["finance/phrasebank:17"], "example": "operating profit rose to eur 13 1 mn"}],
+        "tasks": {"finance/phrasebank": {"domain": "finance", "items": 500, "items_touched": 1, "share": 0.002,
+                                         "scored_items_touched": 1, "too_short": 3, "training_records": ["r3"]}}})
+    return run
+
+
+def test_report_has_every_section_with_plots(tmp_path):
+    run = _synthetic_run(tmp_path / "run")
+    seeds = [Seed(str(i), "qa", "q", "", "a") for i in range(10)]
+    counts = report.run_stage(_context(run, seeds))
+    folder = run.partial_dir("report")
+    page = (folder / "report.html").read_text()
+    markdown = (folder / "report.md").read_text()
+    for title in ("Run", "Pipeline funnel", "Retrieval", "Training", "Base vs specialized", "Cross-domain cost",
+                  "Contamination", "Judge scores", "Sample generated records"):
+        assert f"<h2>{title}</h2>" in page and f"## {title}\n" in markdown
+    assert counts == {"sections": 9, "figures": 5}
+
+    # funnel: seeds, drops by reason, kept
+    assert "| seeds | 10 |" in markdown and "| dropped: rouge_duplicate | 30 |" in markdown
+    assert "| training records kept | 70 |" in markdown
+    # evaluation with intervals, skipped task with its message, cross-domain separately
+    assert "| phrasebank | finance | accuracy | loglikelihood | 500 | 0.550 | 0.680 | +0.130 | [+0.080, +0.180] |" in markdown
+    assert "| task finqa (finance) skipped: /data/finqa/test.json not found" in markdown
+    assert "above zero on 1 (phrasebank) and below zero on none" in markdown
+    assert "above zero on none and below zero on 1 (pubmedqa)" in markdown
+    assert "| pubmedqa | biomed |" in markdown
+    assert "| finance/phrasebank | 500 | 1 | 0.2% |" in markdown
+    assert "| corpus_passages | 4,740 |" in markdown
+    assert "19 logged steps" in markdown
+    # pipe characters in records are escaped, not table breaks
+    assert "a \\| b" in markdown
+
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 5 and all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
+    for name in ("funnel.png", "loss.png", "evaluation.png", "cross_domain.png", "judge_scores.png"):
+        assert f"]({name})" in markdown and (folder / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_report_of_an_empty_run_says_not_available(tmp_path):
+    run = RunDir(tmp_path / "run", "finance").open()
+    (run.stage_dir("evaluate")).mkdir()
+    (run.stage_dir("evaluate") / "eval.json").write_text("{ torn")  # corrupt: read as missing
+    report.run_stage(_context(run))
+    markdown = (run.partial_dir("report") / "report.md").read_text()
+    assert markdown.count(report.NOT_AVAILABLE) >= 8
+    assert "![" not in markdown  # no plots without data
+    assert "<h2>Base vs specialized</h2>" in (run.partial_dir("report") / "report.html").read_text()
