@@ -173,8 +173,8 @@ def evaluate(session: Session, adapter, eval_file, metric, output, force):
     if eval_file:
         from .evaluation import evaluate_file
 
-        results = evaluate_file(session.settings(), eval_file, metric=metric or "exact_match", adapter=adapter,
-                                output=output or "results.json")
+        results = evaluate_file(session.settings(), eval_file, metric=metric, adapter=adapter,
+                                output=output or "results.json", domain=session.domain_name, log=click.echo)
         click.echo(f"results: {output or 'results.json'}")
         for task, row in results.items():
             click.echo(f"  {task}: {row}")

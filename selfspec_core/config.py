@@ -103,6 +103,8 @@ class EvaluateSettings:
     bootstrap_samples: int = 1000
     ngram: int = 13
     cross_domain: bool = True
+    # Comma-separated task names to score; empty means every task except development splits.
+    tasks: str = ""
     # The adapter to evaluate; None means the run's own ``train/adapter``.
     adapter: str | None = None
     # Drop generated training records that share an ``ngram``-gram with an evaluation item.

@@ -31,10 +31,9 @@ from .errors import SelfspecError
 from .generation import make_generator
 from .rundir import RecordLog, atomic_write_json, read_jsonl, write_jsonl
 from .scoring import ItemScore, compare, score_generation, score_loglikelihood
-from .tasks import METRICS, EvalItem, EvalTask
+from .tasks import DATA_ENV, METRICS, EvalItem, EvalTask, data_root
 from .templates import PromptTemplate, fill
 
-DATA_ENV = "SELFSPEC_DATA"
 _WORD = re.compile(r"\w+")
 
 
@@ -56,12 +55,15 @@ class LoadedTask:
 
 def resolve_data_dir(settings) -> Path | None:
     """``settings.data_dir``, else ``$SELFSPEC_DATA``; None when neither is set."""
-    value = settings.data_dir or os.environ.get(DATA_ENV)
-    return Path(value).expanduser() if value else None
+    return data_root(settings.data_dir)
 
 
-def collect_tasks(domain: str, cross_domain: bool = True) -> tuple[list[EvalTask], list[EvalTask]]:
-    """The tasks of ``domain`` and, with ``cross_domain``, those of every other installed domain."""
+def collect_tasks(domain: str, cross_domain: bool = True, wanted: str = "") -> tuple[list[EvalTask], list[EvalTask]]:
+    """The tasks of ``domain`` and, with ``cross_domain``, those of every other installed domain.
+
+    ``wanted`` names tasks (comma-separated); empty keeps all but development splits
+    (``extra["split"] == "dev"``), which are for tuning defaults, not for reporting.
+    """
     asked = [domain] + ([name for name in plugins.domains() if name != domain] if cross_domain else [])
     found: dict[tuple[str, str], tuple[str, EvalTask]] = {}
     for name in asked:
@@ -74,7 +76,9 @@ def collect_tasks(domain: str, cross_domain: bool = True) -> tuple[list[EvalTask
                     raise SelfspecError(f"evaluation task {task.name!r} of domain {task.domain!r} is provided by both "
                                         f"{found[key][0]!r} and {plugin!r}; uninstall one")
                 found.setdefault(key, (plugin, task))
-    tasks = [task for _, task in found.values()]
+    names = {name.strip() for name in wanted.split(",") if name.strip()}
+    tasks = [task for _, task in found.values()
+             if (task.name in names if names else task.extra.get("split") != "dev")]
     own = [t for t in tasks if t.domain == domain]
     others = [t for t in tasks if t.domain != domain] if cross_domain else []
     return own, others
@@ -148,12 +152,15 @@ def render_prompt(template: PromptTemplate, item: EvalItem, demos: Sequence[Eval
 
 
 def answer_stops(template: PromptTemplate, metric: str) -> list[str]:
-    """Where a greedy answer ends: a new template section, the next query, or (short answers) a blank line."""
+    """Where a greedy answer ends: a new template section, the next query, or (short answers) a blank line.
+
+    Free text (``rouge_l``) and worked arithmetic (``numeric``) may run over paragraphs, so they keep going.
+    """
     opening = fill(template.query, {}).strip().splitlines()
     stops = list(template.stop) + ["\n###"]
     if opening and opening[0][:24].strip():
         stops.append("\n" + opening[0][:24].strip())
-    if metric != "rouge_l":
+    if metric in ("accuracy", "exact_match", "f1"):
         stops.append("\n\n")
     return stops
 
@@ -314,7 +321,7 @@ def run_stage(ctx) -> dict:
     if not adapter.is_dir():
         raise SelfspecError(f"{adapter}: no adapter to evaluate; run `selfspec --domain {ctx.domain.name} train "
                             f"--out {ctx.run.path}` or set evaluate.adapter to an adapter folder")
-    own, others = collect_tasks(ctx.domain.name, evaluate.cross_domain)
+    own, others = collect_tasks(ctx.domain.name, evaluate.cross_domain, evaluate.tasks)
     if not own:
         ctx.log(f"[evaluate] domain {ctx.domain.name!r} registers no evaluation tasks (hook evaluation_tasks)")
     loaded, skipped = load_tasks(own + others, settings, ctx.log)

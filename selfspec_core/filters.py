@@ -33,6 +33,8 @@ _CODE_SYMBOLS = frozenset("{}<>;\\`")
 _MIN_CODE_SYMBOLS = 8  # a few "<" or ";" are normal prose ("p < 0.05; n = 30")
 _MAX_CODE_SYMBOL_SHARE = 0.1
 _MIN_LETTER_SHARE = 0.4  # of non-space characters; "Compute 12.5% of 1,200." has 0.45
+# Decoding debris: the replacement character and control characters other than tab and newlines.
+_INVALID_CHARS = re.compile(r"[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _WORD = re.compile(r"\w+")
 _MAX_PHRASE_WORDS = 8
 _MIN_WORDS_FOR_DIVERSITY = 30
@@ -86,10 +88,12 @@ def letter_share(text: str) -> float:
 
 
 def non_text_reason(instruction: str, input_text: str = "") -> str | None:
-    """``code``, ``repetition`` or ``non_letters`` for output that is not a written task.
+    """``invalid_chars``, ``code``, ``repetition`` or ``non_letters`` for output that is not a written task.
 
     Inputs may be tables of figures, so only the instruction must be mostly letters.
     """
+    if _INVALID_CHARS.search(instruction) or _INVALID_CHARS.search(input_text):
+        return "invalid_chars"
     if looks_like_code(instruction) or looks_like_code(input_text):
         return "code"
     if is_repetitive(instruction) or is_repetitive(input_text):

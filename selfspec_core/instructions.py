@@ -246,7 +246,7 @@ def _advice(funnel: Funnel) -> str:
     if not funnel.dropped:
         return "raise generate.max_rounds"
     reason = max(funnel.dropped, key=funnel.dropped.get)
-    if reason in ("unparseable", "empty", "truncated", "non_letters", "repetition", "code"):
+    if reason in ("unparseable", "empty", "truncated", "invalid_chars", "non_letters", "repetition", "code"):
         return ("the model does not follow the instruction template: use a larger instruction-tuned --model, "
                 "or raise generate.max_new_tokens if most were truncated")
     if reason == "duplicate":

@@ -141,6 +141,7 @@ def comparison_plot(entries: list[tuple[str, dict]]) -> bytes:
     left.barh(positions - 0.2, [e["specialized"] for _, e in entries], height=0.4, color="#2c7fb8", label="specialized")
     left.set_yticks(positions, names)
     left.invert_yaxis()
+    left.set_xlim(left=0)
     left.set_xlabel("score")
     left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.9 / (0.5 * len(entries) + 1.4)), ncol=2, fontsize=8, frameon=False)
     deltas = np.array([e["delta"] for _, e in entries])
@@ -245,18 +246,19 @@ def comparison_section(title: str, entries: dict, figure_name: str, empty: str) 
         section.blocks.append(
             f"The specialized model scores higher on {better} of {len(scored)} tasks. The 95% interval of the "
             f"difference lies above zero on {_names(gains)} and below zero on {_names(losses)}.")
-    rows = []
-    for name, e in scored:
-        ci = e.get("ci") if isinstance(e.get("ci"), list) else None
-        rows.append([name, e.get("domain", ""), e.get("metric", ""), e.get("mode", ""), _fmt(e.get("n")),
-                     _fmt(e["base"]), _fmt(e["specialized"]), _fmt(e["delta"], signed=True),
-                     f"[{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]" if ci else ""])
-    for name, e in skipped:
-        rows.append([name, e.get("domain", ""), e.get("metric", ""), e.get("mode", ""), "0", "", "", "", e["skipped"]])
-    section.blocks.append(Table(["task", "domain", "metric", "mode", "n", "base", "specialized", "delta", "95% CI"], rows))
     if scored:
+        rows = []
+        for name, e in scored:
+            ci = e.get("ci") if isinstance(e.get("ci"), list) else None
+            rows.append([name, e.get("domain", ""), e.get("metric", ""), e.get("mode", ""), _fmt(e.get("n")),
+                         _fmt(e["base"]), _fmt(e["specialized"]), _fmt(e["delta"], signed=True),
+                         f"[{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]" if ci else ""])
+        section.blocks.append(Table(["task", "domain", "metric", "mode", "n", "base", "specialized", "delta", "95% CI"], rows))
         section.blocks.append(Figure(figure_name, f"{title}: scores and difference with 95% paired bootstrap interval",
                                      comparison_plot(scored)))
+    if skipped:
+        section.blocks.append(Table(["skipped task", "domain", "why"],
+                                    [[name, e.get("domain", ""), e["skipped"]] for name, e in skipped]))
     return section
 
 
@@ -337,6 +339,7 @@ h1 { border-bottom: 2px solid #2c7fb8; padding-bottom: .3em; }
 h2 { margin-top: 2em; color: #2c7fb8; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; white-space: pre-wrap; }
+td:last-child { overflow-wrap: anywhere; }
 th { background: #f3f6fa; }
 figure { margin: 1em 0; } figcaption { color: #666; font-size: 13px; }
 img { max-width: 100%; }

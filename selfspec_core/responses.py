@@ -86,15 +86,15 @@ def run_stage(ctx) -> dict:
             scored = _run_chunks(ctx.work / OPTION_LOG, option_plans, chunk_size,
                                  lambda chunk, number: _score_options(generator, chunk), bar, task)
             _choose_options(option_plans, scored, settings)
+        for plan in plans:  # drops decided before answering; answering's own are in its records
+            if plan.drop is not None:
+                funnel.drop(plan.drop)
         answering = [plan for plan in answering if plan.drop is None]
         task = bar.add_task("answering", total=len(answering))
         context = {"generator": generator, "template": template, "checks": checks,
                    "language": quality.language_of(" ".join(f"{s.instruction} {s.output}" for s in ctx.seeds))}
         answered = _run_chunks(ctx.work / RESPONSE_LOG, answering, chunk_size,
                                lambda chunk, number: _answer_chunk(ctx, chunk, number, context), bar, task)
-    for plan in plans:
-        if plan.drop is not None:
-            funnel.drop(plan.drop)
     counts = _finish(ctx, answered, funnel)
     counts["retrieval"] = retrieval_stats
     return counts

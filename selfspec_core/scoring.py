@@ -7,7 +7,7 @@ Two scoring modes, both batched through a :class:`~selfspec_core.generation.Gene
   is parsed, so a small model that cannot follow the answer format is still measured fairly.
 * ``generate``: greedy decoding, then a metric on the text: ``accuracy`` (the first choice word found
   in the output), SQuAD's ``exact_match`` and token ``f1``, ``rouge_l``, or ``numeric`` (numbers
-  compared with a relative tolerance).
+  compared with a relative tolerance, the prediction's after "The answer is" when it says so).
 
 Every metric gives each item a score in [0, 1]; a task's value is the mean. The difference between
 two models on the same items gets a paired bootstrap interval, so a reader can tell a real gain
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Sequence
 
@@ -36,6 +36,8 @@ _NUMBER = re.compile(
     r"(?<![\w.])(?P<open>\()?\s*(?P<sign>[-\u2212\u2013])?\s*[$\u20ac\u00a3]?\s*"
     r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
     r"(?:\s*(?P<percent>%))?(?:\s*(?P<close>\)))?")
+
+_ANSWER_MARKER = re.compile(r"\banswer\s*(?:is|:|=)", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -91,8 +93,21 @@ def parse_number(text: str) -> ParsedNumber | None:
     return ParsedNumber(value, bool(match["percent"]))
 
 
+def answer_number(text: str) -> ParsedNumber | None:
+    """The number a model gives as its answer: the first after the last "answer is" / "answer:", as
+    in GSM8K-style "... The answer is 42"; without that phrase, the first number of the text (a direct
+    answer such as "18.6 million in 2019" leads with it).
+    """
+    markers = list(_ANSWER_MARKER.finditer(text))
+    if markers:
+        found = parse_number(text[markers[-1].end():])
+        if found is not None:
+            return found
+    return parse_number(text)
+
+
 def numeric_match(prediction: str, reference: str, tolerance: float = 0.01) -> float:
-    """1 when the first number of the prediction is within ``tolerance`` (relative) of the reference's.
+    """1 when the prediction's answer number is within ``tolerance`` (relative) of the reference's.
 
     When exactly one side is a percentage, 12.5% also matches 0.125 (and the reverse). A reference
     without any number (a span answer in a numeric QA set) is compared by exact match.
@@ -100,7 +115,7 @@ def numeric_match(prediction: str, reference: str, tolerance: float = 0.01) -> f
     expected = parse_number(reference)
     if expected is None:
         return exact_match(prediction, reference)
-    predicted = parse_number(prediction)
+    predicted = answer_number(prediction)
     if predicted is None:
         return 0.0
     candidates = [predicted.value]
@@ -152,7 +167,7 @@ class ItemScore:
     id: str
     prediction: str
     score: float
-    logprobs: tuple[float, ...] = field(default=())
+    logprobs: tuple[float, ...] = ()
 
 
 def choice_request(context: str, choice: str) -> tuple[str, str]:

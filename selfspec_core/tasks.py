@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+DATA_ENV = "SELFSPEC_DATA"
 SCORING_MODES = ("loglikelihood", "generate")
 METRICS = ("accuracy", "exact_match", "f1", "rouge_l", "numeric")
 
@@ -47,3 +49,9 @@ class EvalTask:
             raise ValueError(f"task {self.name}: mode must be one of {SCORING_MODES}")
         if self.metric not in METRICS:
             raise ValueError(f"task {self.name}: metric must be one of {METRICS}")
+
+
+def data_root(data_dir: str | Path | None) -> Path | None:
+    """Where benchmarks and corpora live: ``data_dir`` if given, else ``$SELFSPEC_DATA``, else None."""
+    chosen = data_dir or os.environ.get(DATA_ENV)
+    return Path(chosen).expanduser() if chosen else None

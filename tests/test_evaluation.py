@@ -8,7 +8,7 @@ from selfspec_core.config import load_settings
 from selfspec_core.defaults import TRAIN_TEMPLATE
 from selfspec_core.errors import SelfspecError
 from selfspec_core.evaluation import (
-    check_contamination, drop_overlapping, evaluate_file, find_overlaps, item_texts, load_tasks, ngram_overlap,
+    answer_stops, check_contamination, drop_overlapping, evaluate_file, find_overlaps, item_texts, load_tasks, ngram_overlap,
     read_items, render_prompt, score_model, split_items)
 from selfspec_core.hookspecs import hookimpl
 from selfspec_core.models import ModelRef
@@ -129,7 +129,13 @@ def test_prompt_uses_the_training_format_with_optional_shots():
     assert one_shot.endswith(zero_shot)
 
 
-def test_missing_data_is_skipped_with_a_message(tmp_path, tiny_model_dir, monkeypatch):
+def test_answers_stop_at_the_next_section_and_short_ones_at_a_blank_line():
+    short, free = answer_stops(TRAIN_TEMPLATE, "accuracy"), answer_stops(TRAIN_TEMPLATE, "rouge_l")
+    assert "\n###" in short and "\nBelow is an instruction" in short and "\n\n" in short
+    assert "\n\n" not in free and "\n###" in free
+
+
+def test_missing_data_is_skipped_with_a_message(tmp_path, monkeypatch):
     task = EvalTask("absent", "tinydom", "tiny/not_there.json", load_questions)
     assert "SELFSPEC_DATA" in read_items(task, None)
     message = read_items(task, tmp_path)
@@ -234,6 +240,17 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     manifest = run.manifest("evaluate")
     assert manifest["tasks"] == 3 and manifest["skipped"] >= 1 and manifest["contaminating_records"] == 1
     assert not (folder / "scored.jsonl").exists()
+
+    # the report reads what the stage wrote
+    from selfspec_core import report
+    from selfspec_core.pipeline import StageContext
+
+    report.run_stage(StageContext(settings, plugins.get_domain("tinydom"), run, [], ModelRef("tiny", str(tiny_model_dir)),
+                                  run.partial_dir("report")))
+    markdown = (run.partial_dir("report") / "report.md").read_text()
+    assert f"| sentiment | tinydom | accuracy | loglikelihood | 8 | {sentiment['base']:.3f} |" in markdown
+    assert "| other_qa | otherdom | f1 | generate | 4 |" in markdown
+    assert "| tinydom/sentiment | 11 | 1 |" in markdown
 
 
 def test_evaluate_stage_without_an_adapter_says_what_to_do(tmp_path, tiny_model_dir, data_dir, tiny_plugin):

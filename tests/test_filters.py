@@ -45,6 +45,8 @@ def test_length_reasons():
 
 
 @pytest.mark.parametrize("instruction, input_text, reason", [
+    ("## sentiment\ufffdany erart :", "", "invalid_chars"),
+    ("Classify the sentence.", "Profit \x1b[0m rose.", "invalid_chars"),
     ("Write a function that adds numbers.", "def add(a, b):\n    return a + b", "code"),
     ("Explain this snippet.", "```python\nprint(1)\n```", "code"),
     ("Fix the markup.", "<div class='x'><span>revenue</span></div>", "code"),

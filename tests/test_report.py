@@ -71,7 +71,7 @@ def test_report_has_every_section_with_plots(tmp_path):
     assert "| training records kept | 70 |" in markdown
     # evaluation with intervals, skipped task with its message, cross-domain separately
     assert "| phrasebank | finance | accuracy | loglikelihood | 500 | 0.550 | 0.680 | +0.130 | [+0.080, +0.180] |" in markdown
-    assert "| task finqa (finance) skipped: /data/finqa/test.json not found" in markdown
+    assert "| finqa | finance | task finqa (finance) skipped: /data/finqa/test.json not found" in markdown
     assert "above zero on 1 (phrasebank) and below zero on none" in markdown
     assert "above zero on none and below zero on 1 (pubmedqa)" in markdown
     assert "| pubmedqa | biomed |" in markdown

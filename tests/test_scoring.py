@@ -65,6 +65,10 @@ def test_numeric_match_with_relative_tolerance():
     assert numeric_match("no number", "5") == 0.0
     assert numeric_match("Europe", "europe") == 1.0  # span reference: exact match
     assert numeric_match("0", "0") == 1.0 and numeric_match("0.001", "0") == 0.0
+    # the stated answer wins over the arithmetic before it; without a statement, the first number
+    assert numeric_match("2019 revenue 500 minus 2018 revenue 400 = 100. The answer is 100.", "100") == 1.0
+    assert numeric_match("The answer is: \n$1,305.", "1305") == 1.0
+    assert numeric_match("18.6 million in 2019", "18.6") == 1.0
 
 
 def test_parsed_label_and_accuracy():

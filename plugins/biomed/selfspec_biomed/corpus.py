@@ -14,12 +14,12 @@ core cuts long ones into windows.
 from __future__ import annotations
 
 import csv
-import os
 import re
 from pathlib import Path
 
 from selfspec_core.errors import SelfspecError
 from selfspec_core.retrieval import Passage
+from selfspec_core.tasks import data_root
 
 CORPUS_FOLDER = "biomed_corpus"
 ABSTRACTS_CSV = "medical_abstracts_tc/medical_tc_test.csv"
@@ -29,12 +29,6 @@ HALLMARKS_TEXT = "hallmarks_of_cancer/text"
 # Undo the corpus's tokenisation: "ligand ( GHS-R ) , found" -> "ligand (GHS-R), found".
 _SPACE_BEFORE = re.compile(r"\s+([,.;:!?%)\]])")
 _SPACE_AFTER = re.compile(r"([(\[])\s+")
-
-
-def data_root(data_dir: str | Path | None) -> Path | None:
-    """The data directory: the argument, else ``$SELFSPEC_DATA``, else ``None``."""
-    chosen = data_dir or os.environ.get("SELFSPEC_DATA")
-    return Path(chosen).expanduser() if chosen else None
 
 
 def passages(data_dir: str | Path | None) -> list[Passage] | None:

@@ -14,12 +14,12 @@ Either part may be absent; the corpus is what is found.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from selfspec_core.errors import SelfspecError
 from selfspec_core.evaluation import find_overlaps
 from selfspec_core.retrieval import Passage
+from selfspec_core.tasks import data_root
 
 from .tasks import TATQA_FILE, read_tatqa, table_text
 
@@ -27,12 +27,6 @@ CORPUS_FOLDER = "fin_corpus"
 FINCAUSAL_FOLDER = "fincausal2020"
 TATQA_CORPUS_FILE = "tatqa/tatqa_dataset_test_gold.json"
 OVERLAP_WORDS = 13
-
-
-def data_root(data_dir: str | Path | None) -> Path | None:
-    """The data directory: the argument, else ``$SELFSPEC_DATA``, else ``None``."""
-    chosen = data_dir or os.environ.get("SELFSPEC_DATA")
-    return Path(chosen).expanduser() if chosen else None
 
 
 def passages(data_dir: str | Path | None) -> list[Passage] | None:
@@ -52,7 +46,7 @@ def fincausal_sections(folder: Path) -> list[Passage]:
     for path in sorted(folder.glob("*.csv")):
         lines = path.read_text(encoding="utf-8-sig").splitlines()
         if not lines or [c.strip().lower() for c in lines[0].split(";")] != ["index", "text", "gold"]:
-            raise SelfspecError(f"{path}:1: expected FinCausal's header 'Index; Text; Gold'")
+            raise SelfspecError(f"{path}:1: expected FinCausal's header 'Index; Text; Gold'; keep only FinCausal 2020 CSV files in {folder}")
         for number, line in enumerate(lines[1:], start=2):
             index, _, rest = line.partition(";")
             text = rest.rpartition(";")[0].strip()  # the text itself may contain ';'

@@ -1,0 +1,75 @@
+"""Batched against one-at-a-time generation of instructions with the embedded model.
+
+16 prompts exactly as stage 1 builds them (finance seeds, the instruction template, balanced task
+types, k examples), generated with the stage's sampling settings and stop strings, first one prompt
+per call, then all of them batched (left-padded, one ``generate`` call per batch). Throughput counts
+the tokens each completion really has (a row that stopped early is not counted while it waits).
+
+Last line: ``speedup=<x> batched_tok_s=<y> sequential_tok_s=<z>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+from selfspec_core import plugins
+from selfspec_core.config import load_settings
+from selfspec_core.generation import HFGenerator
+from selfspec_core.instructions import ExamplePool, TaskFormat, choose_task_types
+from selfspec_core.models import load_model, load_tokenizer, resolve_model
+from selfspec_core.records import Domain
+from selfspec_core.seeds import load_seeds
+from selfspec_core.templates import PromptTemplate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage_prompts(count: int, settings) -> tuple[list[str], TaskFormat]:
+    domain = plugins.domains().get("finance", Domain("finance", "finance"))
+    seeds = load_seeds(REPO / "seeds" / "finance" / "seeds.jsonl")
+    _, template = plugins.first_result("prompt_template", PromptTemplate, domain=domain.name, stage="instruction")
+    task_format = TaskFormat(template, {"domain": domain.name, "description": domain.description or domain.name})
+    task_types = list(dict.fromkeys(seed.task_type for seed in seeds))
+    examples, rng = ExamplePool(seeds, []), random.Random(settings.seed)
+    prompts = [task_format.prompt(examples.draw(rng, name, settings.generate.num_examples, settings.generate.human_example_share), name)
+               for name in choose_task_types(task_types, Counter(), {}, count)]
+    return prompts, task_format
+
+
+def timed(generator: HFGenerator, batches: list[list[str]], options: dict) -> tuple[float, int]:
+    started, tokens = time.perf_counter(), 0
+    for batch in batches:
+        tokens += sum(c.num_tokens for c in generator.generate(batch, **options))
+    return time.perf_counter() - started, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    args = parser.parse_args()
+    settings = load_settings("quick")
+    prompts, task_format = stage_prompts(args.prompts, settings)
+    model_ref = resolve_model(settings.model)
+    model, tokenizer = load_model(model_ref), load_tokenizer(model_ref)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=settings.generate.temperature,
+                   top_p=settings.generate.top_p, stop=task_format.stops, seed=settings.seed)
+    sequential = HFGenerator(model, tokenizer, batch_size=1)
+    batched = HFGenerator(model, tokenizer, batch_size=len(prompts))
+    sequential.generate(prompts[:1], **{**options, "max_new_tokens": 4})  # warm-up, not timed
+
+    sequential_s, sequential_tokens = timed(sequential, [[p] for p in prompts], options)
+    batched_s, batched_tokens = timed(batched, [prompts], options)
+    sequential_rate, batched_rate = sequential_tokens / sequential_s, batched_tokens / batched_s
+    mean_prompt = sum(len(tokenizer(p).input_ids) for p in prompts) / len(prompts)
+    print(f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, max_new_tokens {args.max_new_tokens}")
+    print(f"one at a time: {sequential_tokens} tokens in {sequential_s:.1f}s; batched: {batched_tokens} tokens in {batched_s:.1f}s")
+    print(f"speedup={batched_rate / sequential_rate:.2f} batched_tok_s={batched_rate:.1f} sequential_tok_s={sequential_rate:.1f}")
+
+
+if __name__ == "__main__":
+    main()
