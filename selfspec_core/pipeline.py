@@ -98,8 +98,14 @@ class Pipeline:
             self._model = resolve_model(self.settings.model)
         return self._model
 
-    def input_hash(self, stage: str) -> str:
+    def input_files(self, stage: str) -> list[Path]:
         files = [self.run.path / relative for relative in STAGE_SPECS[stage][2]]
+        if stage == "evaluate" and self.settings.evaluate.adapter:  # an adapter from elsewhere
+            files[0] = Path(self.settings.evaluate.adapter) / "adapter_model.safetensors"
+        return files
+
+    def input_hash(self, stage: str) -> str:
+        files = self.input_files(stage)
         missing = [f for f in files if not f.exists()]
         if missing:
             earlier = missing[0].relative_to(self.run.path).parts[0]
