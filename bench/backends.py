@@ -11,6 +11,7 @@ Last line: ``hf_tok_s=<a> openai_tok_s=<b> overhead=<hf/openai>`` (target <= 1.3
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import socket
 import subprocess
@@ -118,9 +119,7 @@ def gpu_bench(args) -> None:
         print("no CUDA GPU here: the vllm comparison needs one (run with --gpu on a GPU machine)")
         print("gpu=unavailable")
         return
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("vllm") is None:
         print("vllm is not installed: `pip install vllm` on this GPU machine")
         print("gpu=available vllm=missing")
         return

@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from selfspec_core import plugins
 from selfspec_core.config import load_settings
 from selfspec_core.generation import HFGenerator
@@ -50,8 +52,12 @@ def timed(generator: HFGenerator, batches: list[list[str]], options: dict) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); on a CPU shared with other jobs, 1 avoids threads waiting on each other")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = load_settings("quick")
     prompts, task_format = stage_prompts(args.prompts, settings)
     model_ref = resolve_model(settings.model)
@@ -66,7 +72,8 @@ def main() -> None:
     batched_s, batched_tokens = timed(batched, [prompts], options)
     sequential_rate, batched_rate = sequential_tokens / sequential_s, batched_tokens / batched_s
     mean_prompt = sum(len(tokenizer(p).input_ids) for p in prompts) / len(prompts)
-    print(f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, max_new_tokens {args.max_new_tokens}")
+    print(f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, max_new_tokens {args.max_new_tokens}, "
+          f"{torch.get_num_threads()} torch threads")
     print(f"one at a time: {sequential_tokens} tokens in {sequential_s:.1f}s; batched: {batched_tokens} tokens in {batched_s:.1f}s")
     print(f"speedup={batched_rate / sequential_rate:.2f} batched_tok_s={batched_rate:.1f} sequential_tok_s={sequential_rate:.1f}")
 

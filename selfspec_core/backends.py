@@ -18,7 +18,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 from urllib.parse import urlsplit
 
 from .errors import SelfspecError
@@ -94,14 +94,12 @@ class OpenAIGenerator:
 
     def _map(self, call: Callable[[int], object], count: int) -> list:
         """``call`` over ``range(count)`` with at most ``concurrency`` requests in flight, in order."""
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, count))) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, count)), thread_name_prefix="selfspec-openai")
+        try:
             futures = [pool.submit(call, index) for index in range(count)]
-            try:
-                return [future.result() for future in futures]
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+            return [future.result() for future in futures]
+        finally:  # on a failure, requests not yet sent are dropped
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _only_served_model(self) -> str:
         names = [model.id for model in self._call(self.client.models.list).data]
@@ -267,8 +265,9 @@ class RayGenerator:
         self.batch_size = max(1, batch_size)
         self.tokenizer = load_tokenizer(model_ref)
         if not ray.is_initialized():
-            # RAY_ADDRESS names a cluster to join; without it Ray starts on this machine.
-            ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+            # RAY_ADDRESS names a cluster to join; without it Ray starts on this machine. Actor
+            # output stays in Ray's logs; their errors still reach this process.
+            ray.init(log_to_driver=False, **({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False

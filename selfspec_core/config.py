@@ -87,8 +87,13 @@ class TrainSettings:
     warmup_ratio: float = 0.05
     quant: str = "auto"
     gradient_checkpointing: bool = False
+    # Padding-free batches: each batch's examples are concatenated into one row whose position ids
+    # restart per example, so examples never attend to each other. Off: right-padded batches, grouped
+    # by length when ``group_by_length`` is on.
+    packing: bool = True
     group_by_length: bool = True
     save_steps: int = 50
+    max_steps: int = 0  # stop after this many optimizer steps; 0 means train for ``epochs``
 
 
 @dataclass
@@ -223,6 +228,9 @@ _RANGES = {
     "human_example_share": (0.0, 1.0), "max_label_share": (0.0, 1.0), "lora_dropout": (0.0, 1.0),
     "judge_keep_fraction": (0.0, 1.0), "consistency_min_agreement": (0.0, 1.0),
     "warmup_ratio": (0.0, 1.0), "learning_rate": (0.0, 1.0), "min_relevance": (0.0, 1e9),
+    "lora_r": (1, 1024), "lora_alpha": (1, 1e6), "grad_accum": (1, 1e6), "max_length": (16, 1e6),
+    "save_steps": (1, 1e9),
+    "num_instructions": (1, 10_000_000), "max_rounds": (1, 1_000_000), "num_examples": (0, 64),
     "concurrency": (1, 1024), "timeout": (0.001, 86400.0), "actors": (1, 100_000),
     "ngram": (1, 100), "bootstrap_samples": (1, 1_000_000), "shots": (0, 64),
     "consistency_samples": (1, 64), "consistency_temperature": (0.0, 5.0), "consistency_min_rouge": (0.0, 1.0),

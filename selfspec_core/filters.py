@@ -126,15 +126,14 @@ def plugin_reason(domain: str, stage: str, record: dict) -> str | None:
     return None
 
 
-def dedup_text(record) -> str:
+def dedup_text(record: dict) -> str:
     """The text compared for near-duplicates: the instruction with its input.
 
     Comparing instructions alone (Self-Instruct) would drop every new sentiment or NER task whose
     instruction repeats a seed's wording with a new input, and those are the domain's bread and
     butter; a copied example (same instruction and input) is still dropped.
     """
-    get = record.get if isinstance(record, dict) else lambda name: getattr(record, name)
-    return f"{get('instruction')}\n{get('input') or ''}".strip()
+    return f"{record['instruction']}\n{record.get('input') or ''}".strip()
 
 
 class RougeLDeduplicator:

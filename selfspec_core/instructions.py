@@ -92,14 +92,14 @@ def _example_pattern(example: str) -> re.Pattern:
 
     def part(text: str) -> str:
         pieces = []
-        for literal, name, spec, _ in _FORMATTER.parse(text):
+        for literal, name, _, _ in _FORMATTER.parse(text):
             words = literal.split()
             if words:
                 pieces.append(r"\s*" + r"\s+".join(map(re.escape, words)) + r"\s*")
             elif literal:
                 pieces.append(r"\s*")
             if name is not None:
-                if name.isidentifier() and name not in named and not spec:
+                if name.isidentifier() and name not in named:
                     named.add(name)
                     pieces.append(f"(?P<{name}>.*?)")
                 else:
@@ -213,7 +213,8 @@ def _open_output(path: Path, records: int) -> RecordLog:
 
 
 def _check_settings(settings) -> None:
-    for name in ("num_instructions", "batch_size", "max_new_tokens", "max_rounds"):
+    """What the config's ranges cannot say (``batch_size`` and ``max_new_tokens`` may be 0 elsewhere)."""
+    for name in ("batch_size", "max_new_tokens"):
         if getattr(settings, name) < 1:
             raise SelfspecError(f"generate.{name} must be at least 1, got {getattr(settings, name)}")
     if settings.max_words < settings.min_words:
@@ -275,7 +276,7 @@ def run_stage(ctx) -> dict:
     kept_by_type = Counter(record["task_type"] for record in log.records)
     examples = ExamplePool(ctx.seeds, log.records)
     checks = InstructionFilter(ctx.domain.name, settings.min_words, settings.max_words, settings.rouge_threshold,
-                               pool=[dedup_text(seed) for seed in ctx.seeds] + [dedup_text(r) for r in log.records])
+                               pool=[dedup_text(r) for r in examples.human + log.records])
     generator = None
     with _progress_bar() as bar:
         task = bar.add_task(f"dropped: {_drops(funnel)}", total=settings.num_instructions, completed=funnel.kept)

@@ -6,10 +6,12 @@ So the specialized model is usable at once from any OpenAI client, chat UI, lm-e
 ``/v1/chat/completions`` (the tokenizer's chat template). One worker thread owns the model; requests
 wait in its queue, and greedy requests with the same length and stop strings that arrive together
 run as one batch, so concurrent clients share each forward pass. A sampled request runs alone, so
-its seed always gives the same text.
+its seed always gives the same text (``--batch-sampling`` trades that for speed).
 """
 
 import collections
+import contextlib
+import json
 import queue
 import secrets
 import socket
@@ -53,10 +55,11 @@ class TokenScores:
 class ModelWorker:
     """Runs every model call on one thread; jobs with the same key that arrive together form a batch."""
 
-    def __init__(self, generator: HFGenerator, max_batch: int = 8, window: float = 0.02):
+    def __init__(self, generator: HFGenerator, max_batch: int = 8, window: float = 0.02, batch_sampling: bool = False):
         self.generator = generator
         self.max_batch = max(1, max_batch)
         self.window = window
+        self.batch_sampling = batch_sampling
         self.model_calls = 0
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._held: collections.deque[_Job | None] = collections.deque()
@@ -67,16 +70,20 @@ class ModelWorker:
                  stop: tuple[str, ...], seed: int) -> Future:
         """Future of ``(Completion, prompt token count)``."""
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
-        key = ("generate", max_new_tokens, stop) if temperature == 0 else None
+        if temperature == 0:
+            key = ("generate", max_new_tokens, stop)
+        else:  # batched, a sampled text would depend on its batch mates, not only on its seed
+            key = ("generate", max_new_tokens, stop, temperature, top_p) if self.batch_sampling else None
         return self._submit(_Job("generate", key, (prompt, options)))
 
     def score(self, prompt: str, completion: str, top_k: int) -> Future:
         """Future of the :class:`TokenScores` of ``prompt + completion``."""
         return self._submit(_Job("score", ("score",), (prompt, completion, top_k)))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop after the running batch; waiting jobs fail with a clear message."""
         self._jobs.put(None)
-        self._thread.join()
+        self._thread.join(timeout)
 
     def _submit(self, job: _Job) -> Future:
         if not self._thread.is_alive():
@@ -98,7 +105,7 @@ class ModelWorker:
             else:
                 for job, result in zip(batch, results):
                     job.future.set_result(result)
-        for job in [*self._held, *iter_queue(self._jobs)]:
+        for job in [*self._held, *_drain(self._jobs)]:
             if job is not None:
                 job.future.set_exception(SelfspecError("the server is shutting down"))
 
@@ -139,7 +146,8 @@ class ModelWorker:
         return list(zip(completions, counts))
 
 
-def iter_queue(jobs: queue.Queue):
+def _drain(jobs: queue.Queue):
+    """Everything left in ``jobs``, without waiting."""
     while True:
         try:
             yield jobs.get_nowait()
@@ -199,14 +207,15 @@ def score_tokens(generator: HFGenerator, items: list[tuple[str, str, int]]) -> l
 # The HTTP API
 
 
-def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_new_tokens: int = 512):
-    """The FastAPI app serving ``generator`` as model ``model_name``."""
+def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_new_tokens: int = 512,
+               batch_sampling: bool = False):
+    """The FastAPI app serving ``generator`` as model ``model_name`` (``max_new_tokens``: chat default)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
 
-    worker = ModelWorker(generator, max_batch=max_batch)
+    worker = ModelWorker(generator, max_batch=max_batch, batch_sampling=batch_sampling)
 
     class ApiError(Exception):
         def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
@@ -239,20 +248,26 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
         max_tokens: int | None = Field(None, ge=1)
         max_completion_tokens: int | None = Field(None, ge=1)
 
-    app = FastAPI(title="selfspec", version="1", on_shutdown=[worker.close])
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        worker.close()
+
+    app = FastAPI(title="selfspec", version="1", lifespan=lifespan)
     app.state.worker = worker
+
+    def error_response(status: int, message: str, kind: str = "invalid_request_error"):
+        """An error in OpenAI's shape, so clients show its message."""
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
 
     @app.exception_handler(ApiError)
     def api_error(_: Request, exc: ApiError):
-        return _error(exc.status, exc.message, exc.kind)
+        return error_response(exc.status, exc.message, exc.kind)
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(_: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in exc.errors())
-        return _error(400, problems)
-
-    def _error(status: int, message: str, kind: str = "invalid_request_error"):
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+        return error_response(400, problems)
 
     def check_model(request: Sampling) -> None:
         if request.model not in (None, model_name):
@@ -317,7 +332,8 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
     @app.post("/v1/chat/completions")
     def chat(request: ChatRequest):
         check_model(request)
-        messages = [message.model_dump(exclude_none=True) for message in request.messages]
+        messages = [{**message.model_dump(exclude_none=True), "content": _text(message.content)}
+                    for message in request.messages]
         if not generator.tokenizer.chat_template:
             raise ApiError(400, f"model {model_name!r} has no chat template; use /v1/completions")
         try:
@@ -348,9 +364,14 @@ def logprobs_field(scores: TokenScores, echo: bool, prompt_length: int) -> dict:
 
 
 def _json(value) -> str:
-    import json
-
     return json.dumps(value, ensure_ascii=False)
+
+
+def _text(content: str | list[dict] | None) -> str:
+    """A message's content as text: multi-part content keeps its text parts."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if part.get("type", "text") == "text")
+    return content or ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,8 +423,10 @@ def default_model_name(model_name: str, adapter: Path | None) -> str:
 @click.option("--name", "served_name", help="Model name clients pass (default: <model>+<run>).")
 @click.option("--batch-size", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Most concurrent requests run as one batch.")
+@click.option("--batch-sampling", is_flag=True,
+              help="Batch sampled requests too: faster, but a seed no longer fixes the text (it depends on the batch).")
 @click.pass_obj
-def command(session, adapter, host, port, served_name, batch_size):
+def command(session, adapter, host, port, served_name, batch_size, batch_sampling):
     """Serve the (specialized) model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."""
     import uvicorn
 
@@ -417,7 +440,7 @@ def command(session, adapter, host, port, served_name, batch_size):
     ref = resolve_model(settings.model)
     generator = HFGenerator(load_model(ref, adapter=adapter), load_tokenizer(ref), batch_size)
     name = served_name or default_model_name(ref.name, adapter)
-    app = create_app(generator, name, max_batch=batch_size)
+    app = create_app(generator, name, max_batch=batch_size, batch_sampling=batch_sampling)
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without authentication: anyone who can reach port {port} can use the model", err=True)
     click.echo(f"serving {name} at http://{host}:{port}/v1 (adapter: {adapter or 'none'})")

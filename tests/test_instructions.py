@@ -263,3 +263,14 @@ def test_real_tiny_model_garbage_is_dropped_not_crashing(tmp_path, tiny_model_di
         run_stage(ctx)
     state = json.loads((ctx.work / "state.json").read_text())
     assert state["funnel"]["kept"] == 0 and state["funnel"]["generated"] == sum(state["funnel"]["dropped"].values()) > 0
+
+
+def test_settings_that_cannot_work_are_refused_with_their_name(tmp_path):
+    with pytest.raises(SelfspecError, match="generate.num_instructions: must be between 1"):
+        load_settings("tiny", overrides={"generate": {"num_instructions": 0}})
+    ctx, _ = make_context(tmp_path, batch_size=0)
+    with pytest.raises(SelfspecError, match="generate.batch_size must be at least 1"):
+        run_stage(ctx)
+    ctx, _ = make_context(tmp_path, name="words", min_words=10, max_words=5)
+    with pytest.raises(SelfspecError, match="max_words .5. is below generate.min_words .10."):
+        run_stage(ctx)

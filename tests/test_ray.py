@@ -9,6 +9,7 @@ from selfspec_core.generation import HFGenerator, make_generator
 from selfspec_core.models import ModelRef, load_model, load_tokenizer
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own settings
 
 PROMPTS = ["The company reported higher", "0 1", "Patients receiving the treatment showed lower",
            "Instruction: Classify the sentiment as positive", "### Response:"]

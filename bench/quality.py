@@ -1,0 +1,65 @@
+"""Does specialization help? Run the whole pipeline on the embedded model and score base vs specialized.
+
+    python bench/quality.py --domain finance [--profile quick] [--out runs/bench-finance]
+
+Reads the real benchmarks from ../shared/data (or $SELFSPEC_DATA). Prints one line per task, the
+contamination and cross-domain figures, and as its last line the domain's main task:
+``task=<t> base=<x> specialized=<y> delta=<d> ci_low=<l> ci_high=<h> minutes=<m>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from selfspec_core import plugins
+from selfspec_core.config import PROFILES, load_settings
+from selfspec_core.pipeline import Pipeline, domain_seeds
+from selfspec_core.rundir import STAGES, RunDir
+
+MAIN_TASK = {"biomed": "pubmedqa", "finance": "fpb"}
+DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domain", required=True, choices=sorted(MAIN_TASK))
+    parser.add_argument("--profile", default="quick", choices=list(PROFILES))
+    parser.add_argument("--out", help="run directory (default runs/bench-<domain>-<profile>)")
+    parser.add_argument("--config", help="extra settings file (TOML/YAML) on top of the profile")
+    parser.add_argument("--force", action="store_true", help="rerun every stage")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"benchmark data not found at {DATA}: set SELFSPEC_DATA")
+
+    settings = load_settings(args.profile, args.config, {"data_dir": str(DATA.resolve())})
+    domain = plugins.get_domain(args.domain)
+    run = RunDir(Path(args.out or f"runs/bench-{args.domain}-{args.profile}"), domain.name).open()
+    started = time.time()
+    Pipeline(settings, domain, run, domain_seeds(domain.name), log=print).run_stages(list(STAGES), force=args.force)
+    minutes = sum((run.manifest(stage) or {}).get("seconds", 0) for stage in STAGES) / 60
+    print(f"wall minutes this invocation: {(time.time() - started) / 60:.1f}; pipeline minutes: {minutes:.1f}")
+
+    results = json.loads((run.stage_dir("evaluate") / "eval.json").read_text())
+    contamination = json.loads((run.stage_dir("evaluate") / "contamination.json").read_text())
+    for key, row in contamination.get("tasks", {}).items():
+        print(f"contamination {key}: {row['items_touched']}/{row['items']} items share a {contamination['ngram']}-gram with the training data")
+    for scope, rows in (("own", {k: v for k, v in results.items() if k != "cross_domain"}),
+                        ("cross-domain", results.get("cross_domain", {}))):
+        for name, row in rows.items():
+            if row.get("skipped"):
+                print(f"{scope} {name}: skipped ({row['skipped']})")
+                continue
+            print(f"{scope} {name} ({row['metric']}, n={row['n']}): base={row['base']:.3f} specialized={row['specialized']:.3f} "
+                  f"delta={row['delta']:+.3f} ci=[{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]")
+    main_row = results[MAIN_TASK[args.domain]]
+    print(f"task={MAIN_TASK[args.domain]} base={main_row['base']:.3f} specialized={main_row['specialized']:.3f} "
+          f"delta={main_row['delta']:.3f} ci_low={main_row['ci'][0]:.3f} ci_high={main_row['ci'][1]:.3f} minutes={minutes:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Stage 3: tune the model on the responded data with LoRA (QLoRA when the base is loaded in NF4).
+
+Runs on transformers' ``Trainer`` rather than a hand loop: it already resumes optimizer, scheduler
+and RNG state from a checkpoint (every ``torch.load`` there passes ``weights_only=True``), scales
+gradient accumulation by the number of target tokens, and runs on CPU, one GPU or accelerate alike.
+
+What selfspec adds on top:
+
+* the prompt comes from the domain's ``train`` template; the loss covers only the response (and its
+  EOS); an example longer than ``max_length`` loses the end of its *input* text, never its answer;
+* padding-free batches (``packing``): a batch's examples are concatenated into one row whose
+  position ids restart at every example; transformers turns those position ids into a
+  block-diagonal causal mask, so no example attends to another and no compute goes to padding;
+* only the positions that predict a response token are projected onto the vocabulary
+  (``logits_to_keep``): on instruction data most tokens are prompt, and the LM head is the largest
+  single matrix of a small model;
+* checkpoints every ``save_steps`` steps, resumed after a kill; a per-step ``train_log.jsonl``.
+
+Outputs in the stage folder: ``adapter/`` (PEFT format plus ``selfspec_training.json``: settings,
+prompt template, data hash, stats) and ``train_log.jsonl``. Checkpoints are deleted once the adapter
+is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+from transformers import TrainerCallback
+
+from . import __version__
+from .config import TrainSettings
+from .errors import SelfspecError
+from .models import ModelRef, default_quant, load_model, load_tokenizer
+from .pipeline import StageContext
+from .rundir import RecordLog, atomic_write_json, file_hash, iter_jsonl, write_jsonl
+from .templates import PromptTemplate
+
+IGNORE = -100  # label of a token that is not trained on
+TRAINING_INFO = "selfspec_training.json"
+_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One tokenized training example: prompt then response, labels ``IGNORE`` on the prompt."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False  # the input text (or, if it alone overflows, the response) was cut
+    response_cut: bool = False
+
+
+def encode_example(record: dict, template: PromptTemplate, tokenizer, max_length: int,
+                   context: dict | None = None) -> Example:
+    """Tokenize ``record`` as the prompt (from ``template``) followed by its output and EOS.
+
+    Prompts are tokenized without special tokens, exactly as the generators tokenize them at
+    inference. Too long an example loses the end of its input text first; if the instruction alone
+    still does not fit, the prompt keeps its end (where the response cue is). The response is cut
+    (keeping its beginning) only when it would leave the prompt less than a quarter of
+    ``max_length``.
+    """
+    context = context or {}
+
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def prompt_tokens(input_text: str) -> list[int]:
+        return tokens(template.render([], {"instruction": record["instruction"], "input": input_text}, **context))
+
+    input_text = str(record.get("input") or "")
+    prompt = prompt_tokens(input_text)
+    response = tokens(str(record["output"])) + [tokenizer.eos_token_id]
+    if len(prompt) + len(response) <= max_length:
+        return Example(prompt + response, [IGNORE] * len(prompt) + response)
+
+    longest_response = max_length - min(len(prompt), max_length // 4)
+    response_cut = len(response) > longest_response
+    response = response[:longest_response]
+    budget = max_length - len(response)
+    input_ids = tokens(input_text)
+    keep = len(input_ids)
+    while len(prompt) > budget and keep > 0:
+        keep = max(0, keep - (len(prompt) - budget))
+        # A cut inside a multi-byte character decodes to U+FFFD; drop it rather than train on it.
+        prompt = prompt_tokens(tokenizer.decode(input_ids[:keep]).rstrip("\ufffd"))
+    prompt = prompt[len(prompt) - budget:] if len(prompt) > budget else prompt
+    return Example(prompt + response, [IGNORE] * len(prompt) + response, truncated=True, response_cut=response_cut)
+
+
+def load_records(path: Path) -> list[dict]:
+    """Alpaca records of ``data.jsonl``; a record without instruction or output is an error."""
+    records = []
+    for number, record in enumerate(iter_jsonl(path), start=1):
+        for name in ("instruction", "output"):
+            if not isinstance(record.get(name), str) or not record[name].strip():
+                raise SelfspecError(f"{path}: record {number} has no {name!r} text; rerun `selfspec respond` or fix the file")
+        records.append(record)
+    if not records:
+        raise SelfspecError(f"{path}: no records to train on; rerun `selfspec respond` with more instructions")
+    return records
+
+
+class ResponseBatches:
+    """Collates examples into a batch, plus ``logits_to_keep``: where the next token is a response token.
+
+    ``packing`` concatenates the examples into one row with restarting ``position_ids`` (and a
+    separator label at each example's start, so no example predicts the next one's first token);
+    otherwise the batch is right-padded with an attention mask.
+    """
+
+    def __init__(self, tokenizer, packing: bool):
+        from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+        tokenizer.padding_side = "right"
+        self.collate = (DataCollatorWithFlattening(separator_id=IGNORE) if packing
+                        else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE))
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        import torch
+
+        batch = self.collate([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        keep[:, :-1] = batch["labels"][:, 1:] != IGNORE
+        batch["logits_to_keep"] = keep
+        return batch
+
+
+def response_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy of the kept logits against the response tokens they predict.
+
+    Summed and divided by the number of target tokens in the whole accumulated batch when the
+    Trainer gives it, so gradient accumulation weighs every token the same.
+    """
+    import torch.nn.functional as F
+
+    shifted = labels[:, 1:]
+    targets = shifted[shifted != IGNORE]
+    logits = outputs.logits
+    if logits.dim() == 3:  # full logits (no ``logits_to_keep``): select the predicting positions here
+        logits = logits[:, :-1][shifted != IGNORE]
+    loss = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else max(len(targets), 1))
+
+
+def lora_model(ref: ModelRef, settings: TrainSettings, quant: str):
+    """The base model (frozen, NF4 when ``quant == "nf4"``) wrapped with fresh LoRA adapters."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_model(ref, quant=quant, for_training=True)
+    model.config.use_cache = False  # a cache would also switch off the packed-sequence mask
+    if quant == "nf4":  # norms to fp32, base frozen; the Trainer switches on activation checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = settings.target_modules
+    config = LoraConfig(
+        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, task_type="CAUSAL_LM",
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()])
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise SelfspecError(f"train.target_modules={targets!r}: {exc}. Use all-linear or module names such as q_proj,v_proj") from exc
+
+
+def training_arguments(settings: TrainSettings, output_dir: Path, seed: int, **overrides):
+    """``TrainingArguments`` for ``settings``: per-step logging, checkpoints, no external reporting."""
+    import torch
+    from transformers import TrainingArguments
+
+    if settings.max_steps == 0 and settings.epochs == 0:
+        raise SelfspecError("train.epochs and train.max_steps are both 0: set one of them")
+    options = dict(
+        output_dir=str(output_dir), seed=seed, data_seed=seed,
+        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        num_train_epochs=settings.epochs, max_steps=settings.max_steps or -1,
+        learning_rate=settings.learning_rate, lr_scheduler_type=_SCHEDULERS[settings.scheduler],
+        warmup_steps=min(settings.warmup_ratio, 0.999),  # a float below 1 is a ratio; 1.0 would mean one step
+        activation_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        train_sampling_strategy="group_by_length" if settings.group_by_length and not settings.packing else "random",
+        # Packed rows hold no padding at all; padded batches carry an attention mask to count with.
+        include_num_input_tokens_seen="all" if settings.packing else "non_padding",
+        logging_strategy="steps", logging_steps=1, save_strategy="steps", save_steps=settings.save_steps,
+        save_total_limit=1, report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+class TrainLog(TrainerCallback):
+    """Appends each optimizer step's loss and learning rate to ``train_log.jsonl``.
+
+    Steps logged after ``resume_step`` by an interrupted run are dropped first: the resumed run
+    trains them again, so every step appears once.
+    """
+
+    def __init__(self, path: Path, resume_step: int, log=print):
+        kept = [r for r in RecordLog(path).records if r["step"] <= resume_step]
+        write_jsonl(path, kept)
+        self.records = RecordLog(path)
+        self.log = log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "loss": logs["loss"],
+                  "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                  "tokens": state.num_input_tokens_seen}
+        self.records.append([record])
+        every = max(1, state.max_steps // 10)
+        if state.global_step % every == 0 or state.global_step == state.max_steps:
+            self.log(f"[train] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """Newest ``checkpoint-N`` whose ``trainer_state.json`` (written last) reads back; torn ones are removed."""
+    if not folder.is_dir():
+        return None
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for checkpoint in checkpoints:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+            return checkpoint
+        except (OSError, ValueError):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def make_trainer(model, examples: list[Example], settings: TrainSettings, tokenizer, args, callbacks=()):
+    """A Trainer on ``examples`` with selfspec's batches and response-only loss."""
+    from transformers import PrinterCallback, Trainer
+
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in examples],
+                      data_collator=ResponseBatches(tokenizer, settings.packing), compute_loss_func=response_loss,
+                      callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
+    """Train a LoRA adapter on ``respond/data.jsonl``; ``callbacks`` are extra TrainerCallbacks."""
+    from transformers import set_seed
+
+    settings = ctx.settings.train
+    data_path = ctx.run.require("respond", "data.jsonl")
+    data_hash = file_hash(data_path)
+    adapter_dir = ctx.work / "adapter"
+    saved = _saved_stats(adapter_dir, data_hash)
+    if saved is not None:  # killed after saving the adapter, before the stage was sealed
+        return saved
+
+    template = ctx.template("train")
+    tokenizer = load_tokenizer(ctx.model)
+    examples = [encode_example(r, template, tokenizer, settings.max_length, ctx.template_context)
+                for r in load_records(data_path)]
+    quant = default_quant(settings.quant)
+    set_seed(ctx.settings.seed)
+    model = lora_model(ctx.model, settings, quant)
+
+    checkpoints = ctx.work / "checkpoints"
+    resume = last_complete_checkpoint(checkpoints)
+    resumed = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8")) if resume else {}
+    if resume:
+        ctx.log(f"[train] resuming from {resume.name}")
+    log = TrainLog(ctx.work / "train_log.jsonl", resumed.get("global_step", 0), ctx.log)
+    args = training_arguments(settings, checkpoints, ctx.settings.seed)
+    trainer = make_trainer(model, examples, settings, tokenizer, args, [log, *callbacks])
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - started
+
+    state = trainer.state
+    steps_log = log.records.records
+    stats = {
+        "examples": len(examples), "truncated": sum(e.truncated for e in examples),
+        "response_truncated": sum(e.response_cut for e in examples),
+        "steps": state.global_step, "epochs": round(state.epoch or 0.0, 4),
+        "final_loss": steps_log[-1]["loss"] if steps_log else None,
+        "tokens": state.num_input_tokens_seen,
+        "tokens_per_s": round((state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0)) / seconds, 1),
+        "quant": quant, "packing": settings.packing,
+    }
+    info = {"selfspec_version": __version__, "model": ctx.model.name, "model_path": ctx.model.path,
+            "data_file": "respond/data.jsonl", "data_hash": data_hash, "seed": ctx.settings.seed,
+            "settings": dataclasses.asdict(settings), "prompt_template": dataclasses.asdict(template),
+            "stats": stats}
+    save_adapter(model, adapter_dir, info)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return stats
+
+
+def save_adapter(model, adapter_dir: Path, info: dict) -> None:
+    """Write the PEFT adapter and its training record so the folder appears complete or not at all."""
+    staging = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    atomic_write_json(staging / TRAINING_INFO, info)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    os.replace(staging, adapter_dir)
+
+
+def _saved_stats(adapter_dir: Path, data_hash: str) -> dict | None:
+    try:
+        info = json.loads((adapter_dir / TRAINING_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info.get("stats") if info.get("data_hash") == data_hash else None
+
+
+def export_merged(base: ModelRef, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write ``base`` with the adapter folded into its weights: a plain model folder (safetensors and
+    tokenizer) that ``AutoModelForCausalLM.from_pretrained`` opens without peft.
+
+    The adapter is merged into the full-precision base, also when it was trained on an NF4 base.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise SelfspecError(f"{out_dir} exists and is not empty; pass another output folder or remove it")
+    merged = load_model(base, quant="none", adapter=adapter_dir).merge_and_unload()
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        load_tokenizer(base).save_pretrained(str(staging))
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SelfspecError(f"{out_dir}: could not write the merged model ({exc.strerror}); free space and retry") from exc
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(staging, out_dir)
+    return out_dir

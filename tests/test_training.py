@@ -1,0 +1,248 @@
+"""Stage 3 on the tiny random model: masking, truncation, packing, LoRA-only updates, resume, export."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from selfspec_core import training
+from selfspec_core.config import load_settings
+from selfspec_core.defaults import TRAIN_TEMPLATE
+from selfspec_core.errors import SelfspecError
+from selfspec_core.models import ModelRef, load_model, load_tokenizer
+from selfspec_core.pipeline import StageContext
+from selfspec_core.records import Domain
+from selfspec_core.rundir import RunDir, file_hash, read_jsonl, write_jsonl
+from selfspec_core.testing import build_tiny_model
+from selfspec_core.training import IGNORE, ResponseBatches, encode_example, export_merged, response_loss
+
+DOMAIN = Domain("trainingtest", "testing")
+RECORDS = [
+    {"instruction": "Classify the sentiment as positive, negative, or neutral.",
+     "input": "The company reported higher quarterly revenue and raised its outlook.", "output": "positive"},
+    {"instruction": "Classify the sentiment as positive, negative, or neutral.",
+     "input": "Patients receiving the treatment showed lower mortality than controls.", "output": "neutral"},
+    {"instruction": "Answer yes, no, or maybe.", "input": "", "output": "maybe"},
+    {"instruction": "Give the number.", "input": "0 1 2 3 4 5 6 7 8 9", "output": "9"},
+    {"instruction": "Below is an instruction that describes a task.", "input": "", "output": "yes no maybe positive"},
+    {"instruction": "Classify the sentiment as positive, negative, or neutral.",
+     "input": "The company reported higher quarterly revenue.", "output": "negative"},
+    {"instruction": "Answer yes or no.", "input": "Patients receiving the treatment.", "output": "no"},
+    {"instruction": "Write the response.", "input": "", "output": "The company raised its outlook."},
+]
+PROBE = "### Instruction:\nAnswer yes or no.\n\n### Response:\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy machine the hand-offs cost seconds a step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(ModelRef("tiny", str(tiny_model_dir)))
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tmp_path_factory):
+    """The tiny model with a 25x output layer: the random one's near-zero logits barely move under LoRA."""
+    folder = build_tiny_model(tmp_path_factory.mktemp("sharp-model"))
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] *= 25
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def make_ctx(tmp_path, model_dir, records=RECORDS, run=None, **train):
+    """A train stage context over ``records`` (a finished respond stage) with ``train`` overrides."""
+    if run is None:
+        run = RunDir(tmp_path / "run", DOMAIN.name).open()
+        write_jsonl(run.partial_dir("respond") / "data.jsonl", records)
+        run.finish("respond", {})
+    settings = load_settings("tiny", overrides={"train": {"quant": "none", "lora_dropout": 0.0, **train}})
+    return StageContext(settings, DOMAIN, run, [], ModelRef("tiny", str(model_dir)), run.partial_dir("train"), log=lambda _: None)
+
+
+def logits_of(model, text, tokenizer):
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+class Snapshot(training.TrainerCallback):
+    """Records which parameters train, the frozen ones before and after, and the trained model's logits."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.frozen_after = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        self.logits = logits_of(model, PROBE, self.tokenizer)
+
+
+class StopAt(training.TrainerCallback):
+    """Simulates a kill: raises once ``step`` has been logged (after the checkpoint before it)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed at step {self.step}")
+
+
+def test_labels_mask_the_prompt_and_padding(tokenizer):
+    record = RECORDS[0]
+    example = encode_example(record, TRAIN_TEMPLATE, tokenizer, max_length=256)
+    prompt = tokenizer(TRAIN_TEMPLATE.render([], record), add_special_tokens=False).input_ids
+    response = tokenizer(record["output"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert example.input_ids == prompt + response
+    assert example.labels == [IGNORE] * len(prompt) + response
+    assert not example.truncated
+
+    short = encode_example(RECORDS[2], TRAIN_TEMPLATE, tokenizer, max_length=256)
+    batch = ResponseBatches(tokenizer, packing=False)([{"input_ids": example.input_ids, "labels": example.labels},
+                                                        {"input_ids": short.input_ids, "labels": short.labels}])
+    padding = len(example.input_ids) - len(short.input_ids)
+    assert batch["labels"][1, -padding:].tolist() == [IGNORE] * padding
+    assert batch["attention_mask"][1].sum() == len(short.input_ids)
+    # logits are kept exactly at the positions that predict a response token
+    assert batch["logits_to_keep"][0].nonzero().flatten().tolist() == list(range(len(prompt) - 1, len(example.input_ids) - 1))
+
+
+def test_long_input_is_cut_and_the_response_kept(tokenizer):
+    record = {"instruction": "Classify the sentiment.", "input": " ".join(["The company reported higher revenue."] * 40),
+              "output": "positive"}
+    example = encode_example(record, TRAIN_TEMPLATE, tokenizer, max_length=96)
+    response = tokenizer("positive", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert example.truncated and not example.response_cut
+    assert len(example.input_ids) <= 96
+    assert example.labels[-len(response):] == response
+    text = tokenizer.decode(example.input_ids)
+    assert text.startswith("Below is an instruction") and "Classify the sentiment." in text
+    assert "### Input:\nThe company reported" in text and "### Response:\npositive" in text
+
+    # an answer that alone fills max_length keeps its beginning and leaves a quarter for the prompt
+    huge = encode_example({**record, "output": "yes no " * 200}, TRAIN_TEMPLATE, tokenizer, max_length=96)
+    assert huge.truncated and huge.response_cut and len(huge.input_ids) == 96
+    assert sum(label == IGNORE for label in huge.labels) == 96 // 4
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer):
+    model = load_model(ModelRef("tiny", str(tiny_model_dir)))
+    first, second = (encode_example(r, TRAIN_TEMPLATE, tokenizer, 256) for r in RECORDS[:2])
+    packed = ResponseBatches(tokenizer, packing=True)([vars(first), vars(second)])
+    assert packed["input_ids"].shape == (1, len(first.input_ids) + len(second.input_ids))
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        alone = [model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in (first, second)]
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_response_loss_equals_the_models_own_loss(tiny_model_dir, tokenizer, packing):
+    model = load_model(ModelRef("tiny", str(tiny_model_dir)))
+    examples = [vars(encode_example(r, TRAIN_TEMPLATE, tokenizer, 256)) for r in RECORDS[:3]]
+    batch = ResponseBatches(tokenizer, packing)(examples)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}
+    with torch.no_grad():
+        reference = model(**inputs, labels=batch["labels"], use_cache=False).loss
+        kept = model(**inputs, logits_to_keep=batch["logits_to_keep"], use_cache=False)
+        full = model(**inputs, use_cache=False)
+    assert kept.logits.shape[0] == (batch["labels"][:, 1:] != IGNORE).sum()
+    torch.testing.assert_close(response_loss(kept, batch["labels"]), reference)
+    torch.testing.assert_close(response_loss(full, batch["labels"]), reference)
+
+
+def test_stage_trains_only_lora_and_saves_a_reloadable_adapter(tmp_path, sharp_model_dir, tokenizer):
+    ctx = make_ctx(tmp_path, sharp_model_dir, epochs=6.0, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, max_length=40)
+    snapshot = Snapshot(tokenizer)
+    stats = training.run_stage(ctx, callbacks=[snapshot])
+
+    steps = read_jsonl(ctx.work / "train_log.jsonl")
+    assert [s["step"] for s in steps] == list(range(1, 13)) and stats["steps"] == 12
+    assert sum(s["loss"] for s in steps[-3:]) < 0.6 * sum(s["loss"] for s in steps[:3])  # about 9.8 -> 3
+    assert steps[0]["learning_rate"] > steps[-1]["learning_rate"]  # cosine decay
+    encoded = [encode_example(r, TRAIN_TEMPLATE, tokenizer, 40) for r in RECORDS]
+    assert stats["examples"] == 8 and stats["truncated"] == sum(e.truncated for e in encoded) > 0
+    assert stats["quant"] == "none" and stats["tokens"] == 6 * sum(len(e.input_ids) for e in encoded)
+    assert snapshot.trainable and all("lora_" in name for name in snapshot.trainable)
+    for name, before in snapshot.frozen_before.items():
+        assert torch.equal(before, snapshot.frozen_after[name]), name
+
+    adapter = ctx.work / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    assert not (ctx.work / "checkpoints").exists()
+    info = json.loads((adapter / "selfspec_training.json").read_text())
+    assert info["data_hash"] == file_hash(ctx.run.require("respond", "data.jsonl"))
+    assert info["settings"]["learning_rate"] == 1e-2 and info["stats"] == stats
+    ref = ctx.model
+    tuned = load_model(ref, adapter=adapter)
+    torch.testing.assert_close(logits_of(tuned, PROBE, tokenizer), snapshot.logits)
+    assert not torch.allclose(logits_of(load_model(ref), PROBE, tokenizer), snapshot.logits, atol=1e-3)
+
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(ref, adapter, tmp_path / "merged"))
+    torch.testing.assert_close(logits_of(merged, PROBE, tokenizer), snapshot.logits, atol=1e-4, rtol=1e-4)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    with pytest.raises(SelfspecError, match="not empty"):
+        export_merged(ref, adapter, tmp_path / "merged")
+
+    # rerun after a kill between saving the adapter and sealing the stage: no retraining
+    assert training.run_stage(make_ctx(tmp_path, sharp_model_dir, run=ctx.run)) == stats
+
+
+def test_resume_after_a_kill_continues_the_step_count(tmp_path, tiny_model_dir, tokenizer):
+    settings = dict(epochs=3.0, batch_size=2, save_steps=2, lora_dropout=0.1, max_length=48)
+    interrupted = make_ctx(tmp_path / "a", tiny_model_dir, **settings)
+    with pytest.raises(KeyboardInterrupt):
+        training.run_stage(interrupted, callbacks=[StopAt(5)])
+    assert [s["step"] for s in read_jsonl(interrupted.work / "train_log.jsonl")] == [1, 2, 3, 4, 5]
+    assert [p.name for p in (interrupted.work / "checkpoints").iterdir()] == ["checkpoint-4"]
+
+    resumed = training.run_stage(make_ctx(tmp_path / "a", tiny_model_dir, run=interrupted.run, **settings))
+    assert [s["step"] for s in read_jsonl(interrupted.work / "train_log.jsonl")] == list(range(1, 13))
+    assert resumed["steps"] == 12
+
+    straight = make_ctx(tmp_path / "b", tiny_model_dir, **settings)
+    assert training.run_stage(straight)["steps"] == 12
+    weights = [load_file(ctx.work / "adapter" / "adapter_model.safetensors") for ctx in (interrupted, straight)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], msg=name)
+    losses = [[s["loss"] for s in read_jsonl(ctx.work / "train_log.jsonl")] for ctx in (interrupted, straight)]
+    assert losses[0] == pytest.approx(losses[1])
+
+
+def test_nf4_base_trains_an_adapter(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    model_dir = build_tiny_model(tmp_path / "tiny64", hidden_size=64)
+    ctx = make_ctx(tmp_path, model_dir, quant="nf4", max_steps=2, batch_size=4)
+    ctx.settings.train.gradient_checkpointing = True
+    try:
+        model = training.lora_model(ctx.model, ctx.settings.train, "nf4")
+    except (RuntimeError, NotImplementedError) as exc:  # a bitsandbytes build without this device's 4-bit kernels
+        pytest.skip(f"bitsandbytes cannot run NF4 here: {exc}")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    stats = training.run_stage(ctx)
+    assert stats["quant"] == "nf4" and stats["steps"] == 2
+    assert all(s["loss"] == s["loss"] for s in read_jsonl(ctx.work / "train_log.jsonl"))  # finite, not NaN
+    tuned = load_model(ctx.model, adapter=ctx.work / "adapter")  # merges into the full-precision base
+    assert torch.isfinite(logits_of(tuned, PROBE, load_tokenizer(ctx.model))).all()
+
+
+def test_unusable_data_is_reported(tmp_path, tiny_model_dir):
+    with pytest.raises(SelfspecError, match="record 2 has no 'output'"):
+        training.run_stage(make_ctx(tmp_path / "a", tiny_model_dir, records=[RECORDS[0], {"instruction": "x", "input": ""}]))
+    with pytest.raises(SelfspecError, match="epochs and train.max_steps are both 0"):
+        training.run_stage(make_ctx(tmp_path / "b", tiny_model_dir, epochs=0.0))
