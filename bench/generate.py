@@ -1,9 +1,11 @@
 """Batched against one-at-a-time generation of instructions with the embedded model.
 
 16 prompts exactly as stage 1 builds them (finance seeds, the instruction template, balanced task
-types, k examples), generated with the stage's sampling settings and stop strings, first one prompt
-per call, then all of them batched (left-padded, one ``generate`` call per batch). Throughput counts
-the tokens each completion really has (a row that stopped early is not counted while it waits).
+types, k examples), generated with the stage's sampling settings, first one prompt per call, then
+all of them batched (left-padded, one ``generate`` call). By default every completion runs to the
+fixed ``--max-new-tokens``, so both ways do the same work; with ``--stop`` they end at the stage's
+stop strings, as in the stage, and a batch waits for its longest row (throughput then counts only
+the tokens each completion really has).
 
 Last line: ``speedup=<x> batched_tok_s=<y> sequential_tok_s=<z>``.
 """
@@ -52,7 +54,8 @@ def timed(generator: HFGenerator, batches: list[list[str]], options: dict) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="tokens per completion (0: the stage's generate.max_new_tokens)")
+    parser.add_argument("--stop", action="store_true", help="end completions at the stage's stop strings")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); on a CPU shared with other jobs, 1 avoids threads waiting on each other")
     args = parser.parse_args()
@@ -60,10 +63,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     settings = load_settings("quick")
     prompts, task_format = stage_prompts(args.prompts, settings)
+    max_new_tokens = args.max_new_tokens or settings.generate.max_new_tokens
     model_ref = resolve_model(settings.model)
     model, tokenizer = load_model(model_ref), load_tokenizer(model_ref)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=settings.generate.temperature,
-                   top_p=settings.generate.top_p, stop=task_format.stops, seed=settings.seed)
+    options = dict(max_new_tokens=max_new_tokens, temperature=settings.generate.temperature,
+                   top_p=settings.generate.top_p, stop=task_format.stops if args.stop else (), seed=settings.seed)
     sequential = HFGenerator(model, tokenizer, batch_size=1)
     batched = HFGenerator(model, tokenizer, batch_size=len(prompts))
     sequential.generate(prompts[:1], **{**options, "max_new_tokens": 4})  # warm-up, not timed
@@ -72,7 +76,8 @@ def main() -> None:
     batched_s, batched_tokens = timed(batched, [prompts], options)
     sequential_rate, batched_rate = sequential_tokens / sequential_s, batched_tokens / batched_s
     mean_prompt = sum(len(tokenizer(p).input_ids) for p in prompts) / len(prompts)
-    print(f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, max_new_tokens {args.max_new_tokens}, "
+    print(f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, max_new_tokens {max_new_tokens}"
+          f"{' (stop strings on)' if args.stop else ''}, "
           f"{torch.get_num_threads()} torch threads")
     print(f"one at a time: {sequential_tokens} tokens in {sequential_s:.1f}s; batched: {batched_tokens} tokens in {batched_s:.1f}s")
     print(f"speedup={batched_rate / sequential_rate:.2f} batched_tok_s={batched_rate:.1f} sequential_tok_s={sequential_rate:.1f}")

@@ -26,7 +26,7 @@ from .errors import SelfspecError
 # A line that starts like source code, markup or SQL rather than prose.
 _CODE_LINE = re.compile(
     r"^\s*(?:def \w+\s*\(|class \w+\s*[:(]|import \w|from [\w.]+ import |#include|"
-    r"(?:public|private|static) \w|function\s*\w*\s*\(|(?:var|let|const) \w+\s*=|"
+    r"function\s*\w*\s*\(|(?:var|let|const) \w+\s*=|"
     r"SELECT .+ FROM |</?[a-zA-Z][\w-]*(?:\s[^>]*)?>)",
     re.M)
 _CODE_SYMBOLS = frozenset("{}<>;\\`")

@@ -1,0 +1,119 @@
+"""Training throughput: selfspec's training path vs a naive padded-batch baseline, on SmolLM2-135M.
+
+Every arm trains LoRA for one epoch over the same Alpaca records (built from the shipped seeds,
+spread over the whole length range: 40 to 270 tokens) with the same settings, seed and number of
+optimizer steps, each in its own process so its peak memory is its own:
+
+* ``baseline``: every batch padded to ``max_length``, random order, logits for every position;
+* ``selfspec``: the stage as configured by default (``packing``: padding-free rows, logits only
+  where a response token is predicted);
+* ``grouped``: the stage with ``packing`` off (length-grouped, right-padded batches).
+
+tok/s counts real (non-pad) tokens per second of training. Torch runs on ``--threads`` threads
+(default 1: on a busy shared CPU, thread hand-offs otherwise swamp the figures).
+
+    python bench/train.py [--records 24] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_records(count: int, tokenizer, template) -> list[dict]:
+    """``count`` seeds of both domains as Alpaca records, evenly spread over their token lengths."""
+    from selfspec_core.rundir import read_jsonl
+
+    seeds = [r for domain in ("finance", "biomed") for r in read_jsonl(ROOT / "seeds" / domain / "seeds.jsonl")]
+    length = {id(r): len(tokenizer(template.render([], r) + r["output"], add_special_tokens=False).input_ids) for r in seeds}
+    ordered = sorted(seeds, key=lambda r: length[id(r)])
+    picked = [ordered[round(i * (len(ordered) - 1) / (count - 1))] for i in range(count)]
+    return [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in picked]
+
+
+def run_arm(arm: str, data: Path, threads: int) -> dict:
+    import torch
+
+    from selfspec_core import plugins, training
+    from selfspec_core.config import load_settings
+    from selfspec_core.models import load_tokenizer, resolve_model
+    from selfspec_core.pipeline import StageContext
+    from selfspec_core.rundir import RunDir, read_jsonl, write_jsonl
+
+    torch.set_num_threads(threads)
+    settings = load_settings("quick", overrides={"train": {"epochs": 1.0, "quant": "none"}})
+    settings.train.packing = arm != "grouped"
+    ref = resolve_model(None)
+    work = Path(tempfile.mkdtemp(prefix=f"bench-train-{arm}-"))
+    run = RunDir(work / "run", "finance").open()
+    write_jsonl(run.partial_dir("respond") / "data.jsonl", read_jsonl(data))
+    run.finish("respond", {})
+    ctx = StageContext(settings, plugins.get_domain("finance"), run, [], ref, run.partial_dir("train"), log=lambda _: None)
+    if arm != "baseline":
+        stats = training.run_stage(ctx)
+    else:
+        from transformers import DataCollatorForSeq2Seq, Trainer
+
+        tokenizer = load_tokenizer(ref)
+        tokenizer.padding_side = "right"
+        examples = [training.encode_example(r, ctx.template("train"), tokenizer, settings.train.max_length, ctx.template_context)
+                    for r in read_jsonl(data)]
+        args = training.training_arguments(settings.train, work / "checkpoints", settings.seed,
+                                           include_num_input_tokens_seen="non_padding", train_sampling_strategy="random")
+        trainer = Trainer(model=training.lora_model(ref, settings.train, "none"), args=args,
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=settings.train.max_length),
+                          train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        stats = {"steps": trainer.state.global_step, "tokens": trainer.state.num_input_tokens_seen,
+                 "tokens_per_s": trainer.state.num_input_tokens_seen / seconds}
+    stats["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--arm", choices=("baseline", "selfspec", "grouped"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.arm:
+        print(json.dumps(run_arm(options.arm, options.data, options.threads)))
+        return
+
+    from selfspec_core.defaults import TRAIN_TEMPLATE
+    from selfspec_core.models import load_tokenizer, resolve_model
+    from selfspec_core.rundir import write_jsonl
+
+    data = Path(tempfile.mkdtemp(prefix="bench-train-")) / "data.jsonl"
+    write_jsonl(data, build_records(options.records, load_tokenizer(resolve_model(None)), TRAIN_TEMPLATE))
+    results = {}
+    for arm in ("selfspec", "grouped", "baseline"):
+        done = subprocess.run([sys.executable, __file__, "--arm", arm, "--data", str(data), "--threads", str(options.threads)],
+                              capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:
+            sys.exit(f"{arm} failed:\n{done.stderr[-3000:]}")
+        results[arm] = json.loads(done.stdout.strip().splitlines()[-1])
+        stats = results[arm]
+        print(f"{arm:9s} steps={stats['steps']} tokens={stats['tokens']} tok/s={stats['tokens_per_s']:.1f} "
+              f"peak_mb={stats['peak_mb']}", flush=True)
+    assert len({r["steps"] for r in results.values()}) == 1 and len({r["tokens"] for r in results.values()}) == 1
+    ours, grouped, baseline = (results[a]["tokens_per_s"] for a in ("selfspec", "grouped", "baseline"))
+    print(f"speedup={ours / baseline:.2f} tok_s={ours:.1f} baseline_tok_s={baseline:.1f} grouped_tok_s={grouped:.1f} "
+          f"peak_mb={results['selfspec']['peak_mb']}")
+
+
+if __name__ == "__main__":
+    main()
