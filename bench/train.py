@@ -1,18 +1,19 @@
 """Training throughput: selfspec's training path vs a naive padded-batch baseline, on SmolLM2-135M.
 
-Every arm trains LoRA for one epoch over the same Alpaca records (built from the shipped seeds,
-spread over the whole length range: 40 to 270 tokens) with the same settings, seed and number of
-optimizer steps, each in its own process so its peak memory is its own:
+Every arm trains LoRA for the same number of optimizer steps on the same pool of Alpaca records
+(built from the shipped seeds, spread over the whole length range: 40 to 270 tokens) with the
+default settings and seed, each in its own process so its peak memory is its own:
 
 * ``baseline``: every batch padded to ``max_length``, random order, logits for every position;
-* ``selfspec``: the stage as configured by default (``packing``: padding-free rows, logits only
-  where a response token is predicted);
-* ``grouped``: the stage with ``packing`` off (length-grouped, right-padded batches).
+* ``selfspec``: the stage as configured by default (``packing``: padding-free rows, attention per
+  example, logits only where a response token is predicted). Same batches as the baseline;
+* ``grouped``: the stage with ``packing`` off: right-padded batches from the Trainer's length
+  grouping (sorted mega-batches of ``pool / (4 * batch)`` batches, so the pool must be large).
 
 tok/s counts real (non-pad) tokens per second of training. Torch runs on ``--threads`` threads
 (default 1: on a busy shared CPU, thread hand-offs otherwise swamp the figures).
 
-    python bench/train.py [--records 24] [--threads 1]
+    python bench/train.py [--records 96] [--steps 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def build_records(count: int, tokenizer, template) -> list[dict]:
     return [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in picked]
 
 
-def run_arm(arm: str, data: Path, threads: int) -> dict:
+def run_arm(arm: str, data: Path, steps: int, threads: int) -> dict:
     import torch
 
     from selfspec_core import plugins, training
@@ -51,10 +52,10 @@ def run_arm(arm: str, data: Path, threads: int) -> dict:
     from selfspec_core.rundir import RunDir, read_jsonl, write_jsonl
 
     torch.set_num_threads(threads)
-    settings = load_settings("quick", overrides={"train": {"epochs": 1.0, "quant": "none"}})
+    settings = load_settings("quick", overrides={"train": {"max_steps": steps, "quant": "none"}})
     settings.train.packing = arm != "grouped"
     ref = resolve_model(None)
-    work = Path(tempfile.mkdtemp(prefix=f"bench-train-{arm}-"))
+    work = data.parent / arm
     run = RunDir(work / "run", "finance").open()
     write_jsonl(run.partial_dir("respond") / "data.jsonl", read_jsonl(data))
     run.finish("respond", {})
@@ -84,32 +85,34 @@ def run_arm(arm: str, data: Path, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=24)
+    parser.add_argument("--records", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--arm", choices=("baseline", "selfspec", "grouped"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.arm:
-        print(json.dumps(run_arm(options.arm, options.data, options.threads)))
+        print(json.dumps(run_arm(options.arm, options.data, options.steps, options.threads)))
         return
 
     from selfspec_core.defaults import TRAIN_TEMPLATE
     from selfspec_core.models import load_tokenizer, resolve_model
     from selfspec_core.rundir import write_jsonl
 
-    data = Path(tempfile.mkdtemp(prefix="bench-train-")) / "data.jsonl"
-    write_jsonl(data, build_records(options.records, load_tokenizer(resolve_model(None)), TRAIN_TEMPLATE))
     results = {}
-    for arm in ("selfspec", "grouped", "baseline"):
-        done = subprocess.run([sys.executable, __file__, "--arm", arm, "--data", str(data), "--threads", str(options.threads)],
-                              capture_output=True, text=True, cwd=ROOT)
-        if done.returncode:
-            sys.exit(f"{arm} failed:\n{done.stderr[-3000:]}")
-        results[arm] = json.loads(done.stdout.strip().splitlines()[-1])
-        stats = results[arm]
-        print(f"{arm:9s} steps={stats['steps']} tokens={stats['tokens']} tok/s={stats['tokens_per_s']:.1f} "
-              f"peak_mb={stats['peak_mb']}", flush=True)
-    assert len({r["steps"] for r in results.values()}) == 1 and len({r["tokens"] for r in results.values()}) == 1
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
+        data = Path(folder) / "data.jsonl"
+        write_jsonl(data, build_records(options.records, load_tokenizer(resolve_model(None)), TRAIN_TEMPLATE))
+        for arm in ("selfspec", "grouped", "baseline"):
+            done = subprocess.run([sys.executable, __file__, "--arm", arm, "--data", str(data), "--steps", str(options.steps),
+                                   "--threads", str(options.threads)], capture_output=True, text=True, cwd=ROOT)
+            if done.returncode:
+                sys.exit(f"{arm} failed:\n{done.stderr[-3000:]}")
+            results[arm] = json.loads(done.stdout.strip().splitlines()[-1])
+            stats = results[arm]
+            print(f"{arm:9s} steps={stats['steps']} tokens={stats['tokens']} tok/s={stats['tokens_per_s']:.1f} "
+                  f"peak_mb={stats['peak_mb']}", flush=True)
+    assert len({r["steps"] for r in results.values()}) == 1 and results["selfspec"]["tokens"] == results["baseline"]["tokens"]
     ours, grouped, baseline = (results[a]["tokens_per_s"] for a in ("selfspec", "grouped", "baseline"))
     print(f"speedup={ours / baseline:.2f} tok_s={ours:.1f} baseline_tok_s={baseline:.1f} grouped_tok_s={grouped:.1f} "
           f"peak_mb={results['selfspec']['peak_mb']}")

@@ -94,7 +94,8 @@ class OpenAIGenerator:
 
     def _map(self, call: Callable[[int], object], count: int) -> list:
         """``call`` over ``range(count)`` with at most ``concurrency`` requests in flight, in order."""
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, count)), thread_name_prefix="selfspec-openai")
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, count)),
+                                  thread_name_prefix="selfspec-openai")
         try:
             futures = [pool.submit(call, index) for index in range(count)]
             return [future.result() for future in futures]
@@ -117,7 +118,8 @@ class OpenAIGenerator:
         try:
             return method(**request)
         except openai.APITimeoutError as exc:
-            raise SelfspecError(f"{where} did not answer in time (openai.timeout); raise it or lower openai.concurrency") from exc
+            raise SelfspecError(f"{where} did not answer in {self.max_retries + 1} tries within openai.timeout; "
+                                f"raise it or lower openai.concurrency") from exc
         except openai.APIConnectionError as exc:
             raise SelfspecError(f"cannot reach {where} after {self.max_retries} retries ({exc}); start the server "
                                 f"(e.g. `selfspec serve`) or fix openai.base_url / OPENAI_BASE_URL") from exc
@@ -127,6 +129,9 @@ class OpenAIGenerator:
         except openai.NotFoundError as exc:
             raise SelfspecError(f"{where}: {_server_message(exc)}; check openai.model / SELFSPEC_OPENAI_MODEL "
                                 f"and that base_url ends in /v1") from exc
+        except openai.BadRequestError as exc:
+            scoring = f"; {_CANNOT_SCORE}" if request.get("echo") else ""
+            raise SelfspecError(f"{where} rejected the request: {_server_message(exc)}{scoring}") from exc
         except openai.APIStatusError as exc:
             retried = f" after {self.max_retries} retries" if exc.status_code == 429 or exc.status_code >= 500 else ""
             raise SelfspecError(f"{where} answered HTTP {exc.status_code}{retried}: {_server_message(exc)}") from exc
@@ -153,12 +158,14 @@ def _space_to_continuation(context: str, continuation: str) -> tuple[str, str]:
     return stripped, context[len(stripped):] + continuation
 
 
+_CANNOT_SCORE = ("this server cannot score (it needs echo=true with logprobs=1 and max_tokens=0): use backend hf or "
+                 "vllm, or a server that supports it (selfspec serve, vLLM)")
+
+
 def _continuation_logprob(logprobs, boundary: int, where: str) -> tuple[float, int]:
     """Sum the log-probabilities of the echoed tokens that reach past character ``boundary``."""
     if logprobs is None or not logprobs.token_logprobs or not logprobs.text_offset:
-        raise SelfspecError(f"{where} returned no prompt log-probabilities for echo=true, logprobs=1, max_tokens=0: "
-                            f"this server cannot score; use backend hf or vllm, or a server that supports echo "
-                            f"(selfspec serve, vLLM)")
+        raise SelfspecError(f"{where} returned no prompt log-probabilities; {_CANNOT_SCORE}")
     picked = [value for token, offset, value in zip(logprobs.tokens, logprobs.text_offset, logprobs.token_logprobs)
               if offset + len(token) > boundary]
     if not picked or any(value is None for value in picked):
@@ -196,7 +203,8 @@ class VLLMGenerator:
         if adapter is not None:
             config_file = Path(adapter) / "adapter_config.json"
             if not config_file.is_file():
-                raise SelfspecError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json); run `selfspec train` or pass --adapter")
+                raise SelfspecError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json); "
+                                    f"run `selfspec train` or pass --adapter")
             rank = int(json.loads(config_file.read_text(encoding="utf-8")).get("r", 8))
             engine.update(enable_lora=True, max_lora_rank=next((r for r in _VLLM_LORA_RANKS if r >= rank), rank))
             self.lora_request = LoRARequest("selfspec-adapter", 1, str(adapter))
@@ -294,6 +302,10 @@ class RayGenerator:
                 scores[int(index)] = (float(logprob), int(count))
         return scores
 
+    def _gpus_per_actor(self) -> float:
+        """As configured; a vLLM actor gets one GPU unless told otherwise."""
+        return self.settings.ray.gpus_per_actor or (1.0 if self.settings.backend == "vllm" else 0.0)
+
     def _run(self, task: str, rows: list[dict], options: dict) -> list[dict]:
         import ray
 
@@ -302,7 +314,7 @@ class RayGenerator:
         actors = min(self.settings.ray.actors, len(rows))
         dataset = ray.data.from_items(rows).map_batches(
             GenerationActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=self.settings.ray.cpus_per_actor, num_gpus=self.settings.ray.gpus_per_actor,
+            num_cpus=self.settings.ray.cpus_per_actor, num_gpus=self._gpus_per_actor(),
             fn_constructor_kwargs=dict(settings=self.settings, model_ref=self.model_ref, adapter=self.adapter,
                                        batch_size=self.batch_size),
             fn_kwargs=dict(task=task, options=options))

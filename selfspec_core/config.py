@@ -51,7 +51,7 @@ class RespondSettings:
 
     retrieval: bool = True  # ground answers in BM25 passages of the domain corpus (--retrieval off)
     top_k: int = 3  # passages per instruction
-    passage_tokens: int = 200  # each passage cut to this many model tokens
+    passage_tokens: int = 128  # each passage cut to this many model tokens
     num_demos: int = 5  # seed demonstrations per prompt, same task type first
     max_new_tokens: int = 160
     batch_size: int = 8
@@ -224,6 +224,7 @@ def _first_line(exc: Exception) -> str:
 
 
 _RANGES = {
+    "batch_size": (1, 1e6), "max_new_tokens": (1, 1e6),
     "temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "rouge_threshold": (0.0, 1.0),
     "human_example_share": (0.0, 1.0), "max_label_share": (0.0, 1.0), "lora_dropout": (0.0, 1.0),
     "judge_keep_fraction": (0.0, 1.0), "consistency_min_agreement": (0.0, 1.0),

@@ -28,7 +28,7 @@ from .filters import InstructionFilter, dedup_text
 from .generation import Completion, cut_at_stop, make_generator
 from .records import Funnel, Seed
 from .rundir import RecordLog, atomic_write_json, write_jsonl
-from .templates import _FORMATTER, _OPTIONAL, PromptTemplate, fill
+from .templates import FORMATTER, OPTIONAL, PromptTemplate, fill
 
 OUTPUT_FILE = "instructions.jsonl"
 STATE_FILE = "state.json"
@@ -51,7 +51,7 @@ class TaskFormat:
     def __init__(self, template: PromptTemplate, context: dict):
         self.template = template
         self.context = context
-        names = {name for _, name, _, _ in _FORMATTER.parse(_OPTIONAL.sub(r"\1", template.example)) if name}
+        names = {name for _, name, _, _ in FORMATTER.parse(OPTIONAL.sub(r"\1", template.example)) if name}
         if "instruction" not in names:
             raise SelfspecError(f"the instruction prompt template's example {template.example!r} has no {{instruction}} field; "
                                 "fix the plugin's prompt_template for stage 'instruction'")
@@ -92,7 +92,7 @@ def _example_pattern(example: str) -> re.Pattern:
 
     def part(text: str) -> str:
         pieces = []
-        for literal, name, _, _ in _FORMATTER.parse(text):
+        for literal, name, _, _ in FORMATTER.parse(text):
             words = literal.split()
             if words:
                 pieces.append(r"\s*" + r"\s+".join(map(re.escape, words)) + r"\s*")
@@ -107,7 +107,7 @@ def _example_pattern(example: str) -> re.Pattern:
         return "".join(pieces)
 
     pattern, position = [], 0
-    for optional in _OPTIONAL.finditer(example):
+    for optional in OPTIONAL.finditer(example):
         pattern.append(part(example[position:optional.start()]))
         pattern.append(f"(?:{part(optional.group(1))})?")
         position = optional.end()
@@ -117,7 +117,7 @@ def _example_pattern(example: str) -> re.Pattern:
 
 def _labels(example: str) -> list[str]:
     """The ``Label:`` words of the example form, in order (``Type:``, ``Instruction:``, ``Input:``)."""
-    literal = "".join(part for part, _, _, _ in _FORMATTER.parse(_OPTIONAL.sub(r"\1", example)))
+    literal = "".join(part for part, _, _, _ in FORMATTER.parse(OPTIONAL.sub(r"\1", example)))
     return list(dict.fromkeys(re.findall(r"(?m)^[ \t]*([A-Za-z][\w -]{0,30}:)", literal)))
 
 
@@ -213,10 +213,7 @@ def _open_output(path: Path, records: int) -> RecordLog:
 
 
 def _check_settings(settings) -> None:
-    """What the config's ranges cannot say (``batch_size`` and ``max_new_tokens`` may be 0 elsewhere)."""
-    for name in ("batch_size", "max_new_tokens"):
-        if getattr(settings, name) < 1:
-            raise SelfspecError(f"generate.{name} must be at least 1, got {getattr(settings, name)}")
+    """What the config's ranges cannot say: settings that contradict each other."""
     if settings.max_words < settings.min_words:
         raise SelfspecError(f"generate.max_words ({settings.max_words}) is below generate.min_words ({settings.min_words})")
 
@@ -267,6 +264,8 @@ def _progress_bar() -> Progress:
 def run_stage(ctx) -> dict:
     settings = ctx.settings.generate
     _check_settings(settings)
+    if not ctx.seeds:
+        raise SelfspecError(f"domain {ctx.domain.name!r} has no seeds to write instructions from; pass --seeds FILE.jsonl")
     task_format = TaskFormat(ctx.template("instruction"), ctx.template_context)
     task_types = list(dict.fromkeys(seed.task_type for seed in ctx.seeds))
     state_path = ctx.work / STATE_FILE

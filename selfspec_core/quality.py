@@ -73,6 +73,11 @@ _MARKED_LIST = re.compile(
 _CUED_LIST = re.compile(
     r"(?:\b(?:as|into|either|answer(?:\s+with)?|reply(?:\s+with)?|respond(?:\s+with)?|label(?:\s+it)?(?:\s+as)?|"
     r"choose(?:\s+between)?|select|is\s+it|classify(?:\s+it)?(?:\s+as)?)|:)\s+(?P<list>" + _OR_LIST + r")", re.I)
+# A cued list is an answer set only in an instruction that asks to pick ("Describe the outlook as well
+# as risks or opportunities" does not) and when no item reads as a phrase ("Answer in one or two sentences").
+_ASKS_TO_CHOOSE = re.compile(r"\b(?:classif|label|categori|choose|select|pick|answer|reply|respond|decide|"
+                             r"determine|tag|rate|which|whether|is\s+(?:it|this|the))", re.I)
+_NOT_A_LABEL_START = frozenset("in a an the one two three four five with by to for of on at more less your my".split())
 _ANY_OR_LIST = re.compile(r"(?P<list>" + _OR_LIST + r")", re.I)
 _SCALE = re.compile(r"\bscale\s+(?:of|from)\s+(\d{1,2})\b[^.\n]{0,40}?\bto\s+(\d{1,2})\b", re.I)
 _CHOICE_LINE = re.compile(r"(?m)^[ \t]*\(?([A-Ha-h])[).:][ \t]+(\S.*?)[ \t]*$")
@@ -119,10 +124,14 @@ def _stated_labels(instruction: str) -> tuple[str, ...] | None:
     labels = _marked_labels(instruction)
     if labels:
         return labels
-    for pattern in (_CUED_LIST, _ANY_OR_LIST):
-        for match in pattern.finditer(instruction):
+    for match in _ANY_OR_LIST.finditer(instruction):
+        labels = _split_labels(match.group("list"))
+        if labels and all(label in KNOWN_LABELS for label in labels):
+            return labels
+    if _ASKS_TO_CHOOSE.search(instruction):
+        for match in _CUED_LIST.finditer(instruction):
             labels = _split_labels(match.group("list"))
-            if labels and (pattern is _CUED_LIST or all(label in KNOWN_LABELS for label in labels)):
+            if labels and not any(label.split()[0].lower() in _NOT_A_LABEL_START for label in labels):
                 return labels
     scale = _SCALE.search(instruction)
     if scale:

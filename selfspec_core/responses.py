@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -56,7 +56,7 @@ class Plan:
     confidence: float | None = None
     agreement: float | None = None
     drop: str | None = None
-    extra: dict = field(default_factory=dict)
+    output: str = ""
 
     @property
     def id(self) -> str:
@@ -66,17 +66,15 @@ class Plan:
 def run_stage(ctx) -> dict:
     settings = ctx.settings.respond
     _check_settings(settings)
-    checks = quality.parse_checks(settings.response_checks)
     records = _read_instructions(ctx.run.require("generate", "instructions.jsonl"))
     funnel = Funnel(generated=len(records))
     hits, retrieval_stats = _retrieve(ctx, records)
     generator = make_generator(ctx.settings, ctx.model, batch_size=settings.batch_size)
-    template = ctx.template("response")
     plans = _plans(ctx, records, hits, getattr(generator, "tokenizer", None))
     chunk_size = settings.batch_size * CHUNK_BATCHES
     if settings.min_relevance > 0 and hits is not None:
-        for plan, found in zip(plans, hits):
-            if not found or found[0].score < settings.min_relevance:
+        for plan, row in zip(plans, hits):
+            if not row or row[0].score < settings.min_relevance:
                 plan.drop = "off_domain"
     answering = [plan for plan in plans if plan.drop is None]
     with _progress_bar() as bar:
@@ -91,10 +89,7 @@ def run_stage(ctx) -> dict:
                 funnel.drop(plan.drop)
         answering = [plan for plan in answering if plan.drop is None]
         task = bar.add_task("answering", total=len(answering))
-        context = {"generator": generator, "template": template, "checks": checks,
-                   "language": quality.language_of(" ".join(f"{s.instruction} {s.output}" for s in ctx.seeds))}
-        answered = _run_chunks(ctx.work / RESPONSE_LOG, answering, chunk_size,
-                               lambda chunk, number: _answer_chunk(ctx, chunk, number, context), bar, task)
+        answered = _run_chunks(ctx.work / RESPONSE_LOG, answering, chunk_size, Answerer(ctx, generator), bar, task)
     counts = _finish(ctx, answered, funnel)
     counts["retrieval"] = retrieval_stats
     return counts
@@ -133,17 +128,17 @@ def _retrieve(ctx, records: list[dict]) -> tuple[list[list[Hit]] | None, dict]:
     settings = ctx.settings.respond
     if not settings.retrieval and settings.min_relevance <= 0:
         return None, {}
-    found = resolve_corpus(ctx.settings.corpus, ctx.domain.name, ctx.settings.data_dir)
-    if found is None:
+    corpus = resolve_corpus(ctx.settings.corpus, ctx.domain.name, ctx.settings.data_dir)
+    if corpus is None:
         ctx.log(f"[respond] no retrieval corpus for domain {ctx.domain.name!r}: answers are not grounded. Add one "
                 "with --corpus PATH (a .jsonl/.txt/.parquet/.csv file or folder), or put the domain's corpus in the "
                 "data dir (--data-dir)")
         return None, {}
-    passages, source = found
+    passages, source = corpus
     index = BM25Index.open(passages)
     hits = index.search([_query(r) for r in records], max(settings.top_k, 1))
-    tops = [found[0].score if found else 0.0 for found in hits]
-    grounded = sum(1 for found in hits if found) if settings.retrieval and settings.top_k > 0 else 0
+    tops = [row[0].score if row else 0.0 for row in hits]
+    grounded = sum(1 for row in hits if row) if settings.retrieval and settings.top_k > 0 else 0
     documents = len({re.sub(r"#\d+$", "", p.id) for p in passages})
     ctx.log(f"[respond] BM25 over {len(passages)} passages of {documents} documents from {source} "
             f"({'loaded from cache' if index.from_cache else 'index built'})")
@@ -261,74 +256,86 @@ def _choose_options(plans: list[Plan], scored: list[dict], settings) -> None:
 # Generated answers
 
 
-def _answer_chunk(ctx, chunk: list[Plan], number: int, context: dict) -> list[dict]:
-    settings = ctx.settings.respond
-    generator, template, checks, language = (context[k] for k in ("generator", "template", "checks", "language"))
-    stops = response_stops(template)
-    seed = ctx.settings.seed * 100_000 + number
-    labelled = [plan for plan in chunk if plan.label is not None]
-    _generate_answers(generator, [plan for plan in chunk if plan.label is None], stops, seed, settings, checks, language)
-    for plan in labelled:
-        plan.extra["output"] = plan.options.texts[plan.label]
-    if settings.rationale and labelled:
-        _add_rationales(generator, labelled, stops, seed, settings, checks, language)
-    records = [_record(plan) for plan in chunk]
-    for record in records:
-        if record["drop"] is None:
-            record["drop"] = plugin_reason(ctx.domain.name, "response", record)
-    if settings.judge:
-        judged = [r for r in records if r["drop"] is None]
-        for record, score in zip(judged, quality.judge_scores(generator, ctx.template("judge"), judged, ctx.template_context)):
-            record["judge_score"] = round(score, 4)
-    return records
+class Answerer:
+    """Answers chunks of plans: option labels as chosen, the rest generated and checked, then judged."""
 
+    def __init__(self, ctx, generator):
+        self.ctx = ctx
+        self.settings = ctx.settings.respond
+        self.generator = generator
+        self.stops = response_stops(ctx.template("response"))
+        self.judge_template = ctx.template("judge") if self.settings.judge else None
+        self.checks = quality.parse_checks(self.settings.response_checks)
+        self.language = quality.language_of(" ".join(f"{s.instruction} {s.output}" for s in ctx.seeds))
 
-def _generate_answers(generator, plans: list[Plan], stops: list[str], seed: int, settings, checks, language) -> None:
-    """Greedy (or ``temperature``) answers, plus samples for self-consistency; the best kept answer."""
-    if not plans:
-        return
-    prompts = [plan.prompts[0] for plan in plans]
-    first = generator.generate(prompts, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                               stop=stops, seed=seed)
-    extra = settings.consistency_samples - 1
-    sampled = generator.generate([p for p in prompts for _ in range(extra)], max_new_tokens=settings.max_new_tokens,
-                                 temperature=settings.consistency_temperature, stop=stops, seed=seed + 1) if extra else []
-    for number, plan in enumerate(plans):
-        completions = [first[number]] + sampled[number * extra:(number + 1) * extra]
-        texts = [quality.clean_response(c.text) for c in completions]
-        problems = [quality.response_problem(text, c.finished, plan.record["instruction"], plan.record.get("input", ""),
-                                             checks, language) for text, c in zip(texts, completions)]
-        usable = [n for n, problem in enumerate(problems) if problem is None]
-        if not usable:
-            plan.drop = problems[0]
-            plan.extra["output"] = texts[0]
-            continue
-        chosen, agreement = quality.most_central(texts, usable)
-        plan.extra["output"] = texts[chosen]
-        if extra:
-            plan.agreement = round(agreement, 4)
-            if agreement < settings.consistency_min_rouge:
-                plan.drop = "inconsistent"
-        if plan.options is not None:  # an option task answered in free text: read the label back
-            plan.label = quality.match_option(texts[chosen], plan.options)
+    def __call__(self, chunk: list[Plan], number: int) -> list[dict]:
+        seed = self.ctx.settings.seed * 100_000 + number
+        labelled = [plan for plan in chunk if plan.label is not None]
+        self._generate([plan for plan in chunk if plan.label is None], seed)
+        for plan in labelled:
+            plan.output = plan.options.texts[plan.label]
+        if self.settings.rationale and labelled:
+            self._add_rationales(labelled, seed)
+        records = [_record(plan) for plan in chunk]
+        for record in records:
+            if record["drop"] is None:
+                record["drop"] = plugin_reason(self.ctx.domain.name, "response", record)
+        if self.judge_template is not None:
+            judged = [r for r in records if r["drop"] is None]
+            scores = quality.judge_scores(self.generator, self.judge_template, judged, self.ctx.template_context)
+            for record, score in zip(judged, scores):
+                record["judge_score"] = round(score, 4)
+        return records
 
+    def _problem(self, plan: Plan, text: str, finished: bool) -> str | None:
+        return quality.response_problem(text, finished, plan.record["instruction"], plan.record.get("input", ""),
+                                        self.checks, self.language)
 
-def _add_rationales(generator, plans: list[Plan], stops: list[str], seed: int, settings, checks, language) -> None:
-    """A short generated reason after each chosen option; an unusable reason is left out, not the record."""
-    prompts = [f"{plan.prompts[0]} {plan.extra['output']}." for plan in plans]
-    completions = generator.generate(prompts, max_new_tokens=RATIONALE_TOKENS, temperature=0.0, stop=stops + ["\n"], seed=seed)
-    for plan, completion in zip(plans, completions):
-        reason = quality.clean_response(completion.text)
-        if quality.response_problem(reason, completion.finished, plan.record["instruction"], plan.record.get("input", ""),
-                                    checks, language) is None:
-            plan.extra["output"] = f"{plan.extra['output']}. {reason}"
+    def _generate(self, plans: list[Plan], seed: int) -> None:
+        """Greedy (or ``temperature``) answers, plus samples for self-consistency; the most central usable one."""
+        if not plans:
+            return
+        settings = self.settings
+        prompts = [plan.prompts[0] for plan in plans]
+        first = self.generator.generate(prompts, max_new_tokens=settings.max_new_tokens,
+                                        temperature=settings.temperature, stop=self.stops, seed=seed)
+        extra = settings.consistency_samples - 1
+        sampled = self.generator.generate([p for p in prompts for _ in range(extra)], max_new_tokens=settings.max_new_tokens,
+                                          temperature=settings.consistency_temperature, stop=self.stops,
+                                          seed=seed + 1) if extra else []
+        for number, plan in enumerate(plans):
+            completions = [first[number]] + sampled[number * extra:(number + 1) * extra]
+            texts = [quality.clean_response(c.text) for c in completions]
+            problems = [self._problem(plan, text, c.finished) for text, c in zip(texts, completions)]
+            usable = [n for n, problem in enumerate(problems) if problem is None]
+            if not usable:
+                plan.drop, plan.output = problems[0], texts[0]
+                continue
+            chosen, agreement = quality.most_central(texts, usable)
+            plan.output = texts[chosen]
+            if extra:
+                plan.agreement = round(agreement, 4)
+                if agreement < settings.consistency_min_rouge:
+                    plan.drop = "inconsistent"
+            if plan.options is not None:  # an option task answered in free text: read the label back
+                plan.label = quality.match_option(plan.output, plan.options)
+
+    def _add_rationales(self, plans: list[Plan], seed: int) -> None:
+        """A short generated reason after each chosen option; an unusable reason is left out, not the record."""
+        prompts = [f"{plan.prompts[0]} {plan.output}." for plan in plans]
+        completions = self.generator.generate(prompts, max_new_tokens=RATIONALE_TOKENS, temperature=0.0,
+                                              stop=self.stops + ["\n"], seed=seed)
+        for plan, completion in zip(plans, completions):
+            reason = quality.clean_response(completion.text)
+            if self._problem(plan, reason, completion.finished) is None:
+                plan.output = f"{plan.output}. {reason}"
 
 
 def _record(plan: Plan) -> dict:
     record = plan.record
     return {
         "id": plan.id, "instruction": record["instruction"], "input": record.get("input", ""),
-        "output": plan.extra.get("output", ""), "task_type": record["task_type"],
+        "output": plan.output, "task_type": record["task_type"],
         "seed_ids": list(record.get("seed_ids", [])), "demo_ids": plan.demo_ids, "retrieved": plan.retrieved,
         "answer": "options" if plan.options is not None and plan.confidence is not None else "generated",
         "options": list(plan.options.keys) if plan.options is not None else None,

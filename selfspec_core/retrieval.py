@@ -227,7 +227,7 @@ def resolve_corpus(corpus_setting: str | None, domain: str, data_dir: str | None
 
     if corpus_setting:
         return load_corpus([corpus_setting]), str(corpus_setting)
-    plugin, provided = plugins.first_result("retrieval_corpus", list, domain=domain, data_dir=data_dir)
+    plugin, provided = plugins.first_result("retrieval_corpus", (list, tuple), domain=domain, data_dir=data_dir)
     if provided is None:
         return None
     for item in provided:
@@ -315,8 +315,8 @@ class BM25Index:
         """The best ``top_k`` passages with a positive score for each query, best first.
 
         Scores are bm25s's own precomputed BM25 weights (its term-by-document matrix), summed for a
-        block of queries at once with ``np.bincount``: the same sums bm25s's numpy backend makes one
-        ``np.add.at`` per query term at a time, ~10x faster on CPU without numba's compile time.
+        block of queries at once with ``np.bincount``: the sums bm25s's numpy backend makes with one
+        ``np.add.at`` per query term, over 10x faster on CPU and without numba's 15 s compile.
         """
         if not queries or top_k <= 0:
             return [[] for _ in queries]

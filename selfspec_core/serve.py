@@ -55,12 +55,12 @@ class TokenScores:
 class ModelWorker:
     """Runs every model call on one thread; jobs with the same key that arrive together form a batch."""
 
-    def __init__(self, generator: HFGenerator, max_batch: int = 8, window: float = 0.02, batch_sampling: bool = False):
+    def __init__(self, generator: HFGenerator, max_batch: int = 8, window: float = 0.05, batch_sampling: bool = False):
         self.generator = generator
         self.max_batch = max(1, max_batch)
         self.window = window
         self.batch_sampling = batch_sampling
-        self.model_calls = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # batch size -> model calls
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._held: collections.deque[_Job | None] = collections.deque()
         self._thread = threading.Thread(target=self._loop, name="selfspec-model", daemon=True)
@@ -110,7 +110,7 @@ class ModelWorker:
                 job.future.set_exception(SelfspecError("the server is shutting down"))
 
     def _gather(self, first: _Job) -> list[_Job]:
-        """``first`` plus the waiting or soon arriving jobs with its key, up to ``max_batch``."""
+        """``first`` plus held jobs with its key and those arriving < ``window`` s apart (up to ``max_batch``)."""
         batch = [first]
         if first.key is None:
             return batch
@@ -132,7 +132,7 @@ class ModelWorker:
         return batch
 
     def _run(self, kind: str, batch: list[_Job]) -> list:
-        self.model_calls += 1
+        self.batch_sizes[len(batch)] += 1
         tokenizer = self.generator.tokenizer
         if kind == "score":
             return score_tokens(self.generator, [job.payload for job in batch])
@@ -442,6 +442,7 @@ def command(session, adapter, host, port, served_name, batch_size, batch_samplin
     name = served_name or default_model_name(ref.name, adapter)
     app = create_app(generator, name, max_batch=batch_size, batch_sampling=batch_sampling)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"warning: listening on {host} without authentication: anyone who can reach port {port} can use the model", err=True)
+        click.echo(f"warning: listening on {host} without authentication: anyone who can reach port {port} "
+                   f"can use the model", err=True)
     click.echo(f"serving {name} at http://{host}:{port}/v1 (adapter: {adapter or 'none'})")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -15,8 +15,8 @@ import re
 import string
 from dataclasses import dataclass
 
-_OPTIONAL = re.compile(r"\[\[(.*?)\]\]", re.S)
-_FORMATTER = string.Formatter()
+OPTIONAL = re.compile(r"\[\[(.*?)\]\]", re.S)
+FORMATTER = string.Formatter()
 
 
 def fill(text: str, fields: dict) -> str:
@@ -24,12 +24,12 @@ def fill(text: str, fields: dict) -> str:
 
     def optional(match: re.Match) -> str:
         part = match.group(1)
-        names = [name for _, name, _, _ in _FORMATTER.parse(part) if name]
+        names = [name for _, name, _, _ in FORMATTER.parse(part) if name]
         if names and not any(str(fields.get(name, "")).strip() for name in names):
             return ""
         return part
 
-    return _OPTIONAL.sub(optional, text).format_map(_Fields(fields))
+    return OPTIONAL.sub(optional, text).format_map(_Fields(fields))
 
 
 class _Fields(dict):

@@ -7,10 +7,12 @@ gradient accumulation by the number of target tokens, and runs on CPU, one GPU o
 What selfspec adds on top:
 
 * the prompt comes from the domain's ``train`` template; the loss covers only the response (and its
-  EOS); an example longer than ``max_length`` loses the end of its *input* text, never its answer;
+  EOS); an example longer than ``max_length`` loses the end of its *input* text, and its answer only
+  when the answer alone nearly fills ``max_length``;
 * padding-free batches (``packing``): a batch's examples are concatenated into one row whose
-  position ids restart at every example; transformers turns those position ids into a
-  block-diagonal causal mask, so no example attends to another and no compute goes to padding;
+  position ids restart at every example, so no compute goes to padding; with sdpa, attention runs on
+  each example's span of the row separately (:func:`packed_sdpa`), so no example attends to another
+  and attention costs the sum of the squared example lengths, not the square of the row length;
 * only the positions that predict a response token are projected onto the vocabulary
   (``logits_to_keep``): on instruction data most tokens are prompt, and the LM head is the largest
   single matrix of a small model;
@@ -31,7 +33,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from transformers import TrainerCallback
+from transformers import AttentionInterface, AttentionMaskInterface, TrainerCallback
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from . import __version__
 from .config import TrainSettings
@@ -43,6 +47,7 @@ from .templates import PromptTemplate
 
 IGNORE = -100  # label of a token that is not trained on
 TRAINING_INFO = "selfspec_training.json"
+PACKED_ATTENTION = "selfspec_packed_sdpa"
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
@@ -72,7 +77,7 @@ def encode_example(record: dict, template: PromptTemplate, tokenizer, max_length
         return tokenizer(text, add_special_tokens=False).input_ids
 
     def prompt_tokens(input_text: str) -> list[int]:
-        return tokens(template.render([], {"instruction": record["instruction"], "input": input_text}, **context))
+        return tokens(template.render([], {**record, "input": input_text}, **context))
 
     input_text = str(record.get("input") or "")
     prompt = prompt_tokens(input_text)
@@ -97,7 +102,11 @@ def encode_example(record: dict, template: PromptTemplate, tokenizer, max_length
 def load_records(path: Path) -> list[dict]:
     """Alpaca records of ``data.jsonl``; a record without instruction or output is an error."""
     records = []
-    for number, record in enumerate(iter_jsonl(path), start=1):
+    try:
+        numbered = list(enumerate(iter_jsonl(path), start=1))
+    except ValueError as exc:
+        raise SelfspecError(f"{path}: not valid JSON lines ({exc}); rerun `selfspec respond`") from exc
+    for number, record in numbered:
         for name in ("instruction", "output"):
             if not isinstance(record.get(name), str) or not record[name].strip():
                 raise SelfspecError(f"{path}: record {number} has no {name!r} text; rerun `selfspec respond` or fix the file")
@@ -119,7 +128,7 @@ class ResponseBatches:
         from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
         tokenizer.padding_side = "right"
-        self.collate = (DataCollatorWithFlattening(separator_id=IGNORE) if packing
+        self.collate = (DataCollatorWithFlattening(separator_id=IGNORE, return_flash_attn_kwargs=True) if packing
                         else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE))
 
     def __call__(self, features: Sequence[dict]) -> dict:
@@ -149,12 +158,44 @@ def response_loss(outputs, labels, num_items_in_batch=None):
     return loss / (num_items_in_batch if num_items_in_batch is not None else max(len(targets), 1))
 
 
+def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """sdpa on each example's span of a packed row (``cu_seq_lens_q``: the spans' boundaries).
+
+    Given the whole row, sdpa would compute every query against every key and mask most of them
+    out (the CPU kernel skips no masked block); per span, each runs as a plain causal attention.
+    Without boundaries (a padded batch, generation) this is sdpa as usual.
+    """
+    import torch
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    spans = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, **kwargs)[0]
+             for start, end in zip(bounds, bounds[1:])]
+    return torch.cat(spans, dim=1), None
+
+
+def use_packed_attention(model, max_length: int) -> None:
+    """Switch an sdpa model to :func:`packed_sdpa`.
+
+    Flash-attention models already attend per example from the same boundaries. A model with a
+    sliding window shorter than ``max_length`` keeps sdpa with the packed mask, which holds the window.
+    """
+    window = getattr(model.config, "sliding_window", None)
+    if model.config._attn_implementation == "sdpa" and not (window and window < max_length):
+        AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+        model.set_attn_implementation(PACKED_ATTENTION)
+
+
 def lora_model(ref: ModelRef, settings: TrainSettings, quant: str):
     """The base model (frozen, NF4 when ``quant == "nf4"``) wrapped with fresh LoRA adapters."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = load_model(ref, quant=quant, for_training=True)
     model.config.use_cache = False  # a cache would also switch off the packed-sequence mask
+    if settings.packing:
+        use_packed_attention(model, settings.max_length)
     if quant == "nf4":  # norms to fp32, base frozen; the Trainer switches on activation checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = settings.target_modules
@@ -281,7 +322,7 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
         "examples": len(examples), "truncated": sum(e.truncated for e in examples),
         "response_truncated": sum(e.response_cut for e in examples),
         "steps": state.global_step, "epochs": round(state.epoch or 0.0, 4),
-        "final_loss": steps_log[-1]["loss"] if steps_log else None,
+        "final_loss": round(steps_log[-1]["loss"], 4) if steps_log else None,
         "tokens": state.num_input_tokens_seen,
         "tokens_per_s": round((state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0)) / seconds, 1),
         "quant": quant, "packing": settings.packing,
@@ -292,6 +333,8 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
             "stats": stats}
     save_adapter(model, adapter_dir, info)
     shutil.rmtree(checkpoints, ignore_errors=True)
+    ctx.log(f"[train] {stats['steps']} steps on {len(examples)} examples ({stats['truncated']} truncated), "
+            f"final loss {stats['final_loss']}, {stats['tokens_per_s']} tokens/s")
     return stats
 
 
@@ -313,8 +356,8 @@ def _saved_stats(adapter_dir: Path, data_hash: str) -> dict | None:
     return info.get("stats") if info.get("data_hash") == data_hash else None
 
 
-def export_merged(base: ModelRef, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write ``base`` with the adapter folded into its weights: a plain model folder (safetensors and
+def export_merged(base_ref: ModelRef, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write ``base_ref`` with the adapter folded into its weights: a plain model folder (safetensors and
     tokenizer) that ``AutoModelForCausalLM.from_pretrained`` opens without peft.
 
     The adapter is merged into the full-precision base, also when it was trained on an NF4 base.
@@ -322,12 +365,12 @@ def export_merged(base: ModelRef, adapter_dir: str | Path, out_dir: str | Path) 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SelfspecError(f"{out_dir} exists and is not empty; pass another output folder or remove it")
-    merged = load_model(base, quant="none", adapter=adapter_dir).merge_and_unload()
+    merged = load_model(base_ref, quant="none", adapter=adapter_dir).merge_and_unload()
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         merged.save_pretrained(str(staging), safe_serialization=True)
-        load_tokenizer(base).save_pretrained(str(staging))
+        load_tokenizer(base_ref).save_pretrained(str(staging))
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise SelfspecError(f"{out_dir}: could not write the merged model ({exc.strerror}); free space and retry") from exc

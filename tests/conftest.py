@@ -1,5 +1,6 @@
 import pytest
 
+from selfspec_core.plugins import get_plugin_manager
 from selfspec_core.testing import build_tiny_model
 
 
@@ -13,3 +14,18 @@ def tiny_model_dir(tmp_path_factory):
 def _isolated_cache(tmp_path, monkeypatch):
     """Keep tests from writing to the user's cache, except the embedded model (slow to convert)."""
     monkeypatch.setenv("SELFSPEC_INDEX_CACHE", str(tmp_path / "index-cache"))
+
+
+@pytest.fixture
+def plugin():
+    """Register a plugin object for one test, then unregister it."""
+    manager = get_plugin_manager()
+    registered = []
+
+    def register(obj, name):
+        manager.register(obj, name=name)
+        registered.append(obj)
+
+    yield register
+    for obj in registered:
+        manager.unregister(obj)

@@ -148,6 +148,12 @@ def test_loglikelihood_needs_a_server_that_echoes_logprobs():
         endpoint.close()
     assert endpoint.requests[0] | {"prompt": None} == {"model": "m", "prompt": None, "max_tokens": 0, "echo": True,
                                                        "logprobs": 1, "temperature": 0.0}
+    endpoint = FakeEndpoint(lambda n, body: (400, {"error": {"message": "echo is not supported", "type": "invalid"}}))
+    try:
+        with pytest.raises(SelfspecError, match="rejected the request: echo is not supported; this server cannot score"):
+            OpenAIGenerator(endpoint.url, model="m").loglikelihood([("Answer:", " yes")])
+    finally:
+        endpoint.close()
 
 
 def test_settings_come_from_config_or_environment(monkeypatch, tmp_path):

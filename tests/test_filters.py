@@ -22,19 +22,6 @@ def reference_f(target: str, prediction: str) -> float:
     return SCORER.score(target, prediction)["rougeL"].fmeasure
 
 
-@pytest.fixture
-def plugin():
-    """Register a plugin object for one test, then unregister it."""
-    manager = get_plugin_manager()
-    registered = []
-
-    def register(obj, name):
-        manager.register(obj, name=name)
-        registered.append(obj)
-
-    yield register
-    for obj in registered:
-        manager.unregister(obj)
 
 
 def test_length_reasons():

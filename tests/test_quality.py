@@ -42,6 +42,9 @@ SENTIMENT = ("positive", "negative", "neutral")
     ("Summarize the article in one or two sentences.", None),
     ("List the organizations (ORG), persons (PER) and locations (LOC), formatted as 'ORG: ...; PER: ...'.", None),
     ("Explain the following finance term in one to three sentences.", None),
+    ("Answer in two or three sentences.", None),
+    ("Describe the bank's outlook as well as its risks or opportunities.", None),
+    ("Reply with one or two words.", None),
 ])
 def test_options_stated_in_the_instruction(instruction, expected):
     found = extract_options(instruction)

@@ -99,7 +99,7 @@ def test_prompts_demos_passages_and_stops(tmp_path, tiny_model_dir):
     prompt = sentiment.prompts[0]
     assert prompt.startswith("An expert in finance answers")
     assert prompt.endswith("Instruction: " + INSTRUCTIONS[0][1] + "\nInput: " + INSTRUCTIONS[0][2] + "\nAnswer:")
-    assert prompt.count("\n\n###\n\n") == 3  # header, three demonstrations, the query
+    assert prompt.count("\n\n###\n\n") == 4  # between header, three demonstrations and the query
     ebitda = plans[6]
     assert ebitda.retrieved[0]["doc_id"] == "ebitda" and "Background:\nEBITDA is earnings" in ebitda.prompts[0]
     no_input = plans[9]
@@ -109,11 +109,14 @@ def test_prompts_demos_passages_and_stops(tmp_path, tiny_model_dir):
     assert responses.response_stops(RESPONSE_TEMPLATE) == ["\n###", "\nInstruction:", "\nInput:", "\nAnswer:", "\nBackground:"]
 
 
-def test_retrieval_off_and_no_corpus(tmp_path, tiny_model_dir):
+def test_retrieval_off_rationale_and_no_corpus(tmp_path, tiny_model_dir):
     run = make_run(tmp_path)
-    manifest = run_respond(run, make_settings(tmp_path, tiny_model_dir, retrieval=False, response_checks=""))
+    manifest = run_respond(run, make_settings(tmp_path, tiny_model_dir, retrieval="off", response_checks="", rationale="on"))
     data = read_jsonl(run.stage_dir("respond") / "data.jsonl")
     assert manifest["retrieval"] == {} and all(r["retrieved"] == [] for r in data)
+    labelled = [r for r in data if r["answer"] == "options"]
+    assert labelled and all(r["output"] == r["label"] or r["output"].startswith(r["label"] + ". ") for r in labelled)
+    assert any(r["output"] != r["label"] for r in labelled)  # checks off: every non-empty reason is kept
 
     settings = make_settings(tmp_path, tiny_model_dir, response_checks="")
     settings.corpus = None
@@ -125,7 +128,7 @@ def test_retrieval_off_and_no_corpus(tmp_path, tiny_model_dir):
 
 def test_quality_checks_in_the_stage(tmp_path, tiny_model_dir):
     run = make_run(tmp_path)
-    manifest = run_respond(run, make_settings(tmp_path, tiny_model_dir, consistency_samples=2, judge=True,
+    manifest = run_respond(run, make_settings(tmp_path, tiny_model_dir, consistency_samples=2, judge="on",
                                               judge_keep_fraction=0.5, min_relevance=0.01, max_label_share=1.0))
     data = read_jsonl(run.stage_dir("respond") / "data.jsonl")
     dropped = manifest["funnel"]["dropped"]
@@ -139,32 +142,36 @@ def test_quality_checks_in_the_stage(tmp_path, tiny_model_dir):
 
 def test_resume_after_interruption_is_byte_identical(tmp_path, tiny_model_dir, monkeypatch):
     settings = make_settings(tmp_path, tiny_model_dir, batch_size=1, response_checks="", max_label_share=1.0)
-    whole = make_run(tmp_path, "whole")
-    run_respond(whole, settings)
-    expected = (whole.stage_dir("respond") / "data.jsonl").read_bytes()
-
     calls = []
     original = HFGenerator.generate
 
-    def killed_on_second_chunk(self, *args, **kwargs):
+    def counted(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
+        if kill_at and len(calls) == kill_at:
+            raise KeyboardInterrupt  # a kill in the middle of the stage
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(HFGenerator, "generate", killed_on_second_chunk)
+    monkeypatch.setattr(HFGenerator, "generate", counted)
+    kill_at = 0
+    whole = make_run(tmp_path, "whole")
+    run_respond(whole, settings)
+    expected = (whole.stage_dir("respond") / "data.jsonl").read_bytes()
+    whole_calls, calls[:] = len(calls), []
+
+    kill_at = 2
     broken = make_run(tmp_path, "broken")
     with pytest.raises(KeyboardInterrupt):
         run_respond(broken, settings)
     log_path = broken.path / "respond.partial" / responses.RESPONSE_LOG
     saved = read_jsonl(log_path)
     assert 0 < len(saved) < len(INSTRUCTIONS) and len(saved) % 4 == 0  # whole chunks (4 = batch_size 1 x 4 batches)
-    # a kill in the middle of writing the next chunk: one whole line of it and a torn one
+    # as if killed while writing the next chunk: one whole line of it and a torn one
     with open(log_path, "a") as handle:
         handle.write(json.dumps({**saved[0], "id": f"gen-{len(saved):03d}"}) + "\n" + '{"id": "gen-0')
-    monkeypatch.setattr(HFGenerator, "generate", original)
+    kill_at, calls[:] = 0, []
     run_respond(broken, settings)
     assert (broken.stage_dir("respond") / "data.jsonl").read_bytes() == expected
+    assert 0 < len(calls) < whole_calls  # the saved chunk was not answered again
 
 
 def test_bad_instruction_file_is_named(tmp_path, tiny_model_dir):

@@ -11,7 +11,7 @@ from selfspec_core.config import load_settings
 from selfspec_core.defaults import TRAIN_TEMPLATE
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models import ModelRef, load_model, load_tokenizer
-from selfspec_core.pipeline import StageContext
+from selfspec_core.pipeline import Pipeline, StageContext
 from selfspec_core.records import Domain
 from selfspec_core.rundir import RunDir, file_hash, read_jsonl, write_jsonl
 from selfspec_core.testing import build_tiny_model
@@ -138,14 +138,20 @@ def test_long_input_is_cut_and_the_response_kept(tokenizer):
     assert sum(label == IGNORE for label in huge.labels) == 96 // 4
 
 
-def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer):
+@pytest.mark.parametrize("attention", ["sdpa", "packed"])
+def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer, attention):
+    """With sdpa the packed row gets a block-diagonal mask; ``packed_sdpa`` attends per example."""
     model = load_model(ModelRef("tiny", str(tiny_model_dir)))
-    first, second = (encode_example(r, TRAIN_TEMPLATE, tokenizer, 256) for r in RECORDS[:2])
-    packed = ResponseBatches(tokenizer, packing=True)([vars(first), vars(second)])
-    assert packed["input_ids"].shape == (1, len(first.input_ids) + len(second.input_ids))
+    if attention == "packed":
+        training.use_packed_attention(model, max_length=256)
+        assert model.config._attn_implementation == training.PACKED_ATTENTION
+    first, second, third = (encode_example(r, TRAIN_TEMPLATE, tokenizer, 256) for r in RECORDS[:3])
+    packed = ResponseBatches(tokenizer, packing=True)([vars(first), vars(second), vars(third)])
+    assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in (first, second, third)))
+    inputs = {k: v for k, v in packed.items() if k not in ("labels", "logits_to_keep")}
     with torch.no_grad():
-        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
-        alone = [model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in (first, second)]
+        together = model(**inputs, use_cache=False).logits[0]
+        alone = [model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in (first, second, third)]
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-4)
 
 
@@ -241,8 +247,22 @@ def test_nf4_base_trains_an_adapter(tmp_path):
     assert torch.isfinite(logits_of(tuned, PROBE, load_tokenizer(ctx.model))).all()
 
 
+def test_pipeline_seals_the_stage_with_its_stats(tmp_path, tiny_model_dir):
+    ctx = make_ctx(tmp_path, tiny_model_dir, max_length=40)
+    ctx.settings.model = str(tiny_model_dir)
+    Pipeline(ctx.settings, DOMAIN, ctx.run, seeds=[], log=lambda _: None).run_stages(["train"])
+    manifest = ctx.run.manifest("train")
+    assert manifest["examples"] == 8 and manifest["truncated"] > 0 and manifest["steps"] == 4  # tiny: 1 epoch, batch 2
+    assert manifest["tokens_per_s"] > 0 and manifest["peak_rss_mb"] > 0 and manifest["quant"] == "none"
+    assert (ctx.run.stage_dir("train") / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_unusable_data_is_reported(tmp_path, tiny_model_dir):
     with pytest.raises(SelfspecError, match="record 2 has no 'output'"):
         training.run_stage(make_ctx(tmp_path / "a", tiny_model_dir, records=[RECORDS[0], {"instruction": "x", "input": ""}]))
     with pytest.raises(SelfspecError, match="epochs and train.max_steps are both 0"):
         training.run_stage(make_ctx(tmp_path / "b", tiny_model_dir, epochs=0.0))
+    ctx = make_ctx(tmp_path / "c", tiny_model_dir)
+    ctx.run.require("respond", "data.jsonl").write_text('{"instruction": "x", "output": "y"}\n{"instruction": \n')
+    with pytest.raises(SelfspecError, match="not valid JSON lines"):
+        training.run_stage(ctx)
