@@ -267,10 +267,10 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
     kind = next((arg for arg in get_args(hint) if arg is not type(None)), hint)
     if value is None and optional:
         return None
-    if kind is bool and not isinstance(value, bool):
+    if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
             value = value.lower() in ("true", "on", "yes", "1")
-        else:
+        elif not isinstance(value, bool):
             raise SelfspecError(f"{where}: expected true or false, got {value!r}")
     elif kind in (int, float):
         if isinstance(value, bool):
