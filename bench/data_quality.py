@@ -10,8 +10,9 @@ Runs the quick profile's data stages for one domain: ``generate`` once (the real
   lowest best-passage score of any finance or biomed seed against its own corpus, 5.0).
 
 ``valid`` is the share of option tasks in the kept data whose answer is one of the task's stated
-options; ``max_label_share`` the largest share one label has in any option group of at least 5
-kept records. Needs the shared data (``--data-dir`` or ``$SELFSPEC_DATA``) for the retrieval corpus.
+options; ``max_label_share`` the largest share one label has in any option group of at least
+``quality.MIN_GROUP_ITEMS`` (4) kept records. Needs the shared data (``--data-dir`` or
+``$SELFSPEC_DATA``) for the retrieval corpus.
 
     python bench/data_quality.py --domain finance [--instructions 100] [--threads 1]
 
@@ -37,7 +38,6 @@ from selfspec_core.pipeline import Pipeline, domain_seeds  # noqa: E402
 from selfspec_core.plugins import get_domain  # noqa: E402
 from selfspec_core.rundir import RunDir, read_jsonl  # noqa: E402
 
-MIN_GROUP = 5
 OFF = {"option_answers": "off", "calibrate": "off", "max_label_share": 1.0, "consistency_samples": 1,
        "judge": "off", "response_checks": "", "min_relevance": 0.0}
 
@@ -70,7 +70,7 @@ def main() -> None:
     base = {"data_dir": args.data_dir, "generate": {"num_instructions": args.instructions}}
 
     started = time.time()
-    off_run = RunDir(out / "off", domain.name).open()
+    off_run = RunDir(out / "off", domain.name).open()  # generate is reused when --out holds a fresh one
     Pipeline(load_settings("quick", overrides=base), domain, off_run, seeds).run_stages(["generate"])
     generate_s = time.time() - started
     instructions = read_jsonl(off_run.stage_dir("generate") / "instructions.jsonl")
@@ -83,7 +83,7 @@ def main() -> None:
     for name, run, respond in (("off", off_run, OFF), ("on", on_run, checks_on(args.cap))):
         began = time.time()
         settings = load_settings("quick", overrides={**base, "respond": respond})
-        Pipeline(settings, domain, run, seeds).run_stages(["respond"])
+        Pipeline(settings, domain, run, seeds).run_stages(["respond"], force=True)
         results[name] = summarize(run, time.time() - began)
 
     print(f"{len(instructions)} instructions generated in {generate_s:.0f}s (selfspec_core.instructions.run_stage, "
@@ -106,7 +106,7 @@ def summarize(run: RunDir, seconds: float) -> dict:
     funnel = run.manifest("respond")["funnel"]
     return {"kept": len(data), "seconds": seconds, "dropped": funnel["dropped"], "option_records": len(option_records),
             "valid": len(valid) / len(option_records) if option_records else 0.0,
-            "max_share": quality.max_label_share(labels, MIN_GROUP), "labels": labels}
+            "max_share": quality.max_label_share(labels), "labels": labels}
 
 
 def _options(record: dict) -> quality.Options:

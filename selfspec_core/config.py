@@ -57,7 +57,7 @@ class RespondSettings:
     batch_size: int = 8
     temperature: float = 0.0  # 0 = greedy
     min_relevance: float = 0.0  # drop instructions whose best BM25 score is lower (needs a corpus; 0 = off)
-    response_checks: str = "degenerate,echo,refusal,truncated,copy,language"  # "" = none
+    response_checks: str = "degenerate,echo,refusal,truncated,copy,language,code"  # "" = none
     option_answers: bool = True  # tasks with stated options: pick the option by log-likelihood
     calibrate: bool = True  # ... minus each option's mean log-likelihood over the task's items
     rationale: bool = False  # follow the chosen option with a short generated reason

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import SelfspecError
-from .filters import RougeLDeduplicator, is_repetitive
+from .filters import RougeLDeduplicator, is_repetitive, looks_like_code
 
 # ---------------------------------------------------------------------------------------------
 # Answer options
@@ -225,7 +225,8 @@ def option_score(logprob: float, tokens: int, options: Options) -> float:
     return logprob / tokens if options.kind == "choices" else logprob
 
 
-MIN_CALIBRATION_ITEMS = 4
+# Fewer items than this in an option group tell nothing about its label prior or distribution.
+MIN_GROUP_ITEMS = 4
 
 
 def calibrate_scores(scores: Sequence[Sequence[float]], groups: Sequence[str], calibrate: bool = True) -> list[list[float]]:
@@ -233,7 +234,7 @@ def calibrate_scores(scores: Sequence[Sequence[float]], groups: Sequence[str], c
 
     Within a group (items with the same options) an option's mean score over all the group's items
     is what the model gives that label whatever the input says; subtracting it leaves what the input
-    itself adds. A group smaller than ``MIN_CALIBRATION_ITEMS`` is too small to estimate a prior
+    itself adds. A group smaller than ``MIN_GROUP_ITEMS`` is too small to estimate a prior
     and keeps its raw scores, as does every group with ``calibrate=False``.
     """
     members: dict[str, list[int]] = defaultdict(list)
@@ -241,7 +242,7 @@ def calibrate_scores(scores: Sequence[Sequence[float]], groups: Sequence[str], c
         members[group].append(index)
     adjusted = [list(row) for row in scores]
     for indices in members.values():
-        if not calibrate or len(indices) < MIN_CALIBRATION_ITEMS:
+        if not calibrate or len(indices) < MIN_GROUP_ITEMS:
             continue
         width = len(scores[indices[0]])
         prior = [sum(scores[i][option] for i in indices) / len(indices) for option in range(width)]
@@ -268,6 +269,7 @@ def cap_labels(labels: Sequence[tuple[str, str] | None], confidence: Sequence[fl
     for every label; the surplus of an over-represented label is dropped least confident first
     (ties: later records first), so the result is deterministic. A group with a single label has
     no such ``m`` and is dropped whole: a task whose answer is always the same teaches nothing.
+    Groups of fewer than ``MIN_GROUP_ITEMS`` records have no distribution to speak of and are kept.
     """
     keep = [True] * len(labels)
     if max_share >= 1.0:
@@ -278,6 +280,8 @@ def cap_labels(labels: Sequence[tuple[str, str] | None], confidence: Sequence[fl
             by_group[label[0]][label[1]].append(index)
     for per_label in by_group.values():
         counts = [len(indices) for indices in per_label.values()]
+        if sum(counts) < MIN_GROUP_ITEMS:
+            continue
         allowed = max((m for m in range(max(counts) + 1) if m <= max_share * sum(min(c, m) for c in counts)), default=0)
         for indices in per_label.values():
             ranked = sorted(indices, key=lambda i: (-confidence[i], i))
@@ -295,7 +299,7 @@ def label_shares(labels: Sequence[tuple[str, str] | None]) -> dict[str, dict[str
     return {group: dict(sorted(c.items())) for group, c in sorted(counts.items())}
 
 
-def max_label_share(distribution: dict[str, dict[str, int]], min_items: int = 1) -> float:
+def max_label_share(distribution: dict[str, dict[str, int]], min_items: int = MIN_GROUP_ITEMS) -> float:
     """The largest share one label has in any group of at least ``min_items`` records."""
     shares = [max(c.values()) / sum(c.values()) for c in distribution.values() if sum(c.values()) >= min_items]
     return max(shares, default=0.0)
@@ -330,7 +334,8 @@ def most_central(texts: Sequence[str], eligible: Sequence[int] | None = None) ->
 # ---------------------------------------------------------------------------------------------
 # Response checks
 
-RESPONSE_CHECKS = ("degenerate", "echo", "refusal", "truncated", "copy", "language")
+RESPONSE_CHECKS = ("degenerate", "echo", "refusal", "truncated", "copy", "language", "code")
+_SEPARATOR_LINE = re.compile(r"(?:^|\n)[ \t]*#+[ \t]*(?:\n|$)")
 _LEADING_LABEL = re.compile(r"^\s*(?:answer|response|output|reply)\s*:\s*", re.I)
 _TEMPLATE_MARKER = re.compile(r"(?im)^\s*(?:#{2,}|(?:task|input|answer|instruction|response|background|type)\s*:)")
 _REFUSAL = re.compile(
@@ -363,9 +368,10 @@ def parse_checks(setting: str) -> frozenset[str]:
 
 
 def clean_response(text: str) -> str:
-    """A completion without a leading "Answer:" the model repeated, or trailing separators."""
+    """A completion without a leading "Answer:" the model repeated, cut where it starts a separator
+    line of its own ("#", "##": a small model's try at the template's "###")."""
     text = _LEADING_LABEL.sub("", text.strip())
-    return re.sub(r"(?:\s*#{2,}\s*)+$", "", text).strip()
+    return _SEPARATOR_LINE.split(text, maxsplit=1)[0].strip()
 
 
 def language_of(text: str) -> str | None:
@@ -392,15 +398,16 @@ def response_problem(output: str, finished: bool, instruction: str, input_text: 
                      checks: frozenset[str], expected_language: str | None) -> str | None:
     """Why a cleaned generated answer cannot be training data, or ``None``.
 
-    Reasons: ``empty``; ``truncated`` (cut off at max_new_tokens); ``degenerate`` (a repetition
-    loop); ``echo`` (template markers, or the prompt's instruction or input repeated);
-    ``copy`` (the answer is the instruction); ``refusal`` (refusals and meta-talk about being an
-    AI); ``language`` (a language other than the seeds').
+    Reasons: ``empty``; ``truncated`` (cut off at max_new_tokens, or ending in "is:");
+    ``degenerate`` (a repetition loop); ``copy`` (the answer is the instruction); ``echo``
+    (template markers, or the prompt's instruction or input repeated); ``refusal`` (refusals and
+    meta-talk about being an AI); ``code`` (source code or markup, filters.py's test); ``language``
+    (a language other than the seeds').
     """
     if not output.strip():
         return "empty"
-    if "truncated" in checks and not finished:
-        return "truncated"
+    if "truncated" in checks and (not finished or output.rstrip().endswith(":")):
+        return "truncated"  # cut off at max_new_tokens, or stopped right after "The answer is:"
     if "degenerate" in checks and is_repetitive(output):
         return "degenerate"
     answer, question = _normalized(output), _normalized(instruction)
@@ -411,6 +418,8 @@ def response_problem(output: str, finished: bool, instruction: str, input_text: 
         return "echo"
     if "refusal" in checks and _REFUSAL.search(output):
         return "refusal"
+    if "code" in checks and looks_like_code(output):
+        return "code"
     if "language" in checks and expected_language is not None:
         found = language_of(output)
         if found is not None and found != expected_language:

@@ -121,17 +121,18 @@ def test_loglikelihood_choice_on_the_tiny_model(tiny_model_dir):
 
 
 def test_label_cap_keeps_the_most_confident_and_drops_one_label_groups():
-    labels = [("s", "pos")] * 6 + [("s", "neg")] * 2 + [("s", "neu")] * 1 + [None, ("yn", "yes"), ("yn", "yes")]
-    confidence = [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    labels = [("s", "pos")] * 6 + [("s", "neg")] * 2 + [("s", "neu")] * 1 + [None] + [("yn", "yes")] * 4 + [("ab", "a")] * 3
+    confidence = [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 1.0, 1.0, 1.0, 0.0] + [1.0] * 7
     keep = cap_labels(labels, confidence, 0.5)
     # m = 3: 3 <= 0.5 * (3 + 2 + 1); m = 4 would need 4 <= 3.5
     assert [i for i in range(6) if keep[i]] == [1, 2, 4]
     assert keep[6:10] == [True, True, True, True]
-    assert keep[10:] == [False, False]  # a group whose answer is always "yes" teaches nothing
+    assert keep[10:14] == [False] * 4  # a group whose answer is always "yes" teaches nothing
+    assert keep[14:] == [True] * 3  # three records are too few to have a label distribution
     kept = [label for label, flag in zip(labels, keep) if flag]
     distribution = label_shares(kept)
-    assert distribution == {"s": {"neg": 2, "neu": 1, "pos": 3}}
-    assert max_label_share(distribution) == 0.5
+    assert distribution == {"ab": {"a": 3}, "s": {"neg": 2, "neu": 1, "pos": 3}}
+    assert max_label_share(distribution) == 0.5 and max_label_share(distribution, min_items=1) == 1.0
     assert cap_labels(labels, confidence, 1.0) == [True] * len(labels)
     assert cap_labels(labels, [0.0] * len(labels), 0.5)[:6] == [True, True, True, False, False, False]  # ties: earlier first
 
@@ -148,7 +149,7 @@ def test_self_consistency_vote_and_centrality():
     assert most_central(["a b c", "x y z"])[1] == 0.0
 
 
-CHECKS = parse_checks("degenerate,echo,refusal,truncated,copy,language")
+CHECKS = parse_checks("degenerate,echo,refusal,truncated,copy,language,code")
 
 
 @pytest.mark.parametrize("output, finished, reason", [
@@ -165,6 +166,8 @@ CHECKS = parse_checks("degenerate,echo,refusal,truncated,copy,language")
     ("Here is the answer: positive", True, "refusal"),
     ("Le chiffre d'affaires de la société a augmenté et les marges sont restées stables pour le trimestre.", True, "language"),
     ("Выручка компании выросла на девять процентов за квартал.", True, "language"),
+    ("The answer is:", True, "truncated"),
+    ("def classify(text):\n    return 'positive'", True, "code"),
     ("The sentence reports a large new contract, which is good news for the company's shareholders.", True, None),
     ("ORG: Halvorsen Capital, Nordlys Seafood; PER: Ingrid Solberg", True, None),
 ])
@@ -185,6 +188,8 @@ def test_checks_can_be_switched_off():
 def test_clean_response_and_language_guess():
     assert clean_response("  Answer: positive\n###") == "positive"
     assert clean_response("Response:  The margin fell.  ") == "The margin fell."
+    assert clean_response("negative\n\n#\n\nThe company has a new policy.") == "negative"
+    assert clean_response("Cash flow #1 is positive.") == "Cash flow #1 is positive."
     assert language_of("The company reported that revenue for the quarter was higher than expected.") == "en"
     assert language_of("Die Firma meldet, dass der Umsatz im Quartal höher ist als erwartet und nicht sinkt.") == "de"
     assert language_of("positive") is None  # too short to tell
