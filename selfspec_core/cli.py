@@ -12,6 +12,7 @@ from . import __version__, plugins
 from .config import PROFILES, load_settings
 from .errors import SelfspecError
 from .rundir import STAGES, RunDir, safe_name
+from .serve import command as serve_command
 
 
 class Session:
@@ -77,11 +78,12 @@ def _drop_none(values: dict) -> dict:
 @click.option("--seed", type=int, help="Random seed: the same seed gives the same data.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Benchmark data and corpora (or SELFSPEC_DATA).")
 @click.option("--corpus", type=click.Path(), help="Retrieval corpus: a .jsonl/.txt/.parquet/.csv file or folder.")
-@click.option("--backend", type=click.Choice(["hf", "vllm", "openai"]), help="Generation backend.")
+@click.option("--backend", type=click.Choice(["hf", "vllm", "openai"]), help="Generation backend (default hf).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), help="Run generation locally or as Ray Data jobs (RAY_ADDRESS).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.version_option(__version__, prog_name="selfspec")
 @click.pass_context
-def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, corpus, backend, debug):
+def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, corpus, backend, executor, debug):
     """Self-specialize a language model on a domain from a handful of seeds.
 
     \b
@@ -89,7 +91,8 @@ def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, co
     selfspec --domain finance run             every stage into runs/finance-quick/
     selfspec --domain finance generate        one stage on the same run directory
     """
-    overrides = _drop_none({"model": model, "seed": seed, "data_dir": data_dir, "corpus": corpus, "backend": backend})
+    overrides = _drop_none({"model": model, "seed": seed, "data_dir": data_dir, "corpus": corpus, "backend": backend,
+                             "executor": executor})
     ctx.obj = Session(domain, profile, config_file, overrides, seeds, out, debug)
 
 
@@ -209,6 +212,9 @@ def new_domain(name, dest):
 
     folder = scaffold_domain(safe_name(name, "domain name"), Path(dest))
     click.echo(f"created {folder}\nnext: pip install -e {folder} && selfspec domains")
+
+
+cli.add_command(serve_command)
 
 
 def main(argv: list[str] | None = None) -> None:
