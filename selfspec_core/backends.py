@@ -22,7 +22,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from .errors import SelfspecError
-from .generation import Completion, HFGenerator, cut_at_stop
+from .generation import Completion, cut_at_stop, length_batches
 from .models import ModelRef, load_tokenizer
 
 
@@ -281,7 +281,7 @@ class RayGenerator:
         context.print_on_execution_start = False
 
     def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, stop=(), seed=0):
-        batches = HFGenerator(None, self.tokenizer, self.batch_size)._batches(prompts)
+        batches = length_batches(self.tokenizer, prompts, self.batch_size)
         rows = [{"batch": number, "indices": indices, "prompts": [prompts[i] for i in indices]}
                 for number, indices in enumerate(batches)]
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop), seed=seed)

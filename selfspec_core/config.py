@@ -165,6 +165,8 @@ class Settings:
         data = self.to_dict()
         selected = {k: v for k, v in data.items() if not isinstance(v, dict)}
         selected.update({name: data[name] for name in sections})
+        if self.backend == "openai":  # another served model makes earlier results stale
+            selected["openai"] = data["openai"]
         return hashlib.sha256(json.dumps(selected, sort_keys=True).encode()).hexdigest()[:16]
 
 
