@@ -144,3 +144,33 @@ def test_plugin_overrides_and_wrong_types_name_the_plugin():
         manager.unregister(name="testplugin")
     with pytest.raises(SelfspecError, match="unknown domain 'testdomain'"):
         plugins.get_domain("testdomain")
+
+
+DISK_FULL_SCRIPT = """
+import resource, signal, sys
+from selfspec_core.errors import SelfspecError
+from selfspec_core.rundir import RecordLog, RunDir
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail with an error instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+run = RunDir(sys.argv[1], "finance").open()
+try:
+    RecordLog(run.partial_dir("respond") / "data.jsonl").append([{"text": "x" * 10000}])
+except SelfspecError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_disk_full_fails_cleanly_and_keeps_finished_stages(tmp_path):
+    import subprocess
+    import sys
+
+    run = RunDir(tmp_path / "run", "finance").open()
+    (run.partial_dir("generate") / "instructions.jsonl").write_text('{"id": 1}\n')
+    run.finish("generate", {"config_hash": "c", "input_hash": "i"})
+    before = (run.stage_dir("generate") / "instructions.jsonl").read_bytes()
+    result = subprocess.run([sys.executable, "-c", DISK_FULL_SCRIPT, str(run.path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "could not write" in result.stdout and "rerun to resume" in result.stdout
+    assert (run.stage_dir("generate") / "instructions.jsonl").read_bytes() == before
+    assert run.is_fresh("generate", "c", "i")
