@@ -14,7 +14,7 @@ This module holds the pieces, each usable on its own and each switchable in ``[r
   :func:`match_option` to read a free answer back as an option;
 - :func:`cap_labels`: at most ``max_label_share`` of any option group for one label;
 - :func:`majority` / :func:`most_central`: self-consistency over several answers;
-- :func:`response_problem`: echo, refusal, truncation, copy, repetition and language checks;
+- :func:`response_problem`: echo, refusal, truncation, copy, repetition, code and language checks;
 - :func:`judge_scores` / :func:`top_fraction`: the model's own yes/no verdict on each pair.
 """
 
