@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Sequence
 from . import plugins
 from .errors import SelfspecError
 from .generation import make_generator
+from .models import check_adapter
 from .rundir import RecordLog, atomic_write_json, read_jsonl, write_jsonl
 from .scoring import ItemScore, compare, score_generation, score_loglikelihood
 from .tasks import DATA_ENV, METRICS, EvalItem, EvalTask, data_root
@@ -321,6 +322,7 @@ def run_stage(ctx) -> dict:
     if not adapter.is_dir():
         raise SelfspecError(f"{adapter}: no adapter to evaluate; run `selfspec --domain {ctx.domain.name} train "
                             f"--out {ctx.run.path}` or set evaluate.adapter to an adapter folder")
+    check_adapter(adapter)
     own, others = collect_tasks(ctx.domain.name, evaluate.cross_domain, evaluate.tasks)
     if not own:
         ctx.log(f"[evaluate] domain {ctx.domain.name!r} registers no evaluation tasks (hook evaluation_tasks)")

@@ -138,13 +138,27 @@ def load_model(ref: ModelRef, quant: str = "none", adapter: str | Path | None = 
 def load_adapter(model, adapter: str | Path):
     from peft import PeftModel
 
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").exists() or not (adapter / "adapter_model.safetensors").exists():
-        raise SelfspecError(f"{adapter}: not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors); run `selfspec train` or pass --adapter")
+    adapter = check_adapter(adapter)
     try:
         return PeftModel.from_pretrained(model, str(adapter))
     except Exception as exc:
         raise SelfspecError(f"{adapter}: corrupt adapter ({type(exc).__name__}: {exc}); retrain with `selfspec train`") from exc
+
+
+def check_adapter(adapter: str | Path) -> Path:
+    """Fail early, naming the folder, when ``adapter`` is not a readable PEFT adapter."""
+    from safetensors import safe_open
+
+    adapter = Path(adapter)
+    weights = adapter / "adapter_model.safetensors"
+    if not (adapter / "adapter_config.json").exists() or not weights.exists():
+        raise SelfspecError(f"{adapter}: not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors); run `selfspec train` or pass --adapter")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:
+        raise SelfspecError(f"{weights}: corrupt adapter weights ({type(exc).__name__}); retrain with `selfspec train`") from exc
+    return adapter
 
 
 def _is_hub_id(ref: ModelRef) -> bool:

@@ -110,6 +110,22 @@ def test_other_bad_input(tmp_path, case, args, expected):
     assert_one_clear_line(code, err, expected)
 
 
+def test_corrupt_adapter_is_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"domain": "finance", "version": "0.1.0"}))
+    (run / "respond").mkdir()
+    (run / "respond" / "data.jsonl").write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    (run / "respond" / "manifest.json").write_text("{}")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    code, err = run_cli(["--domain", "finance", "--seeds", write_seeds(tmp_path), "--out", "run", "evaluate",
+                         "--adapter", "adapter"], tmp_path, {"SELFSPEC_DATA": ""})
+    assert_one_clear_line(code, err, ["adapter_model.safetensors", "corrupt adapter", "selfspec train"])
+
+
 def install_plugin(tmp_path: Path, body: str) -> dict:
     """Install a throwaway plugin distribution for real (entry point and all) into a target folder."""
     source = tmp_path / "src"
