@@ -400,7 +400,7 @@ def response_problem(output: str, finished: bool, instruction: str, input_text: 
 
     Reasons: ``empty``; ``truncated`` (cut off at max_new_tokens, or ending in "is:");
     ``degenerate`` (a repetition loop); ``copy`` (the answer is the instruction); ``echo``
-    (template markers, or the prompt's instruction or input repeated); ``refusal`` (refusals and
+    (template markers, 8 words in a row of the instruction, or the whole input repeated); ``refusal`` (refusals and
     meta-talk about being an AI); ``code`` (source code or markup, filters.py's test); ``language``
     (a language other than the seeds').
     """
@@ -413,7 +413,7 @@ def response_problem(output: str, finished: bool, instruction: str, input_text: 
     answer, question = _normalized(output), _normalized(instruction)
     if "copy" in checks and answer == question:
         return "copy"
-    if "echo" in checks and (_TEMPLATE_MARKER.search(output) or _contains(answer, question)
+    if "echo" in checks and (_TEMPLATE_MARKER.search(output) or _repeats_words_of(answer, question)
                              or _contains(answer, _normalized(input_text))):
         return "echo"
     if "refusal" in checks and _REFUSAL.search(output):
@@ -428,7 +428,15 @@ def response_problem(output: str, finished: bool, instruction: str, input_text: 
 
 
 def _contains(answer: str, prompt_part: str) -> bool:
+    """The whole input repeated (a summary that copies one sentence of it is fine)."""
     return len(prompt_part.split()) >= MIN_ECHO_WORDS and prompt_part in answer
+
+
+def _repeats_words_of(answer: str, instruction: str) -> bool:
+    """Any ``MIN_ECHO_WORDS`` consecutive words of the instruction repeated in the answer."""
+    words, said = instruction.split(), answer.split()
+    spans = {tuple(words[i:i + MIN_ECHO_WORDS]) for i in range(len(words) - MIN_ECHO_WORDS + 1)}
+    return any(tuple(said[i:i + MIN_ECHO_WORDS]) in spans for i in range(len(said) - MIN_ECHO_WORDS + 1))
 
 
 # ---------------------------------------------------------------------------------------------

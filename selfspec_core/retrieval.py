@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from . import plugins
 from .errors import SelfspecError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".txt", ".parquet", ".csv")
@@ -34,9 +35,9 @@ TEXT_FIELDS = ("text", "contents", "content", "passage", "abstract", "body", "do
 ID_FIELDS = ("id", "_id", "doc_id", "docid")
 TITLE_FIELDS = ("title",)
 # Part of the cache key: bump when tokenization or scoring changes, so stale indexes are not reused.
+INDEX_FORMAT = "bm25s-lucene-k1.5-b0.75-en-stop-snowball-en-v1"
 # Query scores are summed for as many queries at once as fit this many (query, passage) cells.
 QUERY_BLOCK_CELLS = 1_000_000
-INDEX_FORMAT = "bm25s-lucene-k1.5-b0.75-en-stop-snowball-en-v1"
 
 
 @dataclass(frozen=True)
@@ -223,8 +224,6 @@ def resolve_corpus(corpus_setting: str | None, domain: str, data_dir: str | None
 
     Returns the passages and a short description of where they came from (for the manifest).
     """
-    from . import plugins
-
     if corpus_setting:
         return load_corpus([corpus_setting]), str(corpus_setting)
     plugin, provided = plugins.first_result("retrieval_corpus", (list, tuple), domain=domain, data_dir=data_dir)

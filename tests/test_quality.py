@@ -160,7 +160,9 @@ CHECKS = parse_checks("degenerate,echo,refusal,truncated,copy,language,code")
     ("Task: Classify the sentence.", True, "echo"),
     ("### Response: neutral", True, "echo"),
     ("Harborline Logistics won a five-year deal worth USD 240 million to run two terminals.", True, "echo"),
-    ("Classify the sentiment of this sentence.", True, "copy"),
+    ("Classify the sentiment of this sentence for the reader, and say why!", True, "copy"),
+    ("The best answer: classify the sentiment of this sentence for the reader and say why.", True, "echo"),
+    ("Harborline Logistics won a five-year deal, which is good news.", True, None),  # part of the input is fine
     ("I'm sorry, but I cannot classify this sentence.", True, "refusal"),
     ("As an AI language model, I think it is positive.", True, "refusal"),
     ("Here is the answer: positive", True, "refusal"),
@@ -172,7 +174,7 @@ CHECKS = parse_checks("degenerate,echo,refusal,truncated,copy,language,code")
     ("ORG: Halvorsen Capital, Nordlys Seafood; PER: Ingrid Solberg", True, None),
 ])
 def test_response_checks_on_planted_bad_answers(output, finished, reason):
-    instruction = "Classify the sentiment of this sentence."
+    instruction = "Classify the sentiment of this sentence for the reader and say why."
     input_text = "Harborline Logistics won a five-year deal worth USD 240 million to run two terminals."
     assert response_problem(output, finished, instruction, input_text, CHECKS, "en") == reason
 
