@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from selfspec_core import quality  # noqa: E402
 from selfspec_core.config import load_settings  # noqa: E402
 from selfspec_core.pipeline import Pipeline, domain_seeds  # noqa: E402
@@ -59,8 +61,6 @@ def main() -> None:
     parser.add_argument("--out", help="keep the run folders here (default: a temporary folder)")
     args = parser.parse_args()
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     if not Path(args.data_dir).is_dir():
         sys.exit(f"data dir {args.data_dir} not found: pass --data-dir or set SELFSPEC_DATA")
@@ -69,10 +69,9 @@ def main() -> None:
     seeds = domain_seeds(args.domain)
     base = {"data_dir": args.data_dir, "generate": {"num_instructions": args.instructions}}
 
-    started = time.time()
     off_run = RunDir(out / "off", domain.name).open()  # generate is reused when --out holds a fresh one
     Pipeline(load_settings("quick", overrides=base), domain, off_run, seeds).run_stages(["generate"])
-    generate_s = time.time() - started
+    generate_s = off_run.manifest("generate")["seconds"]
     instructions = read_jsonl(off_run.stage_dir("generate") / "instructions.jsonl")
     on_path = out / "on"
     shutil.rmtree(on_path, ignore_errors=True)
@@ -87,7 +86,7 @@ def main() -> None:
         results[name] = summarize(run, time.time() - began)
 
     print(f"{len(instructions)} instructions generated in {generate_s:.0f}s (selfspec_core.instructions.run_stage, "
-          f"quick profile, embedded model); runs in {out}")
+          f"quick profile, embedded model, {torch.get_num_threads()} CPU threads); runs in {out}")
     for name, result in results.items():
         print(f"{name}: kept {result['kept']} in {result['seconds']:.0f}s; dropped {result['dropped']}; "
               f"{result['option_records']} option-task records, {result['valid']:.3f} valid; labels {result['labels']}")
