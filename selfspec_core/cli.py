@@ -11,7 +11,7 @@ import click
 from . import __version__, plugins
 from .config import PROFILES, load_settings
 from .errors import SelfspecError
-from .rundir import STAGES, RunDir, safe_name
+from .rundir import STAGES, RunDir, atomic_write_json, safe_name
 from .serve import command as serve_command
 
 
@@ -47,8 +47,6 @@ class Session:
         settings = self.settings(**extra)
         domain = self.domain()
         run = self.run_dir(domain).open()
-        from .rundir import atomic_write_json
-
         atomic_write_json(run.path / "config.json", {"profile": self.profile, **settings.to_dict()})
         return Pipeline(settings, domain, run, domain_seeds(domain.name, self.seeds_path), log=click.echo)
 

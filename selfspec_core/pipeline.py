@@ -8,7 +8,9 @@ stage whose hashes match and reruns it, and everything after it, when they do no
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import resource
 import sys
 import time
@@ -22,7 +24,7 @@ from .config import Settings
 from .errors import SelfspecError
 from .models import ModelRef, resolve_model
 from .records import Domain, Seed
-from .rundir import STAGES, RunDir, file_hash
+from .rundir import RunDir, file_hash
 from .seeds import load_seeds
 from .templates import PromptTemplate
 
@@ -74,9 +76,6 @@ def domain_seeds(domain: str, seeds_path: str | Path | None = None) -> list[Seed
 
 
 def seeds_hash(seeds: list[Seed]) -> str:
-    import hashlib
-    import json
-
     payload = json.dumps([s.to_dict() for s in seeds], sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()[:16]
 
@@ -165,5 +164,3 @@ def _peak_memory() -> Iterator[dict]:
     if cuda:
         figures["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
-
-ALL_STAGES = list(STAGES)

@@ -54,9 +54,6 @@ class PromptTemplate:
         parts.append(fill(self.query, {**context, **query}))
         return self.separator.join(parts)
 
-    def render_example(self, record: dict, **context) -> str:
-        return fill(self.example, {**context, **record})
-
     @property
     def stop(self) -> list[str]:
         """Where a completion ends: at the start of the next separator."""

@@ -1,7 +1,6 @@
 """Config, seeds, templates, run directory and plugin manager."""
 
 import json
-import os
 
 import pytest
 

@@ -34,7 +34,7 @@ def finish(process, timeout=1200):
 def test_every_stage_on_the_embedded_model(tmp_path):
     env = {"SELFSPEC_DATA": str(DATA)} if DATA.is_dir() else {"SELFSPEC_DATA": ""}
     args = ["--domain", "finance", "--profile", "tiny", "--out", "run", "run"]
-    output = finish(selfspec(args, tmp_path, env))
+    finish(selfspec(args, tmp_path, env))
     run = tmp_path / "run"
     for stage in ("generate", "respond", "train", "evaluate", "report"):
         assert json.loads((run / stage / "manifest.json").read_text())["stage"] == stage

@@ -10,7 +10,6 @@ from selfspec_core.errors import SelfspecError
 from selfspec_core.filters import (InstructionFilter, RougeLDeduplicator, blacklist_pattern, length_reason,
                                    non_text_reason, plugin_reason)
 from selfspec_core.hookspecs import hookimpl
-from selfspec_core.plugins import get_plugin_manager
 from selfspec_core.seeds import load_seeds
 
 REPO = Path(__file__).resolve().parents[1]
