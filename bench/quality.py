@@ -2,6 +2,9 @@
 
     python bench/quality.py --domain finance [--profile quick] [--out runs/bench-finance]
 
+The pipeline runs as the user runs it, ``selfspec --domain <d> --profile <p> --out <dir> run``, in a
+child process; a finished run directory is reused (its stages are skipped), ``--force`` reruns all.
+
 Reads the real benchmarks from ../shared/data (or $SELFSPEC_DATA). Prints one line per task, the
 contamination and cross-domain figures, and as its last line the domain's main task:
 ``task=<t> base=<x> specialized=<y> delta=<d> ci_low=<l> ci_high=<h> minutes=<m>``.
@@ -12,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from selfspec_core import plugins
-from selfspec_core.config import PROFILES, load_settings
-from selfspec_core.pipeline import Pipeline, domain_seeds
+from selfspec_core.config import PROFILES
 from selfspec_core.rundir import STAGES, RunDir
 
 MAIN_TASK = {"biomed": "pubmedqa", "finance": "fpb"}
@@ -36,13 +38,18 @@ def main() -> None:
     if not DATA.is_dir():
         sys.exit(f"benchmark data not found at {DATA}: set SELFSPEC_DATA")
 
-    settings = load_settings(args.profile, args.config, {"data_dir": str(DATA.resolve())})
-    domain = plugins.get_domain(args.domain)
-    run = RunDir(Path(args.out or f"runs/bench-{args.domain}-{args.profile}"), domain.name).open()
+    out = Path(args.out or f"runs/bench-{args.domain}-{args.profile}")
+    command = [sys.executable, "-m", "selfspec_core", "--domain", args.domain, "--profile", args.profile,
+               "--out", str(out), "--data-dir", str(DATA.resolve()), *(["--config", args.config] if args.config else []),
+               "run", *(["--force"] if args.force else [])]
+    print("$ selfspec " + " ".join(command[3:]), flush=True)
     started = time.time()
-    Pipeline(settings, domain, run, domain_seeds(domain.name), log=print).run_stages(list(STAGES), force=args.force)
+    subprocess.run(command, check=True)
+    run = RunDir(out, args.domain).open()
     minutes = sum((run.manifest(stage) or {}).get("seconds", 0) for stage in STAGES) / 60
     print(f"wall minutes this invocation: {(time.time() - started) / 60:.1f}; pipeline minutes: {minutes:.1f}")
+    for stage in STAGES:
+        print(f"  {stage}: {(run.manifest(stage) or {}).get('seconds', 0) / 60:.1f} min")
 
     results = json.loads((run.stage_dir("evaluate") / "eval.json").read_text())
     contamination = json.loads((run.stage_dir("evaluate") / "contamination.json").read_text())

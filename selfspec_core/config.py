@@ -34,6 +34,9 @@ class GenerateSettings:
     num_instructions: int = 300
     num_examples: int = 3
     human_example_share: float = 0.67
+    # Share of prompts that keep a seed's instruction and write only a new input, for the domain's
+    # ``input_task_types`` (0 = whole new tasks only, as Self-Instruct).
+    input_share: float = 0.5
     temperature: float = 1.0
     top_p: float = 0.98
     max_new_tokens: int = 160
@@ -61,7 +64,9 @@ class RespondSettings:
     option_answers: bool = True  # tasks with stated options: pick the option by log-likelihood
     calibrate: bool = True  # ... minus each option's mean log-likelihood over the task's items
     rationale: bool = False  # follow the chosen option with a short generated reason
-    max_label_share: float = 0.5  # most one label may have of an option group (1 = no cap)
+    # Most one label may have of an option group: 1 = no cap; 1/n or less = every label at the
+    # rarest one's count. Balanced self-labelled data is what lifts a small model off its favourite label.
+    max_label_share: float = 0.34
     consistency_samples: int = 1  # answers per instruction for self-consistency (1 = off)
     consistency_temperature: float = 0.7
     consistency_min_agreement: float = 0.5  # option tasks: least share of votes for the majority
@@ -228,7 +233,7 @@ def _first_line(exc: Exception) -> str:
 _RANGES = {
     "batch_size": (1, 1e6), "max_new_tokens": (1, 1e6),
     "temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "rouge_threshold": (0.0, 1.0),
-    "human_example_share": (0.0, 1.0), "max_label_share": (0.0, 1.0), "lora_dropout": (0.0, 1.0),
+    "human_example_share": (0.0, 1.0), "input_share": (0.0, 1.0), "max_label_share": (0.0, 1.0), "lora_dropout": (0.0, 1.0),
     "judge_keep_fraction": (0.0, 1.0), "consistency_min_agreement": (0.0, 1.0),
     "warmup_ratio": (0.0, 1.0), "learning_rate": (0.0, 1.0), "min_relevance": (0.0, 1e9),
     "lora_r": (1, 1024), "lora_alpha": (1, 1e6), "grad_accum": (1, 1e6), "max_length": (16, 1e6),

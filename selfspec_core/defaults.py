@@ -23,6 +23,14 @@ INSTRUCTION_TEMPLATE = PromptTemplate(
     query="Type: {task_type}\nInstruction:",
 )
 
+# Only the input is written: ``{instruction}`` is a seed's, the examples are inputs of its task type.
+INPUT_TEMPLATE = PromptTemplate(
+    header="Inputs for the task \"{instruction}\" in {description}. Each input is realistic, self-contained, "
+           "new and different from the others.",
+    example="Input: {input}",
+    query="Input:",
+)
+
 RESPONSE_TEMPLATE = PromptTemplate(
     header="An expert in {description} answers each instruction correctly and concisely.",
     example="Instruction: {instruction}[[\nInput: {input}]]\nAnswer: {output}",
@@ -48,6 +56,7 @@ JUDGE_TEMPLATE = PromptTemplate(
 
 _TEMPLATES = {
     "instruction": INSTRUCTION_TEMPLATE,
+    "input": INPUT_TEMPLATE,
     "response": RESPONSE_TEMPLATE,
     "train": TRAIN_TEMPLATE,
     "judge": JUDGE_TEMPLATE,

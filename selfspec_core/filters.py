@@ -133,6 +133,8 @@ def dedup_text(record: dict) -> str:
     instruction repeats a seed's wording with a new input, and those are the domain's bread and
     butter; a copied example (same instruction and input) is still dropped.
     """
+    if record.get("mode") == "input":  # the instruction is a seed's: only the input is new
+        return record["input"]
     return f"{record['instruction']}\n{record.get('input') or ''}".strip()
 
 
@@ -224,7 +226,10 @@ class InstructionFilter:
     def reason(self, record: dict) -> str | None:
         """Why ``record`` ({instruction, input, ...}) is dropped, or ``None`` to keep it."""
         instruction, input_text = record["instruction"], record.get("input", "")
-        reason = length_reason(instruction, self.min_words, self.max_words) or non_text_reason(instruction, input_text)
+        if record.get("mode") == "input":  # a seed's instruction: only the input was written
+            reason = length_reason(input_text, self.min_words, self.max_words) or non_text_reason(input_text)
+        else:
+            reason = length_reason(instruction, self.min_words, self.max_words) or non_text_reason(instruction, input_text)
         if reason:
             return reason
         if self.blacklist is not None and self.blacklist.search(instruction):

@@ -23,7 +23,9 @@ def register_domains(register):
     """Declare the domains this plugin provides.
 
     Call ``register(Domain(name=..., description=..., task_families=[...]))`` once per domain.
-    A domain name must be unique across installed plugins.
+    A domain name must be unique across installed plugins. ``input_task_types`` names the task
+    types whose seed instructions fit any input (sentiment of a sentence, not a question about one
+    abstract); stage 1 then also writes new inputs for them under the seeds' own instructions.
     """
 
 
@@ -41,7 +43,8 @@ def seed_provider(domain):
 def prompt_template(domain, stage):
     """Return the :class:`selfspec_core.templates.PromptTemplate` for one pipeline ``stage``.
 
-    ``stage`` is one of ``"instruction"`` (writing new instructions from examples), ``"response"``
+    ``stage`` is one of ``"instruction"`` (writing new instructions from examples), ``"input"``
+    (writing a new input for a seed's instruction, for the domain's ``input_task_types``), ``"response"``
     (answering an instruction, with retrieved passages), ``"train"`` (the format the model is tuned
     on, also used to query the tuned model) and ``"judge"`` (asking the model whether a response is
     good). The core answers every stage with a generic template; return ``None`` to keep it.

@@ -2,7 +2,10 @@
 
 Each prompt shows ``num_examples`` tasks (human seeds and, once there are some, accepted generated
 tasks; same task type preferred) and asks for one new task of a chosen type, picking types so the
-output stays balanced. Completions are read back through the domain's instruction template, filtered
+output stays balanced. For the domain's ``input_task_types`` a share of batches (``input_share``)
+asks only for a new input of the type, kept under a seed's own instruction: a small model writes a
+plausible news sentence far more reliably than a whole new task, and the respond stage then labels
+it. Completions are read back through the domain's instruction template, filtered
 (:class:`selfspec_core.filters.InstructionFilter`), and the kept records appended to
 ``instructions.jsonl`` after every batch, with the stage's state saved beside them. Every batch's
 randomness comes from ``seed``, round and batch number alone, so a killed run resumes at the next
@@ -86,6 +89,29 @@ class TaskFormat:
         return {"instruction": instruction, "input": input_text}, None
 
 
+class InputFormat:
+    """Prompts for a new input under a seed's instruction (the ``input`` template), and reads it back."""
+
+    def __init__(self, template: PromptTemplate, context: dict):
+        self.template = template
+        self.context = context
+        labels = _labels(template.example) + [label for label in ANSWER_LABELS if label not in _labels(template.example)]
+        self.stops = list(template.stop) + [f"\n{label}" for label in labels]
+
+    def prompt(self, examples: list[dict], instruction: str) -> str:
+        return self.template.render([{"input": e["input"]} for e in examples], {}, **self.context, instruction=instruction)
+
+    def read(self, completion: Completion) -> tuple[str | None, str | None]:
+        """``(input, None)``, or ``(None, reason)`` with reason ``unparseable`` or ``truncated``."""
+        text, stopped = cut_at_stop(completion.text, self.stops)
+        text = text.strip()
+        if text.lower().strip(" .") in NO_INPUT:
+            return None, "unparseable"
+        if not (completion.finished or stopped):
+            return None, "truncated"
+        return text, None
+
+
 def _example_pattern(example: str) -> re.Pattern:
     """The example template as a regex: fields become lazy groups, ``[[...]]`` optional, spaces loose."""
     named: set[str] = set()
@@ -142,6 +168,16 @@ class ExamplePool:
         return chosen
 
 
+    def draw_inputs(self, rng: random.Random, task_type: str, k: int, human_share: float) -> list[dict]:
+        """``k`` examples of ``task_type`` that have an input, ``human_share`` of them seeds."""
+        human = [item for item in self.human if item["task_type"] == task_type and item["input"]]
+        machine = [item for item in self.generated if item["task_type"] == task_type and item["input"]]
+        from_machine = min(len(machine), round(k * (1 - human_share)))
+        chosen = rng.sample(human, min(len(human), k - from_machine)) + rng.sample(machine, from_machine)
+        rng.shuffle(chosen)
+        return chosen
+
+
 def _prefer_type(rng: random.Random, items: list[dict], task_type: str, count: int) -> list[dict]:
     """``count`` items, of ``task_type`` where possible but one of another type when ``count`` > 1."""
     same = [item for item in items if item["task_type"] == task_type]
@@ -179,6 +215,8 @@ class StageState:
     round_kept: int = 0
     empty_rounds: int = 0
     records: int = 0
+    batches: int = 0  # batches run in all rounds
+    input_batches: int = 0  # ... of them writing inputs only
     queried: dict[str, int] = field(default_factory=dict)
     funnel: dict = field(default_factory=dict)
     stopped: str = ""
@@ -266,8 +304,7 @@ def run_stage(ctx) -> dict:
     _check_settings(settings)
     if not ctx.seeds:
         raise SelfspecError(f"domain {ctx.domain.name!r} has no seeds to write instructions from; pass --seeds FILE.jsonl")
-    task_format = TaskFormat(ctx.template("instruction"), ctx.template_context)
-    task_types = list(dict.fromkeys(seed.task_type for seed in ctx.seeds))
+    formats = StageFormats.build(ctx)
     state_path = ctx.work / STATE_FILE
     state = StageState.load(state_path)
     log = _open_output(ctx.work / OUTPUT_FILE, state.records)
@@ -290,7 +327,7 @@ def run_stage(ctx) -> dict:
                 state.round_kept = 0
             if generator is None:
                 generator = make_generator(ctx.settings, ctx.model, batch_size=settings.batch_size)
-            kept = _run_batch(ctx, generator, task_format, examples, checks, state, funnel, kept_by_type, task_types)
+            kept = _run_batch(ctx, generator, formats, examples, checks, state, funnel, kept_by_type)
             log.append(kept)
             examples.extend(kept)
             state.records = len(log.records)
@@ -316,28 +353,70 @@ def run_stage(ctx) -> dict:
             "task_types": dict(sorted(kept_by_type.items()))}
 
 
-def _run_batch(ctx, generator, task_format: TaskFormat, examples: ExamplePool, checks: InstructionFilter,
-               state: StageState, funnel: Funnel, kept_by_type: Counter, task_types: list[str]) -> list[dict]:
+@dataclass
+class StageFormats:
+    """The two prompt forms of the stage and the task types each serves."""
+
+    tasks: TaskFormat
+    inputs: InputFormat
+    task_types: list[str]
+    # Per input task type, the seeds whose instruction a new input is written under.
+    instruction_seeds: dict[str, list[Seed]]
+
+    @classmethod
+    def build(cls, ctx) -> "StageFormats":
+        instruction_seeds = {name: [seed for seed in ctx.seeds if seed.task_type == name and seed.input]
+                             for name in ctx.domain.input_task_types}
+        return cls(TaskFormat(ctx.template("instruction"), ctx.template_context),
+                   InputFormat(ctx.template("input"), ctx.template_context),
+                   list(dict.fromkeys(seed.task_type for seed in ctx.seeds)),
+                   {name: seeds for name, seeds in instruction_seeds.items() if seeds})
+
+    def writes_inputs(self, state: StageState, share: float) -> bool:
+        """Whether the next batch writes inputs: so that ``share`` of all batches do, evenly spread."""
+        return bool(self.instruction_seeds) and state.input_batches < share * (state.batches + 1)
+
+
+def _run_batch(ctx, generator, formats: StageFormats, examples: ExamplePool, checks: InstructionFilter,
+               state: StageState, funnel: Funnel, kept_by_type: Counter) -> list[dict]:
     """Generate one batch of prompts, read and filter the completions; the kept records, with ids."""
     settings = ctx.settings.generate
     seed = batch_seed(ctx.settings.seed, state.round, state.batch)
     rng = random.Random(seed)
-    types = choose_task_types(task_types, kept_by_type, state.queried, settings.batch_size)
+    writes_inputs = formats.writes_inputs(state, settings.input_share)
+    state.batches += 1
+    state.input_batches += writes_inputs
+    types = choose_task_types(list(formats.instruction_seeds) if writes_inputs else formats.task_types,
+                              kept_by_type, state.queried, settings.batch_size)
     for name in types:
         state.queried[name] = state.queried.get(name, 0) + 1
-    shown = [examples.draw(rng, name, settings.num_examples, settings.human_example_share) for name in types]
-    prompts = [task_format.prompt(chosen, name) for chosen, name in zip(shown, types)]
+    if writes_inputs:
+        shown = [examples.draw_inputs(rng, name, settings.num_examples, settings.human_example_share) for name in types]
+        owners = [rng.choice(formats.instruction_seeds[name]) for name in types]
+        prompts = [formats.inputs.prompt(chosen, owner.instruction) for chosen, owner in zip(shown, owners)]
+        stops = formats.inputs.stops
+    else:
+        shown = [examples.draw(rng, name, settings.num_examples, settings.human_example_share) for name in types]
+        prompts = [formats.tasks.prompt(chosen, name) for chosen, name in zip(shown, types)]
+        stops = formats.tasks.stops
     completions = generator.generate(prompts, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                                     top_p=settings.top_p, stop=task_format.stops, seed=seed)
+                                     top_p=settings.top_p, stop=stops, seed=seed)
     kept = []
-    for name, chosen, completion in zip(types, shown, completions):
+    for number, (name, chosen, completion) in enumerate(zip(types, shown, completions)):
         funnel.generated += 1
         if funnel.kept >= settings.num_instructions:
             funnel.drop("surplus")
             continue
-        task, reason = task_format.read(name, completion)
+        seed_ids = [e["id"] for e in chosen if e["id"] in examples.human_ids]
+        if writes_inputs:
+            owner = owners[number]
+            text, reason = formats.inputs.read(completion)
+            task = None if reason else {"instruction": owner.instruction, "input": text}
+            seed_ids = list(dict.fromkeys([owner.id, *seed_ids]))
+        else:
+            task, reason = formats.tasks.read(name, completion)
         if task is not None:
-            task.update(task_type=name, seed_ids=[e["id"] for e in chosen if e["id"] in examples.human_ids], round=state.round)
+            task.update(task_type=name, mode="input" if writes_inputs else "task", seed_ids=seed_ids, round=state.round)
             reason = checks.reason(task)
         if reason:
             funnel.drop(reason)

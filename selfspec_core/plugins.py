@@ -7,6 +7,7 @@ plugin that raises or returns the wrong type is named in the error the user sees
 from __future__ import annotations
 
 import importlib.metadata
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
@@ -77,7 +78,8 @@ def domains() -> dict[str, Domain]:
             check_type(_plugin, "register_domains", domain, Domain)
             if domain.name in found:
                 raise SelfspecError(f"domain {domain.name!r} is provided by both {found[domain.name].plugin!r} and {_plugin!r}; uninstall one")
-            found[domain.name] = Domain(domain.name, domain.description, tuple(domain.task_families), _plugin)
+            found[domain.name] = replace(domain, task_families=tuple(domain.task_families),
+                                         input_task_types=tuple(domain.input_task_types), plugin=_plugin)
 
         try:
             impl.function(register=register)

@@ -265,8 +265,9 @@ def cap_labels(labels: Sequence[tuple[str, str] | None], confidence: Sequence[fl
     """Which records to keep so no label is more than ``max_share`` of its option group.
 
     ``labels`` holds ``(group, label)`` per record (``None`` for free-text records, always kept).
-    Per group the largest per-label count ``m`` with ``m <= max_share * sum(min(count, m))`` is kept
-    for every label; the surplus of an over-represented label is dropped least confident first
+    Per group the largest per-label count ``m`` with ``m <= share * sum(min(count, m))`` is kept
+    for every label, where ``share`` is ``max_share`` but at least 1/(labels seen in the group), so a
+    ``max_share`` of 1/n or less keeps every label at the rarest one's count (balanced); the surplus of an over-represented label is dropped least confident first
     (ties: later records first), so the result is deterministic. A group with a single label has
     no such ``m`` and is dropped whole: a task whose answer is always the same teaches nothing.
     Groups of fewer than ``MIN_GROUP_ITEMS`` records have no distribution to speak of and are kept.
@@ -282,7 +283,8 @@ def cap_labels(labels: Sequence[tuple[str, str] | None], confidence: Sequence[fl
         counts = [len(indices) for indices in per_label.values()]
         if sum(counts) < MIN_GROUP_ITEMS:
             continue
-        allowed = max((m for m in range(max(counts) + 1) if m <= max_share * sum(min(c, m) for c in counts)), default=0)
+        share = max(max_share, 1 / len(counts)) if len(counts) > 1 else max_share
+        allowed = max((m for m in range(max(counts) + 1) if m <= share * sum(min(c, m) for c in counts) + 1e-9), default=0)
         for indices in per_label.values():
             ranked = sorted(indices, key=lambda i: (-confidence[i], i))
             for index in ranked[allowed:]:

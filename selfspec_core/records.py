@@ -14,6 +14,10 @@ class Domain:
     name: str
     description: str
     task_families: tuple[str, ...] = ()
+    # Task types whose seed instructions hold for any input (e.g. "classify the sentiment of this
+    # sentence"): stage 1 also writes new inputs for them under a seed's own instruction, which a
+    # small model does far better than writing whole new tasks (``generate.input_share``).
+    input_task_types: tuple[str, ...] = ()
     plugin: str = ""
 
 

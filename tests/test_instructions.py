@@ -28,6 +28,8 @@ CONTEXT = {"domain": "testfin", "description": "finance"}
 FORMAT = TaskFormat(INSTRUCTION_TEMPLATE, CONTEXT)
 # A domain no plugin serves, so every template and hook answer is the core's.
 DOMAIN = Domain("testfin", "finance")
+INPUT_TYPES = ("sentiment", "causal_detection")
+INPUT_DOMAIN = Domain("testfin", "finance", input_task_types=INPUT_TYPES)
 
 
 def done(text: str) -> Completion:
@@ -116,10 +118,15 @@ class ScriptedGenerator:
         texts = []
         for prompt in prompts:
             rng = random.Random(hashlib.sha256(f"{seed}|{prompt}".encode()).digest())
-            task_type = re.search(r"Type: (.*)\nInstruction:$", prompt).group(1)
             if rng.random() < 0.25:
                 texts.append(rng.choice(self.GARBAGE))
                 continue
+            if prompt.endswith("\nInput:"):  # an input under a seed's instruction
+                words = rng.sample(self.SUBJECTS, 2)
+                texts.append(f" Company {rng.randint(1, 999)} reported that {words[0]} moved with {words[1]}."
+                             "\nAnswer: positive")
+                continue
+            task_type = re.search(r"Type: (.*)\nInstruction:$", prompt).group(1)
             words = rng.sample(self.SUBJECTS, 3)
             texts.append(f" {rng.choice(self.VERBS)} how {words[0]} relates to {words[1]} for {task_type.replace('_', ' ')}."
                          f"\nInput: A note on {words[2]} number {rng.randint(1, 999)}.\nAnswer: ignored")
@@ -137,11 +144,11 @@ class KilledAfter(ScriptedGenerator):
         return super().generate(prompts, **options)
 
 
-def make_context(tmp_path, name="run", seed=42, model=ModelRef("scripted", "unused"), **generate):
+def make_context(tmp_path, name="run", seed=42, model=ModelRef("scripted", "unused"), domain=DOMAIN, **generate):
     settings = load_settings("tiny", overrides={"seed": seed, "generate": {"num_instructions": 12, "batch_size": 4, "max_rounds": 10, **generate}})
-    run = RunDir(tmp_path / name, DOMAIN.name).open()
+    run = RunDir(tmp_path / name, domain.name).open()
     logged = []
-    ctx = StageContext(settings, DOMAIN, run, SEEDS, model, run.partial_dir("generate"), logged.append)
+    ctx = StageContext(settings, domain, run, SEEDS, model, run.partial_dir("generate"), logged.append)
     return ctx, logged
 
 
@@ -156,7 +163,8 @@ def test_stage_writes_balanced_filtered_records(tmp_path, monkeypatch):
     records = read_jsonl(ctx.work / "instructions.jsonl")
     assert len(records) == 12 == counts["funnel"]["kept"]
     assert [r["id"] for r in records] == [f"testfin-gen-{n:05d}" for n in range(1, 13)]
-    assert all(set(r) == {"id", "instruction", "input", "task_type", "seed_ids", "round"} for r in records)
+    assert all(set(r) == {"id", "instruction", "input", "task_type", "mode", "seed_ids", "round"} for r in records)
+    assert {r["mode"] for r in records} == {"task"}  # the domain names no input task types
     assert all(r["seed_ids"] and set(r["seed_ids"]) <= {s.id for s in SEEDS} for r in records)
     assert not any("Answer:" in r["input"] for r in records)
     by_type = Counter(r["task_type"] for r in records)
@@ -169,6 +177,41 @@ def test_stage_writes_balanced_filtered_records(tmp_path, monkeypatch):
     assert len(set(funnel["dropped"]) & garbage) >= 3
     assert counts["stopped"] == "target" and counts["rounds"] >= 2
     assert "12 of 12 instructions" in logged[-1]
+
+
+def test_input_batches_write_new_inputs_under_seed_instructions(tmp_path, monkeypatch):
+    ctx, _ = make_context(tmp_path, domain=INPUT_DOMAIN, num_instructions=24, input_share=0.5)
+    counts = run_with(ctx, ScriptedGenerator(), monkeypatch)
+    records = read_jsonl(ctx.work / "instructions.jsonl")
+    state = json.loads((ctx.work / "state.json").read_text())
+    assert state["input_batches"] == state["batches"] // 2 + state["batches"] % 2  # every other batch, first one included
+    written = [r for r in records if r["mode"] == "input"]
+    assert written and len(written) < len(records)
+    seeds = {s.id: s for s in SEEDS}
+    for record in written:
+        owner = seeds[record["seed_ids"][0]]
+        assert record["task_type"] in INPUT_TYPES and owner.task_type == record["task_type"]
+        assert record["instruction"] == owner.instruction and owner.input
+        assert record["input"].startswith("Company ") and "Answer:" not in record["input"]
+    # the balance over types counts both kinds of record
+    assert counts["task_types"] == dict(sorted(Counter(r["task_type"] for r in records).items()))
+
+
+def test_input_share_zero_or_no_input_types_writes_whole_tasks_only(tmp_path, monkeypatch):
+    for name, domain, share in (("off", INPUT_DOMAIN, 0.0), ("none", DOMAIN, 1.0)):
+        ctx, _ = make_context(tmp_path, name, domain=domain, input_share=share)
+        run_with(ctx, ScriptedGenerator(), monkeypatch)
+        assert {r["mode"] for r in read_jsonl(ctx.work / "instructions.jsonl")} == {"task"}
+
+
+def test_an_input_copied_from_a_seed_is_a_duplicate(tmp_path):
+    from selfspec_core.filters import InstructionFilter, dedup_text
+    seed = next(s for s in SEEDS if s.task_type == "sentiment")
+    checks = InstructionFilter("testfin", 3, 150, 0.7, pool=[dedup_text(seed.to_dict())])
+    copied = {"instruction": seed.instruction, "input": seed.input, "mode": "input"}
+    fresh = {"instruction": seed.instruction, "input": "Orvik Shipping ordered four new vessels for its Baltic routes.", "mode": "input"}
+    assert checks.reason(copied) == "duplicate" and checks.reason(fresh) is None
+    assert checks.reason({**fresh, "input": "Too short"}) == "too_short"
 
 
 def test_plugin_filter_rejections_are_counted_by_plugin_and_reason(tmp_path, monkeypatch):
@@ -198,12 +241,13 @@ def test_same_seed_same_file_other_seed_other_records(tmp_path, monkeypatch):
     assert outputs[0] != outputs[2]
 
 
-def test_killed_stage_resumes_to_the_same_file(tmp_path, monkeypatch):
-    whole, _ = make_context(tmp_path, "whole")
+@pytest.mark.parametrize("domain", [DOMAIN, INPUT_DOMAIN], ids=["tasks", "tasks_and_inputs"])
+def test_killed_stage_resumes_to_the_same_file(tmp_path, monkeypatch, domain):
+    whole, _ = make_context(tmp_path, "whole", domain=domain)
     uninterrupted = ScriptedGenerator()
     expected_counts = run_with(whole, uninterrupted, monkeypatch)
 
-    resumed, _ = make_context(tmp_path, "resumed")
+    resumed, _ = make_context(tmp_path, "resumed", domain=domain)
     with pytest.raises(KeyboardInterrupt):
         run_with(resumed, KilledAfter(2), monkeypatch)
     state = json.loads((resumed.work / "state.json").read_text())

@@ -134,6 +134,8 @@ def test_label_cap_keeps_the_most_confident_and_drops_one_label_groups():
     assert distribution == {"ab": {"a": 3}, "s": {"neg": 2, "neu": 1, "pos": 3}}
     assert max_label_share(distribution) == 0.5 and max_label_share(distribution, min_items=1) == 1.0
     assert cap_labels(labels, confidence, 1.0) == [True] * len(labels)
+    balanced = cap_labels(labels, confidence, 0.0)  # at most 1/n: every label at the rarest one's count
+    assert label_shares([label for label, flag in zip(labels, balanced) if flag])["s"] == {"neg": 1, "neu": 1, "pos": 1}
     assert cap_labels(labels, [0.0] * len(labels), 0.5)[:6] == [True, True, True, False, False, False]  # ties: earlier first
 
 

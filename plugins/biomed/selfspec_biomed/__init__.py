@@ -22,6 +22,8 @@ DOMAIN = Domain(
     description="biomedicine and clinical research",
     task_families=("yesno_qa", "factoid_qa", "list_qa", "ner", "relation_extraction", "document_classification",
                    "sentence_similarity", "nli", "multiple_choice", "summarization"),
+    # Their seed instructions fit any sentence or premise-hypothesis pair.
+    input_task_types=("document_classification", "nli"),
 )
 
 TEMPLATES = {

@@ -22,6 +22,8 @@ DOMAIN = Domain(
     description="finance and financial analysis",
     task_families=("sentiment", "headline_sentiment", "aspect_sentiment", "ner", "numerical_reasoning",
                    "causal_detection", "filing_classification", "definition", "summarization"),
+    # Their seed instructions fit any sentence or passage; sentiment is what Financial PhraseBank tests.
+    input_task_types=("sentiment", "headline_sentiment", "causal_detection", "filing_classification"),
 )
 
 TEMPLATES = {
