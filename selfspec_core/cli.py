@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, plugins
+from . import __version__, distributed, plugins
 from .config import PROFILES, load_settings
 from .errors import SelfspecError
 from .rundir import STAGES, RunDir, atomic_write_json, safe_name
@@ -46,9 +46,17 @@ class Session:
 
         settings = self.settings(**extra)
         domain = self.domain()
-        run = self.run_dir(domain).open()
-        atomic_write_json(run.path / "config.json", {"profile": self.profile, **settings.to_dict()})
-        return Pipeline(settings, domain, run, domain_seeds(domain.name, self.seeds_path), log=click.echo)
+        with distributed.main_process_first():  # rank 0 creates the run folder, the others open it
+            run = self.run_dir(domain).open()
+        main = distributed.is_main_process()
+        if main:
+            atomic_write_json(run.path / "config.json", {"profile": self.profile, **settings.to_dict()})
+        return Pipeline(settings, domain, run, domain_seeds(domain.name, self.seeds_path),
+                        log=click.echo if main else _quiet)
+
+
+def _quiet(message: str) -> None:
+    """The log of training processes other than rank 0, which would repeat its lines."""
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -146,8 +154,39 @@ _quant = click.option("--quant", type=click.Choice(["auto", "none", "nf4"]), hel
 
 generate = _stage_command("generate", "Stage 1: write new domain instructions from the seeds.")
 respond = _retrieval(_stage_command("respond", "Stage 2: answer the instructions (grounded by retrieval)."))
-train = _quant(_stage_command("train", "Stage 3: tune the model on its own data with (Q)LoRA."))
 report = _stage_command("report", "Write report.html and report.md for the run.")
+
+
+@cli.command()
+@_quant
+@click.option("--num-processes", type=click.IntRange(min=1), help="Train on N processes of this machine, one per GPU "
+              "(gloo on CPU); each step then trains on batch_size x grad_accum x N examples.")
+@click.option("--force", is_flag=True, help="Run again even if up to date.")
+@click.pass_context
+def train(ctx: click.Context, num_processes, force: bool, **options):
+    """Stage 3: tune the model on its own data with (Q)LoRA."""
+    launched = distributed.world_size()
+    if num_processes and num_processes > 1 and launched == 1:
+        distributed.launch(_command_line(ctx), num_processes)
+        return
+    if num_processes and num_processes != launched and distributed.is_main_process():
+        click.echo(f"note: already running as {launched} process(es) started by a launcher; "
+                   f"--num-processes {num_processes} is ignored", err=True)
+    ctx.obj.pipeline(**_stage_overrides(options)).run_stages(["train"], force=force)
+
+
+def _command_line(ctx: click.Context) -> list[str]:
+    """The arguments that run ``ctx``'s command again, as the launched processes must."""
+    return [*_options(ctx.find_root()), ctx.info_name, *_options(ctx)]
+
+
+def _options(ctx: click.Context) -> list[str]:
+    args = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Option) and value not in (None, False):
+            args += [param.opts[0]] if value is True else [param.opts[0], str(value)]
+    return args
 
 
 @cli.command()

@@ -35,8 +35,10 @@ class GenerateSettings:
     num_examples: int = 3
     human_example_share: float = 0.67
     # Share of prompts that keep a seed's instruction and write only a new input, for the domain's
-    # ``input_task_types`` (0 = whole new tasks only, as Self-Instruct).
-    input_share: float = 0.5
+    # ``input_task_types`` (0 = whole new tasks only, as Self-Instruct). A 135M model writes usable
+    # inputs; most of its whole new tasks are noise.
+    input_share: float = 0.75
+    input_examples: int = 6  # inputs shown per such prompt (they are short)
     temperature: float = 1.0
     top_p: float = 0.98
     max_new_tokens: int = 160
@@ -238,7 +240,7 @@ _RANGES = {
     "warmup_ratio": (0.0, 1.0), "learning_rate": (0.0, 1.0), "min_relevance": (0.0, 1e9),
     "lora_r": (1, 1024), "lora_alpha": (1, 1e6), "grad_accum": (1, 1e6), "max_length": (16, 1e6),
     "save_steps": (1, 1e9),
-    "num_instructions": (1, 10_000_000), "max_rounds": (1, 1_000_000), "num_examples": (0, 64),
+    "num_instructions": (1, 10_000_000), "max_rounds": (1, 1_000_000), "num_examples": (0, 64), "input_examples": (1, 64),
     "concurrency": (1, 1024), "timeout": (0.001, 86400.0), "actors": (1, 100_000),
     "ngram": (1, 100), "bootstrap_samples": (1, 1_000_000), "shots": (0, 64),
     "consistency_samples": (1, 64), "consistency_temperature": (0.0, 5.0), "consistency_min_rouge": (0.0, 1.0),

@@ -23,13 +23,9 @@ INSTRUCTION_TEMPLATE = PromptTemplate(
     query="Type: {task_type}\nInstruction:",
 )
 
-# Only the input is written: ``{instruction}`` is a seed's, the examples are inputs of its task type.
-INPUT_TEMPLATE = PromptTemplate(
-    header="Inputs for the task \"{instruction}\" in {description}. Each input is realistic, self-contained, "
-           "new and different from the others.",
-    example="Input: {input}",
-    query="Input:",
-)
+# Only the input is written, under a seed's instruction: a bare list of inputs of one task type.
+# A header (even one naming the task) only leaks into what a small model writes.
+INPUT_TEMPLATE = PromptTemplate(example="Input: {input}", query="Input:")
 
 RESPONSE_TEMPLATE = PromptTemplate(
     header="An expert in {description} answers each instruction correctly and concisely.",

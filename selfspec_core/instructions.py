@@ -41,6 +41,7 @@ MIN_ACCEPT_RATE = 0.1  # a round plans for at least 1 kept task in 10 prompts
 NO_INPUT = frozenset({"", "<noinput>", "noinput", "none", "n/a", "na", "no input", "-", "nothing"})
 # Labels a model uses when it goes on to answer its own task; a completion is cut there.
 ANSWER_LABELS = ("Output:", "Answer:", "Response:")
+PARAGRAPH_END = "\n\n"  # a written input is one paragraph; what follows a blank line is the model rambling on
 
 
 class TaskFormat:
@@ -96,7 +97,7 @@ class InputFormat:
         self.template = template
         self.context = context
         labels = _labels(template.example) + [label for label in ANSWER_LABELS if label not in _labels(template.example)]
-        self.stops = list(template.stop) + [f"\n{label}" for label in labels]
+        self.stops = list(template.stop) + [f"\n{label}" for label in labels] + [PARAGRAPH_END]
 
     def prompt(self, examples: list[dict], instruction: str) -> str:
         return self.template.render([{"input": e["input"]} for e in examples], {}, **self.context, instruction=instruction)
@@ -391,7 +392,7 @@ def _run_batch(ctx, generator, formats: StageFormats, examples: ExamplePool, che
     for name in types:
         state.queried[name] = state.queried.get(name, 0) + 1
     if writes_inputs:
-        shown = [examples.draw_inputs(rng, name, settings.num_examples, settings.human_example_share) for name in types]
+        shown = [examples.draw_inputs(rng, name, settings.input_examples, settings.human_example_share) for name in types]
         owners = [rng.choice(formats.instruction_seeds[name]) for name in types]
         prompts = [formats.inputs.prompt(chosen, owner.instruction) for chosen, owner in zip(shown, owners)]
         stops = formats.inputs.stops

@@ -4,6 +4,9 @@ A stage module exposes ``run_stage(ctx: StageContext) -> dict``. It writes only 
 (the stage's partial folder, kept across a kill so it can resume) and returns the counts for its
 manifest. The pipeline records the config hash and the hash of the stage's inputs; a rerun skips a
 stage whose hashes match and reruns it, and everything after it, when they do not.
+
+Under a launcher with several processes (only ``train`` runs that way) every process runs the stage;
+rank 0 alone prepares the partial folder and seals the stage, the others wait for it at barriers.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import plugins
+from . import distributed, plugins
 from .config import Settings
 from .errors import SelfspecError
 from .models import ModelRef, resolve_model
@@ -113,6 +116,9 @@ class Pipeline:
         return "-".join(p for p in parts if p)
 
     def run_stages(self, stages: list[str], force: bool = False) -> None:
+        if distributed.world_size() > 1 and stages != ["train"]:
+            raise SelfspecError(f"only `selfspec train` runs on several processes, not {' '.join(stages)}: "
+                                "run the other stages without accelerate launch or torchrun")
         rerun_rest = force
         for stage in stages:
             config_hash = self.settings.section_hash(*STAGE_SPECS[stage][1])
@@ -127,23 +133,32 @@ class Pipeline:
 
     def run_one(self, stage: str, config_hash: str, input_hash: str) -> None:
         module = importlib.import_module(f"selfspec_core.{STAGE_SPECS[stage][0]}")
+        main = distributed.is_main_process()
+        if main:
+            self._stamp_partial(stage, f"{config_hash} {input_hash}")
+        distributed.wait_for_everyone()  # the others start on the folder rank 0 has prepared
         work = self.run.partial_dir(stage)
-        stamp = work / ".hashes"
-        if stamp.exists() and stamp.read_text() != f"{config_hash} {input_hash}":
-            self.run.discard_partial(stage)  # partial work made with other settings cannot be resumed
-            work = self.run.partial_dir(stage)
-        stamp.write_text(f"{config_hash} {input_hash}")
         ctx = StageContext(self.settings, self.domain, self.run, self.seeds, self.model, work, self.log)
         started = time.time()
         self.log(f"[{stage}] running")
         with _peak_memory() as memory:
             counts = module.run_stage(ctx)
-        stamp.unlink(missing_ok=True)
-        self.run.finish(stage, {
-            "config_hash": config_hash, "input_hash": input_hash, "seconds": round(time.time() - started, 2),
-            "model": self.model.name, **memory, **counts,
-        })
-        self.log(f"[{stage}] done in {time.time() - started:.0f}s -> {self.run.stage_dir(stage)}")
+        if main:
+            (work / ".hashes").unlink(missing_ok=True)
+            self.run.finish(stage, {
+                "config_hash": config_hash, "input_hash": input_hash, "seconds": round(time.time() - started, 2),
+                "model": self.model.name, **memory, **counts,
+            })
+            self.log(f"[{stage}] done in {time.time() - started:.0f}s -> {self.run.stage_dir(stage)}")
+        distributed.wait_for_everyone()  # every process leaves with the stage sealed
+
+    def _stamp_partial(self, stage: str, hashes: str) -> None:
+        """Mark the partial folder with the hashes it is made for; partial work of other ones cannot be resumed."""
+        stamp = self.run.partial_dir(stage) / ".hashes"
+        if stamp.exists() and stamp.read_text() != hashes:
+            self.run.discard_partial(stage)
+            stamp = self.run.partial_dir(stage) / ".hashes"
+        stamp.write_text(hashes)
 
 
 @contextmanager

@@ -16,7 +16,13 @@ What selfspec adds on top:
 * only the positions that predict a response token are projected onto the vocabulary
   (``logits_to_keep``): on instruction data most tokens are prompt, and the LM head is the largest
   single matrix of a small model;
-* checkpoints every ``save_steps`` steps, resumed after a kill; a per-step ``train_log.jsonl``.
+* checkpoints every ``save_steps`` steps, resumed after a kill; a per-step ``train_log.jsonl``;
+* several processes (``selfspec train --num-processes N``, ``accelerate launch``, ``torchrun``): the
+  Trainer's accelerate dataloader gives each rank a disjoint ``batch_size`` slice of every global batch
+  and DDP all-reduces the gradients, so a step trains on ``batch_size * grad_accum * processes``
+  examples (the per-process batch, and so the memory per device, stays as set). The loss is normalized
+  by the target tokens of all ranks together. Rank 0 alone writes the log, checkpoints (each rank adds
+  its own RNG state to them), the adapter and, in the pipeline, the manifest.
 
 Outputs in the stage folder: ``adapter/`` (PEFT format plus ``selfspec_training.json``: settings,
 prompt template, data hash, stats) and ``train_log.jsonl``. Checkpoints are deleted once the adapter
@@ -37,7 +43,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, TrainerCall
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from . import __version__
+from . import __version__, distributed
 from .config import TrainSettings
 from .errors import SelfspecError
 from .models import ModelRef, default_quant, load_model, load_tokenizer
@@ -47,7 +53,9 @@ from .templates import PromptTemplate
 
 IGNORE = -100  # label of a token that is not trained on
 TRAINING_INFO = "selfspec_training.json"
+TRAINING_ARGS_FILE = "training_args.bin"  # what Trainer.save_model adds next to the weights
 PACKED_ATTENTION = "selfspec_packed_sdpa"
+PROCESSES_FILE = "processes.json"  # in the checkpoints folder: how many processes made its checkpoints
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
@@ -228,7 +236,11 @@ def training_arguments(settings: TrainSettings, output_dir: Path, seed: int, **o
         include_num_input_tokens_seen="all" if settings.packing else "non_padding",
         logging_strategy="steps", logging_steps=1, save_strategy="steps", save_steps=settings.save_steps,
         save_total_limit=1, report_to="none", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available())
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        # accelerate makes no process group for several processes on a machine without GPUs unless told "CPU".
+        use_cpu=distributed.world_size() > 1 and not torch.cuda.is_available(),
+        # Every LoRA weight gets a gradient every step: DDP need not walk the graph looking for unused ones.
+        ddp_find_unused_parameters=False)
     options.update(overrides)
     return TrainingArguments(**options)
 
@@ -273,6 +285,25 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     return None
 
 
+def resume_checkpoint(folder: Path, processes: int) -> Path | None:
+    """The checkpoint to resume from, if any; run by rank 0 first (it removes torn checkpoints).
+
+    Checkpoints of another number of processes are refused: the global batch, the steps per epoch
+    and each rank's share of the data would all change halfway through the run.
+    """
+    resume = last_complete_checkpoint(folder)
+    marker = folder / PROCESSES_FILE
+    if resume is None:
+        if distributed.is_main_process():
+            atomic_write_json(marker, {"processes": processes})
+        return None
+    made_by = json.loads(marker.read_text(encoding="utf-8"))["processes"] if marker.exists() else 1
+    if made_by != processes:
+        raise SelfspecError(f"{resume} was made by {made_by} training process(es) and this run has {processes}: "
+                            f"rerun with --num-processes {made_by} to resume, or delete {folder} to start over")
+    return resume
+
+
 def make_trainer(model, examples: list[Example], settings: TrainSettings, tokenizer, args, callbacks=()):
     """A Trainer on ``examples`` with selfspec's batches and response-only loss."""
     from transformers import PrinterCallback, Trainer
@@ -301,48 +332,61 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     examples = [encode_example(r, template, tokenizer, settings.max_length, ctx.template_context)
                 for r in load_records(data_path)]
     quant = default_quant(settings.quant)
+    checkpoints = ctx.work / "checkpoints"
+    # Before the model: the arguments join the process group (so each GPU process loads onto its own
+    # device) and, under an accelerate DeepSpeed config with zero3_init_flag, make loading sharded.
+    args = training_arguments(settings, checkpoints, ctx.settings.seed)
     set_seed(ctx.settings.seed)
     model = lora_model(ctx.model, settings, quant)
 
-    checkpoints = ctx.work / "checkpoints"
-    resume = last_complete_checkpoint(checkpoints)
+    with distributed.main_process_first():
+        resume = resume_checkpoint(checkpoints, args.world_size)
     resumed = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8")) if resume else {}
     if resume:
         ctx.log(f"[train] resuming from {resume.name}")
-    log = TrainLog(ctx.work / "train_log.jsonl", resumed.get("global_step", 0), ctx.log)
-    args = training_arguments(settings, checkpoints, ctx.settings.seed)
-    trainer = make_trainer(model, examples, settings, tokenizer, args, [log, *callbacks])
+    log = [TrainLog(ctx.work / "train_log.jsonl", resumed.get("global_step", 0), ctx.log)] if distributed.is_main_process() else []
+    trainer = make_trainer(model, examples, settings, tokenizer, args, [*log, *callbacks])
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
 
     state = trainer.state
-    steps_log = log.records.records
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     stats = {
         "examples": len(examples), "truncated": sum(e.truncated for e in examples),
         "response_truncated": sum(e.response_cut for e in examples),
         "steps": state.global_step, "epochs": round(state.epoch or 0.0, 4),
-        "final_loss": round(steps_log[-1]["loss"], 4) if steps_log else None,
+        "final_loss": round(losses[-1], 4) if losses else None,
         "tokens": state.num_input_tokens_seen,
         "tokens_per_s": round((state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0)) / seconds, 1),
-        "quant": quant, "packing": settings.packing,
+        "quant": quant, "packing": settings.packing, "processes": args.world_size,
     }
     info = {"selfspec_version": __version__, "model": ctx.model.name, "model_path": ctx.model.path,
             "data_file": "respond/data.jsonl", "data_hash": data_hash, "seed": ctx.settings.seed,
             "settings": dataclasses.asdict(settings), "prompt_template": dataclasses.asdict(template),
             "stats": stats}
-    save_adapter(model, adapter_dir, info)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    save_adapter(trainer, adapter_dir, info)
+    if distributed.is_main_process():
+        shutil.rmtree(checkpoints, ignore_errors=True)
     ctx.log(f"[train] {stats['steps']} steps on {len(examples)} examples ({stats['truncated']} truncated), "
             f"final loss {stats['final_loss']}, {stats['tokens_per_s']} tokens/s")
     return stats
 
 
-def save_adapter(model, adapter_dir: Path, info: dict) -> None:
-    """Write the PEFT adapter and its training record so the folder appears complete or not at all."""
+def save_adapter(trainer, adapter_dir: Path, info: dict) -> None:
+    """Write the PEFT adapter and its training record so the folder appears complete or not at all.
+
+    Every rank calls this: under FSDP or DeepSpeed ZeRO-3 the Trainer gathers the sharded weights from
+    all of them; rank 0 alone writes.
+    """
     staging = adapter_dir.with_name(adapter_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging), safe_serialization=True)
+    main = distributed.is_main_process()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    if not main:
+        return
+    (staging / TRAINING_ARGS_FILE).unlink(missing_ok=True)  # a pickle of the arguments; ``info`` holds the settings
     atomic_write_json(staging / TRAINING_INFO, info)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(staging, adapter_dir)
