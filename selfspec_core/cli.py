@@ -165,14 +165,17 @@ report = _stage_command("report", "Write report.html and report.md for the run."
 @click.pass_context
 def train(ctx: click.Context, num_processes, force: bool, **options):
     """Stage 3: tune the model on its own data with (Q)LoRA."""
+    session, overrides = ctx.obj, _stage_overrides(options)
     launched = distributed.world_size()
     if num_processes and num_processes > 1 and launched == 1:
+        session.settings(**overrides)  # a bad setting or domain fails here once, not once per process
+        session.domain()
         distributed.launch(_command_line(ctx), num_processes)
         return
     if num_processes and num_processes != launched and distributed.is_main_process():
         click.echo(f"note: already running as {launched} process(es) started by a launcher; "
                    f"--num-processes {num_processes} is ignored", err=True)
-    ctx.obj.pipeline(**_stage_overrides(options)).run_stages(["train"], force=force)
+    session.pipeline(**overrides).run_stages(["train"], force=force)
 
 
 def _command_line(ctx: click.Context) -> list[str]:

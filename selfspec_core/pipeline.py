@@ -138,7 +138,9 @@ class Pipeline:
             self._stamp_partial(stage, f"{config_hash} {input_hash}")
         distributed.wait_for_everyone()  # the others start on the folder rank 0 has prepared
         work = self.run.partial_dir(stage)
-        ctx = StageContext(self.settings, self.domain, self.run, self.seeds, self.model, work, self.log)
+        with distributed.main_process_first():  # rank 0 converts a GGUF base into the cache, the others read it
+            model = self.model
+        ctx = StageContext(self.settings, self.domain, self.run, self.seeds, model, work, self.log)
         started = time.time()
         self.log(f"[{stage}] running")
         with _peak_memory() as memory:

@@ -286,16 +286,18 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
 
 
 def resume_checkpoint(folder: Path, processes: int) -> Path | None:
-    """The checkpoint to resume from, if any; run by rank 0 first (it removes torn checkpoints).
+    """The checkpoint to resume from, if any.
 
-    Checkpoints of another number of processes are refused: the global batch, the steps per epoch
-    and each rank's share of the data would all change halfway through the run.
+    Rank 0 looks first: it removes torn checkpoints and, on a fresh start, records the number of
+    processes. Checkpoints of another number are refused, on every rank alike: the global batch, the
+    steps per epoch and each rank's share of the data would all change halfway through the run.
     """
-    resume = last_complete_checkpoint(folder)
     marker = folder / PROCESSES_FILE
-    if resume is None:
-        if distributed.is_main_process():
+    with distributed.main_process_first():
+        resume = last_complete_checkpoint(folder)
+        if resume is None and distributed.is_main_process():
             atomic_write_json(marker, {"processes": processes})
+    if resume is None:
         return None
     made_by = json.loads(marker.read_text(encoding="utf-8"))["processes"] if marker.exists() else 1
     if made_by != processes:
@@ -336,11 +338,9 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     # Before the model: the arguments join the process group (so each GPU process loads onto its own
     # device) and, under an accelerate DeepSpeed config with zero3_init_flag, make loading sharded.
     args = training_arguments(settings, checkpoints, ctx.settings.seed)
+    resume = resume_checkpoint(checkpoints, args.world_size)
     set_seed(ctx.settings.seed)
     model = lora_model(ctx.model, settings, quant)
-
-    with distributed.main_process_first():
-        resume = resume_checkpoint(checkpoints, args.world_size)
     resumed = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8")) if resume else {}
     if resume:
         ctx.log(f"[train] resuming from {resume.name}")
@@ -383,6 +383,8 @@ def save_adapter(trainer, adapter_dir: Path, info: dict) -> None:
     main = distributed.is_main_process()
     if main:
         shutil.rmtree(staging, ignore_errors=True)
+    if trainer.is_fsdp_enabled:  # FSDP saves nothing from_pretrained can load unless asked for the full state
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(staging))
     if not main:
         return
