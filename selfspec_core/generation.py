@@ -56,12 +56,6 @@ class HFGenerator:
     def device(self):
         return next(self.model.parameters()).device
 
-    def _batches(self, texts: Sequence[str]) -> list[list[int]]:
-        """Indices grouped into batches of similar length (less padding, same results)."""
-        lengths = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-
     def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, stop=(), seed=0):
         import torch
 
@@ -96,8 +90,10 @@ class HFGenerator:
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests):
-        """Scores requests; when every continuation of a context is one token (labels such as
-        yes/no/maybe), one forward pass of the context scores them all."""
+        """Scores requests, running each context once: when every continuation of a context is one
+        token (labels such as yes/no/maybe), one forward pass of the context scores them all; longer
+        continuations of a shared context (label names, answer options) are run on its cached keys
+        and values, so a long prompt with eight options costs one pass, not eight."""
         pairs = []
         for context, continuation in requests:
             continuation_ids = self.tokenizer(continuation, add_special_tokens=False).input_ids
@@ -108,19 +104,18 @@ class HFGenerator:
         for index, (context, _) in enumerate(pairs):
             groups.setdefault(context, []).append(index)
         sequences, readouts = [], []  # readouts: (request index, sequence number, first scored position)
+        scores: list[tuple[float, int] | None] = [None] * len(pairs)
         for context, members in groups.items():
             context_ids = self.tokenizer(context, add_special_tokens=False).input_ids
             if all(len(pairs[i][1]) == 1 for i in members):
                 sequences.append(context_ids)
                 readouts += [(i, len(sequences) - 1, len(context_ids)) for i in members]
             else:
-                for i in members:
-                    sequences.append(context_ids + pairs[i][1])
-                    readouts.append((i, len(sequences) - 1, len(context_ids)))
+                for i, score in zip(members, self._score_on_cached_context(context_ids, [pairs[i][1] for i in members])):
+                    scores[i] = score
         by_sequence: dict[int, list[tuple[int, int]]] = {}
         for index, sequence, begin in readouts:
             by_sequence.setdefault(sequence, []).append((index, begin))
-        scores: list[tuple[float, int] | None] = [None] * len(pairs)
         import torch
 
         for sequence, logits in self._forward(sequences):
@@ -130,6 +125,29 @@ class HFGenerator:
                 logprobs = torch.log_softmax(logits[positions].float(), dim=-1)
                 scores[index] = (logprobs[torch.arange(len(target)), target].sum().item(), len(target))
         return scores  # type: ignore[return-value]
+
+    def _score_on_cached_context(self, context_ids: list[int], continuations: list[list[int]]) -> list[tuple[float, int]]:
+        """``(log-probability, tokens)`` of each continuation after one context, the context run once."""
+        import torch
+
+        pad, count = self.tokenizer.pad_token_id, len(continuations)
+        width = max(len(c) for c in continuations)
+        ids = torch.full((count, width), pad, dtype=torch.long)
+        mask = torch.zeros((count, len(context_ids) + width), dtype=torch.long)
+        mask[:, :len(context_ids)] = 1
+        for row, continuation in enumerate(continuations):
+            ids[row, :len(continuation)] = torch.tensor(continuation)
+            mask[row, len(context_ids):len(context_ids) + len(continuation)] = 1
+        with torch.inference_mode():
+            prefix = self.model(input_ids=torch.tensor([context_ids], device=self.device), use_cache=True)
+            cache = prefix.past_key_values
+            cache.batch_repeat_interleave(count)
+            rest = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), past_key_values=cache).logits
+        # the context's last position predicts each continuation's first token, the continuation the rest
+        logits = torch.cat([prefix.logits[0, -1:].expand(count, 1, -1), rest], dim=1).float().cpu()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return [(logprobs[row, torch.arange(len(c)), torch.tensor(c)].sum().item(), len(c))
+                for row, c in enumerate(continuations)]
 
     def _forward(self, sequences: list[list[int]]):
         """Yield ``(sequence number, logits at each position)``, batched by length."""

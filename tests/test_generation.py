@@ -32,7 +32,9 @@ def test_sampling_is_seeded(parts):
 
 def test_loglikelihood_matches_a_manual_forward_pass(parts):
     model, tokenizer = parts
-    requests = [("The answer is", " yes"), ("The answer is", " no"), ("The answer is", " no maybe"), ("Other", "x")]
+    # "The answer is" has continuations of 1 to 4 tokens: scored on its cached keys and values
+    requests = [("The answer is", " yes"), ("The answer is", " no"), ("The answer is", " no maybe"),
+                ("The answer is", " perhaps not at all"), ("Other", "x"), ("Other", "y")]
     scores = HFGenerator(model, tokenizer, batch_size=3).loglikelihood(requests)
     for (context, continuation), (score, count) in zip(requests, scores):
         a = tokenizer(context, add_special_tokens=False).input_ids
