@@ -140,9 +140,9 @@ class HFGenerator:
             mask[row, len(context_ids):len(context_ids) + len(continuation)] = 1
         with torch.inference_mode():
             prefix = self.model(input_ids=torch.tensor([context_ids], device=self.device), use_cache=True)
-            cache = prefix.past_key_values
+            cache = prefix.cache
             cache.batch_repeat_interleave(count)
-            rest = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), past_key_values=cache).logits
+            rest = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), cache=cache).logits
         # the context's last position predicts each continuation's first token, the continuation the rest
         logits = torch.cat([prefix.logits[0, -1:].expand(count, 1, -1), rest], dim=1).float().cpu()
         logprobs = torch.log_softmax(logits, dim=-1)
