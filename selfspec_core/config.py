@@ -117,6 +117,9 @@ class EvaluateSettings:
     cross_domain: bool = True
     # Comma-separated task names to score; empty means every task except development splits.
     tasks: str = ""
+    # Comma-separated scoring modes to run ("loglikelihood", "generate"); empty means both. On a CPU
+    # a generation task costs many times a log-likelihood one (every item decodes tokens).
+    modes: str = ""
     # The adapter to evaluate; None means the run's own ``train/adapter``.
     adapter: str | None = None
     # Drop generated training records that share an ``ngram``-gram with an evaluation item.
@@ -178,7 +181,12 @@ class Settings:
 
 
 PROFILES: dict[str, dict] = {
-    "quick": {},
+    # The CPU demo: about 30 minutes on 2 cores with the embedded model. Mostly new inputs under seed
+    # instructions (what a 135M model writes well), and the log-likelihood benchmarks on 500 items each.
+    "quick": {
+        "generate": {"input_share": 0.9},
+        "evaluate": {"modes": "loglikelihood", "max_items": 500},
+    },
     "paper": {
         "generate": {"num_instructions": 5000, "max_rounds": 1000, "batch_size": 32},
         "respond": {"batch_size": 16},
@@ -250,6 +258,7 @@ _CHOICES = {
     "backend": ("hf", "vllm", "openai"),
     "executor": ("local", "ray"),
 }
+_LIST_CHOICES = {"modes": ("loglikelihood", "generate")}  # comma-separated
 
 
 def apply(target: Any, values: dict, source: str, prefix: str = "") -> None:
@@ -298,6 +307,9 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
         raise SelfspecError(f"{where}: expected text, got {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise SelfspecError(f"{where}: expected one of {', '.join(_CHOICES[key])}, got {value!r}")
+    for item in (value.split(",") if key in _LIST_CHOICES else ()):
+        if item.strip() and item.strip() not in _LIST_CHOICES[key]:
+            raise SelfspecError(f"{where}: {item.strip()!r} is not one of {', '.join(_LIST_CHOICES[key])} (comma-separated)")
     return value
 
 

@@ -58,12 +58,14 @@ def resolve_data_dir(settings) -> Path | None:
     return data_root(settings.data_dir)
 
 
-def collect_tasks(domain: str, cross_domain: bool = True, wanted: str = "") -> tuple[list[EvalTask], list[EvalTask]]:
+def collect_tasks(domain: str, cross_domain: bool = True, wanted: str = "", modes: str = "") -> tuple[list[EvalTask], list[EvalTask]]:
     """The tasks of ``domain`` and, with ``cross_domain``, those of every other installed domain.
 
     ``wanted`` names tasks (comma-separated); empty keeps all but development splits
-    (``extra["split"] == "dev"``), which are for tuning defaults, not for reporting.
+    (``extra["split"] == "dev"``), which are for tuning defaults, not for reporting. ``modes``
+    (comma-separated scoring modes) keeps only tasks scored that way; empty keeps every mode.
     """
+    kept_modes = {mode.strip() for mode in modes.split(",") if mode.strip()}
     asked = [domain] + ([name for name in plugins.domains() if name != domain] if cross_domain else [])
     found: dict[tuple[str, str], tuple[str, EvalTask]] = {}
     for name in asked:
@@ -78,7 +80,8 @@ def collect_tasks(domain: str, cross_domain: bool = True, wanted: str = "") -> t
                 found.setdefault(key, (plugin, task))
     names = {name.strip() for name in wanted.split(",") if name.strip()}
     tasks = [task for _, task in found.values()
-             if (task.name in names if names else task.extra.get("split") != "dev")]
+             if (task.name in names if names else task.extra.get("split") != "dev")
+             and (task.mode in kept_modes or not kept_modes)]
     own = [t for t in tasks if t.domain == domain]
     others = [t for t in tasks if t.domain != domain] if cross_domain else []
     return own, others
@@ -322,7 +325,7 @@ def run_stage(ctx) -> dict:
         raise SelfspecError(f"{adapter}: no adapter to evaluate; run `selfspec --domain {ctx.domain.name} train "
                             f"--out {ctx.run.path}` or set evaluate.adapter to an adapter folder")
     check_adapter(adapter)
-    own, others = collect_tasks(ctx.domain.name, evaluate.cross_domain, evaluate.tasks)
+    own, others = collect_tasks(ctx.domain.name, evaluate.cross_domain, evaluate.tasks, evaluate.modes)
     if not own:
         ctx.log(f"[evaluate] domain {ctx.domain.name!r} registers no evaluation tasks (hook evaluation_tasks)")
     loaded, skipped = load_tasks(own + others, settings, ctx.log)

@@ -8,7 +8,7 @@ from selfspec_core.config import load_settings
 from selfspec_core.defaults import TRAIN_TEMPLATE
 from selfspec_core.errors import SelfspecError
 from selfspec_core.evaluation import (
-    answer_stops, check_contamination, drop_overlapping, evaluate_file, find_overlaps, item_texts, load_tasks, ngram_overlap,
+    answer_stops, check_contamination, collect_tasks, drop_overlapping, evaluate_file, find_overlaps, item_texts, load_tasks, ngram_overlap,
     read_items, render_prompt, score_model, split_items)
 from selfspec_core.hookspecs import hookimpl
 from selfspec_core.models import ModelRef
@@ -105,6 +105,17 @@ def _make_adapter(tiny_model_dir, folder: Path) -> Path:
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.save_pretrained(folder)
     return folder
+
+
+def test_tasks_can_be_chosen_by_name_and_by_scoring_mode(tiny_plugin):
+    names = lambda tasks: sorted(t.name for t in tasks if t.domain in ("tinydom", "otherdom"))  # not the installed plugins'
+    own, others = collect_tasks("tinydom")
+    assert names(own) == ["absent", "numbers", "sentiment"] and names(others) == ["other_qa"]
+    own, others = collect_tasks("tinydom", modes="loglikelihood")
+    assert names(own) == ["absent", "sentiment"] and names(others) == []
+    assert {t.mode for t in others} == {"loglikelihood"}
+    own, others = collect_tasks("tinydom", wanted="numbers,other_qa", modes="generate")
+    assert names(own) == ["numbers"] and names(others) == ["other_qa"]
 
 
 def test_split_items_holds_out_demonstrations_and_caps_items():
