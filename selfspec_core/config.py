@@ -182,10 +182,10 @@ class Settings:
 
 PROFILES: dict[str, dict] = {
     # The CPU demo: about 30 minutes on 2 cores with the embedded model. Mostly new inputs under seed
-    # instructions (what a 135M model writes well), and the log-likelihood benchmarks on 500 items each.
+    # instructions (what a 135M model writes well), and the log-likelihood benchmarks on 300 items each.
     "quick": {
         "generate": {"input_share": 0.9},
-        "evaluate": {"modes": "loglikelihood", "max_items": 500},
+        "evaluate": {"modes": "loglikelihood", "max_items": 300},
     },
     "paper": {
         "generate": {"num_instructions": 5000, "max_rounds": 1000, "batch_size": 32},
