@@ -1,9 +1,13 @@
 """The command line: errors, the domain scaffold and its installation."""
 
 import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def selfspec(*args, env=None, cwd=None):
@@ -16,6 +20,17 @@ def test_unknown_domain_is_one_line_exit_2():
     assert result.returncode == 2
     assert "unknown domain 'nope'" in result.stderr and "installed domains" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_readme_commands_parse():
+    """Every ``selfspec ...`` line of the README's shell blocks is a command line the CLI accepts."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    commands = [part.split("#")[0].strip() for block in blocks for line in block.splitlines()
+                for part in line.split("&&") if part.strip().startswith("selfspec ")]
+    assert commands and "selfspec --domain finance --profile quick run" in commands  # the first command's job
+    for command in commands:
+        result = selfspec(*shlex.split(command)[1:], "--help")
+        assert result.returncode == 0, f"README: {command}\n{result.stderr}"
 
 
 def test_debug_shows_traceback():
