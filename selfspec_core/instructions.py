@@ -96,7 +96,7 @@ class InputFormat:
     def __init__(self, template: PromptTemplate, context: dict):
         self.template = template
         self.context = context
-        labels = _labels(template.example) + [label for label in ANSWER_LABELS if label not in _labels(template.example)]
+        labels = dict.fromkeys([*_labels(template.example), *ANSWER_LABELS])
         self.stops = list(template.stop) + [f"\n{label}" for label in labels] + [PARAGRAPH_END]
 
     def prompt(self, examples: list[dict], instruction: str) -> str:
@@ -167,7 +167,6 @@ class ExamplePool:
         chosen = _prefer_type(rng, self.human, task_type, human) + _prefer_type(rng, self.generated, task_type, machine)
         rng.shuffle(chosen)
         return chosen
-
 
     def draw_inputs(self, rng: random.Random, task_type: str, k: int, human_share: float) -> list[dict]:
         """``k`` examples of ``task_type`` that have an input, ``human_share`` of them seeds."""

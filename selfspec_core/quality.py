@@ -267,8 +267,9 @@ def cap_labels(labels: Sequence[tuple[str, str] | None], confidence: Sequence[fl
     ``labels`` holds ``(group, label)`` per record (``None`` for free-text records, always kept).
     Per group the largest per-label count ``m`` with ``m <= share * sum(min(count, m))`` is kept
     for every label, where ``share`` is ``max_share`` but at least 1/(labels seen in the group), so a
-    ``max_share`` of 1/n or less keeps every label at the rarest one's count (balanced); the surplus of an over-represented label is dropped least confident first
-    (ties: later records first), so the result is deterministic. A group with a single label has
+    ``max_share`` of 1/n or less keeps every label at the rarest one's count (balanced); the surplus
+    of an over-represented label is dropped least confident first (ties: later records first), so
+    the result is deterministic. A group with a single label has
     no such ``m`` and is dropped whole: a task whose answer is always the same teaches nothing.
     Groups of fewer than ``MIN_GROUP_ITEMS`` records have no distribution to speak of and are kept.
     """

@@ -1,4 +1,5 @@
 import pytest
+from safetensors.torch import load_file, save_file
 
 from selfspec_core.plugins import get_plugin_manager
 from selfspec_core.testing import build_tiny_model
@@ -8,6 +9,17 @@ from selfspec_core.testing import build_tiny_model
 def tiny_model_dir(tmp_path_factory):
     """A random tiny Llama with its own tokenizer, built once per test session."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def sharp_model_dir(tmp_path_factory):
+    """The tiny model with a 25x output layer: the random one's near-zero logits barely move under LoRA,
+    so a few steps on these weights visibly lower the loss."""
+    folder = build_tiny_model(tmp_path_factory.mktemp("sharp-model"))
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] *= 25
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from selfspec_core import distributed, plugins, training
 from selfspec_core.config import load_settings
@@ -15,7 +14,6 @@ from selfspec_core.errors import SelfspecError
 from selfspec_core.models import ModelRef, load_tokenizer
 from selfspec_core.pipeline import Pipeline, StageContext
 from selfspec_core.rundir import RunDir, read_jsonl, write_jsonl
-from selfspec_core.testing import build_tiny_model
 
 DOMAIN = "finance"  # an installed domain, so the command line can open the run
 TEXTS = ["The company reported higher quarterly revenue and raised its outlook.",
@@ -37,16 +35,6 @@ def responded_run(path) -> RunDir:
 
 def files(folder) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def sharp_model_dir(tmp_path_factory):
-    """The tiny model with a 25x output layer, so a few LoRA steps visibly lower the loss."""
-    folder = build_tiny_model(tmp_path_factory.mktemp("sharp-model"))
-    weights = load_file(folder / "model.safetensors")
-    weights["lm_head.weight"] *= 25
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
 
 
 def test_two_cpu_processes_train_one_adapter(tmp_path, sharp_model_dir):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from selfspec_core import training
 from selfspec_core.config import load_settings
@@ -46,16 +46,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
     return load_tokenizer(ModelRef("tiny", str(tiny_model_dir)))
-
-
-@pytest.fixture(scope="module")
-def sharp_model_dir(tmp_path_factory):
-    """The tiny model with a 25x output layer: the random one's near-zero logits barely move under LoRA."""
-    folder = build_tiny_model(tmp_path_factory.mktemp("sharp-model"))
-    weights = load_file(folder / "model.safetensors")
-    weights["lm_head.weight"] *= 25
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
 
 
 def make_ctx(tmp_path, model_dir, records=RECORDS, run=None, **train):
