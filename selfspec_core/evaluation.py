@@ -126,14 +126,20 @@ def split_items(task: EvalTask, items: list[EvalItem], shots: int, max_items: in
     return LoadedTask(task, items, demos, [items[i] for i in chosen])
 
 
-def load_tasks(tasks: Iterable[EvalTask], settings, log: Callable[[str], None]) -> tuple[list[LoadedTask], dict[str, str]]:
-    """Read and split every task whose data is present; the others by key with the reason they were skipped."""
+def load_tasks(tasks: Iterable[EvalTask], settings, log: Callable[[str], None],
+               max_items: int | None = None) -> tuple[list[LoadedTask], dict[str, str]]:
+    """Read and split every task whose data is present; the others by key with the reason they were skipped.
+
+    ``max_items`` overrides ``evaluate.max_items`` (the seeded subset is a prefix of the same order,
+    so fewer items are a subset of more).
+    """
     root, evaluate = resolve_data_dir(settings), settings.evaluate
+    max_items = evaluate.max_items if max_items is None else max_items
     loaded, skipped = [], {}
     for task in tasks:
         items = read_items(task, root)
         if isinstance(items, list):
-            prepared = split_items(task, items, evaluate.shots, evaluate.max_items, settings.seed)
+            prepared = split_items(task, items, evaluate.shots, max_items, settings.seed)
             if prepared.scored:
                 loaded.append(prepared)
                 continue
@@ -328,7 +334,9 @@ def run_stage(ctx) -> dict:
     own, others = collect_tasks(ctx.domain.name, evaluate.cross_domain, evaluate.tasks, evaluate.modes)
     if not own:
         ctx.log(f"[evaluate] domain {ctx.domain.name!r} registers no evaluation tasks (hook evaluation_tasks)")
-    loaded, skipped = load_tasks(own + others, settings, ctx.log)
+    loaded, skipped = load_tasks(own, settings, ctx.log)
+    loaded_others, skipped_others = load_tasks(others, settings, ctx.log, evaluate.cross_domain_max_items)
+    loaded, skipped = loaded + loaded_others, {**skipped, **skipped_others}
 
     template, context = ctx.template("train"), ctx.template_context
     cache = RecordLog(ctx.work / "scored.jsonl")

@@ -127,6 +127,8 @@ def test_split_items_holds_out_demonstrations_and_caps_items():
     assert [s.id for s in loaded.scored] == sorted((s.id for s in loaded.scored), key=int)  # file order kept
     assert split_items(task, items, shots=2, max_items=3, seed=5) == loaded
     assert len(split_items(task, items, shots=0, max_items=0, seed=5).scored) == 10
+    fewer = split_items(task, items, shots=2, max_items=2, seed=5).scored
+    assert set(fewer) < set(loaded.scored)  # a smaller cap scores a subset of the same items
 
 
 def test_prompt_uses_the_training_format_with_optional_shots():
@@ -211,7 +213,7 @@ def test_scores_cached_for_a_model_are_not_recomputed(tmp_path, tiny_model_dir, 
 
 
 def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plugin, capsys):
-    settings = _settings(tiny_model_dir, data_dir)
+    settings = _settings(tiny_model_dir, data_dir, cross_domain_max_items=3)
     run = RunDir(tmp_path / "run", "tinydom").open()
     write_jsonl(run.partial_dir("respond") / "data.jsonl", [
         {"id": "r1", "instruction": "Explain the result.", "input": LEAKED, "output": "Profit rose."},
@@ -233,10 +235,10 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert report["numbers"]["metric"] == "numeric" and report["numbers"]["n"] == 5
     assert report["absent"]["n"] == 0 and "tiny/not_there.json" in report["absent"]["skipped"]
     assert "[evaluate] task absent (tinydom) skipped" in capsys.readouterr().out
-    assert report["cross_domain"]["other_qa"]["domain"] == "otherdom" and report["cross_domain"]["other_qa"]["n"] == 4
+    assert report["cross_domain"]["other_qa"]["domain"] == "otherdom" and report["cross_domain"]["other_qa"]["n"] == 3
 
     predictions = read_jsonl(folder / "predictions.jsonl")
-    assert len(predictions) == 8 + 5 + 4
+    assert len(predictions) == 8 + 5 + 3  # other domains' tasks capped at cross_domain_max_items
     rows = [p for p in predictions if p["task"] == "sentiment"]
     assert sum(p["base_score"] for p in rows) / len(rows) == pytest.approx(sentiment["base"])
     assert sum(p["specialized_score"] for p in rows) / len(rows) == pytest.approx(sentiment["specialized"])
@@ -260,7 +262,7 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
                                   run.partial_dir("report")))
     markdown = (run.partial_dir("report") / "report.md").read_text()
     assert f"| sentiment | tinydom | accuracy | loglikelihood | 8 | {sentiment['base']:.3f} |" in markdown
-    assert "| other_qa | otherdom | f1 | generate | 4 |" in markdown
+    assert "| other_qa | otherdom | f1 | generate | 3 |" in markdown
     assert "| tinydom/sentiment | 11 | 1 |" in markdown
 
 
