@@ -16,6 +16,7 @@ data file is missing is skipped with one line saying where to put it, and record
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import random
 import re
@@ -324,6 +325,30 @@ def check_contamination(records: Sequence[dict], loaded: Sequence[LoadedTask], n
 
 # ------------------------------------------------------------------------------------------ stage
 
+def stage_tasks(settings, domain: str, log: Callable[[str], None]) -> tuple[list[EvalTask], list[LoadedTask], dict[str, str]]:
+    """The stage's tasks: all of them, those loaded (other domains' capped at
+    ``cross_domain_max_items``), and the skipped ones with their reasons."""
+    evaluate = settings.evaluate
+    own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes)
+    if not own:
+        log(f"[evaluate] domain {domain!r} registers no evaluation tasks (hook evaluation_tasks)")
+    loaded, skipped = load_tasks(own, settings, log)
+    loaded_others, skipped_others = load_tasks(others, settings, log, evaluate.cross_domain_max_items)
+    return own + others, loaded + loaded_others, {**skipped, **skipped_others}
+
+
+def outside_inputs_hash(settings, domain: str) -> str:
+    """Hash of the benchmark items the stage would score: edited benchmark files (or another
+    ``SELFSPEC_FPB_LEVEL``-style choice a loader makes) make an earlier evaluation stale."""
+    _, loaded, _ = stage_tasks(settings, domain, _quiet)
+    payload = [[task.key, [asdict(item) for item in task.demos + task.scored]] for task in loaded]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _quiet(line: str) -> None:
+    """A log that drops its lines: the stage itself reports skipped tasks when it runs."""
+
+
 def run_stage(ctx) -> dict:
     settings, evaluate = ctx.settings, ctx.settings.evaluate
     adapter = Path(evaluate.adapter).expanduser() if evaluate.adapter else ctx.run.stage_dir("train") / "adapter"
@@ -331,12 +356,7 @@ def run_stage(ctx) -> dict:
         raise SelfspecError(f"{adapter}: no adapter to evaluate; run `selfspec --domain {ctx.domain.name} train "
                             f"--out {ctx.run.path}` or set evaluate.adapter to an adapter folder")
     check_adapter(adapter)
-    own, others = collect_tasks(ctx.domain.name, evaluate.cross_domain, evaluate.tasks, evaluate.modes)
-    if not own:
-        ctx.log(f"[evaluate] domain {ctx.domain.name!r} registers no evaluation tasks (hook evaluation_tasks)")
-    loaded, skipped = load_tasks(own, settings, ctx.log)
-    loaded_others, skipped_others = load_tasks(others, settings, ctx.log, evaluate.cross_domain_max_items)
-    loaded, skipped = loaded + loaded_others, {**skipped, **skipped_others}
+    tasks, loaded, skipped = stage_tasks(settings, ctx.domain.name, ctx.log)
 
     template, context = ctx.template("train"), ctx.template_context
     cache = RecordLog(ctx.work / "scored.jsonl")
@@ -360,7 +380,7 @@ def run_stage(ctx) -> dict:
                 "base_prediction": b.prediction, "base_score": b.score, "base_logprobs": list(b.logprobs),
                 "specialized_prediction": s.prediction, "specialized_score": s.score, "specialized_logprobs": list(s.logprobs),
             })
-    for task in own + others:
+    for task in tasks:
         key = f"{task.domain}/{task.name}"
         if key in skipped:
             section = report if task.domain == ctx.domain.name else report["cross_domain"]

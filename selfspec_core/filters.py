@@ -1,4 +1,5 @@
-"""Filters for generated records: length, obvious non-text, blacklist, plugin hooks, ROUGE-L dedup.
+"""Filters for generated records: length, obvious non-text, a missing input, blacklist, plugin hooks,
+ROUGE-L dedup.
 
 Each check returns a short reason (counted in the stage's funnel) or ``None`` to keep the record.
 :class:`InstructionFilter` runs them in the order of cost, cheapest first, so the ROUGE-L comparison
@@ -39,6 +40,24 @@ _WORD = re.compile(r"\w+")
 _MAX_PHRASE_WORDS = 8
 _MIN_WORDS_FOR_DIVERSITY = 30
 _MIN_DISTINCT_WORD_SHARE = 0.3
+
+
+# An instruction that points at text it should come with ("the following passage", "these two
+# sentences", "the data provided"). With an empty input the task cannot be done: small models
+# often write the instruction and forget the input. Matches none of the seeds without an input.
+_REFERS_TO_INPUT = re.compile(
+    r"\b(?:the|this|these|those)\s+(?:[\w-]+\s+){0,2}?(?:following|given|above|input|passages?|abstracts?|texts?|"
+    r"sentences?|paragraphs?|articles?|excerpts?|statements?|tables?|reports?|headlines?|notes?|documents?|"
+    r"filings?|transcripts?|premise|hypothesis|pair|updates?|study|study's|findings|data)\b"
+    r"|\b(?:below|provided|as follows)\b",
+    re.I)
+
+
+def missing_input_reason(instruction: str, input_text: str) -> str | None:
+    """``missing_input`` when the instruction refers to an input that is not there."""
+    if not input_text.strip() and _REFERS_TO_INPUT.search(instruction):
+        return "missing_input"
+    return None
 
 
 def word_count(text: str) -> int:
@@ -229,7 +248,8 @@ class InstructionFilter:
         if record.get("mode") == "input":  # a seed's instruction: only the input was written
             reason = length_reason(input_text, self.min_words, self.max_words) or non_text_reason(input_text)
         else:
-            reason = length_reason(instruction, self.min_words, self.max_words) or non_text_reason(instruction, input_text)
+            reason = (length_reason(instruction, self.min_words, self.max_words) or non_text_reason(instruction, input_text)
+                      or missing_input_reason(instruction, input_text))
         if reason:
             return reason
         if self.blacklist is not None and self.blacklist.search(instruction):

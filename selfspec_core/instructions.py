@@ -31,7 +31,7 @@ from .filters import InstructionFilter, dedup_text
 from .generation import Completion, cut_at_stop, make_generator
 from .records import Funnel, Seed
 from .rundir import RecordLog, atomic_write_json, write_jsonl
-from .templates import FORMATTER, OPTIONAL, PromptTemplate, fill
+from .templates import FORMATTER, OPTIONAL, PromptTemplate, field_labels, fill
 
 OUTPUT_FILE = "instructions.jsonl"
 STATE_FILE = "state.json"
@@ -65,7 +65,7 @@ class TaskFormat:
             raise SelfspecError(f"the instruction prompt template's query {template.query!r} must be the beginning of its example "
                                 f"{template.example!r}, ending before {{instruction}}: the model completes the query into an example")
         self.pattern = _example_pattern(template.example)
-        self.labels = _labels(template.example)
+        self.labels = field_labels(template.example)
         self._label_line = re.compile(r"(?m)^\s*(?:" + "|".join(map(re.escape, self.labels)) + ")") if self.labels else None
         restart = [f"\n{self.labels[0]}"] if self.labels and template.example.lstrip().startswith(self.labels[0]) else []
         self.stops = list(template.stop) + restart + [f"\n{label}" for label in ANSWER_LABELS if label not in self.labels]
@@ -96,7 +96,7 @@ class InputFormat:
     def __init__(self, template: PromptTemplate, context: dict):
         self.template = template
         self.context = context
-        labels = dict.fromkeys([*_labels(template.example), *ANSWER_LABELS])
+        labels = dict.fromkeys([*field_labels(template.example), *ANSWER_LABELS])
         self.stops = list(template.stop) + [f"\n{label}" for label in labels] + [PARAGRAPH_END]
 
     def prompt(self, examples: list[dict], instruction: str) -> str:
@@ -140,12 +140,6 @@ def _example_pattern(example: str) -> re.Pattern:
         position = optional.end()
     pattern.append(part(example[position:]))
     return re.compile(r"\A\s*" + "".join(pattern) + r"\s*\Z", re.S)
-
-
-def _labels(example: str) -> list[str]:
-    """The ``Label:`` words of the example form, in order (``Type:``, ``Instruction:``, ``Input:``)."""
-    literal = "".join(part for part, _, _, _ in FORMATTER.parse(OPTIONAL.sub(r"\1", example)))
-    return list(dict.fromkeys(re.findall(r"(?m)^[ \t]*([A-Za-z][\w -]{0,30}:)", literal)))
 
 
 class ExamplePool:

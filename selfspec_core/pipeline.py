@@ -2,8 +2,10 @@
 
 A stage module exposes ``run_stage(ctx: StageContext) -> dict``. It writes only into ``ctx.work``
 (the stage's partial folder, kept across a kill so it can resume) and returns the counts for its
-manifest. The pipeline records the config hash and the hash of the stage's inputs; a rerun skips a
-stage whose hashes match and reruns it, and everything after it, when they do not.
+manifest; a stage that also reads data from outside the run directory exposes
+``outside_inputs_hash(settings, domain) -> str`` over it. The pipeline records the config hash and
+the hash of the stage's inputs; a rerun skips a stage whose hashes match and reruns it, and
+everything after it, when they do not.
 
 Under a launcher with several processes (only ``train`` runs that way) every process runs the stage;
 rank 0 alone prepares the partial folder and seals the stage, the others wait for it at barriers.
@@ -113,6 +115,10 @@ class Pipeline:
             earlier = missing[0].relative_to(self.run.path).parts[0]
             raise SelfspecError(f"{missing[0]} is missing: run `selfspec --domain {self.domain.name} {earlier} --out {self.run.path}` first")
         parts = [file_hash(*files) if files else "", seeds_hash(self.seeds), self.settings.model or "default"]
+        # What a stage reads from outside the run directory (a corpus, benchmark files), if it says.
+        outside = getattr(importlib.import_module(f"selfspec_core.{STAGE_SPECS[stage][0]}"), "outside_inputs_hash", None)
+        if outside is not None:
+            parts.append(outside(self.settings, self.domain.name))
         return "-".join(p for p in parts if p)
 
     def run_stages(self, stages: list[str], force: bool = False) -> None:

@@ -29,10 +29,10 @@ from . import quality
 from .errors import SelfspecError
 from .filters import plugin_reason
 from .generation import make_generator
-from .instructions import _labels as template_labels
 from .records import Funnel, Seed
-from .retrieval import BM25Index, Hit, resolve_corpus, truncate_passage
+from .retrieval import BM25Index, Hit, corpus_hash, resolve_corpus, truncate_passage
 from .rundir import RecordLog, read_jsonl, write_jsonl
+from .templates import field_labels
 
 OUTPUT_FILE = "data.jsonl"
 DATASET_DIR = "dataset"
@@ -119,6 +119,14 @@ def _read_instructions(path: Path) -> list[dict]:
 # Retrieval and prompts
 
 
+def outside_inputs_hash(settings, domain: str) -> str:
+    """The content hash of the corpus the answers are grounded in: another corpus makes them stale."""
+    if not settings.respond.retrieval and settings.respond.min_relevance <= 0:
+        return ""
+    corpus = resolve_corpus(settings.corpus, domain, settings.data_dir)
+    return corpus_hash(corpus[0]) if corpus is not None else ""
+
+
 def _query(record: dict) -> str:
     return f"{record['instruction']}\n{record.get('input', '')}".strip()
 
@@ -183,7 +191,7 @@ def _demos(seeds: Sequence[Seed], task_type: str, count: int, rng: random.Random
 
 def response_stops(template) -> list[str]:
     """Where an answer ends: the template's separator, or a line starting a new field ("Instruction:")."""
-    labels = template_labels(template.example) + template_labels(template.query)
+    labels = field_labels(template.example) + field_labels(template.query)
     return list(dict.fromkeys(list(template.stop) + [f"\n{label}" for label in labels]))
 
 

@@ -59,3 +59,12 @@ class PromptTemplate:
         """Where a completion ends: at the start of the next separator."""
         marker = self.separator.strip()
         return ["\n" + marker] if marker else []
+
+
+def field_labels(text: str) -> list[str]:
+    """The ``Label:`` words that start lines of a template text, in order (``Type:``, ``Instruction:``, ``Input:``).
+
+    Where a stage's completion must stop: a line starting one of them begins a new field.
+    """
+    literal = "".join(part for part, _, _, _ in FORMATTER.parse(OPTIONAL.sub(r"\1", text)))
+    return list(dict.fromkeys(re.findall(r"(?m)^[ \t]*([A-Za-z][\w -]{0,30}:)", literal)))

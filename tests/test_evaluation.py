@@ -266,6 +266,21 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert "| tinydom/sentiment | 11 | 1 |" in markdown
 
 
+def test_edited_benchmark_data_makes_the_evaluation_stale(tmp_path, tiny_model_dir, data_dir, tiny_plugin):
+    settings = _settings(tiny_model_dir, data_dir)
+    run = RunDir(tmp_path / "run", "tinydom").open()
+    write_jsonl(run.partial_dir("respond") / "data.jsonl", [{"id": "r1", "instruction": "Define EBITDA.", "input": "", "output": "x"}])
+    run.finish("respond", {})
+    _make_adapter(tiny_model_dir, run.partial_dir("train") / "adapter")
+    run.finish("train", {})
+    pipeline = Pipeline(settings, plugins.get_domain("tinydom"), run, seeds=[])
+    before = pipeline.input_hash("evaluate")
+    assert pipeline.input_hash("evaluate") == before
+    sentences = data_dir / "tiny" / "sentences.txt"
+    sentences.write_text(sentences.read_text().replace("@positive", "@negative", 1))
+    assert pipeline.input_hash("evaluate") != before
+
+
 def test_evaluate_stage_without_an_adapter_says_what_to_do(tmp_path, tiny_model_dir, data_dir, tiny_plugin):
     run = RunDir(tmp_path / "run", "tinydom").open()
     write_jsonl(run.partial_dir("respond") / "data.jsonl", [])

@@ -8,7 +8,7 @@ from rouge_score import rouge_scorer
 
 from selfspec_core.errors import SelfspecError
 from selfspec_core.filters import (InstructionFilter, RougeLDeduplicator, blacklist_pattern, length_reason,
-                                   non_text_reason, plugin_reason)
+                                   missing_input_reason, non_text_reason, plugin_reason)
 from selfspec_core.hookspecs import hookimpl
 from selfspec_core.seeds import load_seeds
 
@@ -60,6 +60,23 @@ def test_every_seed_passes_the_cheap_filters(domain):
     for seed in load_seeds(REPO / "seeds" / domain / "seeds.jsonl"):
         assert length_reason(seed.instruction, 3, 150) is None, seed.id
         assert non_text_reason(seed.instruction, seed.input) is None, seed.id
+        assert missing_input_reason(seed.instruction, seed.input) is None, seed.id
+        # every seed without its input: the instructions that point at one are caught
+        if seed.input and seed.task_type in ("sentiment", "yesno_qa", "nli", "summarization"):
+            assert missing_input_reason(seed.instruction, "") == "missing_input", seed.id
+
+
+@pytest.mark.parametrize("instruction, input_text, reason", [
+    ("Summarize the following passage in one sentence.", "", "missing_input"),
+    ("Classify the sentiment of these two headlines.", "", "missing_input"),
+    ("Compute the margin from the data provided.", "", "missing_input"),
+    ("Summarize the following passage in one sentence.", "Revenue rose 5%.", None),
+    ("Which of these drugs is a beta blocker: A) metoprolol B) insulin?", "", None),
+    ("Does this study show a benefit of the drug? Answer yes or no.", "", "missing_input"),
+    ("Explain what a basis point is.", "", None),
+])
+def test_an_instruction_pointing_at_a_missing_input_is_dropped(instruction, input_text, reason):
+    assert missing_input_reason(instruction, input_text) == reason
 
 
 def test_blacklist_matches_whole_words_of_every_plugin(plugin):

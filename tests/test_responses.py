@@ -62,6 +62,19 @@ def run_respond(run: RunDir, settings, log=None) -> dict:
     return run.manifest("respond")
 
 
+def test_another_corpus_makes_the_answers_stale(tmp_path, tiny_model_dir):
+    run = make_run(tmp_path)
+    settings = make_settings(tmp_path, tiny_model_dir)
+    pipeline = Pipeline(settings, DOMAIN, run, SEEDS)
+    before = pipeline.input_hash("respond")
+    write_jsonl(tmp_path / "corpus.jsonl", CORPUS[:-1])
+    assert pipeline.input_hash("respond") != before
+    settings.respond.retrieval = False  # an ungrounded stage does not read the corpus
+    ungrounded = pipeline.input_hash("respond")
+    write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
+    assert pipeline.input_hash("respond") == ungrounded
+
+
 def test_stage_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
     run = make_run(tmp_path)
     manifest = run_respond(run, make_settings(tmp_path, tiny_model_dir, response_checks="", max_label_share=1.0))
