@@ -171,7 +171,7 @@ def _plans(ctx, records: list[dict], hits: list[list[Hit]] | None, tokenizer) ->
         prompts, demo_ids = [], []
         for variant in range(variants if options is not None else 1):
             rng = random.Random(f"{ctx.settings.seed}:{record['id']}:{variant}")
-            demos = _demos(ctx.seeds, record["task_type"], settings.num_demos, rng)
+            demos = demonstrations(ctx.seeds, record["task_type"], settings.num_demos, rng)
             prompts.append(template.render([d.to_dict() for d in demos], query, **ctx.template_context))
             demo_ids = demo_ids or [d.id for d in demos]
         retrieved = [{"doc_id": h.passage.id, "score": round(h.score, 4)} for h in shown]
@@ -179,7 +179,7 @@ def _plans(ctx, records: list[dict], hits: list[list[Hit]] | None, tokenizer) ->
     return plans
 
 
-def _demos(seeds: Sequence[Seed], task_type: str, count: int, rng: random.Random) -> list[Seed]:
+def demonstrations(seeds: Sequence[Seed], task_type: str, count: int, rng: random.Random) -> list[Seed]:
     """``count`` seeds, those of ``task_type`` first; they go last in the prompt, next to the query."""
     same = [s for s in seeds if s.task_type == task_type]
     other = [s for s in seeds if s.task_type != task_type]

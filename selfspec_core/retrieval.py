@@ -63,17 +63,24 @@ def split_document(doc_id: str, text: str, title: str = "") -> list[Passage]:
     """Cut a document into near-equal windows of at most ``MAX_PASSAGE_WORDS`` words.
 
     A document of up to 200 words stays whole (id unchanged); a longer one becomes
-    ``ceil(words / 200)`` windows of 100-200 words, ids ``<doc id>#0``, ``#1``, ...
+    ``ceil(words / 200)`` windows of 100-200 words, ids ``<doc id>#0``, ``#1``, ... Runs of spaces
+    collapse but line breaks stay, so a table keeps one row a line.
     """
-    words = text.split()
+    lines = [line.split() for line in text.splitlines()]
+    words = [(word, number == len(line) - 1) for line in lines for number, word in enumerate(line)]
     if not words:
         return []
     count = math.ceil(len(words) / MAX_PASSAGE_WORDS)
-    if count == 1:
-        return [Passage(doc_id, " ".join(words), title)]
     size = math.ceil(len(words) / count)
-    return [Passage(f"{doc_id}#{n}", " ".join(words[start:start + size]), title)
-            for n, start in enumerate(range(0, len(words), size))]
+    windows = [_join_words(words[start:start + size]) for start in range(0, len(words), size)]
+    if count == 1:
+        return [Passage(doc_id, windows[0], title)]
+    return [Passage(f"{doc_id}#{n}", window, title) for n, window in enumerate(windows)]
+
+
+def _join_words(words: list[tuple[str, bool]]) -> str:
+    """Words joined by spaces, with a line break after each that ended a line."""
+    return "".join(word + ("\n" if ends_line else " ") for word, ends_line in words).rstrip()
 
 
 def load_corpus(sources: Sequence[str | Path | Passage]) -> list[Passage]:

@@ -30,7 +30,7 @@ def test_each_format_and_a_folder(tmp_path):
 
     jsonl = load_corpus([tmp_path / "a.jsonl"])
     assert [p.id for p in jsonl] == list(DOCS) and jsonl[0].title == "EBITDA"
-    assert load_corpus([tmp_path / "b.txt"]) == [Passage("b.txt", "Bonds pay fixed coupons. Their prices fall when rates rise.")]
+    assert load_corpus([tmp_path / "b.txt"]) == [Passage("b.txt", "Bonds pay fixed coupons.\nTheir prices fall when rates rise.")]
     csv_passages = load_corpus([tmp_path / "c.csv"])  # ';'-separated, spaces after separators, quoted ';'
     assert [(p.id, p.text) for p in csv_passages] == [("c.csv:2", "Revenue rose 9%; margins held."),
                                                        ("c.csv:3", "Shares fell after the warning.")]
@@ -49,6 +49,8 @@ def test_long_documents_become_windows_with_stable_ids():
     assert split_document("doc", text) == windows
     assert split_document("short", "one two three") == [Passage("short", "one two three")]
     assert split_document("blank", "  \n ") == []
+    table = "Revenue |  2019 | 2018\n\nSales | 10 | 9\nCosts | 4 | 3"
+    assert split_document("table", table) == [Passage("table", "Revenue | 2019 | 2018\nSales | 10 | 9\nCosts | 4 | 3")]
 
 
 @pytest.mark.parametrize("name, content, message", [
