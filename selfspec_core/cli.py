@@ -270,9 +270,10 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except SelfspecError as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
+        if distributed.rank() == 0:  # under a launcher every process meets the same error: say it once
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to resume", err=True)

@@ -21,6 +21,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    """This process's place among them, from the launcher's ``RANK`` (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _state():
     """accelerate's view of the job; the first call joins the process group."""
     import torch

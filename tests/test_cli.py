@@ -22,6 +22,13 @@ def test_unknown_domain_is_one_line_exit_2():
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_under_a_launcher_only_the_first_process_prints_the_error():
+    quiet = selfspec("--domain", "nope", "run", env={"RANK": "1"})
+    assert quiet.returncode == 2 and quiet.stderr.strip() == ""
+    first = selfspec("--domain", "nope", "run", env={"RANK": "0"})
+    assert first.returncode == 2 and "unknown domain 'nope'" in first.stderr
+
+
 def test_the_readme_commands_parse():
     """Every ``selfspec ...`` line of the README's shell blocks is a command line the CLI accepts."""
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
