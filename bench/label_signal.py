@@ -53,6 +53,16 @@ def one_vs_rest_auc(scores: list[float], positive: list[bool]) -> float | None:
     return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
 
 
+def option_scores(generator, prompts: list[str], options: list[quality.Options]) -> list[list[float]]:
+    requests = [r for prompt, opts in zip(prompts, options) for r in quality.option_requests(prompt, opts)]
+    results = iter(generator.loglikelihood(requests))
+    return [[quality.option_score(*next(results), opts) for _ in opts.keys] for opts in options]
+
+
+def accuracy(scores: list[list[float]], gold: list[int]) -> float:
+    return sum(quality.best_option(row) == g for row, g in zip(scores, gold)) / len(gold)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", required=True, choices=sorted(DEV_TASK))
@@ -60,6 +70,7 @@ def main() -> None:
     parser.add_argument("--task-type", help="seed task type for the demonstrations")
     parser.add_argument("--max-items", type=int, default=150)
     parser.add_argument("--model", help="as selfspec --model (default: the embedded model)")
+    parser.add_argument("--content-free", action="store_true", help="also calibrate on a content-free input (twice the time)")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"benchmark data not found at {DATA}: set SELFSPEC_DATA")
@@ -83,22 +94,26 @@ def main() -> None:
     generator = make_generator(settings, resolve_model(settings.model), batch_size=settings.respond.batch_size)
 
     options = [quality.Options("labels", tuple(item.choices), tuple(item.choices)) for item in items]
-    prompts = []
+    prompts, shown = [], []
     for item in items:
         demos = demonstrations(seeds, task_type, settings.respond.num_demos, random.Random(f"{settings.seed}:{item.id}"))
+        shown.append(demos)
         prompts.append(template.render([d.to_dict() for d in demos],
                                        {"instruction": item.instruction, "input": item.input, "passages": ""}, **context))
-    requests = [r for prompt, opts in zip(prompts, options) for r in quality.option_requests(prompt, opts)]
-    results = iter(generator.loglikelihood(requests))
-    raw = [[quality.option_score(*next(results), opts) for _ in opts.keys] for opts in options]
+    raw = option_scores(generator, prompts, options)
     calibrated = quality.calibrate_scores(raw, [o.group for o in options])
 
+    # Contextual calibration with a content-free input (Zhao et al. 2021): each item's options after
+    # the same prompt with the input replaced by "N/A", subtracted; keeps a prior the inputs share.
+    free_prompts = [template.render([d.to_dict() for d in demos], {"instruction": item.instruction, "input": "N/A",
+                                                                  "passages": ""}, **context)
+                    for item, demos in zip(items, shown)] if args.content_free else []
+    free = option_scores(generator, free_prompts, options) if args.content_free else []
     gold = [item.choices.index(item.answer) for item in items]
     n = len(items)
     majority = Counter(gold).most_common(1)[0][1] / n
-    raw_acc = sum(quality.best_option(row) == g for row, g in zip(raw, gold)) / n
+    raw_acc, cal_acc = accuracy(raw, gold), accuracy(calibrated, gold)
     predicted = [quality.best_option(row) for row in calibrated]
-    cal_acc = sum(p == g for p, g in zip(predicted, gold)) / n
     labels = items[0].choices
     aucs = {labels[k]: one_vs_rest_auc([quality.margin(row, k) for row in calibrated], [g == k for g in gold])
             for k in range(len(labels))}
@@ -106,6 +121,10 @@ def main() -> None:
     print(f"gold: {dict(Counter(labels[g] for g in gold))}; raw predictions: "
           f"{dict(Counter(labels[quality.best_option(r)] for r in raw))}; calibrated: {dict(Counter(labels[p] for p in predicted))}")
     print(f"per-label AUC (calibrated margin, one vs rest): {', '.join(f'{label} {a:.3f}' for label, a in aucs.items())}")
+    if free:
+        adjusted = [[r - f for r, f in zip(row, free_row)] for row, free_row in zip(raw, free)]
+        print(f"content-free calibration: accuracy {accuracy(adjusted, gold):.3f}, predictions "
+              f"{dict(Counter(labels[quality.best_option(r)] for r in adjusted))}")
     print(f"task={task_name} n={n} majority={majority:.3f} raw={raw_acc:.3f} calibrated={cal_acc:.3f} "
           f"auc={sum(aucs.values()) / len(aucs):.3f} minutes={(time.time() - started) / 60:.1f}")
 
