@@ -7,7 +7,8 @@ child process; a finished run directory is reused (its stages are skipped), ``--
 
 Reads the real benchmarks from ../shared/data (or $SELFSPEC_DATA). Prints one line per task, the
 contamination and cross-domain figures, and as its last line the domain's main task:
-``task=<t> base=<x> specialized=<y> delta=<d> ci_low=<l> ci_high=<h> minutes=<m>``.
+``task=<t> base=<x> specialized=<y> delta=<d> ci_low=<l> ci_high=<h> majority=<share> minutes=<m>``
+(``majority``: what always giving the most common answer would score).
 """
 
 from __future__ import annotations
@@ -63,9 +64,13 @@ def main() -> None:
                 continue
             print(f"{scope} {name} ({row['metric']}, n={row['n']}): base={row['base']:.3f} specialized={row['specialized']:.3f} "
                   f"delta={row['delta']:+.3f} ci=[{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]")
+            if "majority" in row:
+                print(f"  always {row['majority']['answer']!r} would score {row['majority']['share']:.3f}; answers: "
+                      + "; ".join(f"{who} {counts}" for who, counts in row.get("answers", {}).items()))
     main_row = results[MAIN_TASK[args.domain]]
+    majority = f" majority={main_row['majority']['share']:.3f}" if "majority" in main_row else ""
     print(f"task={MAIN_TASK[args.domain]} base={main_row['base']:.3f} specialized={main_row['specialized']:.3f} "
-          f"delta={main_row['delta']:.3f} ci_low={main_row['ci'][0]:.3f} ci_high={main_row['ci'][1]:.3f} minutes={minutes:.1f}")
+          f"delta={main_row['delta']:.3f} ci_low={main_row['ci'][0]:.3f} ci_high={main_row['ci'][1]:.3f}{majority} minutes={minutes:.1f}")
 
 
 if __name__ == "__main__":

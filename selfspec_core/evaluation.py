@@ -212,9 +212,22 @@ def score_model(label: str, settings, model_ref, adapter: Path | None, loaded: S
     return results
 
 
-def task_summary(task: EvalTask, base: Sequence[ItemScore], specialized: Sequence[ItemScore], evaluate, seed: int) -> dict:
-    return {"metric": task.metric, "mode": task.mode, "domain": task.domain,
-            **compare([s.score for s in base], [s.score for s in specialized], evaluate.bootstrap_samples, seed)}
+def task_summary(loaded: LoadedTask, base: Sequence[ItemScore], specialized: Sequence[ItemScore], evaluate, seed: int) -> dict:
+    """Both models' scores with the paired interval; for a task with fixed choices also the
+    always-the-most-common-answer baseline and how often each model gave each answer, since a
+    small model's "gain" is often only a move to the majority label."""
+    task = loaded.task
+    summary = {"metric": task.metric, "mode": task.mode, "domain": task.domain,
+               **compare([s.score for s in base], [s.score for s in specialized], evaluate.bootstrap_samples, seed)}
+    if loaded.scored and all(item.choices for item in loaded.scored):
+        answers = Counter(item.answer.strip() for item in loaded.scored)
+        summary["majority"] = {"answer": answers.most_common(1)[0][0],
+                               "share": round(answers.most_common(1)[0][1] / len(loaded.scored), 6)}
+    if "majority" in summary and task.mode == "loglikelihood":  # generated answers are free text
+        summary["answers"] = {"gold": dict(answers.most_common()),
+                              "base": dict(Counter(s.prediction for s in base).most_common()),
+                              "specialized": dict(Counter(s.prediction for s in specialized).most_common())}
+    return summary
 
 
 # --------------------------------------------------------------------------------- contamination
@@ -370,7 +383,7 @@ def run_stage(ctx) -> dict:
     predictions = []
     for task in loaded:
         section = report if task.task.domain == ctx.domain.name else report["cross_domain"]
-        section[task.task.name] = summary = task_summary(task.task, base[task.key], specialized[task.key], evaluate, settings.seed)
+        section[task.task.name] = summary = task_summary(task, base[task.key], specialized[task.key], evaluate, settings.seed)
         ctx.log(f"[evaluate] {task.key}: base {summary['base']:.3f} -> specialized {summary['specialized']:.3f} "
                 f"(delta {summary['delta']:+.3f}, 95% CI [{summary['ci'][0]:+.3f}, {summary['ci'][1]:+.3f}], n={summary['n']})")
         for item, b, s in zip(task.scored, base[task.key], specialized[task.key]):
@@ -480,7 +493,7 @@ def evaluate_file(settings, eval_file: str | Path, metric: str | None = None, ad
         entry = {"metric": task.task.metric, "mode": task.task.mode, "n": len(scores),
                  "value": round(sum(s.score for s in scores) / len(scores), 6)}
         if base is not None:
-            summary = task_summary(task.task, base[task.key], scores, settings.evaluate, settings.seed)
+            summary = task_summary(task, base[task.key], scores, settings.evaluate, settings.seed)
             entry.update(base=summary["base"], delta=summary["delta"], ci=summary["ci"])
         results[task.task.name] = entry
     if output is not None:

@@ -250,16 +250,30 @@ def comparison_section(title: str, entries: dict, figure_name: str, empty: str) 
         rows = []
         for name, e in scored:
             ci = e.get("ci") if isinstance(e.get("ci"), list) else None
+            majority = _mapping(e.get("majority"))
             rows.append([name, e.get("domain", ""), e.get("metric", ""), e.get("mode", ""), _fmt(e.get("n")),
                          _fmt(e["base"]), _fmt(e["specialized"]), _fmt(e["delta"], signed=True),
-                         f"[{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]" if ci else ""])
-        section.blocks.append(Table(["task", "domain", "metric", "mode", "n", "base", "specialized", "delta", "95% CI"], rows))
+                         f"[{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]" if ci else "",
+                         f"{_fmt(majority.get('share'))} ({majority.get('answer')})" if majority else ""])
+        section.blocks.append(Table(["task", "domain", "metric", "mode", "n", "base", "specialized", "delta", "95% CI",
+                                     "majority answer"], rows))
+        answered = [(name, _mapping(e.get("answers"))) for name, e in scored if _mapping(e.get("answers"))]
+        if answered:
+            section.blocks.append(Table(["task", "answers: gold", "base", "specialized"],
+                                        [[name, _counts(a.get("gold")), _counts(a.get("base")), _counts(a.get("specialized"))]
+                                         for name, a in answered]))
         section.blocks.append(Figure(figure_name, f"{title}: scores and difference with 95% paired bootstrap interval",
                                      comparison_plot(scored)))
     if skipped:
         section.blocks.append(Table(["skipped task", "domain", "why"],
                                     [[name, e.get("domain", ""), e["skipped"]] for name, e in skipped]))
     return section
+
+
+def _counts(counts) -> str:
+    """``{"positive": 75, "neutral": 182}`` as ``neutral 182, positive 75`` (most frequent first)."""
+    ranked = sorted(_mapping(counts).items(), key=lambda item: (-(_number(item[1]) or 0), item[0]))
+    return ", ".join(f"{label} {count}" for label, count in ranked)
 
 
 def _names(tasks: list[str]) -> str:

@@ -232,6 +232,10 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert sentiment["n"] == 8  # the tiny profile's max_items
     assert sentiment["delta"] == pytest.approx(sentiment["specialized"] - sentiment["base"], abs=1e-6)
     assert sentiment["ci"][0] <= sentiment["delta"] <= sentiment["ci"][1]
+    gold = sentiment["answers"]["gold"]
+    assert sum(gold.values()) == 8 and sentiment["majority"] == {"answer": max(gold, key=gold.get), "share": max(gold.values()) / 8}
+    assert sum(sentiment["answers"]["specialized"].values()) == sum(sentiment["answers"]["base"].values()) == 8
+    assert "majority" not in report["numbers"] and "answers" not in report["cross_domain"]["other_qa"]
     assert report["numbers"]["metric"] == "numeric" and report["numbers"]["n"] == 5
     assert report["absent"]["n"] == 0 and "tiny/not_there.json" in report["absent"]["skipped"]
     assert "[evaluate] task absent (tinydom) skipped" in capsys.readouterr().out
