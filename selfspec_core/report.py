@@ -130,7 +130,8 @@ def loss_plot(rows: list[dict]) -> bytes:
 
 
 def comparison_plot(entries: list[tuple[str, dict]]) -> bytes:
-    """Left: base vs specialized per task. Right: the difference with its 95% interval."""
+    """Left: base vs specialized per task (dashed: the majority-answer baseline, where the task has
+    one). Right: the difference with its 95% interval."""
     import numpy as np
 
     figure = _new_figure(9, 0.5 * len(entries) + 1.4)
@@ -139,11 +140,16 @@ def comparison_plot(entries: list[tuple[str, dict]]) -> bytes:
     positions = np.arange(len(entries))
     left.barh(positions + 0.2, [e["base"] for _, e in entries], height=0.4, color="#bbbbbb", label="base")
     left.barh(positions - 0.2, [e["specialized"] for _, e in entries], height=0.4, color="#2c7fb8", label="specialized")
+    majority = [(position, _number(_mapping(e.get("majority")).get("share"))) for position, (_, e) in zip(positions, entries)]
+    majority = [(position, share) for position, share in majority if share is not None]
+    if majority:  # what always giving the most common answer scores: the bar a real gain must clear
+        left.vlines([share for _, share in majority], [p - 0.45 for p, _ in majority], [p + 0.45 for p, _ in majority],
+                    colors="#d95f02", linestyles="dashed", linewidth=1.5, label="always the majority answer")
     left.set_yticks(positions, names)
     left.invert_yaxis()
     left.set_xlim(left=0)
     left.set_xlabel("score")
-    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.9 / (0.5 * len(entries) + 1.4)), ncol=2, fontsize=8, frameon=False)
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.9 / (0.5 * len(entries) + 1.4)), ncol=3, fontsize=8, frameon=False)
     deltas = np.array([e["delta"] for _, e in entries])
     intervals = np.array([e["ci"] if isinstance(e.get("ci"), list) else [e["delta"]] * 2 for _, e in entries])
     errors = np.vstack([deltas - intervals[:, 0], intervals[:, 1] - deltas])
