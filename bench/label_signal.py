@@ -94,21 +94,18 @@ def main() -> None:
     generator = make_generator(settings, resolve_model(settings.model), batch_size=settings.respond.batch_size)
 
     options = [quality.Options("labels", tuple(item.choices), tuple(item.choices)) for item in items]
-    prompts, shown = [], []
-    for item in items:
-        demos = demonstrations(seeds, task_type, settings.respond.num_demos, random.Random(f"{settings.seed}:{item.id}"))
-        shown.append(demos)
-        prompts.append(template.render([d.to_dict() for d in demos],
-                                       {"instruction": item.instruction, "input": item.input, "passages": ""}, **context))
-    raw = option_scores(generator, prompts, options)
-    calibrated = quality.calibrate_scores(raw, [o.group for o in options])
+    demos = [[d.to_dict() for d in demonstrations(seeds, task_type, settings.respond.num_demos,
+                                                  random.Random(f"{settings.seed}:{item.id}"))] for item in items]
 
+    def prompts(inputs: list[str]) -> list[str]:
+        return [template.render(shown, {"instruction": item.instruction, "input": text, "passages": ""}, **context)
+                for item, shown, text in zip(items, demos, inputs)]
+
+    raw = option_scores(generator, prompts([item.input for item in items]), options)
+    calibrated = quality.calibrate_scores(raw, [o.group for o in options])
     # Contextual calibration with a content-free input (Zhao et al. 2021): each item's options after
     # the same prompt with the input replaced by "N/A", subtracted; keeps a prior the inputs share.
-    free_prompts = [template.render([d.to_dict() for d in demos], {"instruction": item.instruction, "input": "N/A",
-                                                                  "passages": ""}, **context)
-                    for item, demos in zip(items, shown)] if args.content_free else []
-    free = option_scores(generator, free_prompts, options) if args.content_free else []
+    free = option_scores(generator, prompts(["N/A"] * len(items)), options) if args.content_free else []
     gold = [item.choices.index(item.answer) for item in items]
     n = len(items)
     majority = Counter(gold).most_common(1)[0][1] / n

@@ -219,11 +219,12 @@ def task_summary(loaded: LoadedTask, base: Sequence[ItemScore], specialized: Seq
     task = loaded.task
     summary = {"metric": task.metric, "mode": task.mode, "domain": task.domain,
                **compare([s.score for s in base], [s.score for s in specialized], evaluate.bootstrap_samples, seed)}
-    if loaded.scored and all(item.choices for item in loaded.scored):
-        answers = Counter(item.answer.strip() for item in loaded.scored)
-        summary["majority"] = {"answer": answers.most_common(1)[0][0],
-                               "share": round(answers.most_common(1)[0][1] / len(loaded.scored), 6)}
-    if "majority" in summary and task.mode == "loglikelihood":  # generated answers are free text
+    if not (loaded.scored and all(item.choices for item in loaded.scored)):
+        return summary
+    answers = Counter(item.answer.strip() for item in loaded.scored)
+    (answer, count), = answers.most_common(1)
+    summary["majority"] = {"answer": answer, "share": round(count / len(loaded.scored), 6)}
+    if task.mode == "loglikelihood":  # generated answers are free text
         summary["answers"] = {"gold": dict(answers.most_common()),
                               "base": dict(Counter(s.prediction for s in base).most_common()),
                               "specialized": dict(Counter(s.prediction for s in specialized).most_common())}

