@@ -7,8 +7,10 @@ child process; a finished run directory is reused (its stages are skipped), ``--
 
 Reads the real benchmarks from ../shared/data (or $SELFSPEC_DATA). Prints one line per task, the
 contamination and cross-domain figures, and as its last line the domain's main task:
-``task=<t> base=<x> specialized=<y> delta=<d> ci_low=<l> ci_high=<h> majority=<share> minutes=<m>``
-(``majority``: what always giving the most common answer would score).
+``task=<t> base=<x> specialized=<y> delta=<d> ci_low=<l> ci_high=<h> majority=<share> macro_f1_base=<x>
+macro_f1_specialized=<y> macro_f1_ci_low=<l> macro_f1_majority=<m> minutes=<m>`` (``majority``: what
+always giving the most common answer would score, in accuracy and in macro-F1; ``macro_f1_ci_low``: the
+lower bound of the paired 95% interval of the macro-F1 difference).
 """
 
 from __future__ import annotations
@@ -64,13 +66,21 @@ def main() -> None:
                 continue
             print(f"{scope} {name} ({row['metric']}, n={row['n']}): base={row['base']:.3f} specialized={row['specialized']:.3f} "
                   f"delta={row['delta']:+.3f} ci=[{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]")
+            if "macro_f1" in row:
+                f1 = row["macro_f1"]
+                print(f"  macro-F1: base={f1['base']:.3f} specialized={f1['specialized']:.3f} delta={f1['delta']:+.3f} "
+                      f"ci=[{f1['ci'][0]:+.3f}, {f1['ci'][1]:+.3f}] majority={f1['majority']:.3f}")
             if "majority" in row:
                 print(f"  always {row['majority']['answer']!r} would score {row['majority']['share']:.3f}; answers: "
                       + "; ".join(f"{who} {counts}" for who, counts in row.get("answers", {}).items()))
     main_row = results[MAIN_TASK[args.domain]]
     majority = f" majority={main_row['majority']['share']:.3f}" if "majority" in main_row else ""
+    f1 = main_row.get("macro_f1")
+    macro = (f" macro_f1_base={f1['base']:.3f} macro_f1_specialized={f1['specialized']:.3f} "
+             f"macro_f1_ci_low={f1['ci'][0]:.3f} macro_f1_majority={f1['majority']:.3f}") if f1 else ""
     print(f"task={MAIN_TASK[args.domain]} base={main_row['base']:.3f} specialized={main_row['specialized']:.3f} "
-          f"delta={main_row['delta']:.3f} ci_low={main_row['ci'][0]:.3f} ci_high={main_row['ci'][1]:.3f}{majority} minutes={minutes:.1f}")
+          f"delta={main_row['delta']:.3f} ci_low={main_row['ci'][0]:.3f} ci_high={main_row['ci'][1]:.3f}{majority}{macro} "
+          f"minutes={minutes:.1f}")
 
 
 if __name__ == "__main__":

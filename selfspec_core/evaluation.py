@@ -31,7 +31,7 @@ from .errors import SelfspecError
 from .generation import make_generator
 from .models import check_adapter
 from .rundir import RecordLog, atomic_write_json, read_jsonl, write_jsonl
-from .scoring import ItemScore, compare, score_generation, score_loglikelihood
+from .scoring import ItemScore, compare, compare_macro_f1, parsed_label, score_generation, score_loglikelihood
 from .tasks import DATA_ENV, METRICS, EvalItem, EvalTask, data_root
 from .templates import PromptTemplate, fill
 
@@ -212,10 +212,16 @@ def score_model(label: str, settings, model_ref, adapter: Path | None, loaded: S
     return results
 
 
+def chosen_labels(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -> list[str]:
+    """The choice each answer gives: the scored choice, or the first choice word in generated text ("" if none)."""
+    return [(parsed_label(score.prediction, item.choices) or "").strip() for item, score in zip(items, scores)]
+
+
 def task_summary(loaded: LoadedTask, base: Sequence[ItemScore], specialized: Sequence[ItemScore], evaluate, seed: int) -> dict:
     """Both models' scores with the paired interval; for a task with fixed choices also the
-    always-the-most-common-answer baseline and how often each model gave each answer, since a
-    small model's "gain" is often only a move to the majority label."""
+    always-the-most-common-answer baseline, macro-F1 of the three (with the paired interval of its
+    difference) and how often each model gave each answer, since a small model's "gain" in accuracy
+    is often only a move to the majority label, which macro-F1 does not reward."""
     task = loaded.task
     summary = {"metric": task.metric, "mode": task.mode, "domain": task.domain,
                **compare([s.score for s in base], [s.score for s in specialized], evaluate.bootstrap_samples, seed)}
@@ -224,6 +230,9 @@ def task_summary(loaded: LoadedTask, base: Sequence[ItemScore], specialized: Seq
     answers = Counter(item.answer.strip() for item in loaded.scored)
     (answer, count), = answers.most_common(1)
     summary["majority"] = {"answer": answer, "share": round(count / len(loaded.scored), 6)}
+    gold = [item.answer.strip() for item in loaded.scored]
+    summary["macro_f1"] = compare_macro_f1(gold, chosen_labels(loaded.scored, base), chosen_labels(loaded.scored, specialized),
+                                           evaluate.bootstrap_samples, seed)
     if task.mode == "loglikelihood":  # generated answers are free text
         summary["answers"] = {"gold": dict(answers.most_common()),
                               "base": dict(Counter(s.prediction for s in base).most_common()),

@@ -255,14 +255,19 @@ def comparison_section(title: str, entries: dict, figure_name: str, empty: str) 
     if scored:
         rows = []
         for name, e in scored:
-            ci = e.get("ci") if isinstance(e.get("ci"), list) else None
             majority = _mapping(e.get("majority"))
             rows.append([name, e.get("domain", ""), e.get("metric", ""), e.get("mode", ""), _fmt(e.get("n")),
                          _fmt(e["base"]), _fmt(e["specialized"]), _fmt(e["delta"], signed=True),
-                         f"[{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]" if ci else "",
+                         _interval(e.get("ci")),
                          f"{_fmt(majority.get('share'))} ({majority.get('answer')})" if majority else ""])
         section.blocks.append(Table(["task", "domain", "metric", "mode", "n", "base", "specialized", "delta", "95% CI",
                                      "majority answer"], rows))
+        with_f1 = [(name, _mapping(e.get("macro_f1"))) for name, e in scored if _mapping(e.get("macro_f1"))]
+        if with_f1:  # accuracy rewards a move to the most common label; macro-F1 does not
+            section.blocks.append(Table(
+                ["task", "macro-F1: base", "specialized", "delta", "95% CI", "majority answer"],
+                [[name, _fmt(f.get("base")), _fmt(f.get("specialized")), _fmt(f.get("delta"), signed=True),
+                  _interval(f.get("ci")), _fmt(f.get("majority"))] for name, f in with_f1]))
         answered = [(name, _mapping(e.get("answers"))) for name, e in scored if _mapping(e.get("answers"))]
         if answered:
             section.blocks.append(Table(["task", "answers: gold", "base", "specialized"],
@@ -274,6 +279,11 @@ def comparison_section(title: str, entries: dict, figure_name: str, empty: str) 
         section.blocks.append(Table(["skipped task", "domain", "why"],
                                     [[name, e.get("domain", ""), e["skipped"]] for name, e in skipped]))
     return section
+
+
+def _interval(ci) -> str:
+    """``[low, high]`` with signs, or empty when there is none."""
+    return f"[{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]" if isinstance(ci, list) and len(ci) == 2 else ""
 
 
 def _counts(counts) -> str:

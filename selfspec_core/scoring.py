@@ -11,7 +11,8 @@ Two scoring modes, both batched through a :class:`~selfspec_core.generation.Gene
 
 Every metric gives each item a score in [0, 1]; a task's value is the mean. The difference between
 two models on the same items gets a paired bootstrap interval, so a reader can tell a real gain
-from the noise of a few hundred questions.
+from the noise of a few hundred questions. Tasks with fixed answer choices also get macro-F1 (the
+mean of each label's F1), which a model cannot raise by moving to the most common label.
 """
 
 from __future__ import annotations
@@ -248,3 +249,50 @@ def compare(base: Sequence[float], specialized: Sequence[float], samples: int = 
         "base": round(base_value, 6), "specialized": round(specialized_value, 6),
         "delta": round(specialized_value - base_value, 6), "ci": [round(low, 6), round(high, 6)], "n": len(base),
     }
+
+
+# ---------------------------------------------------------------------------------------- macro-F1
+
+def _macro_f1_rows(gold: np.ndarray, predicted: np.ndarray, labels: int) -> np.ndarray:
+    """Macro-F1 of each row of label-index arrays ``(rows, items)``; a prediction outside the labels
+    (index ``labels``) is wrong for every label. A label absent from gold and predictions scores 0."""
+    scores = np.zeros(gold.shape[0])
+    for label in range(labels):
+        is_gold, is_predicted = gold == label, predicted == label
+        hits = (is_gold & is_predicted).sum(axis=1)
+        support = is_gold.sum(axis=1) + is_predicted.sum(axis=1)
+        scores += np.divide(2 * hits, support, out=np.zeros(len(scores)), where=support > 0)
+    return scores / labels
+
+
+def _label_indices(answers: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    position = {label: index for index, label in enumerate(labels)}
+    return np.array([position.get(answer, len(labels)) for answer in answers])
+
+
+def macro_f1(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str] | None = None) -> float:
+    """The unweighted mean over ``labels`` (default: the gold labels) of each label's F1."""
+    labels = sorted(set(gold)) if labels is None else list(labels)
+    if not gold or not labels:
+        raise ValueError("macro-F1 needs at least one item and one label")
+    return float(_macro_f1_rows(_label_indices(gold, labels)[None], _label_indices(predicted, labels)[None], len(labels))[0])
+
+
+def compare_macro_f1(gold: Sequence[str], base: Sequence[str], specialized: Sequence[str], samples: int = 1000,
+                     seed: int = 0, confidence: float = 0.95) -> dict:
+    """Both models' macro-F1 over the gold labels, the majority answer's, and the paired bootstrap
+    interval of the difference (the same items resampled for both models, as :func:`paired_bootstrap`)."""
+    if not len(gold) == len(base) == len(specialized) or not gold:
+        raise ValueError("macro-F1 comparison needs the same non-empty items for both models")
+    labels = sorted(set(gold))
+    gold_i, base_i, specialized_i = (_label_indices(answers, labels) for answers in (gold, base, specialized))
+    majority = Counter(gold).most_common(1)[0][0]
+    values = {name: macro_f1(gold, answers, labels) for name, answers in
+              (("base", base), ("specialized", specialized), ("majority", [majority] * len(gold)))}
+    picks = np.random.default_rng(seed).integers(0, len(gold), size=(samples, len(gold)))
+    differences = (_macro_f1_rows(gold_i[picks], specialized_i[picks], len(labels))
+                   - _macro_f1_rows(gold_i[picks], base_i[picks], len(labels)))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(differences, [tail, 100 - tail])
+    return {**{name: round(value, 6) for name, value in values.items()},
+            "delta": round(values["specialized"] - values["base"], 6), "ci": [round(float(low), 6), round(float(high), 6)]}

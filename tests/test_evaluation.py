@@ -235,6 +235,9 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     gold = sentiment["answers"]["gold"]
     assert sum(gold.values()) == 8 and sentiment["majority"] == {"answer": max(gold, key=gold.get), "share": max(gold.values()) / 8}
     assert sum(sentiment["answers"]["specialized"].values()) == sum(sentiment["answers"]["base"].values()) == 8
+    f1 = sentiment["macro_f1"]
+    assert set(f1) == {"base", "specialized", "majority", "delta", "ci"} and 0 <= f1["majority"] <= 1 / 2
+    assert f1["ci"][0] <= f1["delta"] <= f1["ci"][1] and "macro_f1" not in report["numbers"]
     assert "majority" not in report["numbers"] and "answers" not in report["cross_domain"]["other_qa"]
     assert report["numbers"]["metric"] == "numeric" and report["numbers"]["n"] == 5
     assert report["absent"]["n"] == 0 and "tiny/not_there.json" in report["absent"]["skipped"]

@@ -40,6 +40,8 @@ def _synthetic_run(path) -> RunDir:
         "phrasebank": {"metric": "accuracy", "mode": "loglikelihood", "base": 0.55, "specialized": 0.68,
                        "delta": 0.13, "ci": [0.08, 0.18], "n": 500, "domain": "finance",
                        "majority": {"answer": "neutral", "share": 0.6},
+                       "macro_f1": {"base": 0.15, "specialized": 0.31, "majority": 0.25, "delta": 0.16,
+                                    "ci": [0.09, 0.22]},
                        "answers": {"gold": {"neutral": 300, "positive": 120, "negative": 80},
                                    "base": {"positive": 499, "negative": 1}, "specialized": {"neutral": 480, "positive": 20}}},
         "tatqa": {"metric": "numeric", "mode": "generate", "base": 0.10, "specialized": 0.09,
@@ -75,6 +77,7 @@ def test_report_has_every_section_with_plots(tmp_path):
     # evaluation with intervals, skipped task with its message, cross-domain separately
     assert "| phrasebank | finance | accuracy | loglikelihood | 500 | 0.550 | 0.680 | +0.130 | [+0.080, +0.180] | 0.600 (neutral) |" in markdown
     assert "| phrasebank | neutral 300, positive 120, negative 80 | positive 499, negative 1 | neutral 480, positive 20 |" in markdown
+    assert "| phrasebank | 0.150 | 0.310 | +0.160 | [+0.090, +0.220] | 0.250 |" in markdown
     assert "| tatqa | finance | numeric | generate | 300 | 0.100 | 0.090 | -0.010 | [-0.040, +0.020] |  |" in markdown
     assert "| finqa | finance | task finqa (finance) skipped: /data/finqa/test.json not found" in markdown
     assert "above zero on 1 (phrasebank) and below zero on none" in markdown

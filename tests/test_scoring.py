@@ -8,8 +8,8 @@ from selfspec_core.errors import SelfspecError
 from selfspec_core.generation import HFGenerator
 from selfspec_core.models import ModelRef, load_model, load_tokenizer
 from selfspec_core.scoring import (
-    accuracy, choice_request, compare, exact_match, metric_score, normalize_answer, numeric_match,
-    paired_bootstrap, parse_number, parsed_label, rouge_l, score_generation, score_loglikelihood, token_f1)
+    accuracy, choice_request, compare, compare_macro_f1, exact_match, macro_f1, metric_score, normalize_answer,
+    numeric_match, paired_bootstrap, parse_number, parsed_label, rouge_l, score_generation, score_loglikelihood, token_f1)
 from selfspec_core.tasks import EvalItem
 
 
@@ -159,3 +159,32 @@ def test_compare_reports_means_delta_and_interval():
     summary = compare([1, 0, 0, 1], [1, 1, 0, 1], samples=500, seed=0)
     assert summary["base"] == 0.5 and summary["specialized"] == 0.75 and summary["delta"] == 0.25
     assert summary["n"] == 4 and summary["ci"][0] <= 0.25 <= summary["ci"][1]
+
+
+def test_macro_f1_matches_hand_computation():
+    gold = ["pos", "pos", "neg", "neu", "neu", "neu"]
+    predicted = ["pos", "neu", "neg", "neu", "pos", "neu"]
+    # pos: tp 1, 2 predicted, 2 gold -> 0.5; neg: 1/1/1 -> 1.0; neu: tp 2, 3 predicted, 3 gold -> 2/3
+    assert macro_f1(gold, predicted) == pytest.approx((0.5 + 1.0 + 2 / 3) / 3)
+    # an answer outside the labels is wrong for every label; a label never given nor gold scores 0
+    assert macro_f1(["a", "b", "b"], ["a", "?", "a"]) == pytest.approx((2 / 3 + 0) / 2)
+    assert macro_f1(["a", "a"], ["a", "a"], labels=["a", "b"]) == pytest.approx(0.5)
+
+
+def test_macro_f1_does_not_reward_a_move_to_the_majority_label():
+    gold = ["neutral"] * 6 + ["positive"] * 2 + ["negative"] * 2
+    always_positive = ["positive"] * 10
+    always_neutral = ["neutral"] * 10
+    reads_sentiment = ["neutral"] * 4 + ["positive"] * 2 + ["positive"] * 2 + ["negative"] * 2
+    result = compare_macro_f1(gold, always_positive, always_neutral, samples=500, seed=3)
+    # accuracy would go 0.2 -> 0.6; macro-F1 only from 1/9 to 0.25, the majority answer's own score
+    assert result["base"] == pytest.approx((2 * 2 / 12) / 3) and result["specialized"] == pytest.approx(0.25)
+    assert result["majority"] == pytest.approx(0.25)
+    better = compare_macro_f1(gold, always_neutral, reads_sentiment, samples=500, seed=3)
+    assert better["specialized"] > better["majority"] and better["delta"] > 0
+    assert better["ci"][0] <= better["delta"] <= better["ci"][1]
+    assert compare_macro_f1(gold, always_neutral, reads_sentiment, samples=500, seed=3) == better  # deterministic
+    same = compare_macro_f1(gold, reads_sentiment, reads_sentiment, samples=200)
+    assert same["delta"] == 0 and same["ci"] == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        compare_macro_f1(gold, always_neutral, always_neutral[:3])
