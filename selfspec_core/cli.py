@@ -86,10 +86,12 @@ def _drop_none(values: dict) -> dict:
 @click.option("--corpus", type=click.Path(), help="Retrieval corpus: a .jsonl/.txt/.parquet/.csv file or folder.")
 @click.option("--backend", type=click.Choice(["hf", "vllm", "openai"]), help="Generation backend (default hf).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="Run generation locally or as Ray Data jobs (RAY_ADDRESS).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="Model precision (default auto: bfloat16 where the CPU or GPU computes it natively, else float32).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.version_option(__version__, prog_name="selfspec")
 @click.pass_context
-def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, corpus, backend, executor, debug):
+def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, corpus, backend, executor, dtype, debug):
     """Self-specialize a language model on a domain from a handful of seeds.
 
     \b
@@ -98,7 +100,7 @@ def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, co
     selfspec --domain finance generate        one stage on the same run directory
     """
     overrides = _drop_none({"model": model, "seed": seed, "data_dir": data_dir, "corpus": corpus, "backend": backend,
-                             "executor": executor})
+                             "executor": executor, "dtype": dtype})
     ctx.obj = Session(domain, profile, config_file, overrides, seeds, out, debug)
 
 

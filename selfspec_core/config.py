@@ -159,6 +159,9 @@ class Settings:
 
     model: str | None = None
     seed: int = 42
+    # Weights and activations: "auto" is bfloat16 where the hardware computes it natively (CUDA with
+    # bf16, CPUs with AVX512-BF16 or AMX) and float32 elsewhere, where bfloat16 is emulated and slow.
+    dtype: str = "auto"
     backend: str = "hf"
     executor: str = "local"
     data_dir: str | None = None
@@ -263,6 +266,7 @@ _CHOICES = {
     "quant": ("auto", "none", "nf4"), "scheduler": ("cosine", "linear", "constant"),
     "backend": ("hf", "vllm", "openai"),
     "executor": ("local", "ray"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 _LIST_CHOICES = {"modes": ("loglikelihood", "generate")}  # comma-separated
 

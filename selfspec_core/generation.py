@@ -35,6 +35,19 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices, longest first, grouped so that each group padded to its longest holds at most
+    ``batch_tokens`` tokens (a single longer sequence is a group of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 def length_batches(tokenizer, texts: Sequence[str], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar token length: less padding, same results."""
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
@@ -45,10 +58,11 @@ def length_batches(tokenizer, texts: Sequence[str], batch_size: int) -> list[lis
 class HFGenerator:
     """In-process transformers backend (CPU or one GPU)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8):
+    def __init__(self, model, tokenizer, batch_size: int = 8, batch_tokens: int = 4096):
         self.model = model
         self.tokenizer = tokenizer
-        self.batch_size = max(1, batch_size)
+        self.batch_size = max(1, batch_size)  # prompts decoded together
+        self.batch_tokens = max(1, batch_tokens)  # padded tokens per scoring forward pass
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -103,27 +117,20 @@ class HFGenerator:
         groups: dict[str, list[int]] = {}
         for index, (context, _) in enumerate(pairs):
             groups.setdefault(context, []).append(index)
-        sequences, readouts = [], []  # readouts: (request index, sequence number, first scored position)
+        sequences: list[list[int]] = []
+        by_sequence: dict[int, list[int]] = {}  # sequence number -> requests scored on its next token
         scores: list[tuple[float, int] | None] = [None] * len(pairs)
         for context, members in groups.items():
             context_ids = self.tokenizer(context, add_special_tokens=False).input_ids
             if all(len(pairs[i][1]) == 1 for i in members):
                 sequences.append(context_ids)
-                readouts += [(i, len(sequences) - 1, len(context_ids)) for i in members]
+                by_sequence[len(sequences) - 1] = members
             else:
                 for i, score in zip(members, self._score_on_cached_context(context_ids, [pairs[i][1] for i in members])):
                     scores[i] = score
-        by_sequence: dict[int, list[tuple[int, int]]] = {}
-        for index, sequence, begin in readouts:
-            by_sequence.setdefault(sequence, []).append((index, begin))
-        import torch
-
-        for sequence, logits in self._forward(sequences):
-            for index, begin in by_sequence[sequence]:
-                target = torch.tensor(pairs[index][1])
-                positions = torch.arange(begin - 1, begin - 1 + len(target))
-                logprobs = torch.log_softmax(logits[positions].float(), dim=-1)
-                scores[index] = (logprobs[torch.arange(len(target)), target].sum().item(), len(target))
+        for sequence, logprobs in self._next_token_logprobs(sequences):
+            for index in by_sequence[sequence]:
+                scores[index] = (logprobs[pairs[index][1][0]].item(), 1)
         return scores  # type: ignore[return-value]
 
     def _score_on_cached_context(self, context_ids: list[int], continuations: list[list[int]]) -> list[tuple[float, int]]:
@@ -149,24 +156,31 @@ class HFGenerator:
         return [(logprobs[row, torch.arange(len(c)), torch.tensor(c)].sum().item(), len(c))
                 for row, c in enumerate(continuations)]
 
-    def _forward(self, sequences: list[list[int]]):
-        """Yield ``(sequence number, logits at each position)``, batched by length."""
+    def _next_token_logprobs(self, sequences: list[list[int]]):
+        """Yield ``(sequence number, log-probabilities of the token that follows it)``.
+
+        Sequences of similar length share a batch of about ``batch_tokens`` padded tokens (many short
+        prompts or a few long ones), left-padded with matching position ids, so only the last position
+        of each row reaches the output layer: for a small model with a large vocabulary that layer is
+        a fifth of the compute, and the full logits tensor would be the largest allocation.
+        """
         import torch
 
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         pad = self.tokenizer.pad_token_id
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+        for batch in token_batches([len(s) for s in sequences], self.batch_tokens):
             width = max(len(sequences[i]) for i in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, index in enumerate(batch):
-                ids[row, : len(sequences[index])] = torch.tensor(sequences[index])
-                mask[row, : len(sequences[index])] = 1
+                ids[row, width - len(sequences[index]):] = torch.tensor(sequences[index])
+                mask[row, width - len(sequences[index]):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=positions.to(self.device), logits_to_keep=1).logits[:, -1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for row, index in enumerate(batch):
-                yield index, logits[row].cpu()
+                yield index, logprobs[row]
 
 
 class _StopStrings:
@@ -195,7 +209,7 @@ def make_generator(settings, model_ref, adapter=None, batch_size: int | None = N
     from .models import load_model, load_tokenizer
 
     if settings.backend == "hf" and settings.executor == "local":
-        model = load_model(model_ref, adapter=adapter)
+        model = load_model(model_ref, adapter=adapter, dtype=settings.dtype)
         return HFGenerator(model, load_tokenizer(model_ref), batch_size or 8)
     from .backends import make_backend
 

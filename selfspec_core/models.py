@@ -149,18 +149,52 @@ def load_tokenizer(ref: ModelRef):
     return tokenizer
 
 
-def load_model(ref: ModelRef, quant: str = "none", adapter: str | Path | None = None, for_training: bool = False):
-    """Load the causal LM of ``ref`` (optionally NF4-quantized, optionally with a LoRA adapter)."""
+def native_bfloat16() -> bool:
+    """Whether this machine computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (Linux reports both as CPU flags). Elsewhere torch emulates bfloat16 and a
+    matrix product runs tens to hundreds of times slower than in float32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux lists in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1] for line in lines if line.startswith("flags") and ":" in line), "").split())
+
+
+def resolve_dtype(requested: str = "auto") -> str:
+    """The dtype name ``requested`` means here: ``auto`` is bfloat16 where it is native, else float32."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if native_bfloat16() else "float32"
+
+
+def load_model(ref: ModelRef, quant: str = "none", adapter: str | Path | None = None, for_training: bool = False,
+               dtype: str = "float32"):
+    """Load the causal LM of ``ref`` (optionally NF4-quantized, optionally with a LoRA adapter).
+
+    Inference weights load in ``dtype`` (see :func:`resolve_dtype`); training keeps float32 master
+    weights and lets the Trainer autocast to ``dtype``, and NF4 computes in it.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"trust_remote_code": False, "use_safetensors": not _is_hub_id(ref)}
+    compute = getattr(torch, resolve_dtype(dtype))
+    kwargs = {"trust_remote_code": False, "use_safetensors": not _is_hub_id(ref),
+              "dtype": torch.float32 if for_training else compute}
     if quant == "nf4":
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=compute)
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
     except OSError as exc:

@@ -438,7 +438,7 @@ def command(session, adapter, host, port, served_name, batch_size, batch_samplin
         adapter = session.run_dir(session.domain()).require("train", "adapter")
     adapter = Path(adapter) if adapter is not None else None
     ref = resolve_model(settings.model)
-    generator = HFGenerator(load_model(ref, adapter=adapter), load_tokenizer(ref), batch_size)
+    generator = HFGenerator(load_model(ref, adapter=adapter, dtype=settings.dtype), load_tokenizer(ref), batch_size)
     name = served_name or default_model_name(ref.name, adapter)
     app = create_app(generator, name, max_batch=batch_size, batch_sampling=batch_sampling)
     if host not in ("127.0.0.1", "localhost", "::1"):

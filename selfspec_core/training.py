@@ -46,7 +46,7 @@ from transformers.masking_utils import sdpa_mask
 from . import __version__, distributed
 from .config import TrainSettings
 from .errors import SelfspecError
-from .models import ModelRef, default_quant, load_model, load_tokenizer
+from .models import ModelRef, default_quant, load_model, load_tokenizer, resolve_dtype
 from .pipeline import StageContext
 from .rundir import RecordLog, atomic_write_json, file_hash, iter_jsonl, write_jsonl
 from .templates import PromptTemplate
@@ -196,11 +196,11 @@ def use_packed_attention(model, max_length: int) -> None:
         model.set_attn_implementation(PACKED_ATTENTION)
 
 
-def lora_model(ref: ModelRef, settings: TrainSettings, quant: str):
-    """The base model (frozen, NF4 when ``quant == "nf4"``) wrapped with fresh LoRA adapters."""
+def lora_model(ref: ModelRef, settings: TrainSettings, quant: str, dtype: str = "float32"):
+    """The base model (frozen, NF4 when ``quant == "nf4"``, computing in ``dtype``) wrapped with fresh LoRA adapters."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model = load_model(ref, quant=quant, for_training=True)
+    model = load_model(ref, quant=quant, for_training=True, dtype=dtype)
     model.config.use_cache = False  # a cache would also switch off the packed-sequence mask
     if settings.packing:
         use_packed_attention(model, settings.max_length)
@@ -216,8 +216,9 @@ def lora_model(ref: ModelRef, settings: TrainSettings, quant: str):
         raise SelfspecError(f"train.target_modules={targets!r}: {exc}. Use all-linear or module names such as q_proj,v_proj") from exc
 
 
-def training_arguments(settings: TrainSettings, output_dir: Path, seed: int, **overrides):
-    """``TrainingArguments`` for ``settings``: per-step logging, checkpoints, no external reporting."""
+def training_arguments(settings: TrainSettings, output_dir: Path, seed: int, dtype: str = "float32", **overrides):
+    """``TrainingArguments`` for ``settings``: per-step logging, checkpoints, no external reporting, and
+    autocast to ``dtype`` (float32 master weights) when it is bfloat16 or float16."""
     import torch
     from transformers import TrainingArguments
 
@@ -237,10 +238,12 @@ def training_arguments(settings: TrainSettings, output_dir: Path, seed: int, **o
         logging_strategy="steps", logging_steps=1, save_strategy="steps", save_steps=settings.save_steps,
         save_total_limit=1, report_to="none", disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
-        # accelerate makes no process group for several processes on a machine without GPUs unless told "CPU".
-        use_cpu=distributed.world_size() > 1 and not torch.cuda.is_available(),
+        # accelerate makes no process group for several processes on a machine without GPUs unless told
+        # "CPU", and autocasts to bfloat16 on a CPU only when told so.
+        use_cpu=(distributed.world_size() > 1 or dtype != "float32") and not torch.cuda.is_available(),
         # Every LoRA weight gets a gradient every step: DDP need not walk the graph looking for unused ones.
-        ddp_find_unused_parameters=False)
+        ddp_find_unused_parameters=False,
+        bf16=dtype == "bfloat16", fp16=dtype == "float16")
     options.update(overrides)
     return TrainingArguments(**options)
 
@@ -337,10 +340,11 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     checkpoints = ctx.work / "checkpoints"
     # Before the model: the arguments join the process group (so each GPU process loads onto its own
     # device) and, under an accelerate DeepSpeed config with zero3_init_flag, make loading sharded.
-    args = training_arguments(settings, checkpoints, ctx.settings.seed)
+    dtype = resolve_dtype(ctx.settings.dtype)
+    args = training_arguments(settings, checkpoints, ctx.settings.seed, dtype)
     resume = resume_checkpoint(checkpoints, args.world_size)
     set_seed(ctx.settings.seed)
-    model = lora_model(ctx.model, settings, quant)
+    model = lora_model(ctx.model, settings, quant, dtype)
     resumed = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8")) if resume else {}
     if resume:
         ctx.log(f"[train] resuming from {resume.name}")

