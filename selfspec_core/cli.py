@@ -88,10 +88,12 @@ def _drop_none(values: dict) -> dict:
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="Run generation locally or as Ray Data jobs (RAY_ADDRESS).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               help="Model precision (default auto: bfloat16 where the CPU or GPU computes it natively, else float32).")
+@click.option("--no-cache", is_flag=True,
+              help="Score the base model again instead of reusing its scores from earlier runs ($SELFSPEC_CACHE/scores).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.version_option(__version__, prog_name="selfspec")
 @click.pass_context
-def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, corpus, backend, executor, dtype, debug):
+def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, corpus, backend, executor, dtype, no_cache, debug):
     """Self-specialize a language model on a domain from a handful of seeds.
 
     \b
@@ -101,6 +103,8 @@ def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, co
     """
     overrides = _drop_none({"model": model, "seed": seed, "data_dir": data_dir, "corpus": corpus, "backend": backend,
                              "executor": executor, "dtype": dtype})
+    if no_cache:
+        overrides["evaluate"] = {"cache_base_scores": False}
     ctx.obj = Session(domain, profile, config_file, overrides, seeds, out, debug)
 
 

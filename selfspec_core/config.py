@@ -125,6 +125,9 @@ class EvaluateSettings:
     modes: str = ""
     # The adapter to evaluate; None means the run's own ``train/adapter``.
     adapter: str | None = None
+    # Reuse the base model's scores from any earlier run that posed the same items the same way
+    # (kept under $SELFSPEC_CACHE/scores, keyed by model, dtype, prompts, items and scoring settings).
+    cache_base_scores: bool = True
     # Drop generated training records that share an ``ngram``-gram with an evaluation item.
     drop_contaminated: bool = False
     # Generated records shown in the report.

@@ -31,6 +31,7 @@ from .errors import SelfspecError
 from .generation import make_generator
 from .models import check_adapter
 from .rundir import RecordLog, atomic_write_json, read_jsonl, write_jsonl
+from .scorecache import ScoreCache, score_key
 from .scoring import ItemScore, compare, compare_macro_f1, parsed_label, score_generation, score_loglikelihood
 from .tasks import DATA_ENV, METRICS, EvalItem, EvalTask, data_root
 from .templates import PromptTemplate, fill
@@ -175,37 +176,58 @@ def answer_stops(template: PromptTemplate, metric: str) -> list[str]:
     return stops
 
 
-def score_task(generator, loaded: LoadedTask, template: PromptTemplate, context: dict, evaluate, seed: int) -> list[ItemScore]:
-    task = loaded.task
-    prompts = [render_prompt(template, item, loaded.demos, context) for item in loaded.scored]
+def scoring_options(task: EvalTask, template: PromptTemplate, evaluate) -> dict:
+    """How ``task``'s items are scored, besides the prompts: part of a cached score's key."""
     if task.mode == "loglikelihood":
-        return score_loglikelihood(generator, prompts, loaded.scored, metric=task.metric,
-                                   length_normalize=evaluate.length_normalize, tolerance=task.tolerance)
-    return score_generation(generator, prompts, loaded.scored, metric=task.metric,
-                            max_new_tokens=task.max_new_tokens or evaluate.max_new_tokens,
-                            stop=answer_stops(template, task.metric), tolerance=task.tolerance, seed=seed)
+        return {"mode": task.mode, "metric": task.metric, "length_normalize": evaluate.length_normalize,
+                "tolerance": task.tolerance}
+    return {"mode": task.mode, "metric": task.metric, "tolerance": task.tolerance,
+            "max_new_tokens": task.max_new_tokens or evaluate.max_new_tokens, "stop": answer_stops(template, task.metric)}
+
+
+def score_task(generator, loaded: LoadedTask, prompts: Sequence[str], options: dict, seed: int) -> list[ItemScore]:
+    if options["mode"] == "loglikelihood":
+        return score_loglikelihood(generator, prompts, loaded.scored, metric=options["metric"],
+                                   length_normalize=options["length_normalize"], tolerance=options["tolerance"])
+    return score_generation(generator, prompts, loaded.scored, metric=options["metric"],
+                            max_new_tokens=options["max_new_tokens"], stop=options["stop"],
+                            tolerance=options["tolerance"], seed=seed)
 
 
 def score_model(label: str, settings, model_ref, adapter: Path | None, loaded: Sequence[LoadedTask],
                 template: PromptTemplate, context: dict, log: Callable[[str], None],
                 cache: RecordLog | None = None) -> dict[str, list[ItemScore]]:
-    """Every task's item scores for one model; tasks already in ``cache`` (a killed run) are not redone.
+    """Every task's item scores for one model; tasks already in ``cache`` (a killed run) are not redone,
+    nor, for the base model, tasks scored the same way by any earlier run (``evaluate.cache_base_scores``,
+    kept under ``$SELFSPEC_CACHE/scores``).
 
     The model is loaded only when some task still needs it, and freed when this returns.
     """
     done = {row["task"]: row["items"] for row in (cache.records if cache else []) if row["model"] == label}
+    stored = ScoreCache() if adapter is None and settings.evaluate.cache_base_scores else None
     results, generator = {}, None
     for task in loaded:
+        ids = [item.id for item in task.scored]
         rows = done.get(task.key)
-        if rows is not None and [row["id"] for row in rows] == [item.id for item in task.scored]:
+        if rows is not None and [row["id"] for row in rows] == ids:
             results[task.key] = [ItemScore(r["id"], r["prediction"], r["score"], tuple(r["logprobs"])) for r in rows]
             continue
-        if generator is None:
-            generator = make_generator(settings, model_ref, adapter=adapter, batch_size=settings.evaluate.batch_size)
+        prompts = [render_prompt(template, item, task.demos, context) for item in task.scored]
+        options = scoring_options(task.task, template, settings.evaluate)
+        key = score_key(settings, model_ref, task.key, prompts, task.scored, options) if stored else ""
         started = time.time()
-        scores = score_task(generator, task, template, context, settings.evaluate, settings.seed)
+        scores = stored.get(key, ids) if stored else None
+        if scores is None:
+            if generator is None:
+                generator = make_generator(settings, model_ref, adapter=adapter, batch_size=settings.evaluate.batch_size)
+            scores = score_task(generator, task, prompts, options, settings.seed)
+            if stored:
+                stored.put(key, scores)
+            source = f"{time.time() - started:.0f}s"
+        else:
+            source = f"cached in {stored.root}"
         mean = sum(s.score for s in scores) / len(scores)
-        log(f"[evaluate] {label} {task.key}: {task.task.metric} {mean:.3f} on {len(scores)} items ({time.time() - started:.0f}s)")
+        log(f"[evaluate] {label} {task.key}: {task.task.metric} {mean:.3f} on {len(scores)} items ({source})")
         if cache is not None:
             cache.append([{"model": label, "task": task.key, "items": [asdict(s) for s in scores]}])
         results[task.key] = scores

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -345,3 +346,41 @@ def test_evaluate_file_bad_rows_name_file_line_and_field(tmp_path, tiny_model_di
     bad = _write_rows(tmp_path / "bad.jsonl", [{"instruction": "ok", "output": "fine"}, row])
     with pytest.raises(SelfspecError, match=message):
         evaluate_file(_settings(tiny_model_dir, data_dir), bad)
+
+
+def test_base_scores_are_reused_across_runs_until_anything_that_could_change_them_changes(
+        tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    from selfspec_core import evaluation
+
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "cache"))
+    settings = _settings(tiny_model_dir, data_dir)
+    task = EvalTask("sentiment", "tinydom", "tiny/sentences.txt", load_sentences)
+    loaded = [split_items(task, read_items(task, data_dir), 0, 4, 0)]
+    ref = ModelRef("tiny", str(tiny_model_dir))
+    first = score_model("base", settings, ref, None, loaded, TRAIN_TEMPLATE, {}, print)
+    assert len(list((tmp_path / "cache" / "scores").glob("*.json"))) == 1
+
+    loads = []
+    real = evaluation.make_generator
+    monkeypatch.setattr(evaluation, "make_generator", lambda *a, **k: loads.append(1) or real(*a, **k))
+    lines = []
+    assert score_model("base", settings, ref, None, loaded, TRAIN_TEMPLATE, {}, lines.append) == first
+    assert loads == [] and "cached in" in lines[0]  # a second run: no model loaded at all
+
+    other_prompt = {"domain": "x", "description": "another domain's wording"}
+    template = dataclasses.replace(TRAIN_TEMPLATE, header="You answer questions about {description}.")
+    score_model("base", settings, ref, None, loaded, template, other_prompt, print)
+    assert loads == [1]  # another prompt misses
+    score_model("base", _settings(tiny_model_dir, data_dir, length_normalize=True), ref, None, loaded, TRAIN_TEMPLATE, {}, print)
+    assert loads == [1, 1]  # another scoring setting misses
+    fewer = [split_items(task, read_items(task, data_dir), 0, 3, 0)]
+    score_model("base", settings, ref, None, fewer, TRAIN_TEMPLATE, {}, print)
+    assert loads == [1, 1, 1]  # other items miss
+    score_model("base", _settings(tiny_model_dir, data_dir, cache_base_scores=False), ref, None, loaded, TRAIN_TEMPLATE, {}, print)
+    assert loads == [1, 1, 1, 1]  # --no-cache recomputes
+    adapter = _make_adapter(tiny_model_dir, tmp_path / "adapter")
+    score_model("specialized", settings, ref, adapter, loaded, TRAIN_TEMPLATE, {}, print)
+    assert loads == [1, 1, 1, 1, 1]  # an adapter's scores are never cached
+    for entry in (tmp_path / "cache" / "scores").glob("*.json"):
+        entry.write_text("{truncated")
+    assert score_model("base", settings, ref, None, loaded, TRAIN_TEMPLATE, {}, print) == first  # unreadable: a miss
