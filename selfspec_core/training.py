@@ -415,7 +415,7 @@ def export_merged(base_ref: ModelRef, adapter_dir: str | Path, out_dir: str | Pa
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SelfspecError(f"{out_dir} exists and is not empty; pass another output folder or remove it")
-    merged = load_model(base_ref, quant="none", adapter=adapter_dir).merge_and_unload()
+    merged = load_model(base_ref, quant="none", adapter=adapter_dir)
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
