@@ -52,7 +52,11 @@ def main() -> None:
     minutes = sum((run.manifest(stage) or {}).get("seconds", 0) for stage in STAGES) / 60
     print(f"wall minutes this invocation: {(time.time() - started) / 60:.1f}; pipeline minutes: {minutes:.1f}")
     for stage in STAGES:
-        print(f"  {stage}: {(run.manifest(stage) or {}).get('seconds', 0) / 60:.1f} min")
+        manifest = run.manifest(stage) or {}
+        speed = manifest.get("throughput") or {}
+        rate = (f", {speed['tokens_per_second']:.0f} tokens/s (ceiling {speed['ceiling_tokens_per_second']:.0f})"
+                if "tokens_per_second" in speed and "ceiling_tokens_per_second" in speed else "")
+        print(f"  {stage}: {manifest.get('seconds', 0) / 60:.1f} min{rate}")
 
     results = json.loads((run.stage_dir("evaluate") / "eval.json").read_text())
     contamination = json.loads((run.stage_dir("evaluate") / "contamination.json").read_text())

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from .errors import SelfspecError
+from .throughput import timed_call
 
 
 @dataclass(frozen=True)
@@ -88,19 +89,20 @@ class HFGenerator:
             if stop:
                 options["stopping_criteria"] = [_StopStrings(self.tokenizer, stop, encoded.input_ids.shape[1])]
             torch.manual_seed(seed * 100_003 + number)
-            with torch.inference_mode():
+            with torch.inference_mode(), timed_call(self.model, int(encoded.attention_mask.sum())) as generated:
                 output = self.model.generate(**encoded, **options)
-            new_tokens = output[:, encoded.input_ids.shape[1]:]
-            for row, index in enumerate(batch):
-                ids = new_tokens[row].tolist()
-                ended = self.tokenizer.eos_token_id in ids
-                if ended:
-                    ids = ids[: ids.index(self.tokenizer.eos_token_id)]
-                while ids and ids[-1] == self.tokenizer.pad_token_id:
-                    ids.pop()
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                text, stopped = cut_at_stop(text, stop)
-                results[index] = Completion(text, ended or stopped or len(ids) < max_new_tokens, len(ids))
+                new_tokens = output[:, encoded.input_ids.shape[1]:]
+                for row, index in enumerate(batch):
+                    ids = new_tokens[row].tolist()
+                    ended = self.tokenizer.eos_token_id in ids
+                    if ended:
+                        ids = ids[: ids.index(self.tokenizer.eos_token_id)]
+                    while ids and ids[-1] == self.tokenizer.pad_token_id:
+                        ids.pop()
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    text, stopped = cut_at_stop(text, stop)
+                    results[index] = Completion(text, ended or stopped or len(ids) < max_new_tokens, len(ids))
+                    generated.append(len(ids))
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests):
@@ -145,7 +147,7 @@ class HFGenerator:
         for row, continuation in enumerate(continuations):
             ids[row, :len(continuation)] = torch.tensor(continuation)
             mask[row, len(context_ids):len(context_ids) + len(continuation)] = 1
-        with torch.inference_mode():
+        with torch.inference_mode(), timed_call(self.model, len(context_ids) + int(mask[:, len(context_ids):].sum())):
             prefix = self.model(input_ids=torch.tensor([context_ids], device=self.device), use_cache=True)
             cache = prefix.cache
             cache.batch_repeat_interleave(count)
@@ -175,7 +177,7 @@ class HFGenerator:
                 ids[row, width - len(sequences[index]):] = torch.tensor(sequences[index])
                 mask[row, width - len(sequences[index]):] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.inference_mode():
+            with torch.inference_mode(), timed_call(self.model, int(mask.sum())):
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                     position_ids=positions.to(self.device), logits_to_keep=1).logits[:, -1]
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()

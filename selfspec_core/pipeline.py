@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import distributed, plugins
+from . import distributed, plugins, throughput
 from .config import Settings
 from .errors import SelfspecError
-from .models import ModelRef, resolve_model
+from .models import ModelRef, resolve_dtype, resolve_model
 from .records import Domain, Seed
 from .rundir import RunDir, file_hash
 from .seeds import load_seeds
@@ -149,13 +149,15 @@ class Pipeline:
         ctx = StageContext(self.settings, self.domain, self.run, self.seeds, model, work, self.log)
         started = time.time()
         self.log(f"[{stage}] running")
-        with _peak_memory() as memory:
+        with _peak_memory() as memory, throughput.metered() as meter:
             counts = module.run_stage(ctx)
         if main:
             (work / ".hashes").unlink(missing_ok=True)
+            # training runs a forward and a backward pass, about three forward passes' work per token
+            speed = meter.figures(resolve_dtype(self.settings.dtype), passes=3.0 if stage == "train" else 1.0)
             self.run.finish(stage, {
                 "config_hash": config_hash, "input_hash": input_hash, "seconds": round(time.time() - started, 2),
-                "model": self.model.name, **memory, **counts,
+                "model": self.model.name, **memory, "throughput": speed, **counts,
             })
             self.log(f"[{stage}] done in {time.time() - started:.0f}s -> {self.run.stage_dir(stage)}")
         distributed.wait_for_everyone()  # every process leaves with the stage sealed

@@ -180,12 +180,19 @@ def run_section(run, model: str) -> Section:
     rows = []
     for stage in ("generate", "respond", "train", "evaluate"):
         manifest = _mapping(run.manifest(stage))
+        speed = _mapping(manifest.get("throughput"))
+        tokens = sum(_number(speed.get(k)) or 0 for k in ("prompt_tokens", "generated_tokens"))
         if manifest:
             rows.append([stage, manifest.get("finished_at", ""), _fmt(manifest.get("seconds")),
-                         _fmt(manifest.get("peak_rss_mb")), _fmt(manifest.get("peak_gpu_mb"))])
+                         _fmt(manifest.get("peak_rss_mb")), _fmt(manifest.get("peak_gpu_mb")), _fmt(int(tokens) if tokens else None),
+                         _fmt(speed.get("tokens_per_second")), _fmt(speed.get("ceiling_tokens_per_second"))])
         else:
-            rows.append([stage, NOT_AVAILABLE, "", "", ""])
-    section.blocks.append(Table(["stage", "finished", "seconds", "peak RAM MB", "peak GPU MB"], rows))
+            rows.append([stage, NOT_AVAILABLE, "", "", "", "", "", ""])
+    section.blocks.append(Table(["stage", "finished", "seconds", "peak RAM MB", "peak GPU MB", "model tokens",
+                                 "tokens/s", "ceiling tokens/s"], rows))
+    section.blocks.append("Model tokens: prompt and generated tokens the model ran (training: tokens trained on). "
+                          "The ceiling is this machine's measured matrix-product rate over the model's operations "
+                          "per token (two per parameter; training three forward passes' worth).")
     return section
 
 

@@ -43,7 +43,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, TrainerCall
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from . import __version__, distributed
+from . import __version__, distributed, throughput
 from .config import TrainSettings
 from .errors import SelfspecError
 from .models import ModelRef, default_quant, load_model, load_tokenizer, resolve_dtype
@@ -353,6 +353,7 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
+    throughput.record_model(model, trainer.state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0), 0, seconds)
 
     state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]

@@ -38,6 +38,9 @@ def test_every_stage_on_the_embedded_model(tmp_path):
     run = tmp_path / "run"
     for stage in ("generate", "respond", "train", "evaluate", "report"):
         assert json.loads((run / stage / "manifest.json").read_text())["stage"] == stage
+    for stage in ("generate", "respond", "train", "evaluate"):  # the stages that run the model
+        speed = json.loads((run / stage / "manifest.json").read_text())["throughput"]
+        assert speed["prompt_tokens"] > 0 and 0 < speed["tokens_per_second"] < speed["ceiling_tokens_per_second"], (stage, speed)
     records = [json.loads(line) for line in (run / "respond" / "data.jsonl").read_text().splitlines()]
     assert records and all(r["instruction"] and r["output"] for r in records)
     assert (run / "train" / "adapter" / "adapter_model.safetensors").exists()

@@ -71,3 +71,24 @@ def test_token_batches_fill_a_padded_token_budget_longest_first():
     assert batches[1] == [1, 4]  # 2 x 300
     assert all(max(lengths[i] for i in b) * len(b) <= 600 for b in batches[1:])
     assert batches[2] == [2, 3, 0, 5]  # the short ones share one batch
+
+
+def test_model_calls_are_metered_with_a_ceiling_above_the_measured_rate(parts):
+    from selfspec_core import throughput
+
+    model, tokenizer = parts
+    with throughput.metered() as meter:
+        HFGenerator(model, tokenizer, batch_size=2).generate(PROMPTS, max_new_tokens=3)
+        HFGenerator(model, tokenizer).loglikelihood([("The answer is", " yes"), ("The answer is", " no maybe")])
+    prompt_tokens = sum(len(tokenizer(p, add_special_tokens=False).input_ids) for p in PROMPTS)
+    context = len(tokenizer("The answer is", add_special_tokens=False).input_ids)
+    continuation = len(tokenizer(" yes", add_special_tokens=False).input_ids) + len(tokenizer(" no maybe", add_special_tokens=False).input_ids)
+    assert meter.prompt_tokens == prompt_tokens + context + continuation
+    assert 0 < meter.generated_tokens <= 3 * len(PROMPTS) and meter.seconds > 0
+    assert meter.parameters == sum(p.numel() for p in model.parameters())
+    figures = meter.figures("float32")
+    assert figures["ceiling_tokens_per_second"] > 0 and figures["tokens_per_second"] > 0
+    assert meter.figures("float32", passes=3.0)["ceiling_tokens_per_second"] == pytest.approx(figures["ceiling_tokens_per_second"] / 3, rel=0.01)
+    with throughput.metered() as outside:
+        pass
+    assert outside.prompt_tokens == 0 and "tokens_per_second" not in outside.figures("float32")

@@ -35,7 +35,9 @@ def _synthetic_run(path) -> RunDir:
                                                                  "final_loss": 1.234})
     write_jsonl(run.stage_dir("train") / "train_log.jsonl",
                 [{"step": s, "loss": 3.0 - 0.1 * s, "learning_rate": 3e-4 * (1 - s / 20)} for s in range(1, 20)])
-    atomic_write_json(run.stage_dir("evaluate") / "manifest.json", {"stage": "evaluate", "seconds": 40.0})
+    atomic_write_json(run.stage_dir("evaluate") / "manifest.json", {
+        "stage": "evaluate", "seconds": 40.0, "throughput": {"prompt_tokens": 41000, "generated_tokens": 0,
+                                                             "tokens_per_second": 1025.0, "ceiling_tokens_per_second": 4100.0}})
     atomic_write_json(run.stage_dir("evaluate") / "eval.json", {
         "phrasebank": {"metric": "accuracy", "mode": "loglikelihood", "base": 0.55, "specialized": 0.68,
                        "delta": 0.13, "ci": [0.08, 0.18], "n": 500, "domain": "finance",
@@ -72,6 +74,7 @@ def test_report_has_every_section_with_plots(tmp_path):
     assert counts == {"sections": 9, "figures": 5}
 
     # funnel: seeds, drops by reason, kept
+    assert "| 41,000 | 1,025.0 | 4,100.0 |" in markdown
     assert "| seeds | 10 |" in markdown and "| dropped: rouge_duplicate | 30 |" in markdown
     assert "| training records kept | 70 |" in markdown
     # evaluation with intervals, skipped task with its message, cross-domain separately
