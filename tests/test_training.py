@@ -237,6 +237,16 @@ def test_nf4_base_trains_an_adapter(tmp_path):
     assert torch.isfinite(logits_of(tuned, PROBE, load_tokenizer(ctx.model))).all()
 
 
+def test_bfloat16_autocast_trains_float32_lora_weights(tmp_path, tiny_model_dir):
+    ctx = make_ctx(tmp_path, tiny_model_dir, max_steps=3, batch_size=4, learning_rate=1e-2, max_length=40)
+    ctx.settings.dtype = "bfloat16"  # forced: also on CPUs that only emulate it (slow, but tiny here)
+    snapshot = Snapshot(load_tokenizer(ctx.model))
+    stats = training.run_stage(ctx, callbacks=[snapshot])
+    assert stats["steps"] == 3 and all(s["loss"] == s["loss"] for s in read_jsonl(ctx.work / "train_log.jsonl"))
+    saved = load_file(ctx.work / "adapter" / "adapter_model.safetensors")
+    assert saved and all(w.dtype == torch.float32 for w in saved.values())
+
+
 def test_pipeline_seals_the_stage_with_its_stats(tmp_path, tiny_model_dir):
     ctx = make_ctx(tmp_path, tiny_model_dir, max_length=40)
     ctx.settings.model = str(tiny_model_dir)
