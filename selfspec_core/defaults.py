@@ -59,9 +59,15 @@ _TEMPLATES = {
 }
 
 
+def default_template(stage: str) -> PromptTemplate | None:
+    """The core's template for ``stage``: what a plugin's ``prompt_template`` overrides, or starts
+    from with ``dataclasses.replace``."""
+    return _TEMPLATES.get(stage)
+
+
 @hookimpl
 def prompt_template(stage):
-    return _TEMPLATES.get(stage)
+    return default_template(stage)
 
 
 @hookimpl

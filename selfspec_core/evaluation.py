@@ -92,10 +92,16 @@ def collect_tasks(domain: str, cross_domain: bool = True, wanted: str = "", mode
 def read_items(task: EvalTask, root: Path | None) -> list[EvalItem] | str:
     """Every item of ``task``'s data file, or why the task is skipped (no data there)."""
     label = f"task {task.name} ({task.domain})"
-    if root is None:
+    path = Path(task.data_file)
+    if path.is_absolute():  # a file the plugin ships: it must be there, data directory or not
+        if not path.is_file():
+            raise SelfspecError(f"{label}: {path} not found; the plugin's package lacks its evaluation file "
+                                "(add it to [tool.setuptools.package-data] and reinstall the plugin)")
+    elif root is None:
         return (f"{label} skipped: no data directory; set data_dir in the config or {DATA_ENV}=/path/to/data "
                 f"and put {task.data_file} inside it")
-    path = root / task.data_file
+    else:
+        path = root / task.data_file
     if not path.exists():
         return f"{label} skipped: {path} not found; put {task.data_file} under {root}"
     try:

@@ -7,13 +7,13 @@ plugin that raises or returns the wrong type is named in the error the user sees
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
 import pluggy
 
-from . import defaults, hookspecs
+from . import __version__, defaults, hookspecs
 from .errors import SelfspecError
 from .records import Domain
 
@@ -44,15 +44,27 @@ def results(hook: str, **kwargs) -> list[tuple[str, Any]]:
     manager = get_plugin_manager()
     answers = []
     for impl in reversed(getattr(manager.hook, hook).get_hookimpls()):
-        try:
-            value = impl.function(**{name: kwargs[name] for name in impl.argnames})
-        except SelfspecError:
-            raise
-        except Exception as exc:
-            raise SelfspecError(f"plugin {impl.plugin_name!r} failed in hook {hook}: {type(exc).__name__}: {exc}") from exc
+        value = _call(impl, hook, kwargs)
         if value is not None:
             answers.append((impl.plugin_name, value))
     return answers
+
+
+def plugin_result(plugin: str, hook: str, **kwargs) -> Any:
+    """What ``plugin``'s own implementation of ``hook`` answers; ``None`` when it has none."""
+    for impl in getattr(get_plugin_manager().hook, hook).get_hookimpls():
+        if impl.plugin_name == plugin:
+            return _call(impl, hook, kwargs)
+    return None
+
+
+def _call(impl: pluggy.HookImpl, hook: str, kwargs: dict) -> Any:
+    try:
+        return impl.function(**{name: kwargs[name] for name in impl.argnames})
+    except SelfspecError:
+        raise
+    except Exception as exc:
+        raise SelfspecError(f"plugin {impl.plugin_name!r} failed in hook {hook}: {type(exc).__name__}: {exc}") from exc
 
 
 def first_result(hook: str, expected: type | tuple, **kwargs) -> tuple[str, Any] | tuple[None, None]:
@@ -98,3 +110,32 @@ def get_domain(name: str) -> Domain:
             f"unknown domain {name!r}; installed domains: {names}. Install a domain plugin "
             f"(e.g. `pip install -e plugins/{name}`) or scaffold one with `selfspec new-domain {name}`")
     return installed[name]
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One registered plugin as ``selfspec plugins`` lists it."""
+
+    name: str
+    package: str
+    version: str
+    domains: tuple[str, ...]
+    hooks: tuple[str, ...]
+
+
+def installed_plugins(include_core: bool = False) -> list[PluginInfo]:
+    """Every registered plugin by name: its distribution, the domains it registers, the hooks it implements."""
+    manager = get_plugin_manager()
+    dists = {ep.name: ep.dist for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    registered: dict[str, list[str]] = {}
+    for domain in domains().values():
+        registered.setdefault(domain.plugin, []).append(domain.name)
+    found = []
+    for name, plugin in sorted(manager.list_name_plugin()):
+        if name == "core" and not include_core:
+            continue
+        dist = dists.get(name)
+        package, version = (dist.name, dist.version) if dist else ("selfspec", __version__) if name == "core" else ("", "")
+        hooks = sorted(caller.name for caller in manager.get_hookcallers(plugin) or ())
+        found.append(PluginInfo(name, package, version, tuple(registered.get(name, ())), tuple(hooks)))
+    return found

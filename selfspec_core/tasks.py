@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +28,8 @@ class EvalItem:
 class EvalTask:
     """A benchmark: where its file lives, how to read it, how to score it.
 
-    ``data_file`` is relative to the data directory; ``load`` reads that file in the benchmark's
+    ``data_file`` is relative to the data directory, or absolute for a file the plugin ships itself
+    (``str(package_file(__name__, "eval.jsonl"))``); ``load`` reads that file in the benchmark's
     own format and returns :class:`EvalItem` s. Items are posed to both models in the training
     template's format, zero-shot unless ``evaluate.shots`` says otherwise.
     """
@@ -55,3 +57,11 @@ def data_root(data_dir: str | Path | None) -> Path | None:
     """Where benchmarks and corpora live: ``data_dir`` if given, else ``$SELFSPEC_DATA``, else None."""
     chosen = data_dir or os.environ.get(DATA_ENV)
     return Path(chosen).expanduser() if chosen else None
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """A file or folder shipped inside the installed ``package``, as a path: ``package_file(__name__, "seeds.jsonl")``."""
+    found = files(package)
+    for part in parts:
+        found = found / part
+    return Path(str(found))

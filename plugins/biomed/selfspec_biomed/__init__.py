@@ -11,9 +11,7 @@ from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
 
-from selfspec_core import defaults
-from selfspec_core.hookspecs import hookimpl
-from selfspec_core.records import Domain
+from selfspec_core.api import Domain, default_template, hookimpl
 
 from . import corpus, tasks
 
@@ -28,13 +26,13 @@ DOMAIN = Domain(
 
 TEMPLATES = {
     "instruction": replace(
-        defaults.INSTRUCTION_TEMPLATE,
+        default_template("instruction"),
         header="Tasks for an assistant in {description}. Each task has a type, an instruction, and an input "
                "when the instruction needs one: an abstract, a sentence from a paper or a clinical note. The "
                "tasks test biomedical knowledge and reading of research, not advice about one person's health. "
                "Every task is new and different from the others."),
     "response": replace(
-        defaults.RESPONSE_TEMPLATE,
+        default_template("response"),
         query="[[Background from medical abstracts (use it only where it is relevant):\n{passages}\n\n]]"
               "Instruction: {instruction}[[\nInput: {input}]]\nAnswer:"),
 }

@@ -17,9 +17,7 @@ import csv
 import re
 from pathlib import Path
 
-from selfspec_core.errors import SelfspecError
-from selfspec_core.retrieval import Passage
-from selfspec_core.tasks import data_root
+from selfspec_core.api import Passage, SelfspecError, data_root
 
 CORPUS_FOLDER = "biomed_corpus"
 ABSTRACTS_CSV = "medical_abstracts_tc/medical_tc_test.csv"

@@ -17,8 +17,7 @@ import json
 from functools import partial
 from pathlib import Path
 
-from selfspec_core.errors import SelfspecError
-from selfspec_core.tasks import EvalItem, EvalTask
+from selfspec_core.api import EvalItem, EvalTask, SelfspecError
 
 PUBMEDQA_FILE = "pubmedqa/ori_pqal.json"
 TEST_IDS_FILE = "test_ground_truth.json"  # beside ori_pqal.json

@@ -12,13 +12,9 @@ from pathlib import Path
 import pytest
 
 from selfspec_biomed import corpus, tasks
-from selfspec_core import defaults, plugins
-from selfspec_core.errors import SelfspecError
-from selfspec_core.evaluation import item_texts, ngram_overlap, read_items, record_text
-from selfspec_core.filters import blacklist_pattern, plugin_reason
-from selfspec_core.pipeline import domain_seeds
-from selfspec_core.retrieval import Passage
-from selfspec_core.templates import PromptTemplate
+from selfspec_core.api import (Passage, PromptTemplate, SelfspecError, blacklist_pattern, default_template,
+                               domain_seeds, domain_tasks, domain_template, filter_reason, installed_domains,
+                               item_texts, ngram_overlap, record_text, task_items)
 
 DOMAIN = "biomed"
 REPO = Path(__file__).resolve().parents[3]
@@ -34,33 +30,35 @@ def data_path(relative: str) -> Path:
     return path
 
 
-def template(stage: str) -> tuple[str, PromptTemplate]:
-    return plugins.first_result("prompt_template", PromptTemplate, domain=DOMAIN, stage=stage)
+def template(stage: str) -> PromptTemplate:
+    return domain_template(DOMAIN, stage)
 
 
 def tasks_by_name() -> dict:
-    return {task.name: task for _, found in plugins.results("evaluation_tasks", domain=DOMAIN) for task in found}
+    return domain_tasks(DOMAIN)
 
 
 # ------------------------------------------------------------------------------------ domain, seeds
 
 
 def test_domain_is_installed_through_its_entry_point():
-    domain = plugins.domains()[DOMAIN]
+    domain = installed_domains()[DOMAIN]
     assert domain.plugin == DOMAIN
     assert domain.description == "biomedicine and clinical research"
     assert len(domain.task_families) == 10
 
 
 def test_seeds_are_one_file_shipped_as_package_data():
-    _, path = plugins.first_result("seed_provider", (str, Path), domain=DOMAIN)
+    import selfspec_biomed as plugin
+
+    path = plugin.seed_provider(domain=DOMAIN)
     assert path.parts[-3:] == ("selfspec_biomed", "seeds", "seeds.jsonl")
     assert path.samefile(REPO / "seeds" / DOMAIN / "seeds.jsonl")
 
 
 def test_seeds_cover_every_task_family():
     seeds = domain_seeds(DOMAIN)  # validates the schema: ids unique, fields present and non-empty
-    families = plugins.domains()[DOMAIN].task_families
+    families = installed_domains()[DOMAIN].task_families
     assert len(seeds) >= 80
     assert {seed.task_type for seed in seeds} == set(families)
     counts = {family: sum(seed.task_type == family for seed in seeds) for family in families}
@@ -83,8 +81,8 @@ def test_seed_labels_are_stated_options():
 
 
 def test_instruction_template_frames_the_domain():
-    plugin, instruction = template("instruction")
-    assert plugin == DOMAIN
+    instruction = template("instruction")
+    assert instruction != default_template("instruction")
     seeds = [s.to_dict() for s in domain_seeds(DOMAIN)[:3]] + [domain_seeds(DOMAIN)[21].to_dict()]
     prompt = instruction.render(seeds, {"task_type": "nli"}, domain=DOMAIN, description="biomedicine and clinical research")
     assert prompt.startswith("Tasks for an assistant in biomedicine and clinical research.")
@@ -94,7 +92,7 @@ def test_instruction_template_frames_the_domain():
 
 
 def test_response_template_frames_background_passages():
-    _, response = template("response")
+    response = template("response")
     query = {"instruction": "Which enzyme do statins inhibit?", "input": ""}
     grounded = response.render([], {**query, "passages": "[1] Statins inhibit HMG-CoA reductase."}, description="x")
     assert "Background from medical abstracts (use it only where it is relevant):\n[1] Statins" in grounded
@@ -104,8 +102,8 @@ def test_response_template_frames_background_passages():
 
 
 def test_train_and_judge_templates_stay_the_core_ones():
-    assert template("train") == ("core", defaults.TRAIN_TEMPLATE)
-    assert template("judge") == ("core", defaults.JUDGE_TEMPLATE)
+    assert template("train") == default_template("train")
+    assert template("judge") == default_template("judge")
 
 
 # ---------------------------------------------------------------------------------------- filters
@@ -121,7 +119,7 @@ def test_train_and_judge_templates_stay_the_core_ones():
 ])
 def test_personal_medical_advice_is_dropped(instruction):
     record = {"instruction": instruction, "input": ""}
-    assert plugin_reason(DOMAIN, "instruction", record) == "plugin:biomed:personal_medical_advice"
+    assert filter_reason(DOMAIN, "instruction", record) == "plugin:biomed:personal_medical_advice"
 
 
 @pytest.mark.parametrize("instruction", [
@@ -132,19 +130,19 @@ def test_personal_medical_advice_is_dropped(instruction):
 ])
 def test_research_and_clinical_questions_are_kept(instruction):
     record = {"instruction": instruction, "input": "Should I take my pills with food? My doctor did not say."}
-    assert plugin_reason(DOMAIN, "instruction", record) is None
+    assert filter_reason(DOMAIN, "instruction", record) is None
 
 
 def test_filters_and_blacklist_leave_the_seeds_and_other_domains_alone():
     advice = {"instruction": "Should I take ibuprofen for my back pain?", "input": ""}
-    assert plugin_reason("finance", "instruction", advice) is None
-    assert plugin_reason(DOMAIN, "response", {**advice, "output": "No."}) is None
+    assert filter_reason("finance", "instruction", advice) is None
+    assert filter_reason(DOMAIN, "response", {**advice, "output": "No."}) is None
     blacklist = blacklist_pattern(DOMAIN)
     assert blacklist.search("Describe the abnormality visible on the radiograph.")
     assert blacklist.search("Interpret this ECG tracing.")
     assert not blacklist_pattern("finance").search("Interpret this ECG tracing.")
     for seed in domain_seeds(DOMAIN):
-        assert plugin_reason(DOMAIN, "instruction", seed.to_dict()) is None, seed.id
+        assert filter_reason(DOMAIN, "instruction", seed.to_dict()) is None, seed.id
         assert not blacklist.search(seed.instruction), seed.id
 
 
@@ -173,7 +171,7 @@ def test_tasks_declare_licence_mode_and_split():
 def test_pubmedqa_splits_are_the_official_500_and_the_other_500():
     path = data_path(tasks.PUBMEDQA_FILE)
     found = tasks_by_name()
-    test, dev, generated = (read_items(found[name], DATA) for name in ("pubmedqa", "pubmedqa_dev", "pubmedqa_gen"))
+    test, dev, generated = (task_items(found[name], DATA) for name in ("pubmedqa", "pubmedqa_dev", "pubmedqa_gen"))
     truth = json.loads((path.parent / tasks.TEST_IDS_FILE).read_text())
     assert len(test) == len(dev) == 500
     assert {item.id: item.answer for item in test} == truth
@@ -201,7 +199,7 @@ def test_pubmedqa_loader_names_the_broken_file(tmp_path):
 
 def test_seeds_share_no_13_gram_with_the_evaluation_data():
     data_path(tasks.PUBMEDQA_FILE)
-    items = read_items(tasks_by_name()["pubmedqa"], DATA) + read_items(tasks_by_name()["pubmedqa_dev"], DATA)
+    items = task_items(tasks_by_name()["pubmedqa"], DATA) + task_items(tasks_by_name()["pubmedqa_dev"], DATA)
     seeds = [record_text(seed.to_dict()) for seed in domain_seeds(DOMAIN)]
     assert ngram_overlap(seeds, item_texts(items), 13) == set()
 
@@ -211,7 +209,9 @@ def test_seeds_share_no_13_gram_with_the_evaluation_data():
 
 def test_corpus_reads_both_collections_from_the_data_dir():
     data_path(corpus.CORPUS_FOLDER)
-    _, passages = plugins.first_result("retrieval_corpus", list, domain=DOMAIN, data_dir=str(DATA))
+    import selfspec_biomed as plugin
+
+    passages = plugin.retrieval_corpus(domain=DOMAIN, data_dir=str(DATA))
     assert all(isinstance(p, Passage) and p.text for p in passages)
     assert len({p.id for p in passages}) == len(passages) == 2888 + 1852
     abstracts = {p.id: p for p in passages}

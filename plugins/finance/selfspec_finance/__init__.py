@@ -11,9 +11,7 @@ from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
 
-from selfspec_core import defaults
-from selfspec_core.hookspecs import hookimpl
-from selfspec_core.records import Domain
+from selfspec_core.api import Domain, default_template, hookimpl
 
 from . import corpus, tasks
 
@@ -28,13 +26,13 @@ DOMAIN = Domain(
 
 TEMPLATES = {
     "instruction": replace(
-        defaults.INSTRUCTION_TEMPLATE,
+        default_template("instruction"),
         header="Tasks for an assistant in {description}. Each task has a type, an instruction, and an input "
                "when the instruction needs one: a news sentence, a passage of an annual report, or a small "
                "table. Every task can be answered from its input or from general financial knowledge, "
                "without live market data. Every task is new and different from the others."),
     "response": replace(
-        defaults.RESPONSE_TEMPLATE,
+        default_template("response"),
         query="[[Background from financial news and annual reports (use it only where it is relevant):\n"
               "{passages}\n\n]]Instruction: {instruction}[[\nInput: {input}]]\nAnswer:"),
 }

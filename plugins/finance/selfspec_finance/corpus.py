@@ -16,10 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfspec_core.errors import SelfspecError
-from selfspec_core.evaluation import find_overlaps
-from selfspec_core.retrieval import Passage
-from selfspec_core.tasks import data_root
+from selfspec_core.api import Passage, SelfspecError, data_root, find_overlaps
 
 from .tasks import TATQA_FILE, read_tatqa, table_text
 

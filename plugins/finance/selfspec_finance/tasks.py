@@ -20,8 +20,7 @@ import os
 from functools import partial
 from pathlib import Path
 
-from selfspec_core.errors import SelfspecError
-from selfspec_core.tasks import EvalItem, EvalTask
+from selfspec_core.api import EvalItem, EvalTask, SelfspecError
 
 FPB_LEVELS = ("50Agree", "66Agree", "75Agree", "AllAgree")
 DEFAULT_FPB_LEVEL = "50Agree"

@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from selfspec_core import defaults, plugins
-from selfspec_core.errors import SelfspecError
-from selfspec_core.evaluation import item_texts, ngram_overlap, read_items, record_text
-from selfspec_core.filters import blacklist_pattern, plugin_reason
-from selfspec_core.pipeline import domain_seeds
-from selfspec_core.retrieval import Passage
-from selfspec_core.templates import PromptTemplate
+from selfspec_core.api import (Passage, PromptTemplate, SelfspecError, blacklist_pattern, default_template,
+                               domain_seeds, domain_tasks, domain_template, filter_reason, installed_domains,
+                               item_texts, ngram_overlap, record_text, task_items)
 from selfspec_finance import corpus, tasks
 
 DOMAIN = "finance"
@@ -34,12 +30,12 @@ def data_path(relative: str) -> Path:
     return path
 
 
-def template(stage: str) -> tuple[str, PromptTemplate]:
-    return plugins.first_result("prompt_template", PromptTemplate, domain=DOMAIN, stage=stage)
+def template(stage: str) -> PromptTemplate:
+    return domain_template(DOMAIN, stage)
 
 
 def tasks_by_name() -> dict:
-    return {task.name: task for _, found in plugins.results("evaluation_tasks", domain=DOMAIN) for task in found}
+    return domain_tasks(DOMAIN)
 
 
 def stated(option: str, instruction: str) -> bool:
@@ -50,20 +46,22 @@ def stated(option: str, instruction: str) -> bool:
 
 
 def test_domain_is_installed_through_its_entry_point():
-    domain = plugins.domains()[DOMAIN]
+    domain = installed_domains()[DOMAIN]
     assert domain.plugin == DOMAIN and domain.description == "finance and financial analysis"
     assert len(domain.task_families) == 9
 
 
 def test_seeds_are_one_file_shipped_as_package_data():
-    _, path = plugins.first_result("seed_provider", (str, Path), domain=DOMAIN)
+    import selfspec_finance as plugin
+
+    path = plugin.seed_provider(domain=DOMAIN)
     assert path.parts[-3:] == ("selfspec_finance", "seeds", "seeds.jsonl")
     assert path.samefile(REPO / "seeds" / DOMAIN / "seeds.jsonl")
 
 
 def test_seeds_cover_every_task_family():
     seeds = domain_seeds(DOMAIN)  # validates the schema: ids unique, fields present and non-empty
-    families = plugins.domains()[DOMAIN].task_families
+    families = installed_domains()[DOMAIN].task_families
     assert len(seeds) >= 90
     assert {seed.task_type for seed in seeds} == set(families)
     counts = {family: sum(seed.task_type == family for seed in seeds) for family in families}
@@ -86,8 +84,8 @@ def test_seed_labels_are_stated_options():
 
 
 def test_instruction_template_frames_the_domain():
-    plugin, instruction = template("instruction")
-    assert plugin == DOMAIN
+    instruction = template("instruction")
+    assert instruction != default_template("instruction")
     seeds = domain_seeds(DOMAIN)
     examples = [seeds[0].to_dict(), next(s for s in seeds if not s.input).to_dict()]
     prompt = instruction.render(examples, {"task_type": "definition"}, description="finance and financial analysis")
@@ -98,7 +96,7 @@ def test_instruction_template_frames_the_domain():
 
 
 def test_response_template_frames_background_passages():
-    _, response = template("response")
+    response = template("response")
     query = {"instruction": "What is EBITDA?", "input": ""}
     grounded = response.render([], {**query, "passages": "[1] EBITDA excludes depreciation."}, description="x")
     assert "Background from financial news and annual reports (use it only where it is relevant):\n[1] EBITDA" in grounded
@@ -108,8 +106,8 @@ def test_response_template_frames_background_passages():
 
 
 def test_train_and_judge_templates_stay_the_core_ones():
-    assert template("train") == ("core", defaults.TRAIN_TEMPLATE)
-    assert template("judge") == ("core", defaults.JUDGE_TEMPLATE)
+    assert template("train") == default_template("train")
+    assert template("judge") == default_template("judge")
 
 
 # ---------------------------------------------------------------------------------------- filters
@@ -125,7 +123,7 @@ def test_train_and_judge_templates_stay_the_core_ones():
 ])
 def test_instructions_needing_live_data_are_dropped(instruction, input_text):
     record = {"instruction": instruction, "input": input_text}
-    assert plugin_reason(DOMAIN, "instruction", record) == "plugin:finance:needs_live_data"
+    assert filter_reason(DOMAIN, "instruction", record) == "plugin:finance:needs_live_data"
 
 
 @pytest.mark.parametrize("instruction,input_text", [
@@ -136,18 +134,18 @@ def test_instructions_needing_live_data_are_dropped(instruction, input_text):
      "Shares of Orion rose 4% today after the results."),
 ])
 def test_answerable_instructions_are_kept(instruction, input_text):
-    assert plugin_reason(DOMAIN, "instruction", {"instruction": instruction, "input": input_text}) is None
+    assert filter_reason(DOMAIN, "instruction", {"instruction": instruction, "input": input_text}) is None
 
 
 def test_filters_and_blacklist_leave_the_seeds_and_other_domains_alone():
     live = {"instruction": "What is the stock price today?", "input": ""}
-    assert plugin_reason("biomed", "instruction", live) is None
-    assert plugin_reason(DOMAIN, "response", {**live, "output": "I cannot know."}) is None
+    assert filter_reason("biomed", "instruction", live) is None
+    assert filter_reason(DOMAIN, "response", {**live, "output": "I cannot know."}) is None
     blacklist = blacklist_pattern(DOMAIN)
     assert blacklist.search("Describe the pattern in this candlestick chart.")
     assert not blacklist_pattern("biomed").search("Describe the pattern in this candlestick.")
     for seed in domain_seeds(DOMAIN):
-        assert plugin_reason(DOMAIN, "instruction", seed.to_dict()) is None, seed.id
+        assert filter_reason(DOMAIN, "instruction", seed.to_dict()) is None, seed.id
         assert not blacklist.search(seed.instruction), seed.id
 
 
@@ -183,14 +181,14 @@ def test_fpb_split_is_a_fixed_fifth_stable_across_agreement_levels(monkeypatch):
     monkeypatch.delenv(tasks.FPB_LEVEL_ENV, raising=False)
     data_path(FPB_50)
     found = tasks_by_name()
-    test, dev = read_items(found["fpb"], DATA), read_items(found["fpb_dev"], DATA)
+    test, dev = task_items(found["fpb"], DATA), task_items(found["fpb_dev"], DATA)
     assert (len(test), len(dev)) == (1009, 3837)  # of 4,846; pinned: a changed split changes every score
     assert not {item.id for item in test} & {item.id for item in dev}
     assert not {item.input for item in test} & {item.input for item in dev}  # duplicates stay in one split
     item = test[0]
     assert item.instruction == "Classify the sentiment of this financial news sentence as positive, negative, or neutral."
     assert item.choices == ("positive", "negative", "neutral") and item.answer in item.choices
-    assert read_items(found["fpb_gen"], DATA) == test
+    assert task_items(found["fpb_gen"], DATA) == test
     strict_test = tasks.load_fpb(data_path("financial_phrasebank/Sentences_AllAgree.txt"), "test")
     assert {item.input for item in strict_test} <= {item.input for item in test}
     assert any("\u00e4" in item.input or "\u00f6" in item.input for item in dev)  # read as latin-1
@@ -205,7 +203,7 @@ def test_fpb_loader_names_the_bad_line(tmp_path):
 
 def test_tatqa_items_are_the_arithmetic_questions_posed_like_the_seeds():
     path = data_path(tasks.TATQA_FILE)
-    items = read_items(tasks_by_name()["tatqa"], DATA)
+    items = task_items(tasks_by_name()["tatqa"], DATA)
     questions = [q for context in json.loads(path.read_text()) for q in context["questions"]]
     assert len(items) == sum(q["answer_type"] == "arithmetic" for q in questions) == 718
     first = items[0]
@@ -232,7 +230,7 @@ def test_seeds_share_no_13_gram_with_the_evaluation_data():
     found = tasks_by_name()
     seeds = [record_text(seed.to_dict()) for seed in domain_seeds(DOMAIN)]
     for name in ("fpb", "fpb_dev", "tatqa"):
-        assert ngram_overlap(seeds, item_texts(read_items(found[name], DATA)), 13) == set(), name
+        assert ngram_overlap(seeds, item_texts(task_items(found[name], DATA)), 13) == set(), name
 
 
 # ---------------------------------------------------------------------------------------- corpus
@@ -241,7 +239,9 @@ def test_seeds_share_no_13_gram_with_the_evaluation_data():
 def test_corpus_reads_fincausal_and_tatqa_test_without_the_evaluation_reports():
     data_path(corpus.CORPUS_FOLDER)
     data_path(tasks.TATQA_FILE)
-    _, passages = plugins.first_result("retrieval_corpus", list, domain=DOMAIN, data_dir=str(DATA))
+    import selfspec_finance as plugin
+
+    passages = plugin.retrieval_corpus(domain=DOMAIN, data_dir=str(DATA))
     assert all(isinstance(p, Passage) and p.text for p in passages)
     assert len({p.id for p in passages}) == len(passages)
     fincausal = [p for p in passages if p.id.startswith("fnp2020-")]
@@ -249,7 +249,7 @@ def test_corpus_reads_fincausal_and_tatqa_test_without_the_evaluation_reports():
     assert len(fincausal) == len({p.text for p in fincausal}) == 21325  # unique non-empty sections
     tatqa_all = corpus.tatqa_passages(DATA / corpus.CORPUS_FOLDER / corpus.TATQA_CORPUS_FILE, exclude=None)
     assert len(tatqa_all) - 100 < len(tatqa) < len(tatqa_all)  # reports shared with TAT-QA dev are left out
-    evaluation = item_texts(read_items(tasks_by_name()["tatqa"], DATA))
+    evaluation = item_texts(task_items(tasks_by_name()["tatqa"], DATA))
     assert ngram_overlap([p.text for p in tatqa], evaluation, 13) == set()
     assert ngram_overlap([p.text for p in tatqa_all], evaluation, 13)
 

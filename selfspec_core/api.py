@@ -1,0 +1,102 @@
+"""The public API for plugin authors: a plugin imports from here and from nowhere else in selfspec_core.
+
+Every name in ``__all__`` keeps its meaning across minor releases; the rest of ``selfspec_core`` is
+private and may change in any release. The guide is docs/plugins.md.
+
+* Writing hooks: ``hookimpl``, ``Domain``, ``Seed``, ``PromptTemplate`` and ``default_template``,
+  ``EvalTask``, ``EvalItem``, ``Passage``, ``SelfspecError``.
+* Reading data: ``data_root`` (the user's data directory), ``package_file`` (files the plugin ships),
+  ``load_seeds``, ``read_eval_file`` (the JSONL evaluation format, a ready ``EvalTask.load``),
+  ``find_overlaps`` / ``ngram_overlap`` (keep a corpus disjoint from a benchmark).
+* Testing a plugin: what the installed plugins answer for a domain, as the pipeline sees it
+  (``installed_domains``, ``domain_seeds``, ``domain_template``, ``domain_tasks``, ``task_items``,
+  ``domain_corpus``, ``filter_reason``, ``blacklist_pattern``), the contamination helpers
+  ``item_texts`` / ``record_text``, ``check_plugin`` and ``build_tiny_model``.
+
+Names from heavier modules (evaluation, retrieval, filters, models) are imported on first use, so a
+plugin that imports this module at start-up does not slow down every ``selfspec`` command.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .defaults import default_template
+from .errors import SelfspecError
+from .hookspecs import hookimpl
+from .records import SEED_FIELDS, Domain, Seed
+from .seeds import load_seeds
+from .tasks import EvalItem, EvalTask, data_root, package_file
+from .templates import PromptTemplate
+
+# public name -> (private module, its name there)
+_LAZY = {
+    "Passage": ("retrieval", "Passage"),
+    "read_eval_file": ("evaluation", "read_eval_file"),
+    "find_overlaps": ("evaluation", "find_overlaps"),
+    "ngram_overlap": ("evaluation", "ngram_overlap"),
+    "item_texts": ("evaluation", "item_texts"),
+    "record_text": ("evaluation", "record_text"),
+    "domain_seeds": ("pipeline", "domain_seeds"),
+    "filter_reason": ("filters", "plugin_reason"),
+    "blacklist_pattern": ("filters", "blacklist_pattern"),
+    "check_plugin": ("plugincheck", "check_plugin"),
+    "build_tiny_model": ("testing", "build_tiny_model"),
+}
+
+__all__ = [
+    "hookimpl", "Domain", "Seed", "SEED_FIELDS", "PromptTemplate", "default_template", "EvalTask", "EvalItem",
+    "SelfspecError", "data_root", "package_file", "load_seeds", "installed_domains", "domain_template",
+    "domain_tasks", "task_items", "domain_corpus", *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"selfspec_core.api has no {name!r}; the public names are listed in its __all__")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(f"selfspec_core.{module}"), attribute)
+    globals()[name] = value
+    return value
+
+
+def installed_domains() -> dict[str, Domain]:
+    """Every installed domain by name; ``Domain.plugin`` names the plugin that registers it."""
+    from . import plugins
+
+    return plugins.domains()
+
+
+def domain_template(domain: str, stage: str) -> PromptTemplate:
+    """The template the pipeline uses for ``stage`` of ``domain``: the first plugin's answer, else the core's."""
+    from . import plugins
+
+    return plugins.first_result("prompt_template", PromptTemplate, domain=domain, stage=stage)[1]
+
+
+def domain_tasks(domain: str) -> dict[str, EvalTask]:
+    """Every evaluation task the installed plugins return for ``domain``, by name (development splits too)."""
+    from . import plugins
+
+    return {task.name: task for _, found in plugins.results("evaluation_tasks", domain=domain) for task in found}
+
+
+def task_items(task: EvalTask, data_dir: str | Path | None = None) -> list[EvalItem]:
+    """The items of ``task`` as the evaluate stage reads and validates them; ``SelfspecError`` when its
+    data is not there."""
+    from .evaluation import read_items
+
+    items = read_items(task, data_root(data_dir))
+    if isinstance(items, str):
+        raise SelfspecError(items)
+    return items
+
+
+def domain_corpus(domain: str, data_dir: str | Path | None = None):
+    """The passages the respond stage retrieves from for ``domain`` (documents cut into windows, ids
+    unique); ``None`` when no plugin gives a corpus."""
+    from .retrieval import resolve_corpus
+
+    found = resolve_corpus(None, domain, str(data_dir) if data_dir else None)
+    return found[0] if found else None
