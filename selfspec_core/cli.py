@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -258,6 +260,41 @@ def new_domain(name, dest):
 
     folder = scaffold_domain(safe_name(name, "domain name"), Path(dest))
     click.echo(f"created {folder}\nnext: pip install -e {folder} && selfspec domains")
+
+
+@cli.command(name="plugins")
+@click.option("--all", "include_core", is_flag=True, help="Also list the core's own default hooks.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def plugins_command(include_core, as_json):
+    """List installed plugins: package, version, the domains they register and the hooks they implement."""
+    found = plugins.installed_plugins(include_core)
+    if as_json:
+        click.echo(json.dumps([asdict(plugin) for plugin in found], indent=2))
+        return
+    if not found:
+        click.echo("no plugins installed: `pip install -e plugins/finance` or `selfspec new-domain NAME`")
+    for plugin in found:
+        click.echo(f"{plugin.name}  ({plugin.package or 'not from a package'} {plugin.version})".rstrip())
+        click.echo(f"  domains: {', '.join(plugin.domains) or '-'}")
+        click.echo(f"  hooks: {', '.join(plugin.hooks) or '-'}")
+
+
+@cli.command(name="check-plugin")
+@click.argument("name")
+@click.pass_obj
+def check_plugin_command(session: Session, name):
+    """Call each hook of plugin NAME (or of the plugin of domain NAME) and check its answers."""
+    from .plugincheck import check_plugin
+
+    result = check_plugin(name, data_dir=session.settings().data_dir)
+    for note in result.notes:
+        click.echo(note)
+    for problem in result.problems:
+        click.echo(problem, err=True)
+    if result.problems:
+        click.echo(f"plugin {result.plugin!r}: {len(result.problems)} problem(s)", err=True)
+        sys.exit(2)
+    click.echo(f"plugin {result.plugin!r}: no problems")
 
 
 cli.add_command(serve_command)
