@@ -143,9 +143,12 @@ class _DomainCheck:
             if not isinstance(template, PromptTemplate):
                 self.problem(hook, f"returned {type(template).__name__}, expected PromptTemplate")
                 continue
-            for part in ("header", "example", "query"):
-                for message in _field_problems(getattr(template, part), required.get(part, ())):
-                    self.problem(hook, f"{part}: {message}")
+            messages = [f"{part}: {message}" for part in ("header", "example", "query")
+                        for message in _field_problems(getattr(template, part), required.get(part, ()))]
+            for message in messages:
+                self.problem(hook, message)
+            if messages:
+                continue
             try:
                 template.render([SAMPLE], SAMPLE, domain=self.domain.name, description=self.domain.description)
             except (ValueError, KeyError, IndexError, AttributeError) as exc:
