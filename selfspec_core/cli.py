@@ -259,7 +259,8 @@ def new_domain(name, dest):
     from .scaffold import scaffold_domain
 
     folder = scaffold_domain(safe_name(name, "domain name"), Path(dest))
-    click.echo(f"created {folder}\nnext: pip install -e {folder} && selfspec domains")
+    click.echo(f"created {folder}\nnext: pip install -e {folder} && selfspec check-plugin {name} && "
+               f"selfspec --domain {name} --profile tiny run  (guide: docs/plugins.md)")
 
 
 @cli.command(name="plugins")

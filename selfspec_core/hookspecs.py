@@ -1,7 +1,8 @@
 """Every hook a selfspec plugin can implement.
 
 A plugin is a module or object with functions decorated by ``@hookimpl`` whose names match the
-specifications below. Domain plugins register through the ``selfspec`` entry-point group::
+specifications below; it imports ``hookimpl`` and everything else from ``selfspec_core.api``
+(docs/plugins.md is the guide). Domain plugins register through the ``selfspec`` entry-point group::
 
     [project.entry-points.selfspec]
     finance = "selfspec_finance"
@@ -34,14 +35,14 @@ def seed_provider(domain):
     """Return the human-written seeds of ``domain``.
 
     Return a path to a JSONL/YAML seed file (``{id, task_type, instruction, input, output}`` per
-    record) or a list of :class:`selfspec_core.records.Seed`; ``None`` when this plugin does not
+    record) or a list of :class:`selfspec_core.api.Seed`; ``None`` when this plugin does not
     serve ``domain``. The user's ``--seeds`` file replaces whatever this hook returns.
     """
 
 
 @hookspec(firstresult=True)
 def prompt_template(domain, stage):
-    """Return the :class:`selfspec_core.templates.PromptTemplate` for one pipeline ``stage``.
+    """Return the :class:`selfspec_core.api.PromptTemplate` for one pipeline ``stage``.
 
     ``stage`` is one of ``"instruction"`` (writing new instructions from examples), ``"input"``
     (writing a new input for a seed's instruction, for the domain's ``input_task_types``), ``"response"``
@@ -72,7 +73,7 @@ def blacklist_words(domain):
 
 @hookspec
 def evaluation_tasks(domain):
-    """Return the evaluation tasks of ``domain`` as a list of :class:`selfspec_core.tasks.EvalTask`.
+    """Return the evaluation tasks of ``domain`` as a list of :class:`selfspec_core.api.EvalTask`.
 
     Each task names its data file (relative to the data dir), a loader for the benchmark's own file
     format, its prompt, scoring mode and metric. Tasks of every installed domain are collected, so
@@ -83,7 +84,7 @@ def evaluation_tasks(domain):
 @hookspec(firstresult=True)
 def retrieval_corpus(domain, data_dir):
     """Return the default retrieval corpus of ``domain``: a list of paths (files or folders of
-    ``.jsonl``/``.txt``/``.parquet``/``.csv``), or of :class:`selfspec_core.retrieval.Passage`.
+    ``.jsonl``/``.txt``/``.parquet``/``.csv``), or of :class:`selfspec_core.api.Passage`.
 
     ``data_dir`` is the user's data directory (may be ``None``). Return ``None`` when there is no
     corpus; retrieval is then switched off with a message. ``--corpus`` replaces this hook.
