@@ -13,7 +13,7 @@ private and may change in any release. The guide is docs/plugins.md.
   ``domain_corpus``, ``filter_reason``, ``blacklist_pattern``), the contamination helpers
   ``item_texts`` / ``record_text``, ``check_plugin`` and ``build_tiny_model``.
 
-Names from heavier modules (evaluation, retrieval, filters, models) are imported on first use, so a
+Names from heavier modules (evaluation, retrieval, filters, pipeline) are imported on first use, so a
 plugin that imports this module at start-up does not slow down every ``selfspec`` command.
 """
 

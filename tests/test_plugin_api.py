@@ -96,6 +96,16 @@ def test_plugins_lists_each_plugin_with_version_domains_and_hooks():
     assert "finance  (selfspec-finance 0.1.0)\n  domains: finance\n" in text.stdout
 
 
+def test_a_plugin_registered_without_a_package_is_listed_with_its_hooks(plugin, tmp_path):
+    from selfspec_core.plugins import installed_plugins
+
+    plugin(BrokenPlugin(tmp_path), "brokenplugin")
+    listed = {p.name: p for p in installed_plugins()}["brokenplugin"]
+    assert (listed.package, listed.version, listed.domains) == ("", "", ("broken",))
+    assert listed.hooks == ("blacklist_words", "evaluation_tasks", "prompt_template", "register_domains",
+                            "retrieval_corpus", "seed_provider")
+
+
 # ------------------------------------------------------------------------------------ check-plugin
 
 
