@@ -85,7 +85,7 @@ def _drop_none(values: dict) -> dict:
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<domain>-<profile>).")
 @click.option("--seed", type=int, help="Random seed: the same seed gives the same data.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Benchmark data and corpora (or SELFSPEC_DATA).")
-@click.option("--corpus", type=click.Path(), help="Retrieval corpus: a .jsonl/.txt/.parquet/.csv file or folder.")
+@click.option("--corpus", type=click.Path(), help="Retrieval corpus: a .jsonl/.txt/.parquet/.csv/.pdf/.docx/.html/.md file or folder.")
 @click.option("--backend", type=click.Choice(["hf", "vllm", "openai"]), help="Generation backend (default hf).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="Run generation locally or as Ray Data jobs (RAY_ADDRESS).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),

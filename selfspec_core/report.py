@@ -221,9 +221,13 @@ def retrieval_section(run) -> Section:
     retrieval = _mapping(_mapping(run.manifest("respond")).get("retrieval"))
     if not retrieval:
         return Section("Retrieval", [f"Retrieval statistics {NOT_AVAILABLE} (retrieval off, or respond not run)."])
+    warnings = retrieval.get("document_warnings") if isinstance(retrieval.get("document_warnings"), list) else []
     rows = [[key, _fmt(value) if not isinstance(value, (dict, list)) else _clip(json.dumps(value), 200)]
-            for key, value in sorted(retrieval.items())]
-    return Section("Retrieval", [Table(["statistic", "value"], rows)])
+            for key, value in sorted(retrieval.items()) if key != "document_warnings"]
+    section = Section("Retrieval", [Table(["statistic", "value"], rows)])
+    if warnings:
+        section.blocks.append(Table(["documents skipped or partly used"], [[str(w)] for w in warnings]))
+    return section
 
 
 def training_section(run) -> Section:
@@ -345,9 +349,15 @@ def samples_section(run, count: int, seed: int) -> Section:
         return Section("Sample generated records", [f"Generated records {NOT_AVAILABLE} (respond/data.jsonl missing or empty)."])
     chosen = sorted(random.Random(seed).sample(range(len(records)), min(count, len(records))))
     rows = [[records[i].get("id", i), _clip(records[i].get("instruction")), _clip(records[i].get("input")),
-             _clip(records[i].get("output"))] for i in chosen]
+             _clip(records[i].get("output")), _grounding(records[i].get("retrieved"))] for i in chosen]
     return Section("Sample generated records", [f"{len(rows)} of {len(records)} records, chosen at random (seed {seed}).",
-                                                Table(["id", "instruction", "input", "output"], rows)])
+                                                Table(["id", "instruction", "input", "output", "grounded in"], rows)])
+
+
+def _grounding(retrieved) -> str:
+    """Where a record's passages came from: the page or section of a document, else the passage id."""
+    hits = [hit for hit in retrieved if isinstance(hit, dict)] if isinstance(retrieved, list) else []
+    return "\n".join(str(hit.get("source") or hit.get("doc_id", "")) for hit in hits) or "-"
 
 
 def build_sections(run, seeds: int | None, model: str, samples: int = 5, seed: int = 0) -> list[Section]:

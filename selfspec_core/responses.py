@@ -123,7 +123,8 @@ def outside_inputs_hash(settings, domain: str) -> str:
     """The content hash of the corpus the answers are grounded in: another corpus makes them stale."""
     if not settings.respond.retrieval and settings.respond.min_relevance <= 0:
         return ""
-    corpus = resolve_corpus(settings.corpus, domain, settings.data_dir)
+    # a skipped document is reported once, when the stage reads the corpus to answer
+    corpus = resolve_corpus(settings.corpus, domain, settings.data_dir, warn=lambda message: None)
     return corpus_hash(corpus[0]) if corpus is not None else ""
 
 
@@ -136,10 +137,17 @@ def _retrieve(ctx, records: list[dict]) -> tuple[list[list[Hit]] | None, dict]:
     settings = ctx.settings.respond
     if not settings.retrieval and settings.min_relevance <= 0:
         return None, {}
-    corpus = resolve_corpus(ctx.settings.corpus, ctx.domain.name, ctx.settings.data_dir)
+    skipped: list[str] = []
+
+    def warn(message: str) -> None:
+        skipped.append(message)
+        ctx.log(f"[respond] warning: {message}")
+
+    corpus = resolve_corpus(ctx.settings.corpus, ctx.domain.name, ctx.settings.data_dir, warn)
     if corpus is None:
         ctx.log(f"[respond] no retrieval corpus for domain {ctx.domain.name!r}: answers are not grounded. Add one "
-                "with --corpus PATH (a .jsonl/.txt/.parquet/.csv file or folder), or put the domain's corpus in the "
+                "with --corpus PATH (a file or folder of .jsonl/.txt/.parquet/.csv data or .pdf/.docx/.html/.md "
+                "documents), or put the domain's corpus in the "
                 "data dir (--data-dir)")
         return None, {}
     passages, source = corpus
@@ -152,7 +160,8 @@ def _retrieve(ctx, records: list[dict]) -> tuple[list[list[Hit]] | None, dict]:
             f"({'loaded from cache' if index.from_cache else 'index built'})")
     return hits, {"corpus": source, "documents": documents, "passages": len(passages),
                   "index_from_cache": index.from_cache, "mean_top_score": round(sum(tops) / len(tops), 4),
-                  "share_with_retrieval": round(grounded / len(records), 4), "grounded": settings.retrieval}
+                  "share_with_retrieval": round(grounded / len(records), 4), "grounded": settings.retrieval,
+                  "document_warnings": skipped}
 
 
 def _plans(ctx, records: list[dict], hits: list[list[Hit]] | None, tokenizer) -> list[Plan]:
@@ -174,7 +183,8 @@ def _plans(ctx, records: list[dict], hits: list[list[Hit]] | None, tokenizer) ->
             demos = demonstrations(ctx.seeds, record["task_type"], settings.num_demos, rng)
             prompts.append(template.render([d.to_dict() for d in demos], query, **ctx.template_context))
             demo_ids = demo_ids or [d.id for d in demos]
-        retrieved = [{"doc_id": h.passage.id, "score": round(h.score, 4)} for h in shown]
+        retrieved = [{"doc_id": h.passage.id, "score": round(h.score, 4), **({"source": h.passage.source} if h.passage.source else {})}
+                     for h in shown]
         plans.append(Plan(record, prompts, demo_ids, retrieved, options))
     return plans
 

@@ -1,9 +1,13 @@
 """Retrieval corpora and their cached BM25 index.
 
 A corpus is a list of :class:`Passage` records: given by a plugin's ``retrieval_corpus`` hook, or
-read from ``--corpus PATH`` (a file or folder of ``.jsonl`` / ``.txt`` / ``.parquet`` / ``.csv``).
+read from ``--corpus PATH`` (a file or folder of ``.jsonl`` / ``.txt`` / ``.parquet`` / ``.csv`` data and
+``.pdf`` / ``.docx`` / ``.html`` / ``.md`` documents, read by :mod:`selfspec_core.documents`).
 Long documents are cut into windows of 100-200 words with stable ids (``<doc id>#<n>``), so a
-retrieved passage fits a small model's prompt and its id can be traced back to the document.
+retrieved passage fits a small model's prompt and its id can be traced back to the document; a
+passage from a PDF, DOCX, HTML or Markdown file also names its page or section (``source``). A
+document that cannot be read (no text layer, encrypted, corrupt) is skipped with one warning line
+naming it; the rest of the corpus is used.
 
 The BM25 index (bm25s, English stopwords, Snowball stemming via PyStemmer) is built once per corpus
 and cached on disk under the hash of the passages' content, so every later run loads it in
@@ -22,14 +26,16 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from . import plugins
+from .documents import DOCUMENT_SUFFIXES, UnreadableDocument, read_document
 from .errors import SelfspecError
 
-SUPPORTED_SUFFIXES = (".jsonl", ".txt", ".parquet", ".csv")
+DATA_SUFFIXES = (".jsonl", ".txt", ".parquet", ".csv")
+SUPPORTED_SUFFIXES = DATA_SUFFIXES + DOCUMENT_SUFFIXES
 MAX_PASSAGE_WORDS = 200
 TEXT_FIELDS = ("text", "contents", "content", "passage", "abstract", "body", "document", "medical_abstract")
 ID_FIELDS = ("id", "_id", "doc_id", "docid")
@@ -42,11 +48,16 @@ QUERY_BLOCK_CELLS = 1_000_000
 
 @dataclass(frozen=True)
 class Passage:
-    """One retrievable piece of text; ``id`` is stable across runs and names its source."""
+    """One retrievable piece of text; ``id`` is stable across runs and names its source.
+
+    ``source`` says where in a document the text stands (``guide.pdf, page 3``), for readers of the
+    report; it is empty where the id says it all (rows of a data file).
+    """
 
     id: str
     text: str
     title: str = ""
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,23 +70,36 @@ class Hit:
 # Reading corpora
 
 
-def split_document(doc_id: str, text: str, title: str = "") -> list[Passage]:
+def split_document(doc_id: str, text: str, title: str = "", source: str = "") -> list[Passage]:
     """Cut a document into near-equal windows of at most ``MAX_PASSAGE_WORDS`` words.
 
     A document of up to 200 words stays whole (id unchanged); a longer one becomes
     ``ceil(words / 200)`` windows of 100-200 words, ids ``<doc id>#0``, ``#1``, ... Runs of spaces
     collapse but line breaks stay, so a table keeps one row a line.
     """
+    windows = _windows(text)
+    return [Passage(passage_id, window, title, source) for passage_id, window in zip(_window_ids(doc_id, windows), windows)]
+
+
+def _windows(text: str) -> list[str]:
     lines = [line.split() for line in text.splitlines()]
     words = [(word, number == len(line) - 1) for line in lines for number, word in enumerate(line)]
     if not words:
         return []
-    count = math.ceil(len(words) / MAX_PASSAGE_WORDS)
-    size = math.ceil(len(words) / count)
-    windows = [_join_words(words[start:start + size]) for start in range(0, len(words), size)]
-    if count == 1:
-        return [Passage(doc_id, windows[0], title)]
-    return [Passage(f"{doc_id}#{n}", window, title) for n, window in enumerate(windows)]
+    size = math.ceil(len(words) / math.ceil(len(words) / MAX_PASSAGE_WORDS))
+    return [_join_words(words[start:start + size]) for start in range(0, len(words), size)]
+
+
+def _window_ids(doc_id: str, windows: list) -> list[str]:
+    """A lone window keeps the document's id; several are ``<doc id>#0``, ``#1``, ..."""
+    return [doc_id] if len(windows) == 1 else [f"{doc_id}#{n}" for n in range(len(windows))]
+
+
+def document_passages(name: str, sections) -> list[Passage]:
+    """Windows of each section of a document, numbered across the document, each naming its section."""
+    windows = [(section, window) for section in sections for window in _windows(section.text)]
+    return [Passage(passage_id, window, section.heading, f"{name}, {section.location}")
+            for passage_id, (section, window) in zip(_window_ids(name, windows), windows)]
 
 
 def _join_words(words: list[tuple[str, bool]]) -> str:
@@ -83,13 +107,17 @@ def _join_words(words: list[tuple[str, bool]]) -> str:
     return "".join(word + ("\n" if ends_line else " ") for word, ends_line in words).rstrip()
 
 
-def load_corpus(sources: Sequence[str | Path | Passage]) -> list[Passage]:
-    """Passages from paths (files or folders) and/or ready :class:`Passage` records, ids unique."""
+def load_corpus(sources: Sequence[str | Path | Passage], warn: Callable[[str], None] | None = None) -> list[Passage]:
+    """Passages from paths (files or folders) and/or ready :class:`Passage` records, ids unique.
+
+    ``warn`` gets one line for each document skipped or partly used (default: printed to stderr).
+    """
+    warn = warn or _warn_on_stderr
     passages: list[Passage] = []
     first_seen: dict[str, str] = {}
     for source in sources:
         if isinstance(source, Passage):
-            found, origin = split_document(source.id, source.text, source.title), "the retrieval_corpus hook"
+            found, origin = split_document(source.id, source.text, source.title, source.source), "the retrieval_corpus hook"
             passages.extend(_unique(found, origin, first_seen))
             continue
         path = Path(source).expanduser()
@@ -97,8 +125,31 @@ def load_corpus(sources: Sequence[str | Path | Passage]) -> list[Passage]:
             raise SelfspecError(f"corpus {path} not found; pass --corpus with a file or folder of "
                                 f"{'/'.join(SUPPORTED_SUFFIXES)} files")
         for file, name in _corpus_files(path):
-            passages.extend(_unique(list(_read_file(file, name)), str(file), first_seen))
+            if file.suffix.lower() in DOCUMENT_SUFFIXES:
+                found = _read_document(file, name, warn)
+            else:
+                found = list(_read_file(file, name))
+            passages.extend(_unique(found, str(file), first_seen))
     return passages
+
+
+def _warn_on_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _read_document(path: Path, name: str, warn: Callable[[str], None]) -> list[Passage]:
+    """The passages of one document, or none (with a warning naming it) when it cannot be read."""
+    try:
+        document = read_document(path)
+    except UnreadableDocument as exc:
+        warn(f"{path}: skipped: {exc}")
+        return []
+    except OSError as exc:
+        warn(f"{path}: skipped: could not read it ({exc.strerror or exc})")
+        return []
+    for note in document.notes:
+        warn(f"{path}: {note}")
+    return document_passages(name, document.sections)
 
 
 def _unique(found: list[Passage], origin: str, first_seen: dict[str, str]) -> list[Passage]:
@@ -226,13 +277,15 @@ def corpus_hash(passages: Sequence[Passage]) -> str:
     return digest.hexdigest()[:24]
 
 
-def resolve_corpus(corpus_setting: str | None, domain: str, data_dir: str | None) -> tuple[list[Passage], str] | None:
+def resolve_corpus(corpus_setting: str | None, domain: str, data_dir: str | None,
+                   warn: Callable[[str], None] | None = None) -> tuple[list[Passage], str] | None:
     """The corpus the user passed (``--corpus``), else the domain plugin's; ``None`` when neither.
 
-    Returns the passages and a short description of where they came from (for the manifest).
+    Returns the passages and a short description of where they came from (for the manifest);
+    ``warn`` gets a line for each document skipped or partly used.
     """
     if corpus_setting:
-        return load_corpus([corpus_setting]), str(corpus_setting)
+        return load_corpus([corpus_setting], warn), str(corpus_setting)
     plugin, provided = plugins.first_result("retrieval_corpus", (list, tuple), domain=domain, data_dir=data_dir)
     if provided is None:
         return None
@@ -243,7 +296,7 @@ def resolve_corpus(corpus_setting: str | None, domain: str, data_dir: str | None
         raise SelfspecError(f"plugin {plugin!r}: retrieval corpus {missing[0]} not found; put the corpus there "
                             "or pass --corpus PATH")
     described = ", ".join(str(item) for item in provided if not isinstance(item, Passage))
-    return load_corpus(provided), described or f"plugin {plugin}"
+    return load_corpus(provided, warn), described or f"plugin {plugin}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def test_each_format_and_a_folder(tmp_path):
     (tmp_path / "b.txt").write_text("Bonds pay fixed coupons.\nTheir prices fall when rates rise.\n")
     (tmp_path / "c.csv").write_text('Index; Text; Gold\n1; "Revenue rose 9%; margins held."; 0\n2; Shares fell after the warning.; 1\n')
     pq.write_table(pa.table({"doc_id": ["p1"], "Abstract": ["Metformin lowers glucose."]}), tmp_path / "d.parquet")
-    (tmp_path / "notes.md").write_text("ignored: not a corpus format")
+    (tmp_path / "notes.xlsx").write_text("ignored: not a corpus format")
 
     jsonl = load_corpus([tmp_path / "a.jsonl"])
     assert [p.id for p in jsonl] == list(DOCS) and jsonl[0].title == "EBITDA"
@@ -73,7 +73,7 @@ def test_missing_paths_empty_folders_and_duplicate_ids(tmp_path):
     with pytest.raises(SelfspecError, match="not found"):
         load_corpus([tmp_path / "nowhere"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SelfspecError, match="no .jsonl, .txt, .parquet, .csv files"):
+    with pytest.raises(SelfspecError, match="no .jsonl, .txt, .parquet, .csv, .pdf, .docx, .html, .htm, .md, .markdown files"):
         load_corpus([tmp_path / "empty"])
     (tmp_path / "dup.jsonl").write_text('{"id": "x", "text": "a"}\n{"id": "x", "text": "b"}\n')
     with pytest.raises(SelfspecError, match="passage id 'x' also occurs"):
