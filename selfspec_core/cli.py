@@ -234,19 +234,30 @@ def evaluate(session: Session, adapter, eval_file, metric, output, force):
 
 
 @cli.command()
-@click.option("--merge", is_flag=True, required=True, help="Write the base model with the adapter merged in.")
-@click.option("--output", type=click.Path(file_okay=False), required=True, help="Folder for the merged model.")
+@click.option("--merge", is_flag=True, help="Write the base model with the adapter merged in (a folder for from_pretrained).")
+@click.option("--gguf", is_flag=True, help="Write the merged model as one .gguf file for llama.cpp, Ollama and llm.")
+@click.option("--gguf-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True, help="Precision of the GGUF's weight matrices.")
+@click.option("--output", type=click.Path(), required=True, help="Folder for --merge, .gguf file for --gguf.")
 @click.option("--adapter", type=click.Path(file_okay=False), help="Adapter folder (default: the run's).")
 @click.pass_obj
-def export(session: Session, merge, output, adapter):
-    """Export the specialized model (safetensors + tokenizer) for from_pretrained."""
+def export(session: Session, merge, gguf, gguf_type, output, adapter):
+    """Export the specialized model: safetensors + tokenizer (--merge) or one GGUF file (--gguf)."""
     from .models import resolve_model
-    from .training import export_merged
 
+    if merge == gguf:
+        raise SelfspecError("export: pass exactly one of --merge (a model folder) and --gguf (a .gguf file)")
     settings = session.settings()
     if adapter is None:
         run = session.run_dir(session.domain())
         adapter = run.require("train", "adapter")
+    if gguf:
+        from .gguf_export import export_gguf
+
+        export_gguf(resolve_model(settings.model), Path(adapter), Path(output), gguf_type)
+        click.echo(f"GGUF model written to {output}")
+        return
+    from .training import export_merged
+
     export_merged(resolve_model(settings.model), Path(adapter), Path(output))
     click.echo(f"merged model written to {output}")
 

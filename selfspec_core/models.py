@@ -49,6 +49,7 @@ class ModelRef:
 
     name: str
     path: str  # a local folder with safetensors, or a hub id
+    gguf: str | None = None  # the GGUF file the folder was converted from, if any: its tokenizer is llama.cpp's own
 
 
 def cache_dir() -> Path:
@@ -60,12 +61,13 @@ def resolve_model(spec: str | None) -> ModelRef:
     """Turn a ``--model`` value into a :class:`ModelRef`, converting GGUF files on first use."""
     spec = spec or DEFAULT_MODEL
     if spec in EMBEDDED:
-        return ModelRef(spec, str(_cached_gguf(spec, _embedded_gguf(spec))))
+        gguf = _embedded_gguf(spec)
+        return ModelRef(spec, str(_cached_gguf(spec, gguf)), str(gguf))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SelfspecError(f"model file {path} not found")
-        return ModelRef(path.stem, str(_cached_gguf(path.stem, path)))
+        return ModelRef(path.stem, str(_cached_gguf(path.stem, path)), str(path))
     if path.is_dir():
         if not (path / "config.json").exists():
             raise SelfspecError(f"model folder {path} has no config.json; pass a Hugging Face model folder")

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import plugins
 from .documents import DOCUMENT_SUFFIXES, UnreadableDocument, read_document
-from .errors import SelfspecError
+from .errors import SelfspecError, print_warning
 
 DATA_SUFFIXES = (".jsonl", ".txt", ".parquet", ".csv")
 SUPPORTED_SUFFIXES = DATA_SUFFIXES + DOCUMENT_SUFFIXES
@@ -112,7 +112,7 @@ def load_corpus(sources: Sequence[str | Path | Passage], warn: Callable[[str], N
 
     ``warn`` gets one line for each document skipped or partly used (default: printed to stderr).
     """
-    warn = warn or _warn_on_stderr
+    warn = warn or print_warning
     passages: list[Passage] = []
     first_seen: dict[str, str] = {}
     for source in sources:
@@ -131,10 +131,6 @@ def load_corpus(sources: Sequence[str | Path | Passage], warn: Callable[[str], N
                 found = list(_read_file(file, name))
             passages.extend(_unique(found, str(file), first_seen))
     return passages
-
-
-def _warn_on_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def _read_document(path: Path, name: str, warn: Callable[[str], None]) -> list[Passage]:
