@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def read_document(path: Path) -> Document:
 
 def _read_pdf(path: Path) -> Document:
     from pypdf import PdfReader
-    from pypdf.errors import DependencyError, PyPdfError
+    from pypdf.errors import DependencyError
 
     pypdf_log = logging.getLogger("pypdf")
     level = pypdf_log.level
@@ -72,9 +71,11 @@ def _read_pdf(path: Path) -> Document:
         if reader.is_encrypted and not reader.decrypt(""):
             raise UnreadableDocument("encrypted PDF with a password; save an unprotected copy to use it")
         texts = [page.extract_text() or "" for page in reader.pages]
+    except UnreadableDocument:
+        raise
     except DependencyError as exc:
         raise UnreadableDocument(f"encrypted PDF ({exc}); `pip install cryptography` to open it") from None
-    except (PyPdfError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
+    except Exception as exc:  # pypdf meets broken files with many exception types; each is a corrupt file
         raise UnreadableDocument(f"corrupt or not a PDF ({type(exc).__name__}: {exc})") from None
     finally:
         pypdf_log.setLevel(level)
@@ -136,7 +137,6 @@ def _headed(sections: list[Section], kind: str) -> Document:
 
 def _read_docx(path: Path) -> Document:
     import docx
-    from docx.opc.exceptions import PackageNotFoundError
     from docx.table import Table
 
     with path.open("rb") as handle:
@@ -155,7 +155,7 @@ def _read_docx(path: Path) -> Document:
                 outline.line(block.text)
             else:
                 outline.heading(level, block.text)
-    except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as exc:
+    except Exception as exc:  # a broken package fails anywhere in python-docx and lxml
         raise UnreadableDocument(f"corrupt or not a DOCX ({type(exc).__name__}: {exc})") from None
     return _headed(outline.finish(), "DOCX")
 
