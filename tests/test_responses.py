@@ -122,6 +122,28 @@ def test_prompts_demos_passages_and_stops(tmp_path, tiny_model_dir):
     assert responses.response_stops(RESPONSE_TEMPLATE) == ["\n###", "\nInstruction:", "\nInput:", "\nAnswer:", "\nBackground:"]
 
 
+def test_a_document_corpus_names_sections_and_skipped_files(tmp_path, tiny_model_dir):
+    run = make_run(tmp_path)
+    settings = make_settings(tmp_path, tiny_model_dir)
+    settings.corpus = str(tmp_path / "documents")
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "documents" / "terms.md").write_text(
+        "# Bonds\n\nA bond coupon is the annual interest payment on a bond.\n\n"
+        "# Profits\n\nEBITDA is earnings before interest, taxes, depreciation and amortization.\n", encoding="utf-8")
+    (tmp_path / "documents" / "broken.pdf").write_bytes(b"%PDF-1.4 not really a PDF")
+    logged = []
+    ctx = StageContext(settings, DOMAIN, run, SEEDS, ModelRef("tiny", str(tiny_model_dir)), run.partial_dir("respond"),
+                       log=logged.append)
+    records = read_jsonl(run.stage_dir("generate") / "instructions.jsonl")
+    hits, stats = responses._retrieve(ctx, records)
+    ebitda = responses._plans(ctx, records, hits, tokenizer=None)[6]
+    assert ebitda.retrieved[0]["doc_id"] == "terms.md#1" and ebitda.retrieved[0]["source"] == "terms.md, § Profits"
+    assert stats["documents"] == 1 and stats["passages"] == 2
+    warning = f"{tmp_path / 'documents' / 'broken.pdf'}: skipped: corrupt or not a PDF"
+    assert len(stats["document_warnings"]) == 1 and stats["document_warnings"][0].startswith(warning)
+    assert [line for line in logged if "warning" in line] == [f"[respond] warning: {stats['document_warnings'][0]}"]
+
+
 def test_retrieval_off_rationale_and_no_corpus(tmp_path, tiny_model_dir):
     run = make_run(tmp_path)
     manifest = run_respond(run, make_settings(tmp_path, tiny_model_dir, retrieval="off", response_checks="", rationale="on"))
