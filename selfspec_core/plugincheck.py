@@ -213,7 +213,7 @@ class _DomainCheck:
         if missing:
             return
         try:
-            passages = load_corpus(sources)
+            passages = load_corpus(sources, warn=lambda message: self.problem("retrieval_corpus", message))
         except SelfspecError as exc:
             self.problem("retrieval_corpus", str(exc))
             return

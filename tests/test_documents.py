@@ -185,3 +185,29 @@ def test_search_finds_a_document_passage_and_the_report_names_its_page(tmp_path)
     assert table.headers[-1] == "grounded in" and table.rows[0][-1] == "guide.pdf, page 2\nplain-row-7"
     retrieval = retrieval_section(run)
     assert retrieval.blocks[1].rows == [["scan.pdf: skipped: no text layer"]]
+
+
+def test_check_plugin_names_a_shipped_document_it_cannot_read(plugin, tmp_path):
+    from selfspec_core import api
+    from selfspec_core.plugincheck import check_plugin
+    from selfspec_core.records import Domain
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "terms.md").write_text("# Torts\n\nA tort is a civil wrong.\n", encoding="utf-8")
+    write_pdf(tmp_path / "corpus" / "scan.pdf", [""])
+
+    class DocumentPlugin:
+        @api.hookimpl
+        def register_domains(self, register):
+            register(Domain(name="docs", description="Documents as a corpus.", task_families=("qa",)))
+
+        @api.hookimpl
+        def retrieval_corpus(self, domain, data_dir):
+            return [tmp_path / "corpus"] if domain == "docs" else None
+
+    plugin(DocumentPlugin(), "documentplugin")
+    result = check_plugin("docs")
+    assert result.problems == [f"plugin 'documentplugin': hook retrieval_corpus (domain docs): "
+                               f"{tmp_path / 'corpus' / 'scan.pdf'}: skipped: no text layer on any of its 1 page(s) "
+                               "(a scanned PDF?); add one with OCR (e.g. ocrmypdf) to use it"]
+    assert "retrieval_corpus (domain docs): 1 passages" in result.notes
