@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 
 from .errors import SelfspecError
 from .generation import Completion, cut_at_stop, length_batches
-from .models import ModelRef, load_tokenizer
+from .models import ModelRef, check_adapter, load_tokenizer
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -201,10 +202,7 @@ class VLLMGenerator:
         engine: dict = {}
         self.lora_request = None
         if adapter is not None:
-            config_file = Path(adapter) / "adapter_config.json"
-            if not config_file.is_file():
-                raise SelfspecError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json); "
-                                    f"run `selfspec train` or pass --adapter")
+            config_file = check_adapter(adapter) / "adapter_config.json"
             rank = int(json.loads(config_file.read_text(encoding="utf-8")).get("r", 8))
             engine.update(enable_lora=True, max_lora_rank=next((r for r in _VLLM_LORA_RANKS if r >= rank), rank))
             self.lora_request = LoRARequest("selfspec-adapter", 1, str(adapter))
@@ -359,6 +357,6 @@ def make_backend(settings, model_ref: ModelRef, adapter=None, batch_size: int | 
     if settings.backend == "openai":
         if adapter is not None:
             raise SelfspecError(f"backend openai cannot apply adapter {adapter} itself: serve it with "
-                                f"`selfspec serve --adapter {adapter}` and point openai.base_url at that server")
+                                f"`selfspec serve --adapter {shlex.quote(str(adapter))}` and point openai.base_url at that server")
         return OpenAIGenerator.from_settings(settings)
     raise SelfspecError(f"unknown backend {settings.backend!r}: choose hf, vllm or openai")

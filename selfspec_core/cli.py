@@ -2,36 +2,76 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import sys
 import traceback
-from dataclasses import asdict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
 
-from . import __version__, distributed, plugins
-from .config import PROFILES, load_settings
+from . import __version__, distributed, logs, plugins
+from .config import PROFILES, Settings, load_settings
 from .errors import SelfspecError
 from .rundir import STAGES, RunDir, atomic_write_json, safe_name
 from .serve import command as serve_command
 
 
-class Session:
-    """What the group options resolve to, shared by every command."""
+# Options of the whole command line, declared once: each is accepted before the subcommand's name
+# (``selfspec --domain finance run``) and after it (``selfspec run --domain finance``); given in both
+# places, the later one wins. Those named like a top-level setting override it.
+SESSION_OPTIONS: tuple[tuple[tuple[str, ...], dict], ...] = (
+    (("--domain", "-d"), dict(help="Domain to specialize in (see `selfspec domains`).")),
+    (("--profile",), dict(type=click.Choice(list(PROFILES)),
+                          help="quick (default): CPU demo, a few hundred examples. paper: the paper's settings (~5K examples). tiny: smoke test.")),
+    (("--config", "config_file"), dict(type=click.Path(dir_okay=False), help="YAML or TOML file with any setting; flags override it.")),
+    (("--model",), dict(help="Base model: local HF folder, .gguf file, hub id, or embedded smollm2-135m (default) / gemma3-270m.")),
+    (("--seeds",), dict(type=click.Path(dir_okay=False), help="Your seed file (JSONL or YAML) instead of the domain's own.")),
+    (("--out",), dict(type=click.Path(file_okay=False), help="Run directory (default runs/<domain>-<profile>).")),
+    (("--seed",), dict(type=int, help="Random seed: the same seed gives the same data.")),
+    (("--data-dir",), dict(type=click.Path(file_okay=False), help="Benchmark data and corpora (or SELFSPEC_DATA).")),
+    (("--corpus",), dict(type=click.Path(), help="Retrieval corpus: a .jsonl/.txt/.parquet/.csv/.pdf/.docx/.html/.md file or folder.")),
+    (("--backend",), dict(type=click.Choice(["hf", "vllm", "openai"]), help="Generation backend (default hf).")),
+    (("--executor",), dict(type=click.Choice(["local", "ray"]), help="Run generation locally or as Ray Data jobs (RAY_ADDRESS).")),
+    (("--dtype",), dict(type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                        help="Model precision (default auto: bfloat16 where the CPU or GPU computes it natively, else float32).")),
+    (("--no-cache",), dict(is_flag=True,
+                           help="Score the base model again instead of reusing its scores from earlier runs ($SELFSPEC_CACHE/scores).")),
+    (("--debug",), dict(is_flag=True, help="Show full tracebacks.")),
+)
+_SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)}
 
-    def __init__(self, domain, profile, config_file, overrides, seeds, out, debug):
-        self.domain_name = domain
-        self.profile = profile
-        self.config_file = config_file
-        self.overrides = overrides
-        self.seeds_path = seeds
-        self.out = out
-        self.debug = debug
+
+def _session_options() -> list[click.Option]:
+    return [click.Option(list(decls), **attrs) for decls, attrs in SESSION_OPTIONS]
+
+
+_SESSION_NAMES = tuple(option.name for option in _session_options())
+
+
+class Session:
+    """What the session options resolve to, shared by every command."""
+
+    def __init__(self, **given):
+        self.options: dict = {}
+        self.update(given)
+
+    def update(self, given: dict) -> None:
+        """Take the options the user gave (a flag left off or an option not given changes nothing)."""
+        self.options.update({name: value for name, value in given.items() if value not in (None, False)})
+
+    domain_name = property(lambda self: self.options.get("domain"))
+    profile = property(lambda self: self.options.get("profile", "quick"))
+    seeds_path = property(lambda self: self.options.get("seeds"))
+    out = property(lambda self: self.options.get("out"))
 
     def settings(self, **extra):
-        overrides = _merge(self.overrides, extra)
-        return load_settings(self.profile, self.config_file, overrides)
+        overrides = {k: v for k, v in self.options.items() if k in _SETTING_NAMES}
+        if self.options.get("no_cache"):
+            overrides["evaluate"] = {"cache_base_scores": False}
+        return load_settings(self.profile, self.options.get("config_file"), _merge(overrides, extra))
 
     def domain(self):
         if not self.domain_name:
@@ -43,18 +83,30 @@ class Session:
             return RunDir(Path(self.out), domain.name)
         return RunDir(Path("runs") / safe_name(f"{domain.name}-{self.profile}", "run name"), domain.name)
 
+    @contextmanager
     def pipeline(self, **extra):
+        """The pipeline on this command's run directory, held locked against other commands while in use."""
         from .pipeline import Pipeline, domain_seeds
 
         settings = self.settings(**extra)
         domain = self.domain()
-        with distributed.main_process_first():  # rank 0 creates the run folder, the others open it
-            run = self.run_dir(domain).open()
         main = distributed.is_main_process()
-        if main:
-            atomic_write_json(run.path / "config.json", {"profile": self.profile, **settings.to_dict()})
-        return Pipeline(settings, domain, run, domain_seeds(domain.name, self.seeds_path),
-                        log=click.echo if main else _quiet)
+        run = self.run_dir(domain)
+        with distributed.main_process_first():  # rank 0 creates the run folder, the others open it
+            run.open()
+        with run.locked() if main else nullcontext():  # rank 0 holds it for a launcher's processes
+            use_log_file(run.path / logs.LOG_NAME)
+            if main:
+                atomic_write_json(run.path / "config.json", {"profile": self.profile, **settings.to_dict()})
+            yield Pipeline(settings, domain, run, domain_seeds(domain.name, self.seeds_path),
+                           log=click.echo if main else _quiet)
+
+
+def use_log_file(path: Path | None = None) -> None:
+    """Third-party warnings of the model libraries go to ``path`` (default: the cache's log), not the console."""
+    if path is not None:
+        logs.write_to(path)
+    logs.adopt_library_loggers()
 
 
 def _quiet(message: str) -> None:
@@ -71,43 +123,43 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def _drop_none(values: dict) -> dict:
-    return {k: v for k, v in values.items() if v is not None}
+class SessionGroup(click.Group):
+    """A group whose session options every subcommand accepts after its own name too."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(_session_options())
+        callback = cmd.callback
+
+        @functools.wraps(callback)
+        def taking_session_options(*args, **kwargs):
+            given = {name: kwargs.pop(name) for name in _SESSION_NAMES}
+            session = click.get_current_context().find_object(Session)
+            if session is not None:
+                session.update(given)
+            return callback(*args, **kwargs)
+
+        cmd.callback = taking_session_options
+        super().add_command(cmd, name)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--domain", "-d", help="Domain to specialize in (see `selfspec domains`).")
-@click.option("--profile", type=click.Choice(list(PROFILES)), default="quick", show_default=True,
-              help="quick: CPU demo, a few hundred examples. paper: the paper's settings (~5K examples). tiny: smoke test.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML or TOML file with any setting; flags override it.")
-@click.option("--model", help="Base model: local HF folder, .gguf file, hub id, or embedded smollm2-135m (default) / gemma3-270m.")
-@click.option("--seeds", type=click.Path(dir_okay=False), help="Your seed file (JSONL or YAML) instead of the domain's own.")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<domain>-<profile>).")
-@click.option("--seed", type=int, help="Random seed: the same seed gives the same data.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Benchmark data and corpora (or SELFSPEC_DATA).")
-@click.option("--corpus", type=click.Path(), help="Retrieval corpus: a .jsonl/.txt/.parquet/.csv/.pdf/.docx/.html/.md file or folder.")
-@click.option("--backend", type=click.Choice(["hf", "vllm", "openai"]), help="Generation backend (default hf).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), help="Run generation locally or as Ray Data jobs (RAY_ADDRESS).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Model precision (default auto: bfloat16 where the CPU or GPU computes it natively, else float32).")
-@click.option("--no-cache", is_flag=True,
-              help="Score the base model again instead of reusing its scores from earlier runs ($SELFSPEC_CACHE/scores).")
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def _with_session_options(group: click.Group) -> click.Group:
+    group.params[:0] = _session_options()
+    return group
+
+
+@_with_session_options
+@click.group(cls=SessionGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="selfspec")
 @click.pass_context
-def cli(ctx, domain, profile, config_file, model, seeds, out, seed, data_dir, corpus, backend, executor, dtype, no_cache, debug):
+def cli(ctx, **options):
     """Self-specialize a language model on a domain from a handful of seeds.
 
     \b
     selfspec domains                          list installed domains
-    selfspec --domain finance run             every stage into runs/finance-quick/
-    selfspec --domain finance generate        one stage on the same run directory
+    selfspec run --domain finance             every stage into runs/finance-quick/
+    selfspec generate --domain finance        one stage on the same run directory
     """
-    overrides = _drop_none({"model": model, "seed": seed, "data_dir": data_dir, "corpus": corpus, "backend": backend,
-                             "executor": executor, "dtype": dtype})
-    if no_cache:
-        overrides["evaluate"] = {"cache_base_scores": False}
-    ctx.obj = Session(domain, profile, config_file, overrides, seeds, out, debug)
+    ctx.obj = Session(**options)
 
 
 @cli.command()
@@ -141,7 +193,8 @@ def _stage_command(stage: str, help_text: str):
     @click.option("--force", is_flag=True, help="Run again even if up to date.")
     @click.pass_obj
     def command(session: Session, force: bool, **options):
-        session.pipeline(**_stage_overrides(options)).run_stages([stage], force=force)
+        with session.pipeline(**_stage_overrides(options)) as pipeline:
+            pipeline.run_stages([stage], force=force)
 
     return command
 
@@ -183,7 +236,8 @@ def train(ctx: click.Context, num_processes, force: bool, **options):
     if num_processes and num_processes != launched and distributed.is_main_process():
         click.echo(f"note: already running as {launched} process(es) started by a launcher; "
                    f"--num-processes {num_processes} is ignored", err=True)
-    session.pipeline(**overrides).run_stages(["train"], force=force)
+    with session.pipeline(**overrides) as pipeline:
+        pipeline.run_stages(["train"], force=force)
 
 
 def _command_line(ctx: click.Context) -> list[str]:
@@ -207,8 +261,8 @@ def _options(ctx: click.Context) -> list[str]:
 @click.pass_obj
 def run(session: Session, force: bool, **options):
     """Run every stage: generate, respond, train, evaluate, report."""
-    pipeline = session.pipeline(**_stage_overrides(options))
-    pipeline.run_stages(list(STAGES), force=force)
+    with session.pipeline(**_stage_overrides(options)) as pipeline:
+        pipeline.run_stages(list(STAGES), force=force)
     click.echo(f"report: {pipeline.run.stage_dir('report') / 'report.html'}")
 
 
@@ -224,13 +278,15 @@ def evaluate(session: Session, adapter, eval_file, metric, output, force):
     if eval_file:
         from .evaluation import evaluate_file
 
+        use_log_file()
         results = evaluate_file(session.settings(), eval_file, metric=metric, adapter=adapter,
                                 output=output or "results.json", domain=session.domain_name, log=click.echo)
         click.echo(f"results: {output or 'results.json'}")
         for task, row in results.items():
             click.echo(f"  {task}: {row}")
         return
-    session.pipeline(**_stage_overrides({"adapter": adapter})).run_stages(["evaluate"], force=force)
+    with session.pipeline(**_stage_overrides({"adapter": adapter})) as pipeline:
+        pipeline.run_stages(["evaluate"], force=force)
 
 
 @cli.command()
@@ -250,6 +306,7 @@ def export(session: Session, merge, gguf, gguf_type, output, adapter):
     if adapter is None:
         run = session.run_dir(session.domain())
         adapter = run.require("train", "adapter")
+    use_log_file()
     if gguf:
         from .gguf_export import export_gguf
 
@@ -281,7 +338,7 @@ def plugins_command(include_core, as_json):
     """List installed plugins: package, version, the domains they register and the hooks they implement."""
     found = plugins.installed_plugins(include_core)
     if as_json:
-        click.echo(json.dumps([asdict(plugin) for plugin in found], indent=2))
+        click.echo(json.dumps([dataclasses.asdict(plugin) for plugin in found], indent=2))
         return
     if not found:
         click.echo("no plugins installed: `pip install -e plugins/finance` or `selfspec new-domain NAME`")
@@ -316,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (``--debug`` for the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    logs.capture()
     try:
         cli.main(args=argv, prog_name="selfspec", standalone_mode=False)
     except click.exceptions.Abort:

@@ -30,7 +30,7 @@ from . import plugins
 from .errors import SelfspecError
 from .generation import make_generator
 from .models import check_adapter
-from .rundir import RecordLog, atomic_write_json, read_jsonl, write_jsonl
+from .rundir import RecordLog, atomic_write_json, read_jsonl, stage_command, write_jsonl
 from .scorecache import ScoreCache, score_key
 from .scoring import ItemScore, compare, compare_macro_f1, parsed_label, score_generation, score_loglikelihood
 from .tasks import DATA_ENV, METRICS, EvalItem, EvalTask, data_root
@@ -337,6 +337,13 @@ def evaluation_texts(settings, domain: str, log: Callable[[str], None] = print) 
     return texts
 
 
+def unknown_contamination(adapter: Path, n: int) -> dict:
+    """The contamination report of an adapter whose training data cannot be found."""
+    return {"ngram": n, "status": "unknown", "training_records": None, "overlapping_records": [], "tasks": {},
+            "reason": f"the training data of {adapter} was not found (it is not a selfspec run's train/adapter "
+                      "whose respond/data.jsonl is unchanged since training)"}
+
+
 def check_contamination(records: Sequence[dict], loaded: Sequence[LoadedTask], n: int) -> tuple[dict, set[tuple[str, str]]]:
     """The contamination report, and the ``(task key, item id)`` pairs a training record touches."""
     owners, texts = [], []
@@ -370,7 +377,8 @@ def check_contamination(records: Sequence[dict], loaded: Sequence[LoadedTask], n
             "too_short": sum(len(_WORD.findall(t.lower())) < n for t in item_texts(task.items)),
             "training_records": sorted(by_task[task.key]),
         }
-    report = {"ngram": n, "training_records": len(records), "overlapping_records": overlapping_records, "tasks": tasks}
+    report = {"ngram": n, "status": "checked", "training_records": len(records),
+              "overlapping_records": overlapping_records, "tasks": tasks}
     return report, touched
 
 
@@ -400,12 +408,33 @@ def _quiet(line: str) -> None:
     """A log that drops its lines: the stage itself reports skipped tasks when it runs."""
 
 
+def stage_adapter(settings, run) -> Path:
+    """The adapter the stage evaluates: ``evaluate.adapter`` (checked, one line if unusable), else the run's."""
+    if settings.evaluate.adapter:
+        return check_adapter(Path(settings.evaluate.adapter).expanduser())
+    return run.stage_dir("train") / "adapter"
+
+
+def adapter_training_data(adapter: Path) -> Path | None:
+    """The records ``adapter`` was tuned on, when they can be found: it is a run's ``train/adapter``
+    and that run's ``respond/data.jsonl`` still has the hash the training stage recorded."""
+    from .rundir import file_hash
+    from .training import TRAINING_INFO
+
+    try:
+        info = json.loads((adapter / TRAINING_INFO).read_text(encoding="utf-8"))
+        data = adapter.resolve().parent.parent / str(info["data_file"])
+        return data if data.is_file() and file_hash(data) == info.get("data_hash") else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run_stage(ctx) -> dict:
     settings, evaluate = ctx.settings, ctx.settings.evaluate
-    adapter = Path(evaluate.adapter).expanduser() if evaluate.adapter else ctx.run.stage_dir("train") / "adapter"
+    adapter = stage_adapter(settings, ctx.run)
     if not adapter.is_dir():
-        raise SelfspecError(f"{adapter}: no adapter to evaluate; run `selfspec --domain {ctx.domain.name} train "
-                            f"--out {ctx.run.path}` or set evaluate.adapter to an adapter folder")
+        raise SelfspecError(f"{adapter}: no adapter to evaluate; run `{stage_command(ctx.domain.name, 'train', ctx.run.path)}` "
+                            "or set evaluate.adapter to an adapter folder")
     check_adapter(adapter)
     tasks, loaded, skipped = stage_tasks(settings, ctx.domain.name, ctx.log)
 
@@ -414,8 +443,13 @@ def run_stage(ctx) -> dict:
     base = score_model("base", settings, ctx.model, None, loaded, template, context, ctx.log, cache)
     specialized = score_model("specialized", settings, ctx.model, adapter, loaded, template, context, ctx.log, cache)
 
-    records = read_jsonl(ctx.run.require("respond", "data.jsonl"))
-    contamination, touched = check_contamination(records, loaded, evaluate.ngram)
+    training_data = adapter_training_data(adapter) if evaluate.adapter else ctx.run.require("respond", "data.jsonl")
+    if training_data is None:
+        contamination, touched = unknown_contamination(adapter, evaluate.ngram), set()
+        ctx.log(f"[evaluate] contamination unknown: {contamination['reason']}")
+    else:
+        contamination, touched = check_contamination(read_jsonl(training_data), loaded, evaluate.ngram)
+        contamination["training_data"] = str(training_data)
 
     report: dict = {"cross_domain": {}}
     predictions = []

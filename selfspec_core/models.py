@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -222,23 +223,42 @@ def load_adapter(model, adapter: str | Path):
     try:
         return PeftModel.from_pretrained(model, str(adapter))
     except Exception as exc:
-        raise SelfspecError(f"{adapter}: corrupt adapter ({type(exc).__name__}: {exc}); retrain with `selfspec train`") from exc
+        raise SelfspecError(f"{adapter}: corrupt adapter or one made for another base model "
+                            f"({type(exc).__name__}: {_first_line(exc)}); pass --model with its base, or retrain it") from exc
 
 
 def check_adapter(adapter: str | Path) -> Path:
-    """Fail early, naming the folder, when ``adapter`` is not a readable PEFT adapter."""
+    """Fail early, in one line naming the file, when ``adapter`` is not a readable PEFT adapter folder."""
     from safetensors import safe_open
 
     adapter = Path(adapter)
-    weights = adapter / "adapter_model.safetensors"
-    if not (adapter / "adapter_config.json").exists() or not weights.exists():
-        raise SelfspecError(f"{adapter}: not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors); run `selfspec train` or pass --adapter")
+    if not adapter.is_dir():
+        raise SelfspecError(f"{adapter}: adapter folder not found; pass --adapter with a PEFT adapter folder "
+                            "(a run's train/adapter)")
+    config, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    if not config.is_file() or not weights.is_file():
+        raise SelfspecError(f"{adapter}: not a PEFT adapter folder (needs adapter_config.json and "
+                            "adapter_model.safetensors); pass --adapter with a run's train/adapter folder")
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SelfspecError(f"{config}: corrupt adapter config ({type(exc).__name__}: {_first_line(exc)}); "
+                            "retrain the adapter or pass another --adapter") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("peft_type"), str):
+        raise SelfspecError(f"{config}: corrupt adapter config (expected an object with a 'peft_type' string); "
+                            "retrain the adapter or pass another --adapter")
     try:
         with safe_open(str(weights), framework="pt") as handle:
             handle.keys()
     except Exception as exc:
-        raise SelfspecError(f"{weights}: corrupt adapter weights ({type(exc).__name__}); retrain with `selfspec train`") from exc
+        raise SelfspecError(f"{weights}: corrupt adapter weights ({type(exc).__name__}); "
+                            "retrain the adapter or pass another --adapter") from exc
     return adapter
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _is_hub_id(ref: ModelRef) -> bool:

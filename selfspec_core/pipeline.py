@@ -29,7 +29,7 @@ from .config import Settings
 from .errors import SelfspecError
 from .models import ModelRef, resolve_dtype, resolve_model
 from .records import Domain, Seed
-from .rundir import RunDir, file_hash
+from .rundir import RunDir, file_hash, stage_command
 from .seeds import load_seeds
 from .templates import PromptTemplate
 
@@ -103,17 +103,20 @@ class Pipeline:
         return self._model
 
     def input_files(self, stage: str) -> list[Path]:
-        files = [self.run.path / relative for relative in STAGE_SPECS[stage][2]]
-        if stage == "evaluate" and self.settings.evaluate.adapter:  # an adapter from elsewhere
-            files[0] = Path(self.settings.evaluate.adapter) / "adapter_model.safetensors"
-        return files
+        if stage == "evaluate" and self.settings.evaluate.adapter:  # an adapter from elsewhere, and its data if known
+            from .evaluation import adapter_training_data, stage_adapter
+
+            adapter = stage_adapter(self.settings, self.run)
+            data = adapter_training_data(adapter)
+            return [adapter / "adapter_config.json", adapter / "adapter_model.safetensors", *([data] if data else [])]
+        return [self.run.path / relative for relative in STAGE_SPECS[stage][2]]
 
     def input_hash(self, stage: str) -> str:
         files = self.input_files(stage)
         missing = [f for f in files if not f.exists()]
         if missing:
             earlier = missing[0].relative_to(self.run.path).parts[0]
-            raise SelfspecError(f"{missing[0]} is missing: run `selfspec --domain {self.domain.name} {earlier} --out {self.run.path}` first")
+            raise SelfspecError(f"{missing[0]} is missing: run `{stage_command(self.domain.name, earlier, self.run.path)}` first")
         parts = [file_hash(*files) if files else "", seeds_hash(self.seeds), self.settings.model or "default"]
         # What a stage reads from outside the run directory (a corpus, benchmark files), if it says.
         outside = getattr(importlib.import_module(f"selfspec_core.{STAGE_SPECS[stage][0]}"), "outside_inputs_hash", None)

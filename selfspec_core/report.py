@@ -311,6 +311,8 @@ def contamination_section(run) -> Section:
     data = _mapping(_read_json(run.stage_dir("evaluate") / "contamination.json"))
     if not data:
         return Section("Contamination", [f"Contamination check {NOT_AVAILABLE} (evaluate not run)."])
+    if data.get("status") == "unknown":
+        return Section("Contamination", [f"Contamination unknown: {data.get('reason')}."])
     overlapping = data.get("overlapping_records") if isinstance(data.get("overlapping_records"), list) else []
     section = Section("Contamination", [
         f"{len(overlapping)} of {_fmt(data.get('training_records'))} generated training records share a "

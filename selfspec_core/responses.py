@@ -31,7 +31,7 @@ from .filters import plugin_reason
 from .generation import make_generator
 from .records import Funnel, Seed
 from .retrieval import BM25Index, Hit, corpus_hash, resolve_corpus, truncate_passage
-from .rundir import RecordLog, read_jsonl, write_jsonl
+from .rundir import RecordLog, read_jsonl, stage_command, write_jsonl
 from .templates import field_labels
 
 OUTPUT_FILE = "data.jsonl"
@@ -66,7 +66,8 @@ class Plan:
 def run_stage(ctx) -> dict:
     settings = ctx.settings.respond
     _check_settings(settings)
-    records = _read_instructions(ctx.run.require("generate", "instructions.jsonl"))
+    records = _read_instructions(ctx.run.require("generate", "instructions.jsonl"),
+                                 stage_command(ctx.domain.name, "generate", ctx.run.path))
     funnel = Funnel(generated=len(records))
     hits, retrieval_stats = _retrieve(ctx, records)
     generator = make_generator(ctx.settings, ctx.model, batch_size=settings.batch_size)
@@ -101,17 +102,18 @@ def _check_settings(settings) -> None:
             raise SelfspecError(f"respond.{name} must be at least 1, got {getattr(settings, name)}")
 
 
-def _read_instructions(path: Path) -> list[dict]:
+def _read_instructions(path: Path, rerun: str) -> list[dict]:
+    """The generated instructions; ``rerun`` is the command that writes them again."""
     try:
         records = read_jsonl(path)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SelfspecError(f"{path}: corrupt instruction file ({exc}); rerun `selfspec generate`") from None
+        raise SelfspecError(f"{path}: corrupt instruction file ({exc}); rerun `{rerun} --force`") from None
     for number, record in enumerate(records, start=1):
         missing = [name for name in INSTRUCTION_FIELDS if not isinstance(record.get(name), str)]
         if missing:
-            raise SelfspecError(f"{path}:{number}: field {missing[0]!r} is missing or not text; rerun `selfspec generate`")
+            raise SelfspecError(f"{path}:{number}: field {missing[0]!r} is missing or not text; rerun `{rerun} --force`")
     if not records:
-        raise SelfspecError(f"{path} has no instructions; rerun `selfspec generate` with more generate.max_rounds")
+        raise SelfspecError(f"{path} has no instructions; raise generate.max_rounds and rerun `{rerun} --force`")
     return records
 
 

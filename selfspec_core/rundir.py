@@ -12,8 +12,12 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -29,6 +33,11 @@ def safe_name(name: str, what: str) -> str:
     if not _SAFE_NAME.match(name) or ".." in name:
         raise SelfspecError(f"invalid {what} {name!r}: use letters, digits, '-', '_' and '.' only")
     return name
+
+
+def stage_command(domain: str, stage: str, run_path: Path) -> str:
+    """The command line that runs ``stage`` of ``domain`` on ``run_path``, as a user can paste it."""
+    return shlex.join(["selfspec", stage, "--domain", domain, "--out", str(run_path)])
 
 
 def _fsync_dir(path: Path) -> None:
@@ -200,5 +209,45 @@ class RunDir:
         """Path of a finished stage's output, or an error saying which command makes it."""
         path = self.stage_dir(stage) / file
         if self.manifest(stage) is None or not path.exists():
-            raise SelfspecError(f"{path} is missing: run `selfspec --domain {self.domain} {stage} --out {self.path}` first")
+            raise SelfspecError(f"{path} is missing: run `{stage_command(self.domain, stage, self.path)}` first")
+
+    @contextmanager
+    def locked(self):
+        """Hold the run directory for this process: a second command on it stops at once, naming this one.
+
+        The lock is an OS file lock (filelock: flock on POSIX), which the kernel releases when its
+        process dies, so a lock left by a killed command is taken over by the next one; the holder's
+        pid, host and command line are written beside it only to be named in that message.
+        """
+        from filelock import FileLock, Timeout
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.path / ".lock", timeout=0, preserve_lock_file=True)
+        holder = self.path / ".lock.holder.json"
+        try:
+            lock.acquire()
+        except Timeout:
+            raise SelfspecError(f"{self.path} is in use by {_describe_holder(holder)}; wait for it to finish "
+                                "(or stop it) and rerun, or pass another --out") from None
+        except OSError as exc:
+            raise SelfspecError(f"{self.path}: cannot lock the run directory ({exc.strerror}); "
+                                "check its permissions or pass another --out") from None
+        try:
+            atomic_write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
+                                       "command": shlex.join(["selfspec", *sys.argv[1:]]),
+                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            yield self
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
+
+
+def _describe_holder(holder: Path) -> str:
+    """'process 123 on host (selfspec run ..., since ...)', or less when the holder has not written it yet."""
+    try:
+        info = json.loads(holder.read_text(encoding="utf-8"))
+        return (f"process {int(info['pid'])} on {info['host']} ({info['command']!s}, "
+                f"since {info['started']})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another selfspec process"
         return path

@@ -48,7 +48,7 @@ from .config import TrainSettings
 from .errors import SelfspecError
 from .models import ModelRef, default_quant, load_model, load_tokenizer, resolve_dtype
 from .pipeline import StageContext
-from .rundir import RecordLog, atomic_write_json, file_hash, iter_jsonl, write_jsonl
+from .rundir import RecordLog, atomic_write_json, file_hash, iter_jsonl, stage_command, write_jsonl
 from .templates import PromptTemplate
 
 IGNORE = -100  # label of a token that is not trained on
@@ -107,20 +107,22 @@ def encode_example(record: dict, template: PromptTemplate, tokenizer, max_length
     return Example(prompt + response, [IGNORE] * len(prompt) + response, truncated=True, response_cut=response_cut)
 
 
-def load_records(path: Path) -> list[dict]:
-    """Alpaca records of ``data.jsonl``; a record without instruction or output is an error."""
+def load_records(path: Path, rerun: str) -> list[dict]:
+    """Alpaca records of ``data.jsonl``; a record without instruction or output is an error.
+
+    ``rerun`` is the command that writes the file again, for the error messages."""
     records = []
     try:
         numbered = list(enumerate(iter_jsonl(path), start=1))
     except ValueError as exc:
-        raise SelfspecError(f"{path}: not valid JSON lines ({exc}); rerun `selfspec respond`") from exc
+        raise SelfspecError(f"{path}: not valid JSON lines ({exc}); rerun `{rerun} --force`") from exc
     for number, record in numbered:
         for name in ("instruction", "output"):
             if not isinstance(record.get(name), str) or not record[name].strip():
-                raise SelfspecError(f"{path}: record {number} has no {name!r} text; rerun `selfspec respond` or fix the file")
+                raise SelfspecError(f"{path}: record {number} has no {name!r} text; rerun `{rerun} --force` or fix the file")
         records.append(record)
     if not records:
-        raise SelfspecError(f"{path}: no records to train on; rerun `selfspec respond` with more instructions")
+        raise SelfspecError(f"{path}: no records to train on; rerun `{rerun} --force` with more instructions")
     return records
 
 
@@ -335,7 +337,7 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     template = ctx.template("train")
     tokenizer = load_tokenizer(ctx.model)
     examples = [encode_example(r, template, tokenizer, settings.max_length, ctx.template_context)
-                for r in load_records(data_path)]
+                for r in load_records(data_path, stage_command(ctx.domain.name, "respond", ctx.run.path))]
     quant = default_quant(settings.quant)
     checkpoints = ctx.work / "checkpoints"
     # Before the model: the arguments join the process group (so each GPU process loads onto its own
