@@ -11,6 +11,7 @@ its seed always gives the same text (``--batch-sampling`` trades that for speed)
 
 import collections
 import contextlib
+import functools
 import json
 import queue
 import secrets
@@ -19,6 +20,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +33,18 @@ from .generation import Completion, HFGenerator
 
 # --------------------------------------------------------------------------------------------------
 # The model worker: one thread, a queue, batches of compatible requests
+
+
+class ServerClosing(SelfspecError):
+    """The server is shutting down: the job was not run (HTTP 503)."""
+
+
+class PromptRejected(SelfspecError):
+    """The prompt cannot be run: empty, or longer than the model's context allows (HTTP 400)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -57,6 +71,8 @@ class ModelWorker:
 
     def __init__(self, generator: HFGenerator, max_batch: int = 8, window: float = 0.05, batch_sampling: bool = False):
         self.generator = generator
+        self.context = model_context(generator)
+        self.closing = False
         self.max_batch = max(1, max_batch)
         self.window = window
         self.batch_sampling = batch_sampling
@@ -81,13 +97,14 @@ class ModelWorker:
         return self._submit(_Job("score", ("score",), (prompt, completion, top_k)))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop after the running batch; waiting jobs fail with a clear message."""
+        """Stop after the running batch; waiting jobs fail with :class:`ServerClosing`."""
+        self.closing = True
         self._jobs.put(None)
         self._thread.join(timeout)
 
     def _submit(self, job: _Job) -> Future:
-        if not self._thread.is_alive():
-            raise SelfspecError("the model worker has stopped")
+        if self.closing or not self._thread.is_alive():
+            raise ServerClosing("the server is shutting down; retry on another instance or after its restart")
         self._jobs.put(job)
         return job.future
 
@@ -96,7 +113,9 @@ class ModelWorker:
             first = self._held.popleft() if self._held else self._jobs.get()
             if first is None:
                 break
-            batch = self._gather(first)
+            batch = self._admit(self._gather(first))
+            if not batch:
+                continue
             try:
                 results = self._run(first.kind, batch)
             except Exception as exc:  # the requests fail, the server stays up
@@ -106,8 +125,37 @@ class ModelWorker:
                 for job, result in zip(batch, results):
                     job.future.set_result(result)
         for job in [*self._held, *_drain(self._jobs)]:
-            if job is not None:
-                job.future.set_exception(SelfspecError("the server is shutting down"))
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ServerClosing("the server shut down before this request ran; retry"))
+
+    def _admit(self, batch: list[_Job]) -> list[_Job]:
+        """The jobs of ``batch`` to run: not cancelled (their request timed out), with a prompt that fits."""
+        admitted = []
+        for job in batch:
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            problem = self._prompt_problem(job)
+            if problem is None:
+                admitted.append(job)
+            else:
+                job.future.set_exception(problem)
+        return admitted
+
+    def _prompt_problem(self, job: _Job) -> PromptRejected | None:
+        tokenizer = self.generator.tokenizer
+        if job.kind == "generate":
+            prompt, options = job.payload
+            count, wanted = len(tokenizer(prompt, add_special_tokens=False).input_ids), options["max_new_tokens"]
+            if count == 0:
+                return PromptRejected("prompt: empty (no tokens); give some text", "empty_prompt")
+        else:
+            prompt, completion, _ = job.payload
+            count, wanted = len(tokenizer(prompt + completion, add_special_tokens=False).input_ids), 0
+        if count + wanted > self.context:
+            return PromptRejected(f"this model's maximum context length is {self.context} tokens; the prompt has "
+                                  f"{count} tokens and {wanted} were asked for: shorten the prompt or lower max_tokens",
+                                  "context_length_exceeded")
+        return None
 
     def _gather(self, first: _Job) -> list[_Job]:
         """``first`` plus held jobs with its key and those arriving < ``window`` s apart (up to ``max_batch``)."""
@@ -144,6 +192,14 @@ class ModelWorker:
             completions = self.generator.generate(prompts, **options)
         counts = [len(tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts]
         return list(zip(completions, counts))
+
+
+def model_context(generator: HFGenerator) -> int:
+    """How many tokens (prompt and completion together) the model takes."""
+    limit = getattr(generator.model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        limit = generator.tokenizer.model_max_length
+    return int(limit) if 0 < limit < 10_000_000 else 2048
 
 
 def _drain(jobs: queue.Queue):
@@ -207,20 +263,116 @@ def score_tokens(generator: HFGenerator, items: list[tuple[str, str, int]]) -> l
 # The HTTP API
 
 
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one client may ask of the server, so no request holds the model for as long as it likes."""
+
+    api_key: str | None = None  # every request must carry ``Authorization: Bearer <key>``; None: no check
+    max_tokens: int = 1024  # most completion tokens one choice may ask for
+    max_prompts: int = 32  # most prompts x n choices in one request
+    max_body_bytes: int = 4 << 20
+    max_queue: int = 64  # requests waiting or running at once; one more is answered 429
+    request_timeout: float = 300.0  # seconds a request may wait for the model; then 503 and its jobs are dropped
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None, param: str | None = None) -> dict:
+    """An error in OpenAI's shape, so clients show its message."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class RequestGuard:
+    """ASGI middleware in front of the API: the API key, the body size and the bound on waiting requests.
+
+    It answers before a request reaches a worker thread, so a flood of requests or a huge body costs
+    the server nothing but the refusal.
+    """
+
+    def __init__(self, app, limits: ServeLimits, worker: ModelWorker):
+        self.app, self.limits, self.worker = app, limits, worker
+        self.in_flight = 0
+        self.expected = f"Bearer {limits.api_key}".encode() if limits.api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return await _reply(send, 401, error_body("missing or incorrect API key: send the header "
+                                                      "'Authorization: Bearer <key>' with the key the server was started with",
+                                                      code="invalid_api_key"), {"www-authenticate": "Bearer"})
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if self.worker.closing:
+            return await _reply(send, 503, error_body("the server is shutting down; retry after its restart", "server_error",
+                                                      "shutting_down"), {"retry-after": "5"})
+        if self.in_flight >= self.limits.max_queue:
+            return await _reply(send, 429, error_body(f"the server is busy ({self.in_flight} requests waiting or running, "
+                                                      f"at most {self.limits.max_queue}); retry shortly", "rate_limit_error",
+                                                      "server_busy"), {"retry-after": "1"})
+        body = await _read_body(receive, self.limits.max_body_bytes, headers.get(b"content-length"))
+        if body is None:
+            return await _reply(send, 413, error_body(f"request body larger than {self.limits.max_body_bytes} bytes",
+                                                      code="body_too_large"))
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        self.in_flight += 1
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.in_flight -= 1
+
+
+async def _read_body(receive, limit: int, declared: bytes | None) -> bytes | None:
+    """The whole request body, or None when it is (or says it will be) over ``limit`` bytes."""
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+async def _reply(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    data = _json(body).encode()
+    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]})
+    await send({"type": "http.response.body", "body": data})
+
+
 def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_new_tokens: int = 512,
-               batch_sampling: bool = False):
+               batch_sampling: bool = False, limits: ServeLimits = ServeLimits()):
     """The FastAPI app serving ``generator`` as model ``model_name`` (``max_new_tokens``: chat default)."""
+    import anyio.to_thread
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
 
     worker = ModelWorker(generator, max_batch=max_batch, batch_sampling=batch_sampling)
+    max_new_tokens = min(max_new_tokens, limits.max_tokens)
 
     class ApiError(Exception):
-        def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                     param: str | None = None):
             super().__init__(message)
-            self.status, self.message, self.kind = status, message, kind
+            self.status, self.body = status, error_body(message, kind, code, param)
 
     class Sampling(BaseModel):
         model_config = ConfigDict(extra="ignore")
@@ -229,7 +381,7 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
         top_p: float = Field(1.0, gt=0, le=1)
         n: int = Field(1, ge=1, le=16)
         stop: str | list[str] | None = None
-        seed: int | None = None
+        seed: int | None = Field(None, ge=0, le=2**31)
         stream: bool = False
 
     class CompletionRequest(Sampling):
@@ -250,35 +402,60 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
+        # every admitted request gets a thread to wait in, so the bound on requests is the only queue
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, limits.max_queue + 8)
         yield
-        worker.close()
+        worker.close(timeout=limits.request_timeout)
 
-    app = FastAPI(title="selfspec", version="1", lifespan=lifespan)
+    app = FastAPI(title="selfspec", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
-
-    def error_response(status: int, message: str, kind: str = "invalid_request_error"):
-        """An error in OpenAI's shape, so clients show its message."""
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+    app.add_middleware(RequestGuard, limits=limits, worker=worker)
 
     @app.exception_handler(ApiError)
     def api_error(_: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.kind)
+        return JSONResponse(exc.body, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(_: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in exc.errors())
-        return error_response(400, problems)
+        return JSONResponse(error_body(problems[:2000]), status_code=400)
 
     def check_model(request: Sampling) -> None:
         if request.model not in (None, model_name):
             raise ApiError(404, f"model {request.model!r} is not served here; this server serves {model_name!r}",
-                           "not_found_error")
+                           "not_found_error", "model_not_found", "model")
 
-    def wait(future: Future):
+    def check_size(prompts: int, choices: int, max_tokens: int) -> None:
+        if prompts * choices > limits.max_prompts:
+            raise ApiError(400, f"{prompts} prompts x n={choices} is more than the {limits.max_prompts} completions "
+                                "one request may ask for here; split the request", param="prompt")
+        if max_tokens > limits.max_tokens:
+            raise ApiError(400, f"max_tokens: {max_tokens} is more than the {limits.max_tokens} this server allows",
+                           param="max_tokens")
+
+    def wait(futures: list[Future], deadline: float) -> list:
+        """The futures' results; on any failure the request's other jobs are dropped and one error answers."""
         try:
-            return future.result()
+            return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
+        except FutureTimeout:
+            raise ApiError(503, f"timed out after {limits.request_timeout:g}s waiting for the model (the server is "
+                                "busy); retry later", "server_error", "timeout") from None
+        except PromptRejected as exc:
+            raise ApiError(400, str(exc), code=exc.code, param="prompt") from None
+        except ServerClosing as exc:
+            raise ApiError(503, str(exc), "server_error", "shutting_down") from None
         except Exception as exc:
             raise ApiError(500, f"{type(exc).__name__}: {exc}", "server_error") from exc
+        finally:
+            for future in futures:
+                future.cancel()  # no-op for finished or running jobs
+
+    def submit(calls) -> list[Future]:
+        try:
+            return [call() for call in calls]
+        except ServerClosing as exc:
+            raise ApiError(503, str(exc), "server_error", "shutting_down") from None
 
     def sampling(request: Sampling, max_tokens: int) -> list[dict]:
         """Generation options for each of the ``n`` choices; a missing seed is drawn at random."""
@@ -308,20 +485,24 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
 
     @app.post("/v1/completions")
     def completions(request: CompletionRequest):
+        deadline = time.monotonic() + limits.request_timeout
         check_model(request)
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if not prompts:
-            raise ApiError(400, "prompt: give a text or a non-empty list of texts")
+            raise ApiError(400, "prompt: give a text or a non-empty list of texts", param="prompt")
         max_tokens = 16 if request.max_tokens is None else request.max_tokens
+        check_size(len(prompts), request.n, max_tokens)
         # Submit every job before waiting on any, so the worker can batch them.
-        jobs = [(prompt, worker.generate(prompt, **options)) for prompt in prompts for options in sampling(request, max_tokens)]
-        generated = [(prompt, *wait(future)) for prompt, future in jobs]
-        scoring = ([worker.score(prompt, completion.text, request.logprobs) for prompt, completion, _ in generated]
-                   if request.logprobs is not None else [])
+        asked = [(prompt, options) for prompt in prompts for options in sampling(request, max_tokens)]
+        results = wait(submit([functools.partial(worker.generate, prompt, **options) for prompt, options in asked]), deadline)
+        generated = [(prompt, *result) for (prompt, _), result in zip(asked, results)]
+        scores = (wait(submit([functools.partial(worker.score, prompt, completion.text, request.logprobs)
+                               for prompt, completion, _ in generated]), deadline)
+                  if request.logprobs is not None else [])
         choices = []
         for index, (prompt, completion, _) in enumerate(generated):
             choices.append({"index": index, "text": prompt + completion.text if request.echo else completion.text,
-                            "logprobs": logprobs_field(wait(scoring[index]), request.echo, len(prompt)) if scoring else None,
+                            "logprobs": logprobs_field(scores[index], request.echo, len(prompt)) if scores else None,
                             "finish_reason": "stop" if completion.finished else "length"})
         prompt_tokens = sum(count for index, (_, _, count) in enumerate(generated) if index % request.n == 0)
         body = envelope("text_completion", choices, prompt_tokens, sum(c.num_tokens for _, c, _ in generated))
@@ -331,18 +512,20 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
 
     @app.post("/v1/chat/completions")
     def chat(request: ChatRequest):
+        deadline = time.monotonic() + limits.request_timeout
         check_model(request)
         messages = [{**message.model_dump(exclude_none=True), "content": _text(message.content)}
                     for message in request.messages]
         if not generator.tokenizer.chat_template:
             raise ApiError(400, f"model {model_name!r} has no chat template; use /v1/completions")
+        max_tokens = request.max_completion_tokens or request.max_tokens or max_new_tokens
+        check_size(1, request.n, max_tokens)
         try:
             prompt = generator.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:
             raise ApiError(400, f"messages do not fit the model's chat template: {type(exc).__name__}: {exc}") from exc
-        max_tokens = request.max_completion_tokens or request.max_tokens or max_new_tokens
-        futures = [worker.generate(prompt, **opts) for opts in sampling(request, max_tokens)]
-        results = [wait(future) for future in futures]
+        results = wait(submit([functools.partial(worker.generate, prompt, **opts) for opts in sampling(request, max_tokens)]),
+                       deadline)
         choices = [{"index": index, "message": {"role": "assistant", "content": completion.text},
                     "finish_reason": "stop" if completion.finished else "length"}
                    for index, (completion, _) in enumerate(results)]
@@ -415,6 +598,9 @@ def default_model_name(model_name: str, adapter: Path | None) -> str:
     return f"{model_name}+{label}"
 
 
+_DEFAULT_LIMITS = ServeLimits()
+
+
 @click.command(name="serve")
 @click.option("--adapter", type=click.Path(file_okay=False, exists=True),
               help="LoRA adapter on top of the base (default with --domain: the run's; else the base alone).")
@@ -425,11 +611,25 @@ def default_model_name(model_name: str, adapter: Path | None) -> str:
               help="Most concurrent requests run as one batch.")
 @click.option("--batch-sampling", is_flag=True,
               help="Batch sampled requests too: faster, but a seed no longer fixes the text (it depends on the batch).")
+@click.option("--api-key", envvar="SELFSPEC_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every request.")
+@click.option("--max-tokens", type=click.IntRange(1), default=_DEFAULT_LIMITS.max_tokens, show_default=True,
+              help="Most completion tokens one choice may ask for.")
+@click.option("--max-prompts", type=click.IntRange(1), default=_DEFAULT_LIMITS.max_prompts, show_default=True,
+              help="Most prompts x n in one request.")
+@click.option("--max-body", type=click.IntRange(1024), default=_DEFAULT_LIMITS.max_body_bytes, show_default=True,
+              help="Largest request body in bytes (larger: 413).")
+@click.option("--max-queue", type=click.IntRange(1), default=_DEFAULT_LIMITS.max_queue, show_default=True,
+              help="Requests waiting or running at once (more: 429).")
+@click.option("--request-timeout", type=click.FloatRange(min=1), default=_DEFAULT_LIMITS.request_timeout, show_default=True,
+              help="Seconds a request may wait for the model (then 503); also the grace period at shutdown.")
 @click.pass_obj
-def command(session, adapter, host, port, served_name, batch_size, batch_sampling):
+def command(session, adapter, host, port, served_name, batch_size, batch_sampling, api_key, max_tokens, max_prompts,
+            max_body, max_queue, request_timeout):
     """Serve the (specialized) model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."""
     import uvicorn
 
+    from . import logs
     from .config import load_settings
     from .models import load_model, load_tokenizer, resolve_model
 
@@ -438,11 +638,15 @@ def command(session, adapter, host, port, served_name, batch_size, batch_samplin
         adapter = session.run_dir(session.domain()).require("train", "adapter")
     adapter = Path(adapter) if adapter is not None else None
     ref = resolve_model(settings.model)
+    logs.adopt_library_loggers()
     generator = HFGenerator(load_model(ref, adapter=adapter, dtype=settings.dtype), load_tokenizer(ref), batch_size)
     name = served_name or default_model_name(ref.name, adapter)
-    app = create_app(generator, name, max_batch=batch_size, batch_sampling=batch_sampling)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    limits = ServeLimits(api_key=api_key or None, max_tokens=max_tokens, max_prompts=max_prompts, max_body_bytes=max_body,
+                         max_queue=max_queue, request_timeout=request_timeout)
+    app = create_app(generator, name, max_batch=batch_size, batch_sampling=batch_sampling, limits=limits)
+    if host not in ("127.0.0.1", "localhost", "::1") and not limits.api_key:
         click.echo(f"warning: listening on {host} without authentication: anyone who can reach port {port} "
-                   f"can use the model", err=True)
-    click.echo(f"serving {name} at http://{host}:{port}/v1 (adapter: {adapter or 'none'})")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+                   f"can use the model (pass --api-key or set SELFSPEC_API_KEY)", err=True)
+    click.echo(f"serving {name} at http://{host}:{port}/v1 (adapter: {adapter or 'none'}"
+               f"{', API key required' if limits.api_key else ''})")
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(request_timeout))
