@@ -109,7 +109,7 @@ class ModelWorker:
         return job.future
 
     def _loop(self) -> None:
-        while True:
+        while not self.closing:
             first = self._held.popleft() if self._held else self._jobs.get()
             if first is None:
                 break

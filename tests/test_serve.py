@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -161,3 +162,178 @@ def test_chat_completions_use_the_chat_template(served, chat_model_dir, tiny_mod
     with ServerThread(create_app(generator_for(tiny_model_dir), "plain")) as plain:
         status, text = post(plain.url + "/chat/completions", {"model": "plain", "messages": messages})
     assert status == 400 and "no chat template; use /v1/completions" in json.loads(text)["error"]["message"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Guards: the API key, limits, the bound on waiting requests, timeouts, shutdown, load
+
+KEY = "secret-key"
+
+
+def call(url, body=None, key=KEY, raw=None, headers=None):
+    """(status, parsed JSON body) of a request; ``raw`` bytes are sent as they are."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
+                                                **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+class GatedGenerator(HFGenerator):
+    """The tiny model, whose generate calls wait until the test opens the gate: a model that is busy."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import threading
+
+        self.gate, self.entered, self.calls = threading.Event(), threading.Event(), 0
+
+    def generate(self, prompts, **options):
+        self.calls += 1
+        self.entered.set()
+        assert self.gate.wait(60)
+        return super().generate(prompts, **options)
+
+
+def gated_server(model_dir, **limits):
+    from selfspec_core.serve import ServeLimits
+
+    ref = ModelRef("tiny", str(model_dir))
+    generator = GatedGenerator(load_model(ref), load_tokenizer(ref), 8)
+    return generator, ServerThread(create_app(generator, "tiny", limits=ServeLimits(api_key=KEY, **limits)))
+
+
+def error_of(reply):
+    status, body = reply
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return status, body["error"]
+
+
+def test_api_key_is_checked_on_every_request(chat_model_dir):
+    from openai import AuthenticationError, OpenAI
+
+    generator, server = gated_server(chat_model_dir)
+    generator.gate.set()
+    with server:
+        for path, body in (("/models", None), ("/completions", {"prompt": "x"}), ("/chat/completions", {"messages": []})):
+            for key in (None, "wrong", KEY[:-1]):
+                status, error = error_of(call(server.url + path, body, key=key))
+                assert status == 401 and error["code"] == "invalid_api_key"
+        assert call(server.url + "/models")[0] == 200
+        assert OpenAI(base_url=server.url, api_key=KEY, max_retries=0).completions.create(
+            model="tiny", prompt="The company", max_tokens=3).choices[0].text is not None
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=server.url, api_key="nope", max_retries=0).models.list()
+
+
+def test_limits_answer_4xx_in_openai_shape(chat_model_dir):
+    generator, server = gated_server(chat_model_dir, max_tokens=32, max_prompts=4, max_body_bytes=4096)
+    generator.gate.set()
+    with server:
+        url = server.url + "/completions"
+        status, error = error_of(call(url, {"prompt": "x", "max_tokens": 33}))
+        assert status == 400 and error["param"] == "max_tokens" and "32" in error["message"]
+        status, error = error_of(call(url, {"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 2}))
+        assert status == 400 and "split the request" in error["message"]
+        status, error = error_of(call(url, {"prompt": "word " * 1000, "max_tokens": 4}))  # over 4096 bytes
+        assert status == 413 and error["code"] == "body_too_large"
+        status, error = error_of(call(url, raw=b"x" * 5000, headers={"Content-Length": "5000"}))
+        assert status == 413
+        status, error = error_of(call(url, {"prompt": "", "max_tokens": 4}))
+        assert status == 400 and error["code"] == "empty_prompt"
+        status, error = error_of(call(url, {"prompt": "x", "max_tokens": 4, "seed": -1}))
+        assert status == 400
+        status, error = error_of(call(server.url + "/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                                         "n": 5}))
+        assert status == 400
+        assert call(url, {"prompt": ["a", "b"], "n": 2, "max_tokens": 2})[0] == 200  # at the limits is fine
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_model_dir):
+    from selfspec_core.serve import ServeLimits
+
+    ref = ModelRef("tiny", str(tiny_model_dir))
+    model = load_model(ref)
+    model.config.max_position_embeddings = 64
+    app = create_app(HFGenerator(model, load_tokenizer(ref), 8), "tiny", limits=ServeLimits(max_tokens=64))
+    with ServerThread(app) as server:
+        status, error = error_of(call(server.url + "/completions", {"prompt": "0 1 2 3 4 5 6 7 8 9 " * 8, "max_tokens": 4}, key=None))
+        assert status == 400 and error["code"] == "context_length_exceeded" and "64 tokens" in error["message"]
+        status, error = error_of(call(server.url + "/completions", {"prompt": "0 1", "max_tokens": 63}, key=None))
+        assert status == 400 and error["code"] == "context_length_exceeded"
+        assert call(server.url + "/completions", {"prompt": "0 1", "max_tokens": 8}, key=None)[0] == 200
+
+
+def test_full_queue_answers_429_and_a_slow_model_503_then_recovers(chat_model_dir):
+    generator, server = gated_server(chat_model_dir, max_queue=2, request_timeout=2)
+    with server, ThreadPoolExecutor(4) as pool:
+        body = {"prompt": "The company", "max_tokens": 4, "temperature": 0}
+        waiting = [pool.submit(call, server.url + "/completions", body)]
+        assert generator.entered.wait(30)  # the first request holds the model
+        waiting.append(pool.submit(call, server.url + "/completions", body))
+        time.sleep(0.5)
+        status, error = error_of(call(server.url + "/completions", body))
+        assert status == 429 and error["code"] == "server_busy"
+        timed_out = [error_of(future.result(timeout=30)) for future in waiting]
+        assert [status for status, _ in timed_out] == [503, 503]
+        assert all(error["code"] == "timeout" for _, error in timed_out)
+        calls = generator.calls
+        generator.gate.set()
+        status, reply = call(server.url + "/completions", body)
+        assert status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
+        assert generator.calls <= calls + 2  # the timed-out, queued request was dropped, not run
+
+
+def test_shutdown_finishes_requests_in_flight(chat_model_dir):
+    generator, server = gated_server(chat_model_dir)
+    body = {"prompt": "The company", "max_tokens": 4, "temperature": 0}
+    with ThreadPoolExecutor(2) as pool:
+        server.__enter__()
+        running = pool.submit(call, server.url + "/completions", body)
+        assert generator.entered.wait(30)
+        queued = pool.submit(call, server.url + "/completions", {**body, "temperature": 0.5})
+        time.sleep(0.3)
+        stopping = pool.submit(server.__exit__)
+        time.sleep(0.3)
+        generator.gate.set()
+        stopping.result(timeout=60)
+        assert running.result()[0] == 200 and queued.result()[0] == 200
+    with pytest.raises(OSError):
+        urllib.request.urlopen(server.url + "/models", timeout=5)
+
+
+def test_queued_jobs_fail_cleanly_when_the_worker_closes(tiny_model_dir):
+    from selfspec_core.serve import ModelWorker, ServerClosing
+
+    ref = ModelRef("tiny", str(tiny_model_dir))
+    generator = GatedGenerator(load_model(ref), load_tokenizer(ref), 8)
+    worker = ModelWorker(generator)
+    options = dict(max_new_tokens=2, temperature=0.5, top_p=1.0, stop=(), seed=1)
+    running = worker.generate("The company", **options)
+    assert generator.entered.wait(30)
+    queued = worker.generate("Patients", **options)
+    closing = ThreadPoolExecutor(1).submit(worker.close, 30)
+    time.sleep(0.2)
+    with pytest.raises(ServerClosing):
+        worker.generate("late", **options)
+    generator.gate.set()
+    closing.result(timeout=60)
+    assert running.result(timeout=5)[0].num_tokens >= 0
+    with pytest.raises(ServerClosing):
+        queued.result(timeout=5)
+
+
+def test_load_32_clients_no_5xx_no_lost_request():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from serve_load import run_load, serve_tiny
+
+    from selfspec_core.serve import ServeLimits
+
+    limits = ServeLimits(api_key="load-test-key", max_tokens=64)
+    with tempfile.TemporaryDirectory() as folder, serve_tiny(Path(folder), limits) as server:
+        figures = run_load(server.url, limits, requests=96, clients=32)
+    assert figures["errors_5xx"] == 0 and figures["lost"] == 0 and figures["wrong_status"] == 0, figures
+    assert figures["ok"] + figures["errors_4xx"] == 96 and figures["answers_after"] == 1
