@@ -210,6 +210,7 @@ class RunDir:
         path = self.stage_dir(stage) / file
         if self.manifest(stage) is None or not path.exists():
             raise SelfspecError(f"{path} is missing: run `{stage_command(self.domain, stage, self.path)}` first")
+        return path
 
     @contextmanager
     def locked(self):
@@ -250,4 +251,3 @@ def _describe_holder(holder: Path) -> str:
                 f"since {info['started']})")
     except (OSError, ValueError, KeyError, TypeError):
         return "another selfspec process"
-        return path

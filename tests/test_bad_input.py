@@ -123,7 +123,7 @@ def test_corrupt_adapter_is_named(tmp_path):
     (adapter / "adapter_model.safetensors").write_bytes(b"not safetensors")
     code, err = run_cli(["--domain", "finance", "--seeds", write_seeds(tmp_path), "--out", "run", "evaluate",
                          "--adapter", "adapter"], tmp_path, {"SELFSPEC_DATA": ""})
-    assert_one_clear_line(code, err, ["adapter_model.safetensors", "corrupt adapter", "selfspec train"])
+    assert_one_clear_line(code, err, ["adapter_model.safetensors", "corrupt adapter", "retrain the adapter"])
 
 
 def install_plugin(tmp_path: Path, body: str) -> dict:

@@ -115,3 +115,167 @@ def test_scaffolded_domain_completes_a_tiny_run_with_results(installed_scaffold,
 def test_new_domain_refuses_unsafe_name(tmp_path):
     result = selfspec("new-domain", "../evil", "--dest", str(tmp_path))
     assert result.returncode == 2 and "invalid domain name" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Options before or after the subcommand; every hint an error gives is a command that parses
+
+def parse_command_line(line: str):
+    """The session and subcommand options ``line`` resolves to, by click's own parsing (types and choices
+    checked), without running the command; a line click refuses raises ``click.UsageError``."""
+    import click
+
+    from selfspec_core.cli import SESSION_OPTIONS, Session, cli
+
+    args = shlex.split(line)
+    assert args[0] == "selfspec", line
+    with cli.make_context("selfspec", args[1:], resilient_parsing=False) as root:
+        name, command, rest = cli.resolve_command(root, [*root._protected_args, *root.args])
+        with command.make_context(name, rest, parent=root) as sub:
+            session = Session(**{k: v for k, v in root.params.items()})
+            session.update({k: sub.params[k] for k in sub.params if k in {o.name for o in _session_option_objects()}})
+            return name, session.options, {k: v for k, v in sub.params.items() if v not in (None, False)}
+
+
+def _session_option_objects():
+    from selfspec_core.cli import _session_options
+
+    return _session_options()
+
+
+def option_values():
+    """A valid value for every session option (flags: None), from its own declaration."""
+    import click
+
+    values = {}
+    for option in _session_option_objects():
+        if option.is_flag:
+            values[option] = None
+        elif isinstance(option.type, click.Choice):
+            values[option] = option.type.choices[-1]
+        elif option.type is click.INT or getattr(option.type, "name", "") == "integer":
+            values[option] = "7"
+        else:
+            values[option] = "some/value"
+    return values
+
+
+def test_every_session_option_works_before_and_after_the_subcommand():
+    for subcommand in ("run", "generate", "train", "evaluate", "report", "export --merge --output m", "serve", "domains"):
+        for option, value in option_values().items():
+            given = [option.opts[0]] + ([value] if value is not None else [])
+            before = parse_command_line(shlex.join(["selfspec", *given]) + f" {subcommand}")
+            after = parse_command_line(f"selfspec {subcommand} " + shlex.join(given))
+            assert before[1] == after[1] and option.name in after[1], (subcommand, option.name, before, after)
+
+
+def test_the_option_after_the_subcommand_wins():
+    name, options, _ = parse_command_line("selfspec --domain biomed --profile paper run --domain finance --retrieval off")
+    assert name == "run" and options["domain"] == "finance" and options["profile"] == "paper"
+
+
+def test_a_command_added_later_gets_the_session_options_too():
+    """The mechanism is one definition: any command added to the group (another branch's) takes them."""
+    import click
+
+    from selfspec_core.cli import Session, cli
+
+    seen = {}
+
+    @click.command(name="probe-options")
+    @click.option("--level", type=int)
+    @click.pass_obj
+    def probe(session: Session, level):
+        seen.update(session.options, level=level, settings_seed=session.settings().seed)
+
+    cli.add_command(probe)
+    try:
+        from selfspec_core.cli import main
+
+        main(["--domain", "biomed", "probe-options", "--level", "3", "--seed", "11", "--domain", "finance"])
+    finally:
+        cli.commands.pop("probe-options")
+    assert seen["domain"] == "finance" and seen["level"] == 3 and seen["settings_seed"] == 11
+
+
+def test_options_after_the_subcommand_reach_a_real_command():
+    result = selfspec("run", "--domain", "nope", "--profile", "tiny")
+    assert result.returncode == 2 and "unknown domain 'nope'" in result.stderr
+
+
+def hints_in(text: str) -> list[str]:
+    return re.findall(r"`(selfspec [^`]+)`", text)
+
+
+def assert_hints_run_as_printed(stderr: str, domain: str | None = None, out: str | None = None) -> list[str]:
+    hints = hints_in(stderr)
+    assert hints, stderr
+    for hint in hints:
+        _, options, _ = parse_command_line(hint)  # raises when click would refuse it
+        if domain is not None and "domain" in options:
+            assert options["domain"] == domain, hint
+        if out is not None and "out" in options:
+            assert options["out"] == out, hint
+    return hints
+
+
+def write_run(folder: Path, stage: str, files: dict[str, bytes]) -> None:
+    """A sealed stage of a finance run in ``folder`` holding ``files``."""
+    import json
+
+    folder.mkdir(exist_ok=True)
+    (folder / "run.json").write_text(json.dumps({"domain": "finance", "version": "0.1.0"}))
+    (folder / stage).mkdir()
+    (folder / stage / "manifest.json").write_text("{}")
+    for name, content in files.items():
+        (folder / stage / name).write_bytes(content)
+
+
+def test_every_error_hint_is_a_command_that_parses(tmp_path, tiny_model_dir):
+    seeds = tmp_path / "s.jsonl"
+    seeds.write_text('{"id": "s1", "task_type": "qa", "instruction": "What is EBITDA?", "input": "", "output": "Earnings."}\n')
+    common = ["--seeds", str(seeds), "--model", str(tiny_model_dir)]
+    out = str(tmp_path / "my run")  # a space: the hint must quote it
+    cases = [  # (arguments, what the hint runs)
+        (["train", "--domain", "finance", "--out", out, *common], "selfspec respond"),
+        (["evaluate", "--domain", "finance", "--out", out, *common], "selfspec train"),
+        (["generate", *common], "selfspec domains"),
+        (["--domain", "astrology", "generate"], "selfspec new-domain astrology"),
+    ]
+    for args, expected in cases:
+        result = selfspec(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        hints = assert_hints_run_as_printed(result.stderr, "finance", out)
+        assert any(h.startswith(expected) for h in hints), (expected, result.stderr)
+
+    corrupt = tmp_path / "corrupt"
+    write_run(corrupt, "generate", {"instructions.jsonl": b'{"instruction": 3}\n'})
+    result = selfspec("respond", "--domain", "finance", "--out", str(corrupt), *common)
+    assert result.returncode == 2 and "selfspec generate" in result.stderr, result.stderr
+    assert_hints_run_as_printed(result.stderr, "finance", str(corrupt))
+
+    untrainable = tmp_path / "untrainable"
+    write_run(untrainable, "respond", {"data.jsonl": b'{"instruction": "a", "output": ""}\n'})
+    result = selfspec("train", "--domain", "finance", "--out", str(untrainable), *common)
+    assert result.returncode == 2 and "selfspec respond" in result.stderr, result.stderr
+    assert_hints_run_as_printed(result.stderr, "finance", str(untrainable))
+
+    eval_file = tmp_path / "tasks.jsonl"
+    eval_file.write_text('{"instruction": "Sentiment?", "input": "Profit rose.", "output": "positive"}\n')
+    adapter = tmp_path / "my adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    result = selfspec("evaluate", "--backend", "openai", "--eval-file", str(eval_file), "--adapter", str(adapter), *common)
+    assert result.returncode == 2, result.stderr
+    hints = assert_hints_run_as_printed(result.stderr)
+    assert parse_command_line(hints[0])[2]["adapter"] == str(adapter)
+
+
+def test_stage_command_hints_parse_for_every_stage(tmp_path):
+    from selfspec_core.rundir import STAGES, stage_command
+
+    for stage in STAGES:
+        for path in (tmp_path / "runs" / "a b", Path("relative/run"), Path("it's")):
+            name, options, _ = parse_command_line(stage_command("finance", stage, path))
+            assert name == stage and options["out"] == str(path) and options["domain"] == "finance"

@@ -299,7 +299,10 @@ def test_evaluate_stage_without_an_adapter_says_what_to_do(tmp_path, tiny_model_
 
     ctx = StageContext(settings, plugins.get_domain("tinydom"), run, [], ModelRef("tiny", str(tiny_model_dir)),
                        run.partial_dir("evaluate"))
-    with pytest.raises(SelfspecError, match="no adapter to evaluate"):
+    with pytest.raises(SelfspecError, match="adapter folder not found"):
+        evaluation.run_stage(ctx)
+    settings.evaluate.adapter = ""  # the run's own adapter, not trained yet
+    with pytest.raises(SelfspecError, match=r"no adapter to evaluate; run `selfspec train --domain tinydom --out"):
         evaluation.run_stage(ctx)
 
 
