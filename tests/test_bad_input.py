@@ -89,7 +89,7 @@ OTHER_CASES = [
     ("run-dir-other-domain", ["--domain", "biomed", "--seeds", "{seeds}", "--out", "{finance_run}", "generate"], ["belongs to domain 'finance'"]),
     ("run-dir-other-version", ["--domain", "finance", "--seeds", "{seeds}", "--out", "{old_run}", "generate"], ["made by selfspec 0.0.1"]),
     ("run-dir-not-a-run", ["--domain", "finance", "--seeds", "{seeds}", "--out", "{busy_dir}", "generate"], ["not a selfspec run directory"]),
-    ("stage-out-of-order", ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "train"], ["is missing", "selfspec --domain finance respond"]),
+    ("stage-out-of-order", ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "train"], ["is missing", "`selfspec respond --domain finance --out run`"]),
 ]
 
 

@@ -387,3 +387,55 @@ def test_base_scores_are_reused_across_runs_until_anything_that_could_change_the
     for entry in (tmp_path / "cache" / "scores").glob("*.json"):
         entry.write_text("{truncated")
     assert score_model("base", settings, ref, None, loaded, TRAIN_TEMPLATE, {}, print) == first  # unreadable: a miss
+
+
+def _trained_run(tmp_path, tiny_model_dir, records) -> Path:
+    """Another run's train/adapter with the training record the train stage writes beside it."""
+    from selfspec_core.rundir import file_hash
+    from selfspec_core.training import TRAINING_INFO
+
+    other = RunDir(tmp_path / "other", "tinydom").open()
+    write_jsonl(other.partial_dir("respond") / "data.jsonl", records)
+    other.finish("respond", {})
+    adapter = _make_adapter(tiny_model_dir, other.partial_dir("train") / "adapter")
+    (adapter / TRAINING_INFO).write_text(json.dumps({"data_file": "respond/data.jsonl",
+                                                     "data_hash": file_hash(other.stage_dir("respond") / "data.jsonl")}))
+    other.finish("train", {})
+    return other.stage_dir("train") / "adapter"
+
+
+def test_an_adapter_from_elsewhere_is_evaluated_on_an_empty_run(tmp_path, tiny_model_dir, data_dir, tiny_plugin):
+    import shutil
+
+    adapter = _trained_run(tmp_path, tiny_model_dir, [{"id": "r1", "instruction": "Explain.", "input": LEAKED, "output": "Up."}])
+    settings = _settings(tiny_model_dir, data_dir, adapter=str(adapter), tasks="sentiment", cross_domain=False)
+    fresh = RunDir(tmp_path / "fresh", "tinydom").open()
+    Pipeline(settings, plugins.get_domain("tinydom"), fresh, seeds=[]).run_stages(["evaluate"])
+    contamination = json.loads((fresh.stage_dir("evaluate") / "contamination.json").read_text())
+    assert contamination["status"] == "checked" and contamination["training_data"].endswith("other/respond/data.jsonl")
+    assert [r["id"] for r in contamination["overlapping_records"]] == ["r1"]  # checked against the adapter's own data
+    assert json.loads((fresh.stage_dir("evaluate") / "eval.json").read_text())["sentiment"]["n"] == 8
+
+    # the same adapter copied out of its run: its data cannot be found, so contamination is unknown, said so
+    lone = Path(shutil.copytree(adapter, tmp_path / "lone"))
+    alone = RunDir(tmp_path / "alone", "tinydom").open()
+    settings.evaluate.adapter = str(lone)
+    Pipeline(settings, plugins.get_domain("tinydom"), alone, seeds=[]).run_stages(["evaluate"])
+    contamination = json.loads((alone.stage_dir("evaluate") / "contamination.json").read_text())
+    assert contamination["status"] == "unknown" and "training data of" in contamination["reason"]
+
+    from selfspec_core.report import contamination_section
+
+    assert "Contamination unknown: the training data of" in contamination_section(alone).blocks[0]
+
+
+def test_an_adapters_training_data_counts_only_while_unchanged(tmp_path, tiny_model_dir):
+    from selfspec_core.evaluation import adapter_training_data
+
+    adapter = _trained_run(tmp_path, tiny_model_dir, [{"id": "r1", "instruction": "a", "input": "", "output": "b"}])
+    data = adapter.parents[1] / "respond" / "data.jsonl"
+    assert adapter_training_data(adapter) == data
+    data.write_text(data.read_text() + json.dumps({"id": "r2", "instruction": "c", "input": "", "output": "d"}) + "\n")
+    assert adapter_training_data(adapter) is None  # respond was rerun after training: not this adapter's data
+    (adapter / "selfspec_training.json").write_text("[1, 2")
+    assert adapter_training_data(adapter) is None
