@@ -369,6 +369,11 @@ def check_plugin_command(session: Session, name):
 cli.add_command(serve_command)
 
 
+def one_line(message: str) -> str:
+    """A message as one line: what a library said inside it may span several."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip()) or "unknown error"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (``--debug`` for the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -379,14 +384,18 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # one line too, with where to read the command's options
+        where = exc.ctx.command_path if exc.ctx is not None else "selfspec"
+        click.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except SelfspecError as exc:
         if distributed.rank() == 0:  # under a launcher every process meets the same error: say it once
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to resume", err=True)

@@ -448,7 +448,11 @@ def run_stage(ctx) -> dict:
         contamination, touched = unknown_contamination(adapter, evaluate.ngram), set()
         ctx.log(f"[evaluate] contamination unknown: {contamination['reason']}")
     else:
-        contamination, touched = check_contamination(read_jsonl(training_data), loaded, evaluate.ngram)
+        try:
+            records = read_jsonl(training_data)
+        except ValueError as exc:
+            raise SelfspecError(f"{training_data}: corrupt training data ({exc}); the contamination check needs it") from None
+        contamination, touched = check_contamination(records, loaded, evaluate.ngram)
         contamination["training_data"] = str(training_data)
 
     report: dict = {"cross_domain": {}}

@@ -71,7 +71,8 @@ def capture() -> None:
 
 
 def adopt_library_loggers() -> None:
-    """Send transformers' records, which it prints through a stderr handler of its own, to the log file too.
+    """Send transformers' records, which it prints through a stderr handler of its own, to the log file too,
+    and switch off its progress bars.
 
     Called once a command is about to load a model: transformers is imported by then anyway.
     """
@@ -79,6 +80,7 @@ def adopt_library_loggers() -> None:
 
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: selfspec reports its own progress
 
 
 def write_to(path: Path) -> None:

@@ -233,8 +233,8 @@ def check_adapter(adapter: str | Path) -> Path:
 
     adapter = Path(adapter)
     if not adapter.is_dir():
-        raise SelfspecError(f"{adapter}: adapter folder not found; pass --adapter with a PEFT adapter folder "
-                            "(a run's train/adapter)")
+        problem = "a file, not an adapter folder" if adapter.exists() else "adapter folder not found"
+        raise SelfspecError(f"{adapter}: {problem}; pass --adapter with a PEFT adapter folder (a run's train/adapter)")
     config, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
     if not config.is_file() or not weights.is_file():
         raise SelfspecError(f"{adapter}: not a PEFT adapter folder (needs adapter_config.json and "

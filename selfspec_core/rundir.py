@@ -86,20 +86,31 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def iter_jsonl(path: Path) -> Iterator[dict]:
+    """The JSON objects of ``path``, one a line; a line that is not one raises ValueError naming it."""
     with open(path, "rb") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             if not line.endswith(b"\n"):
                 return
-            if line.strip():
-                yield json.loads(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+                raise ValueError(f"line {number}: {exc}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"line {number}: expected a JSON object, got {type(record).__name__}")
+            yield record
 
 
 def file_hash(*paths: Path) -> str:
     digest = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        try:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise SelfspecError(f"{path}: cannot read ({exc.strerror}); it must be a readable file") from None
     return digest.hexdigest()[:16]
 
 
@@ -110,7 +121,11 @@ class RecordLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_torn_tail()
-        self.records = read_jsonl(self.path) if self.path.exists() else []
+        try:
+            self.records = read_jsonl(self.path) if self.path.exists() else []
+        except ValueError as exc:
+            raise SelfspecError(f"{self.path}: corrupt record log ({exc}); delete {self.path.parent} "
+                                "to start that stage again") from None
 
     def _truncate_torn_tail(self) -> None:
         if not self.path.exists():
@@ -147,8 +162,10 @@ class RunDir:
         if info_path.exists():
             try:
                 info = json.loads(info_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise SelfspecError(f"{info_path}: corrupt run file; use a new --out directory") from None
+            except (OSError, ValueError):
+                info = None
+            if not isinstance(info, dict):
+                raise SelfspecError(f"{info_path}: corrupt run file; use a new --out directory")
             if info.get("domain") != self.domain:
                 raise SelfspecError(
                     f"{self.path}: this run directory belongs to domain {info.get('domain')!r}, not "
@@ -177,9 +194,10 @@ class RunDir:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return None
+        return manifest if isinstance(manifest, dict) else None  # anything else: not sealed
 
     def is_fresh(self, stage: str, config_hash: str, input_hash: str) -> bool:
         manifest = self.manifest(stage)

@@ -116,7 +116,7 @@ class ModelWorker:
             batch = self._admit(self._gather(first))
             if not batch:
                 continue
-            try:
+            try:  # whatever a batch raises, its requests fail and the worker goes on
                 results = self._run(first.kind, batch)
             except Exception as exc:  # the requests fail, the server stays up
                 for job in batch:
@@ -142,6 +142,13 @@ class ModelWorker:
         return admitted
 
     def _prompt_problem(self, job: _Job) -> PromptRejected | None:
+        try:
+            return self._context_problem(job)
+        except Exception as exc:  # e.g. a lone surrogate the tokenizer cannot encode
+            return PromptRejected(f"prompt: cannot be tokenized ({type(exc).__name__}); send valid Unicode text",
+                                  "invalid_prompt")
+
+    def _context_problem(self, job: _Job) -> PromptRejected | None:
         tokenizer = self.generator.tokenizer
         if job.kind == "generate":
             prompt, options = job.payload
@@ -364,6 +371,7 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     worker = ModelWorker(generator, max_batch=max_batch, batch_sampling=batch_sampling)
     max_new_tokens = min(max_new_tokens, limits.max_tokens)
@@ -415,6 +423,11 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
     @app.exception_handler(ApiError)
     def api_error(_: Request, exc: ApiError):
         return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(_: Request, exc: StarletteHTTPException):  # unknown paths, unparsable bodies
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(f"{exc.detail}", kind), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(_: Request, exc: RequestValidationError):
