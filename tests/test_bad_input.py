@@ -119,7 +119,7 @@ def test_corrupt_adapter_is_named(tmp_path):
     (run / "respond" / "manifest.json").write_text("{}")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     (adapter / "adapter_model.safetensors").write_bytes(b"not safetensors")
     code, err = run_cli(["--domain", "finance", "--seeds", write_seeds(tmp_path), "--out", "run", "evaluate",
                          "--adapter", "adapter"], tmp_path, {"SELFSPEC_DATA": ""})

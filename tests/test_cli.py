@@ -279,3 +279,41 @@ def test_stage_command_hints_parse_for_every_stage(tmp_path):
         for path in (tmp_path / "runs" / "a b", Path("relative/run"), Path("it's")):
             name, options, _ = parse_command_line(stage_command("finance", stage, path))
             assert name == stage and options["out"] == str(path) and options["domain"] == "finance"
+
+
+def test_third_party_warnings_go_to_the_log_file_not_the_console(tmp_path):
+    """Library warnings (bitsandbytes' missing CPU kernel, transformers' FutureWarnings) are the run's log's, not the user's."""
+    script = (
+        "import logging, sys, warnings\n"
+        "from selfspec_core import logs\n"
+        "logs.capture()\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
+        "'Failed to load CPU gemm_4bit_forward from kernels-community: no kernels')\n"
+        "warnings.warn('`evaluation_strategy` is deprecated', FutureWarning)\n"
+        "logs.adopt_library_loggers()\n"
+        "from transformers.utils import logging as hf\n"
+        "hf.get_logger('transformers.modeling_utils').warning('Some weights were not initialized')\n"
+        "logs.write_to(sys.argv[1])\n"
+        "print('selfspec says this')\n")
+    log = tmp_path / "run" / "selfspec.log"
+    result = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "selfspec says this\n" and result.stderr == ""
+    text = log.read_text()
+    assert "kernels-community" in text and "FutureWarning" in text and "Some weights were not initialized" in text
+
+
+def test_a_command_writes_library_output_to_the_runs_log(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    seeds = tmp_path / "s.jsonl"
+    seeds.write_text('{"id": "s1", "task_type": "qa", "instruction": "What is EBITDA?", "input": "", "output": "Earnings."}\n')
+    (run / "respond").mkdir(parents=True)
+    (run / "run.json").write_text('{"domain": "finance", "version": "0.1.0"}')
+    (run / "respond" / "manifest.json").write_text("{}")
+    (run / "respond" / "data.jsonl").write_text('{"instruction": "Define EBITDA.", "input": "", "output": "Earnings."}\n')
+    result = selfspec("train", "--domain", "finance", "--profile", "tiny", "--out", str(run), "--seeds", str(seeds),
+                      "--model", str(tiny_model_dir))
+    assert result.returncode == 0, result.stderr
+    for noise in ("Warning", "Loading weights", "Traceback"):
+        assert noise not in result.stderr + result.stdout, noise
+    assert (run / "selfspec.log").exists() and (run / "train" / "adapter" / "adapter_model.safetensors").exists()
