@@ -63,7 +63,8 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, sharp_model_dir):
 
     adapter = run.stage_dir("train") / "adapter"
     assert [p.parent for p in tmp_path.rglob("adapter_config.json")] == [adapter]
-    assert sorted(p.name for p in run.path.iterdir()) == ["config.json", "respond", "run.json", "train"]
+    # the lock file stays (removing it would race a process opening it); its holder record goes with the run
+    assert sorted(p.name for p in run.path.iterdir()) == [".lock", "config.json", "respond", "run.json", "selfspec.log", "train"]
     assert not (run.stage_dir("train") / "checkpoints").exists()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
