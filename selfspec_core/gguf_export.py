@@ -52,7 +52,7 @@ def write_gguf(model, tokenizer, out_file: Path, tensor_type: str = "f16", token
     arch_name = ARCHITECTURES.get(config.model_type)
     if arch_name is None:
         raise SelfspecError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not {config.model_type!r}; "
-                            "use `selfspec export --merge` and llama.cpp's convert_hf_to_gguf.py")
+                            "export with --merge instead and convert that folder with llama.cpp's convert_hf_to_gguf.py")
     if tensor_type not in TENSOR_TYPES:
         raise SelfspecError(f"GGUF tensor type {tensor_type!r} is not one of {', '.join(TENSOR_TYPES)}")
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def _add_hyperparameters(writer, config, arch_name: str) -> None:
         writer.add_rope_scaling_factor(rope["factor"])
     elif rope.get("rope_type", "default") != "default":
         raise SelfspecError(f"GGUF export: rope scaling {rope['rope_type']!r} is not supported; "
-                            "use `selfspec export --merge` and llama.cpp's convert_hf_to_gguf.py")
+                            "export with --merge instead and convert that folder with llama.cpp's convert_hf_to_gguf.py")
     if arch_name == "llama":
         writer.add_rope_dimension_count(head_dim)
     else:
@@ -132,7 +132,7 @@ def _tensors(model, arch_name: str, tensor_type: str) -> Iterator[tuple[str, np.
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise SelfspecError(f"GGUF export: no {arch_name} tensor name for {hf_name!r}; this model variant is "
-                                "not supported, use `selfspec export --merge`")
+                                "not supported; export with --merge instead")
         data = tensor.detach().to(torch.float32)
         if arch_name == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
@@ -188,7 +188,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, warn: Callable[[str], Non
             writer.add_token_scores([score for _, score, _ in entries])
         else:
             raise SelfspecError(f"GGUF export: a {model.get('type')} tokenizer cannot be written for llama.cpp; "
-                                "use `selfspec export --merge` and llama.cpp's convert_hf_to_gguf.py")
+                                "export with --merge instead and convert that folder with llama.cpp's convert_hf_to_gguf.py")
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
