@@ -6,12 +6,15 @@ private and may change in any release. The guide is docs/plugins.md.
 * Writing hooks: ``hookimpl``, ``Domain``, ``Seed``, ``PromptTemplate`` and ``default_template``,
   ``EvalTask``, ``EvalItem``, ``Passage``, ``SelfspecError``.
 * Reading data: ``data_root`` (the user's data directory), ``package_file`` (files the plugin ships),
-  ``load_seeds``, ``read_eval_file`` (the JSONL evaluation format, a ready ``EvalTask.load``),
+  ``DataSource`` / ``HubDataset`` and ``find_data`` (a file from the data directory, else the
+  plugin's shipped copy, else the Hub; see :mod:`selfspec_core.datasources`), ``read_text`` (plain or
+  ``.gz``), ``load_seeds``, ``read_eval_file`` (the JSONL evaluation format, a ready ``EvalTask.load``),
   ``find_overlaps`` / ``ngram_overlap`` (keep a corpus disjoint from a benchmark).
 * Testing a plugin: what the installed plugins answer for a domain, as the pipeline sees it
   (``installed_domains``, ``domain_seeds``, ``domain_template``, ``domain_tasks``, ``task_items``,
   ``domain_corpus``, ``filter_reason``, ``blacklist_pattern``), the contamination helpers
-  ``item_texts`` / ``record_text``, ``check_plugin`` and ``build_tiny_model``.
+  ``item_texts`` / ``record_text``, ``check_plugin``, ``build_tiny_model``, and ``write_hub_dataset`` /
+  ``use_hub_mirror`` (run the Hub path on local folders laid out like Hub dataset repositories).
 
 Names from heavier modules (evaluation, retrieval, filters, pipeline) are imported on first use, so a
 plugin that imports this module at start-up does not slow down every ``selfspec`` command.
@@ -22,6 +25,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from .datasources import DataSource, HubDataset, read_text
+from .datasources import find as find_data
 from .defaults import default_template
 from .errors import SelfspecError
 from .hookspecs import hookimpl
@@ -43,12 +48,14 @@ _LAZY = {
     "blacklist_pattern": ("filters", "blacklist_pattern"),
     "check_plugin": ("plugincheck", "check_plugin"),
     "build_tiny_model": ("testing", "build_tiny_model"),
+    "write_hub_dataset": ("testing", "write_hub_dataset"),
+    "use_hub_mirror": ("testing", "use_hub_mirror"),
 }
 
 __all__ = [
     "hookimpl", "Domain", "Seed", "SEED_FIELDS", "PromptTemplate", "default_template", "EvalTask", "EvalItem",
-    "SelfspecError", "data_root", "package_file", "load_seeds", "installed_domains", "domain_template",
-    "domain_tasks", "task_items", "domain_corpus", *_LAZY,
+    "SelfspecError", "data_root", "package_file", "DataSource", "HubDataset", "find_data", "read_text", "load_seeds",
+    "installed_domains", "domain_template", "domain_tasks", "task_items", "domain_corpus", *_LAZY,
 ]
 
 

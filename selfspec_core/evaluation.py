@@ -10,7 +10,8 @@ evaluation item (GPT-3's decontamination test) would make a gain on that item me
 
 Outputs: ``eval.json`` ({task: {metric, mode, base, specialized, delta, ci, n, domain}}, other
 domains under ``cross_domain``), ``predictions.jsonl`` and ``contamination.json``. A task whose
-data file is missing is skipped with one line saying where to put it, and recorded as skipped.
+data is missing (see :mod:`selfspec_core.datasources`) is skipped with one line saying where to put
+it, and recorded as skipped.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from . import plugins
+from . import datasources, plugins
 from .errors import SelfspecError
 from .generation import make_generator
 from .models import check_adapter
 from .rundir import RecordLog, atomic_write_json, read_jsonl, stage_command, write_jsonl
 from .scorecache import ScoreCache, score_key
 from .scoring import ItemScore, compare, compare_macro_f1, parsed_label, score_generation, score_loglikelihood
-from .tasks import DATA_ENV, METRICS, EvalItem, EvalTask, data_root
+from .tasks import METRICS, EvalItem, EvalTask, data_root
 from .templates import PromptTemplate, fill
 
 _WORD = re.compile(r"\w+")
@@ -89,27 +90,22 @@ def collect_tasks(domain: str, cross_domain: bool = True, wanted: str = "", mode
     return own, others
 
 
-def read_items(task: EvalTask, root: Path | None) -> list[EvalItem] | str:
-    """Every item of ``task``'s data file, or why the task is skipped (no data there)."""
+def read_items(task: EvalTask, root: Path | None, log: Callable[[str], None] = print) -> list[EvalItem] | str:
+    """Every item of ``task``'s data (data directory, shipped copy or Hub), or why the task is skipped."""
     label = f"task {task.name} ({task.domain})"
-    path = Path(task.data_file)
-    if path.is_absolute():  # a file the plugin ships: it must be there, data directory or not
-        if not path.is_file():
-            raise SelfspecError(f"{label}: {path} not found; the plugin's package lacks its evaluation file "
-                                "(add it to [tool.setuptools.package-data] and reinstall the plugin)")
-    elif root is None:
-        return (f"{label} skipped: no data directory; set data_dir in the config or {DATA_ENV}=/path/to/data "
-                f"and put {task.data_file} inside it")
-    else:
-        path = root / task.data_file
-    if not path.exists():
-        return f"{label} skipped: {path} not found; put {task.data_file} under {root}"
+    shipped = Path(task.data_file)
+    if shipped.is_absolute() and not shipped.is_file():  # a file only the plugin ships: it must be there
+        raise SelfspecError(f"{label}: {shipped} not found; the plugin's package lacks its evaluation file "
+                            "(add it to [tool.setuptools.package-data] and reinstall the plugin)")
+    found = datasources.find(task.source, root, log)
+    if isinstance(found, str):
+        return f"{label} skipped: {found}"
     try:
-        items = task.load(path)
+        items = found.read(task.load, task.load_rows)
     except SelfspecError:
         raise
     except Exception as exc:  # a loader meeting a file in another format must say which file
-        raise SelfspecError(f"{label}: could not read {path} ({type(exc).__name__}: {exc}); "
+        raise SelfspecError(f"{label}: could not read {found.detail} ({type(exc).__name__}: {exc}); "
                             "is it the benchmark's original file?") from exc
     if not isinstance(items, list):
         raise SelfspecError(f"{label}: its loader returned {type(items).__name__}, expected a list of EvalItem")
@@ -120,7 +116,7 @@ def read_items(task: EvalTask, root: Path | None) -> list[EvalItem] | str:
             raise SelfspecError(f"{label}: item {item.id!r} is scored by log-likelihood but its answer "
                                 f"{item.answer!r} is not one of at least two choices {list(item.choices)}")
     if not items:
-        return f"{label} skipped: {path} holds no items"
+        return f"{label} skipped: {found.detail} holds no items"
     return items
 
 
@@ -145,7 +141,7 @@ def load_tasks(tasks: Iterable[EvalTask], settings, log: Callable[[str], None],
     max_items = evaluate.max_items if max_items is None else max_items
     loaded, skipped = [], {}
     for task in tasks:
-        items = read_items(task, root)
+        items = read_items(task, root, log)
         if isinstance(items, list):
             prepared = split_items(task, items, evaluate.shots, max_items, settings.seed)
             if prepared.scored:
@@ -329,7 +325,7 @@ def evaluation_texts(settings, domain: str, log: Callable[[str], None] = print) 
     own, others = collect_tasks(domain, cross_domain=True)
     texts = []
     for task in own + others:
-        items = read_items(task, resolve_data_dir(settings))
+        items = read_items(task, resolve_data_dir(settings), log)
         if isinstance(items, str):
             log(f"[contamination] {items}")
             continue
@@ -399,13 +395,16 @@ def stage_tasks(settings, domain: str, log: Callable[[str], None]) -> tuple[list
 def outside_inputs_hash(settings, domain: str) -> str:
     """Hash of the benchmark items the stage would score: edited benchmark files (or another
     ``SELFSPEC_FPB_LEVEL``-style choice a loader makes) make an earlier evaluation stale."""
-    _, loaded, _ = stage_tasks(settings, domain, _quiet)
+    _, loaded, _ = stage_tasks(settings, domain, _data_lines_only)
     payload = [[task.key, [asdict(item) for item in task.demos + task.scored]] for task in loaded]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _quiet(line: str) -> None:
-    """A log that drops its lines: the stage itself reports skipped tasks when it runs."""
+def _data_lines_only(line: str) -> None:
+    """Say what is fetched from the Hub (and under which licence), the first time it is; drop the
+    rest: the stage itself reports skipped tasks when it runs."""
+    if line.startswith("[data]"):
+        print(line)
 
 
 def stage_adapter(settings, run) -> Path:

@@ -76,7 +76,8 @@ def evaluation_tasks(domain):
     """Return the evaluation tasks of ``domain`` as a list of :class:`selfspec_core.api.EvalTask`.
 
     Each task names its data file (relative to the data dir), a loader for the benchmark's own file
-    format, its prompt, scoring mode and metric. Tasks of every installed domain are collected, so
+    format, its prompt, scoring mode and metric, and optionally a copy shipped with the plugin and
+    the dataset on the Hub with a reader for its rows (see :mod:`selfspec_core.datasources`). Tasks of every installed domain are collected, so
     evaluation can also report the cross-domain cost of specializing.
     """
 
@@ -86,6 +87,16 @@ def retrieval_corpus(domain, data_dir):
     """Return the default retrieval corpus of ``domain``: a list of paths (files or folders of
     ``.jsonl``/``.txt``/``.parquet``/``.csv``), or of :class:`selfspec_core.api.Passage`.
 
-    ``data_dir`` is the user's data directory (may be ``None``). Return ``None`` when there is no
+    ``data_dir`` is the user's data directory (may be ``None``); find each part there, in the
+    plugin package or on the Hub with :func:`selfspec_core.datasources.find`. Return ``None`` when there is no
     corpus; retrieval is then switched off with a message. ``--corpus`` replaces this hook.
+    """
+
+
+@hookspec
+def corpus_sources(domain):
+    """Return the parts of ``domain``'s default retrieval corpus as :class:`selfspec_core.datasources.DataSource` s.
+
+    Where each part is looked for (data directory, shipped copy, Hub) and under which licence, so
+    ``selfspec data`` can list and fetch them; reading them stays ``retrieval_corpus``'s job.
     """

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
-DATA_ENV = "SELFSPEC_DATA"
+# DATA_ENV and data_root live with the rest of data location; plugins import them from here too.
+from .datasources import DATA_ENV, DataSource, HubDataset, data_root  # noqa: F401
+
 SCORING_MODES = ("loglikelihood", "generate")
 METRICS = ("accuracy", "exact_match", "f1", "rouge_l", "numeric")
 
@@ -30,8 +31,12 @@ class EvalTask:
 
     ``data_file`` is relative to the data directory, or absolute for a file the plugin ships itself
     (``str(package_file(__name__, "eval.jsonl"))``); ``load`` reads that file in the benchmark's
-    own format and returns :class:`EvalItem` s. Items are posed to both models in the training
-    template's format, zero-shot unless ``evaluate.shots`` says otherwise.
+    own format and returns :class:`EvalItem` s. A benchmark that users may also keep in their data
+    directory gives a relative ``data_file`` and its ``shipped`` copy instead (the data directory's
+    file wins), and ``hub``: the dataset on the Hub, whose rows ``load_rows`` reads (see
+    :mod:`selfspec_core.datasources`). ``origin`` says where to download the file by hand. Items are
+    posed to both models in the training template's format, zero-shot unless ``evaluate.shots``
+    says otherwise.
     """
 
     name: str
@@ -45,18 +50,23 @@ class EvalTask:
     tolerance: float = 0.01  # relative, for the ``numeric`` metric
     max_new_tokens: int | None = None  # generation length for this task; None: ``evaluate.max_new_tokens``
     extra: dict = field(default_factory=dict)
+    origin: str = ""
+    shipped: Path | None = None
+    hub: HubDataset | None = None
+    load_rows: Callable[[list[dict]], list[EvalItem]] | None = None
 
     def __post_init__(self):
         if self.mode not in SCORING_MODES:
             raise ValueError(f"task {self.name}: mode must be one of {SCORING_MODES}")
         if self.metric not in METRICS:
             raise ValueError(f"task {self.name}: metric must be one of {METRICS}")
+        if (self.hub is None) != (self.load_rows is None):
+            raise ValueError(f"task {self.name}: hub and load_rows go together")
 
-
-def data_root(data_dir: str | Path | None) -> Path | None:
-    """Where benchmarks and corpora live: ``data_dir`` if given, else ``$SELFSPEC_DATA``, else None."""
-    chosen = data_dir or os.environ.get(DATA_ENV)
-    return Path(chosen).expanduser() if chosen else None
+    @property
+    def source(self) -> DataSource:
+        return DataSource(f"task {self.name} ({self.domain})", self.data_file, self.licence, self.origin,
+                          self.shipped, self.hub)
 
 
 def package_file(package: str, *parts: str) -> Path:

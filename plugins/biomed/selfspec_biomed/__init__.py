@@ -90,6 +90,12 @@ def retrieval_corpus(domain, data_dir):
 
 
 @hookimpl
+def corpus_sources(domain):
+    if domain == DOMAIN.name:
+        return corpus.SOURCES
+
+
+@hookimpl
 def evaluation_tasks(domain):
     if domain == DOMAIN.name:
         return tasks.evaluation_tasks()

@@ -1,11 +1,12 @@
-"""The biomedical retrieval corpus, read from the user's data directory (nothing is shipped).
+"""The biomedical retrieval corpus: two public abstract collections, neither drawn from PubMedQA.
 
-``<data dir>/biomed_corpus/`` holds two public abstract collections, neither drawn from PubMedQA:
-
-* ``medical_abstracts_tc/medical_tc_test.csv``: 2,888 medical abstracts (Schopf et al., Medical
-  Abstracts Text Classification corpus, CC BY-SA 3.0); the condition class names the passage.
-* ``hallmarks_of_cancer/text/<PMID>.txt``: 1,852 PubMed abstracts (Baker et al., Hallmarks of
-  Cancer corpus, GPL-3.0), one tokenised sentence a line, joined back into prose here.
+* ``biomed_corpus/medical_abstracts_tc/medical_tc_test.csv``: 2,888 medical abstracts (Schopf et
+  al., Medical Abstracts Text Classification corpus, CC BY-SA 3.0); the condition class names the
+  passage. Shipped with this plugin (``data/medical_abstracts_tc/``) and on the Hub as
+  ``TimSchopf/medical_abstracts``; a copy in the data directory wins.
+* ``biomed_corpus/hallmarks_of_cancer/text/<PMID>.txt``: 1,852 PubMed abstracts (Baker et al.,
+  Hallmarks of Cancer corpus, GPL-3.0, so not shipped; no Hub copy in this layout), one tokenised
+  sentence a line, joined back into prose here; read from the data directory only.
 
 Either collection may be absent; the corpus is what is found. Documents are returned whole: the
 core cuts long ones into windows.
@@ -14,15 +15,27 @@ core cuts long ones into windows.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
-from selfspec_core.api import Passage, SelfspecError, data_root
+from selfspec_core.api import (DataSource, HubDataset, Passage, SelfspecError, data_root, find_data, package_file,
+                               read_text)
 
 CORPUS_FOLDER = "biomed_corpus"
-ABSTRACTS_CSV = "medical_abstracts_tc/medical_tc_test.csv"
-ABSTRACT_LABELS_CSV = "medical_abstracts_tc/medical_tc_labels.csv"
+ABSTRACT_LABELS_CSV = "medical_tc_labels.csv"  # beside the abstracts
 HALLMARKS_TEXT = "hallmarks_of_cancer/text"
+SHIPPED = package_file(__package__, "data", "medical_abstracts_tc")
+
+MEDICAL_ABSTRACTS = DataSource(
+    name="Medical Abstracts TC corpus (test split)", path=f"{CORPUS_FOLDER}/medical_abstracts_tc/medical_tc_test.csv",
+    licence="CC BY-SA 3.0 (Schopf et al. 2022)", origin="github.com/sebischair/Medical-Abstracts-TC-Corpus",
+    shipped=SHIPPED / "medical_tc_test.csv.gz",
+    hub=HubDataset("TimSchopf/medical_abstracts", split="test"))
+HALLMARKS = DataSource(
+    name="Hallmarks of Cancer abstracts", path=f"{CORPUS_FOLDER}/{HALLMARKS_TEXT}",
+    licence="GPL-3.0 (Baker et al. 2016)", origin="github.com/sb895/Hallmarks-of-Cancer, text/*.txt")
+SOURCES = [MEDICAL_ABSTRACTS, HALLMARKS]
 
 # Undo the corpus's tokenisation: "ligand ( GHS-R ) , found" -> "ligand (GHS-R), found".
 _SPACE_BEFORE = re.compile(r"\s+([,.;:!?%)\]])")
@@ -30,31 +43,35 @@ _SPACE_AFTER = re.compile(r"([(\[])\s+")
 
 
 def passages(data_dir: str | Path | None) -> list[Passage] | None:
-    """Every abstract of the corpus under ``data_dir``; ``None`` when there is none to read."""
+    """Every abstract found (data directory, shipped copy, Hub); ``None`` when there is none."""
+    found = find_data(MEDICAL_ABSTRACTS, data_dir)
+    abstracts = [] if isinstance(found, str) else found.read(medical_abstracts, medical_abstract_rows)
     root = data_root(data_dir)
-    if root is None:
-        return None
-    folder = root / CORPUS_FOLDER
-    found = medical_abstracts(folder) + hallmarks_abstracts(folder)
-    return found or None
+    hallmarks = hallmarks_abstracts(root / CORPUS_FOLDER) if root else []
+    return (abstracts + hallmarks) or None
 
 
-def medical_abstracts(folder: Path) -> list[Passage]:
-    path = folder / ABSTRACTS_CSV
-    if not path.is_file():
-        return []
-    names = _condition_names(folder / ABSTRACT_LABELS_CSV)
+def medical_abstracts(path: Path) -> list[Passage]:
+    """The abstracts of ``medical_tc_test.csv`` (or its ``.gz``), titled by the label file beside it."""
+    reader = csv.DictReader(io.StringIO(read_text(path)))
+    if not {"condition_label", "medical_abstract"} <= set(reader.fieldnames or ()):
+        raise SelfspecError(f"{path}: expected columns condition_label,medical_abstract; "
+                            f"found {','.join(reader.fieldnames or ())}")
+    rows = [{**row, "line": number} for number, row in enumerate(reader, start=2)]
+    return medical_abstract_rows(rows, _condition_names(path.parent / ABSTRACT_LABELS_CSV))
+
+
+def medical_abstract_rows(rows: list[dict], names: dict[str, str] | None = None) -> list[Passage]:
+    """Passages from ``{condition_label, medical_abstract}`` rows; ids are the CSV's line numbers
+    (a Hub row's index + 2, the same line), so both sources give the same ids."""
+    names = _condition_names(SHIPPED / ABSTRACT_LABELS_CSV) if names is None else names
     found = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not {"condition_label", "medical_abstract"} <= set(reader.fieldnames or ()):
-            raise SelfspecError(f"{path}: expected columns condition_label,medical_abstract; "
-                                f"found {','.join(reader.fieldnames or ())}")
-        for row_number, row in enumerate(reader, start=2):
-            text = (row["medical_abstract"] or "").strip()
-            if text:
-                label = (row["condition_label"] or "").strip()
-                found.append(Passage(f"medical_abstracts_tc:{row_number}", text, names.get(label, "")))
+    for index, row in enumerate(rows):
+        text = (row["medical_abstract"] or "").strip()
+        if text:
+            label = str(row["condition_label"] or "").strip()
+            title = names.get(label, "" if label.isdigit() else label)  # a Hub class label arrives as its name
+            found.append(Passage(f"medical_abstracts_tc:{row.get('line', index + 2)}", text, title))
     return found
 
 

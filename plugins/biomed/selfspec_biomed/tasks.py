@@ -1,8 +1,10 @@
-"""PubMedQA evaluation tasks, read from the benchmark's own files in the data directory.
+"""PubMedQA evaluation tasks, read from the benchmark's own files.
 
 PubMedQA's expert-labelled set (PQA-L, Jin et al. 2019, MIT licence) has 1,000 questions in
 ``pubmedqa/ori_pqal.json``; ``pubmedqa/test_ground_truth.json`` names the 500 of the official test
 split. Scores are reported on those; the other 500 are for development (prompts, settings).
+Both files ship with this plugin (``data/pubmedqa/``, MIT); a copy in the data directory wins.
+On the Hub the set is ``qiaojin/PubMedQA`` (config ``pqa_labeled``), read with the shipped test ids.
 
 Items are posed the way the ``yesno_qa`` seeds pose them: the question with its options in the
 instruction, the abstract (without its conclusion) as the input. The phrasing is seed bio-015's, not
@@ -17,12 +19,17 @@ import json
 from functools import partial
 from pathlib import Path
 
-from selfspec_core.api import EvalItem, EvalTask, SelfspecError
+from selfspec_core.api import EvalItem, EvalTask, HubDataset, SelfspecError, package_file, read_text
 
 PUBMEDQA_FILE = "pubmedqa/ori_pqal.json"
 TEST_IDS_FILE = "test_ground_truth.json"  # beside ori_pqal.json
+SHIPPED = package_file(__package__, "data", "pubmedqa")
 LABELS = ("yes", "no", "maybe")
 LICENCE = "MIT (PubMedQA, Jin et al. 2019)"
+ORIGIN = "github.com/pubmedqa/pubmedqa, data/ori_pqal.json and data/test_ground_truth.json"
+HUB = HubDataset("qiaojin/PubMedQA", config="pqa_labeled", split="train",
+                 columns={"id": "pubid", "question": "question", "contexts": "context.contexts",
+                          "answer": "final_decision"})
 
 
 def pubmedqa_instruction(question: str) -> str:
@@ -32,20 +39,31 @@ def pubmedqa_instruction(question: str) -> str:
 def load_pubmedqa(path: Path, split: str) -> list[EvalItem]:
     """The questions of ``split`` ("test": the official 500, "dev": the other 500) of ``ori_pqal.json``."""
     records = _read_json(path)
-    test_ids = set(_read_json(path.parent / TEST_IDS_FILE))
-    missing = sorted(test_ids - set(records))
+    rows = [{"id": pmid, "question": r["QUESTION"], "contexts": r["CONTEXTS"], "answer": r.get("final_decision", "")}
+            for pmid, r in records.items()]
+    return pubmedqa_items(rows, split, set(_read_json(path.parent / TEST_IDS_FILE)), str(path))
+
+
+def load_pubmedqa_rows(rows: list[dict], split: str) -> list[EvalItem]:
+    """The same questions from the Hub's rows, split by the test ids shipped with this plugin."""
+    rows = [{**row, "id": str(row["id"])} for row in rows]
+    return pubmedqa_items(rows, split, set(_read_json(SHIPPED / TEST_IDS_FILE)), HUB.describe())
+
+
+def pubmedqa_items(rows: list[dict], split: str, test_ids: set[str], origin: str) -> list[EvalItem]:
+    missing = sorted(test_ids - {row["id"] for row in rows})
     if missing:
-        raise SelfspecError(f"{path}: test id {missing[0]} of {path.parent / TEST_IDS_FILE} is not in this file; "
+        raise SelfspecError(f"{origin}: test id {missing[0]} of {TEST_IDS_FILE} is not in this file; "
                             "use the ori_pqal.json and test_ground_truth.json of the same PubMedQA release")
     items = []
-    for pmid, record in records.items():
-        if (pmid in test_ids) != (split == "test"):
+    for row in rows:
+        if (row["id"] in test_ids) != (split == "test"):
             continue
-        answer = str(record.get("final_decision", "")).strip().lower()
+        answer = str(row["answer"]).strip().lower()
         if answer not in LABELS:
-            raise SelfspecError(f"{path}: question {pmid}: final_decision {answer!r} is not one of {', '.join(LABELS)}")
-        items.append(EvalItem(id=pmid, instruction=pubmedqa_instruction(record["QUESTION"]),
-                              input=" ".join(c.strip() for c in record["CONTEXTS"]), answer=answer, choices=LABELS))
+            raise SelfspecError(f"{origin}: question {row['id']}: final_decision {answer!r} is not one of {', '.join(LABELS)}")
+        items.append(EvalItem(id=row["id"], instruction=pubmedqa_instruction(row["question"]),
+                              input=" ".join(c.strip() for c in row["contexts"]), answer=answer, choices=LABELS))
     return items
 
 
@@ -53,15 +71,16 @@ def _read_json(path: Path):
     if not path.is_file():
         raise SelfspecError(f"{path}: not found; put PubMedQA's {path.name} there (github.com/pubmedqa/pubmedqa, data/)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise SelfspecError(f"{path}: not valid JSON ({exc}); download the file again") from None
 
 
 def _task(name: str, split: str, mode: str, description: str, **options) -> EvalTask:
     return EvalTask(name=name, domain="biomed", data_file=PUBMEDQA_FILE, load=partial(load_pubmedqa, split=split),
                     mode=mode, metric="accuracy", description=description, licence=LICENCE,
-                    extra={"split": split}, **options)
+                    extra={"split": split}, origin=ORIGIN, shipped=SHIPPED / "ori_pqal.json.gz",
+                    hub=HUB, load_rows=partial(load_pubmedqa_rows, split=split), **options)
 
 
 def evaluation_tasks() -> list[EvalTask]:

@@ -1,13 +1,12 @@
-"""The finance retrieval corpus, read from the user's data directory (nothing is shipped).
-
-``<data dir>/fin_corpus/`` holds:
+"""The finance retrieval corpus, two parts under ``<data dir>/fin_corpus/``:
 
 * ``fincausal2020/*.csv``: FinCausal 2020 (FNP 2020 shared task, Yseop) sections of 2019 financial
-  news, ``;``-separated ``Index; Text; Gold``; no licence is stated, so research use only. Sections
-  repeated across the two files are kept once.
-* ``tatqa/tatqa_dataset_test_gold.json``: TAT-QA test annual-report tables and paragraphs (CC BY 4.0).
-  Some reports appear in both TAT-QA splits; since TAT-QA dev is an evaluation set, any table or
-  paragraph sharing a 13-word sequence with it is left out of the corpus.
+  news, ``;``-separated ``Index; Text; Gold``; no licence is stated, so research use only: read from
+  the data directory only, never shipped. Sections repeated across the two files are kept once.
+* ``tatqa/tatqa_dataset_test_gold.json``: TAT-QA test annual-report tables and paragraphs (CC BY 4.0),
+  shipped with this plugin (``data/tatqa_corpus/``) and on the Hub (``next-tat/TAT-QA``); a copy in
+  the data directory wins. Some reports appear in both TAT-QA splits; since TAT-QA dev is an
+  evaluation set, any table or paragraph sharing a 13-word sequence with it is left out.
 
 Either part may be absent; the corpus is what is found.
 """
@@ -16,26 +15,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfspec_core.api import Passage, SelfspecError, data_root, find_overlaps
+from selfspec_core.api import DataSource, HubDataset, Passage, SelfspecError, data_root, find_data, find_overlaps
 
-from .tasks import TATQA_FILE, read_tatqa, table_text
+from .tasks import SHIPPED, TATQA_DEV, TATQA_LICENCE, TATQA_ORIGIN, read_tatqa, table_text
 
 CORPUS_FOLDER = "fin_corpus"
 FINCAUSAL_FOLDER = "fincausal2020"
-TATQA_CORPUS_FILE = "tatqa/tatqa_dataset_test_gold.json"
 OVERLAP_WORDS = 13
+
+TATQA_CORPUS = DataSource(
+    name="TAT-QA test annual reports", path=f"{CORPUS_FOLDER}/tatqa/tatqa_dataset_test_gold.json",
+    licence=TATQA_LICENCE, origin=TATQA_ORIGIN,
+    shipped=SHIPPED / "tatqa_corpus" / "tatqa_dataset_test_gold.json.gz",
+    hub=HubDataset("next-tat/TAT-QA", data_files="tatqa_dataset_test_gold.json"))
+FINCAUSAL = DataSource(
+    name="FinCausal 2020 news sections", path=f"{CORPUS_FOLDER}/{FINCAUSAL_FOLDER}",
+    licence="none stated (research use only; never shipped)",
+    origin="github.com/yseop/YseopLab, FNP_2020_FinCausal/data/*/*.csv")
+SOURCES = [TATQA_CORPUS, FINCAUSAL]
 
 
 def passages(data_dir: str | Path | None) -> list[Passage] | None:
-    """Every passage of the corpus under ``data_dir``; ``None`` when there is none to read."""
+    """Every passage found (data directory, shipped copy, Hub); ``None`` when there is none."""
     root = data_root(data_dir)
-    if root is None:
-        return None
-    folder = root / CORPUS_FOLDER
-    evaluation_file = root / TATQA_FILE
-    found = fincausal_sections(folder / FINCAUSAL_FOLDER) + tatqa_passages(
-        folder / TATQA_CORPUS_FILE, exclude=evaluation_file if evaluation_file.is_file() else None)
-    return found or None
+    sections = fincausal_sections(root / FINCAUSAL.path) if root else []
+    found = find_data(TATQA_CORPUS, data_dir)
+    reports = [] if isinstance(found, str) else tatqa_passages(found.read(read_tatqa, list), _evaluation_contexts(data_dir))
+    return (sections + reports) or None
+
+
+def _evaluation_contexts(data_dir: str | Path | None) -> list[dict]:
+    """TAT-QA dev's contexts from wherever the evaluation reads them, so the corpus leaves them out."""
+    found = find_data(TATQA_DEV, data_dir)
+    return [] if isinstance(found, str) else found.read(read_tatqa, list)
 
 
 def fincausal_sections(folder: Path) -> list[Passage]:
@@ -53,21 +65,19 @@ def fincausal_sections(folder: Path) -> list[Passage]:
     return found
 
 
-def tatqa_passages(path: Path, exclude: Path | None) -> list[Passage]:
-    """Each table (as pipe rows) and each paragraph, minus what overlaps the evaluation file ``exclude``."""
-    if not path.is_file():
-        return []
+def tatqa_passages(contexts: list[dict], exclude: list[dict]) -> list[Passage]:
+    """Each table (as pipe rows) and each paragraph, minus what overlaps the evaluation contexts ``exclude``."""
     found = []
-    for context in read_tatqa(path):
+    for context in contexts:
         uid = context["table"]["uid"]
         found.append(Passage(f"tatqa:{uid}:table", table_text(context["table"]["table"]), "annual report table"))
         found += [Passage(f"tatqa:{uid}:p{p['order']}", p["text"].strip(), "annual report")
                   for p in context["paragraphs"]]
     found = [p for p in found if p.text]
-    if exclude is None:
+    if not exclude:
         return found
     evaluation = []
-    for context in read_tatqa(exclude):
+    for context in exclude:
         evaluation.append(table_text(context["table"]["table"]))
         evaluation += [p["text"] for p in context["paragraphs"]] + [q["question"] for q in context["questions"]]
     overlapping = find_overlaps([p.text for p in found], evaluation, OVERLAP_WORDS)

@@ -1,13 +1,14 @@
-"""Finance evaluation tasks, read from the benchmarks' own files in the data directory.
+"""Finance evaluation tasks, read from the benchmarks' own files (or their Hub copies).
 
-* Financial PhraseBank v1.0 (Malo et al. 2014, CC BY-NC-SA 3.0: read from the data directory,
-  never shipped): ``financial_phrasebank/Sentences_<level>.txt``, one latin-1 ``sentence@label`` a
-  line. The agreement level is ``$SELFSPEC_FPB_LEVEL`` (default 50Agree, the full 4,846 sentences).
+* Financial PhraseBank v1.0 (Malo et al. 2014, CC BY-NC-SA 3.0: never shipped; read from the data
+  directory, else fetched from the Hub's ``takala/financial_phrasebank`` on the user's machine):
+  ``financial_phrasebank/Sentences_<level>.txt``, one latin-1 ``sentence@label`` a line. The agreement level is ``$SELFSPEC_FPB_LEVEL`` (default 50Agree, the full 4,846 sentences).
   The test split is a fixed fifth of the sentences chosen by a salted hash of the sentence text, so a
   sentence is in the same split at every agreement level and in every file order; ``fpb_dev`` is the
   rest.
-* TAT-QA dev (Zhu et al. 2021, CC BY 4.0): ``tatqa/tatqa_dev/tatqa_dataset_dev.json``, the arithmetic
-  questions (all have a numeric answer), asked over the table as pipe rows and the report's text.
+* TAT-QA dev (Zhu et al. 2021, CC BY 4.0, shipped in ``data/tatqa_dev/``; a copy in the data
+  directory wins): ``tatqa/tatqa_dev/tatqa_dataset_dev.json``, the arithmetic questions (all have a
+  numeric answer), asked over the table as pipe rows and the report's text.
 
 Items are posed the way the seeds pose the same tasks (``sentiment`` and ``numerical_reasoning``).
 """
@@ -20,7 +21,7 @@ import os
 from functools import partial
 from pathlib import Path
 
-from selfspec_core.api import EvalItem, EvalTask, SelfspecError
+from selfspec_core.api import DataSource, EvalItem, EvalTask, HubDataset, SelfspecError, package_file, read_text
 
 FPB_LEVELS = ("50Agree", "66Agree", "75Agree", "AllAgree")
 DEFAULT_FPB_LEVEL = "50Agree"
@@ -30,11 +31,19 @@ FPB_SPLIT_SALT = "selfspec-fpb-split-v1"
 SENTIMENTS = ("positive", "negative", "neutral")
 FPB_INSTRUCTION = "Classify the sentiment of this financial news sentence as positive, negative, or neutral."
 FPB_LICENCE = "CC BY-NC-SA 3.0 (Financial PhraseBank, Malo et al. 2014): non-commercial; never redistributed"
+FPB_ORIGIN = "Financial PhraseBank v1.0 from its authors (Malo et al. 2014), FinancialPhraseBank-v1.0/"
 
 TATQA_FILE = "tatqa/tatqa_dev/tatqa_dataset_dev.json"
 TATQA_INSTRUCTION = ("Use the table and text below to answer the question. "
                      "Show your arithmetic and end with 'The answer is ...'.")
 TATQA_LICENCE = "CC BY 4.0 (TAT-QA, Zhu et al. 2021)"
+TATQA_ORIGIN = "github.com/NExTplusplus/TAT-QA, dataset_raw/"
+SHIPPED = package_file(__package__, "data")
+# The evaluation set, as a data source: the task reads it, and the corpus leaves out what overlaps it.
+TATQA_DEV = DataSource(
+    name="TAT-QA dev", path=TATQA_FILE, licence=TATQA_LICENCE, origin=TATQA_ORIGIN,
+    shipped=SHIPPED / "tatqa_dev" / "tatqa_dataset_dev.json.gz",
+    hub=HubDataset("next-tat/TAT-QA", data_files="tatqa_dataset_dev.json"))
 MAX_CONTEXT_CHARS = 2000
 
 
@@ -73,9 +82,18 @@ def read_fpb(path: Path) -> list[tuple[int, str, str]]:
 
 
 def load_fpb(path: Path, split: str) -> list[EvalItem]:
+    return fpb_items(read_fpb(path), split)
+
+
+def load_fpb_rows(rows: list[dict], split: str) -> list[EvalItem]:
+    """The Hub's ``{sentence, label}`` rows, in file order (a row's number is its line's)."""
+    return fpb_items([(number, row["sentence"].strip(), row["label"]) for number, row in enumerate(rows, start=1)], split)
+
+
+def fpb_items(rows: list[tuple[int, str, str]], split: str) -> list[EvalItem]:
     return [EvalItem(id=f"fpb:{number}", instruction=FPB_INSTRUCTION, input=sentence, answer=label,
                      choices=SENTIMENTS)
-            for number, sentence, label in read_fpb(path) if in_fpb_test_split(sentence) == (split == "test")]
+            for number, sentence, label in rows if in_fpb_test_split(sentence) == (split == "test")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,11 +128,12 @@ def tatqa_input(context: dict, question: dict) -> str:
 
 
 def read_tatqa(path: Path) -> list[dict]:
+    """TAT-QA's contexts from its raw JSON file (or its ``.gz``); the Hub's rows are the same contexts."""
     if not path.is_file():
-        raise SelfspecError(f"{path}: not found; put TAT-QA's {path.name} there (github.com/NExTplusplus/TAT-QA, dataset_raw/)")
+        raise SelfspecError(f"{path}: not found; put TAT-QA's {path.name} there ({TATQA_ORIGIN})")
     try:
-        contexts = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        contexts = json.loads(read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise SelfspecError(f"{path}: not valid JSON ({exc}); download the file again") from None
     if not isinstance(contexts, list) or not all(isinstance(c, dict) and "table" in c for c in contexts):
         raise SelfspecError(f"{path}: expected TAT-QA's list of {{table, paragraphs, questions}} contexts")
@@ -122,9 +141,13 @@ def read_tatqa(path: Path) -> list[dict]:
 
 
 def load_tatqa(path: Path) -> list[EvalItem]:
+    return tatqa_items(read_tatqa(path))
+
+
+def tatqa_items(contexts: list[dict]) -> list[EvalItem]:
     """The arithmetic questions; the answer is the number alone (TAT-QA's scale is not scored)."""
     items = []
-    for context in read_tatqa(path):
+    for context in contexts:
         for question in context["questions"]:
             answer = question.get("answer")
             if question.get("answer_type") != "arithmetic" or isinstance(answer, bool) or not isinstance(answer, (int, float)):
@@ -146,10 +169,14 @@ def evaluation_tasks() -> list[EvalTask]:
     fpb_file = f"financial_phrasebank/Sentences_{level}.txt"
     extra = {"agreement": level}
 
+    hub = HubDataset("takala/financial_phrasebank", config=f"sentences_{level.lower()}",
+                     revision="refs/convert/parquet")
+
     def fpb(name: str, split: str, mode: str, description: str, **options) -> EvalTask:
         return EvalTask(name=name, domain="finance", data_file=fpb_file, load=partial(load_fpb, split=split),
                         mode=mode, metric="accuracy", description=f"{description} ({level})",
-                        licence=FPB_LICENCE, extra={**extra, "split": split}, **options)
+                        licence=FPB_LICENCE, extra={**extra, "split": split}, origin=FPB_ORIGIN, hub=hub,
+                        load_rows=partial(load_fpb_rows, split=split), **options)
 
     return [
         fpb("fpb", "test", "loglikelihood", "Financial PhraseBank test fifth: sentiment by the likeliest label"),
@@ -159,5 +186,6 @@ def evaluation_tasks() -> list[EvalTask]:
         EvalTask(name="tatqa", domain="finance", data_file=TATQA_FILE, load=load_tatqa, mode="generate",
                  metric="numeric", tolerance=0.01, max_new_tokens=96, licence=TATQA_LICENCE,
                  description="TAT-QA dev arithmetic questions over annual-report tables and text: final number "
-                             "within 1%", extra={"split": "test"}),
+                             "within 1%", extra={"split": "test"}, origin=TATQA_ORIGIN,
+                 shipped=TATQA_DEV.shipped, hub=TATQA_DEV.hub, load_rows=tatqa_items),
     ]
