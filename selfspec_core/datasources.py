@@ -164,15 +164,17 @@ def hub_rows(hub: HubDataset, download: bool, announce: Callable[[], None] = lam
     per process, so an unreachable Hub costs one attempt, not one per task; ``announce`` is called
     before a download is tried (the cache answers first)."""
     mirror = os.environ.get(HUB_MIRROR_ENV, "")
-    if (hub, True, mirror) in _rows:
-        return _rows[(hub, True, mirror)]
-    if (hub, False, mirror) not in _rows:
-        _rows[(hub, False, mirror)] = _load_rows(hub, mirror, download=False)
-    if isinstance(_rows[(hub, False, mirror)], list) or not download:
-        return _rows[(hub, False, mirror)]
+    from_cache, fetched = (hub, False, mirror), (hub, True, mirror)
+    if fetched in _rows:
+        return _rows[fetched]
+    if not (mirror and download):  # a mirror stands in for the Hub: loading from it is the fetch
+        if from_cache not in _rows:
+            _rows[from_cache] = _load_rows(hub, mirror, download=False)
+        if isinstance(_rows[from_cache], list) or not download:
+            return _rows[from_cache]
     announce()
-    _rows[(hub, True, mirror)] = _load_rows(hub, mirror, download=True)
-    return _rows[(hub, True, mirror)]
+    _rows[fetched] = _load_rows(hub, mirror, download=True)
+    return _rows[fetched]
 
 
 def _load_rows(hub: HubDataset, mirror: str, download: bool) -> list[dict] | str:
@@ -210,18 +212,22 @@ def _column(row: dict, column: str, hub: HubDataset):
 @contextlib.contextmanager
 def _offline(offline: bool) -> Iterator[None]:
     """Make ``datasets`` answer from its cache only, as ``HF_HUB_OFFLINE=1`` would (read at import, so
-    set here); quiet the Hub client's retry warnings: a failure is reported as one line instead."""
-    import datasets.config
+    set here); quiet the Hub client's retry warnings and the progress bars: one line says what happened."""
+    import datasets
     from huggingface_hub.utils import logging as hub_logging
 
     before, verbosity = datasets.config.HF_HUB_OFFLINE, hub_logging.get_verbosity()
+    bars = not datasets.is_progress_bar_enabled()
     datasets.config.HF_HUB_OFFLINE = offline or before
     hub_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE = before
         hub_logging.set_verbosity(verbosity)
+        if not bars:
+            datasets.enable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------------

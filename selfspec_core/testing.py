@@ -1,6 +1,7 @@
-"""A tiny random-weight model for tests and examples: seconds to build, no download.
+"""Test helpers: a tiny random-weight model (seconds to build, no download) and Hub-shaped dataset
+folders, so the Hub loading path runs on local files.
 
-Plugins' own test suites use it too (``from selfspec_core.testing import build_tiny_model``).
+Plugins' own test suites use them too (``from selfspec_core.testing import build_tiny_model``).
 """
 
 from __future__ import annotations
@@ -39,3 +40,33 @@ def build_tiny_model(folder: str | Path, vocab_size: int = 512, hidden_size: int
                          pad_token_id=fast.pad_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def write_hub_dataset(repo: str | Path, configs: dict) -> Path:
+    """Lay out ``repo`` as ``push_to_hub`` does: ``<config>/<split>-00000-of-00001.parquet`` per split
+    (``data/`` for the default config, key ``None``), declared in README.md's YAML ``configs``.
+    ``configs`` maps a config name to ``{split name: datasets.Dataset}``."""
+    repo = Path(repo)
+    card = ["---", "configs:"]
+    for config, splits in configs.items():
+        folder = config or "data"
+        (repo / folder).mkdir(parents=True, exist_ok=True)
+        card += [f"- config_name: {config or 'default'}", "  data_files:"]
+        for split, dataset in splits.items():
+            relative = f"{folder}/{split}-00000-of-00001.parquet"
+            dataset.to_parquet(str(repo / relative))
+            card += [f"  - split: {split}", f"    path: {relative}"]
+    (repo / "README.md").write_text("\n".join(card + ["---", ""]))
+    return repo
+
+
+def use_hub_mirror(monkeypatch, mirror: str | Path) -> None:
+    """Load Hub datasets from the repositories under ``mirror`` (``<owner>/<name>/``), with a fresh
+    ``datasets`` cache inside it and nothing remembered from earlier loads."""
+    import datasets.config
+
+    from . import datasources
+
+    monkeypatch.setenv(datasources.HUB_MIRROR_ENV, str(mirror))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(mirror) / ".datasets-cache")
+    monkeypatch.setattr(datasources, "_rows", {})
