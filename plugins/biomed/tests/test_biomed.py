@@ -4,17 +4,22 @@ Tests that read the real benchmark files and corpus find them through ``SELFSPEC
 ``../shared/data`` beside the checkout, and skip when they are absent.
 """
 
+import csv
+import gzip
+import io
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from selfspec_biomed import corpus, tasks
 from selfspec_core.api import (Passage, PromptTemplate, SelfspecError, blacklist_pattern, default_template,
-                               domain_seeds, domain_tasks, domain_template, filter_reason, installed_domains,
-                               item_texts, ngram_overlap, record_text, task_items)
+                               domain_seeds, domain_tasks, domain_template, filter_reason, find_data,
+                               installed_domains, item_texts, ngram_overlap, record_text, task_items,
+                               use_hub_mirror, write_hub_dataset)
 
 DOMAIN = "biomed"
 REPO = Path(__file__).resolve().parents[3]
@@ -221,15 +226,18 @@ def test_corpus_reads_both_collections_from_the_data_dir():
     assert " ( " not in hallmark.text and " ." not in hallmark.text
 
 
-def test_corpus_follows_selfspec_data_and_is_none_without_data(monkeypatch, tmp_path):
+def test_corpus_follows_selfspec_data_and_falls_back_to_the_shipped_abstracts(monkeypatch, tmp_path):
     monkeypatch.delenv("SELFSPEC_DATA", raising=False)
-    assert corpus.passages(None) is None
-    assert corpus.passages(tmp_path) is None  # a data dir without the corpus: retrieval off
+    shipped = corpus.passages(None)
+    assert corpus.passages(tmp_path) == shipped  # a data dir without the corpus: the shipped abstracts
     hallmarks = tmp_path / corpus.CORPUS_FOLDER / corpus.HALLMARKS_TEXT
     hallmarks.mkdir(parents=True)
     (hallmarks / "123.txt").write_text("Ghrelin binds GHS-R ( the receptor ) .\nIt is found in hepatoma cells .\n")
     monkeypatch.setenv("SELFSPEC_DATA", str(tmp_path))
-    assert corpus.passages(None) == [Passage("pmid:123", "Ghrelin binds GHS-R (the receptor). It is found in hepatoma cells.")]
+    assert corpus.passages(None) == shipped + [Passage("pmid:123", "Ghrelin binds GHS-R (the receptor). It is found in hepatoma cells.")]
+    monkeypatch.setattr(corpus, "MEDICAL_ABSTRACTS", replace(corpus.MEDICAL_ABSTRACTS, shipped=None, hub=None))
+    monkeypatch.delenv("SELFSPEC_DATA")
+    assert corpus.passages(None) is None  # nothing anywhere: retrieval off
 
 
 def test_corpus_never_overlaps_pubmedqa():
@@ -238,3 +246,76 @@ def test_corpus_never_overlaps_pubmedqa():
     records = json.loads((DATA / tasks.PUBMEDQA_FILE).read_text()).values()
     evaluation = [" ".join(r["CONTEXTS"]) + " " + r["LONG_ANSWER"] for r in records]
     assert ngram_overlap([p.text for p in corpus.passages(DATA)], evaluation, 13) == set()
+
+
+# ------------------------------------------------------------------------- shipped data, the Hub
+
+
+def test_shipped_pubmedqa_and_abstracts_are_found_with_no_data_dir(monkeypatch):
+    """What the README's first command evaluates and grounds on, offline, on a fresh machine."""
+    monkeypatch.delenv("SELFSPEC_DATA", raising=False)
+    found = tasks_by_name()
+    assert {name: find_data(task.source, None).where for name, task in found.items()} == dict.fromkeys(found, "shipped")
+    test, dev = task_items(found["pubmedqa"], None), task_items(found["pubmedqa_dev"], None)
+    truth = json.loads((tasks.SHIPPED / tasks.TEST_IDS_FILE).read_text())
+    assert len(test) == len(dev) == 500 and {item.id: item.answer for item in test} == truth
+    passages = corpus.passages(None)
+    assert len({p.id for p in passages}) == len(passages) == 2888
+    assert passages[0].id == "medical_abstracts_tc:2" and passages[0].title == "nervous system diseases"
+    assert {p.title for p in passages} == {"neoplasms", "digestive system diseases", "nervous system diseases",
+                                           "cardiovascular diseases", "general pathological conditions"}
+    evaluation = [item.input for item in test + dev]
+    assert ngram_overlap([p.text for p in passages], evaluation, 13) == set()  # never retrieve an evaluation item
+
+
+def test_shipped_files_are_the_originals_with_their_licences():
+    assert sorted(p.name for p in tasks.SHIPPED.iterdir()) == ["LICENSE", "SOURCE.md", "ori_pqal.json.gz",
+                                                               "test_ground_truth.json"]
+    assert sorted(p.name for p in corpus.SHIPPED.iterdir()) == ["LICENSE", "SOURCE.md", "medical_tc_labels.csv",
+                                                                "medical_tc_test.csv.gz"]
+    assert (tasks.SHIPPED / "LICENSE").read_text().startswith("MIT License")
+    assert "Attribution-ShareAlike 3.0 Unported" in (corpus.SHIPPED / "LICENSE").read_text()
+    assert "CC BY-SA 3.0" in (corpus.SHIPPED / "SOURCE.md").read_text()
+    original = data_path(tasks.PUBMEDQA_FILE)
+    assert gzip.decompress((tasks.SHIPPED / "ori_pqal.json.gz").read_bytes()) == original.read_bytes()
+    abstracts = data_path(corpus.MEDICAL_ABSTRACTS.path)
+    assert gzip.decompress((corpus.SHIPPED / "medical_tc_test.csv.gz").read_bytes()) == abstracts.read_bytes()
+
+
+def test_pubmedqa_from_its_hub_layout_gives_the_shipped_items(tmp_path, monkeypatch):
+    """``qiaojin/PubMedQA`` config ``pqa_labeled`` (pubid, question, context.contexts, final_decision),
+    built from the shipped file, read through ``datasets`` as the Hub path reads it."""
+    import datasets
+
+    records = json.loads(gzip.decompress((tasks.SHIPPED / "ori_pqal.json.gz").read_bytes()))
+    strings = datasets.List(datasets.Value("string"))
+    features = datasets.Features({
+        "pubid": datasets.Value("int32"), "question": datasets.Value("string"),
+        "context": {"contexts": strings, "labels": strings, "meshes": strings},
+        "long_answer": datasets.Value("string"), "final_decision": datasets.Value("string")})
+    rows = [{"pubid": int(pmid), "question": r["QUESTION"],
+             "context": {"contexts": r["CONTEXTS"], "labels": r["LABELS"], "meshes": r["MESHES"]},
+             "long_answer": r["LONG_ANSWER"], "final_decision": r["final_decision"]} for pmid, r in records.items()]
+    write_hub_dataset(tmp_path / "hub" / tasks.HUB.repo,
+                      {"pqa_labeled": {"train": datasets.Dataset.from_list(rows, features=features)}})
+    use_hub_mirror(monkeypatch, tmp_path / "hub")
+    for name, task in tasks_by_name().items():
+        from_hub = replace(task, shipped=None)
+        assert find_data(from_hub.source, tmp_path).where == "hub"
+        assert task_items(from_hub, tmp_path) == task_items(task, tmp_path), name
+
+
+def test_abstracts_from_their_hub_layout_give_the_shipped_passages(tmp_path, monkeypatch):
+    """``TimSchopf/medical_abstracts`` split ``test`` (condition_label, medical_abstract)."""
+    import datasets
+
+    text = gzip.decompress((corpus.SHIPPED / "medical_tc_test.csv.gz").read_bytes()).decode()
+    rows = [{"condition_label": int(row["condition_label"]), "medical_abstract": row["medical_abstract"]}
+            for row in csv.DictReader(io.StringIO(text, newline=""))]
+    write_hub_dataset(tmp_path / "hub" / corpus.MEDICAL_ABSTRACTS.hub.repo,
+                      {None: {"test": datasets.Dataset.from_list(rows)}})
+    use_hub_mirror(monkeypatch, tmp_path / "hub")
+    monkeypatch.delenv("SELFSPEC_DATA", raising=False)
+    shipped = corpus.passages(None)
+    monkeypatch.setattr(corpus, "MEDICAL_ABSTRACTS", replace(corpus.MEDICAL_ABSTRACTS, shipped=None))
+    assert corpus.passages(None) == shipped

@@ -158,7 +158,10 @@ def tatqa_items(contexts: list[dict]) -> list[EvalItem]:
 
 
 def number_text(value: int | float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    """The answer as written; rounded to 10 places, since Arrow's JSON reader (the Hub path) may return
+    0.7 as 0.7000000000000001. No TAT-QA answer has more places."""
+    value = round(float(value), 10)
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,16 +4,19 @@ Tests that read the real benchmark files and corpus find them through ``SELFSPEC
 ``../shared/data`` beside the checkout, and skip when they are absent.
 """
 
+import gzip
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from selfspec_core.api import (Passage, PromptTemplate, SelfspecError, blacklist_pattern, default_template,
-                               domain_seeds, domain_tasks, domain_template, filter_reason, installed_domains,
-                               item_texts, ngram_overlap, record_text, task_items)
+                               domain_seeds, domain_tasks, domain_template, filter_reason, find_data,
+                               installed_domains, item_texts, ngram_overlap, record_text, task_items,
+                               use_hub_mirror, write_hub_dataset)
 from selfspec_finance import corpus, tasks
 
 DOMAIN = "finance"
@@ -247,7 +250,7 @@ def test_corpus_reads_fincausal_and_tatqa_test_without_the_evaluation_reports():
     fincausal = [p for p in passages if p.id.startswith("fnp2020-")]
     tatqa = [p for p in passages if p.id.startswith("tatqa:")]
     assert len(fincausal) == len({p.text for p in fincausal}) == 21325  # unique non-empty sections
-    tatqa_all = corpus.tatqa_passages(DATA / corpus.CORPUS_FOLDER / corpus.TATQA_CORPUS_FILE, exclude=None)
+    tatqa_all = corpus.tatqa_passages(tasks.read_tatqa(DATA / corpus.TATQA_CORPUS.path), exclude=[])
     assert len(tatqa_all) - 100 < len(tatqa) < len(tatqa_all)  # reports shared with TAT-QA dev are left out
     evaluation = item_texts(task_items(tasks_by_name()["tatqa"], DATA))
     assert ngram_overlap([p.text for p in tatqa], evaluation, 13) == set()
@@ -261,16 +264,101 @@ def test_fincausal_shares_nothing_with_financial_phrasebank():
     assert ngram_overlap([p.text for p in fincausal], sentences, 13) == set()
 
 
-def test_corpus_follows_selfspec_data_and_is_none_without_data(monkeypatch, tmp_path):
+def test_corpus_follows_selfspec_data_and_falls_back_to_the_shipped_reports(monkeypatch, tmp_path):
     monkeypatch.delenv("SELFSPEC_DATA", raising=False)
-    assert corpus.passages(None) is None
-    assert corpus.passages(tmp_path) is None  # a data dir without the corpus: retrieval off
+    shipped = corpus.passages(None)
+    assert shipped and all(p.id.startswith("tatqa:") for p in shipped)
+    assert corpus.passages(tmp_path) == shipped  # a data dir without the corpus: the shipped reports
     folder = tmp_path / corpus.CORPUS_FOLDER / corpus.FINCAUSAL_FOLDER
     folder.mkdir(parents=True)
     (folder / "news.csv").write_text("Index; Text; Gold\n0001.00001; Costs rose; margins fell.; 1\n"
                                      "0001.00002; Costs rose; margins fell.; 1\n")
     monkeypatch.setenv("SELFSPEC_DATA", str(tmp_path))
-    assert corpus.passages(None) == [Passage("news:0001.00001", "Costs rose; margins fell.")]
+    assert corpus.passages(None) == [Passage("news:0001.00001", "Costs rose; margins fell.")] + shipped
     (folder / "bad.csv").write_text("id,text\n1,x\n")
     with pytest.raises(SelfspecError, match=r"bad.csv:1: expected FinCausal's header"):
         corpus.passages(tmp_path)
+    monkeypatch.setattr(corpus, "TATQA_CORPUS", replace(corpus.TATQA_CORPUS, shipped=None, hub=None))
+    monkeypatch.delenv("SELFSPEC_DATA")
+    assert corpus.passages(None) is None  # nothing anywhere: retrieval off
+
+
+# ------------------------------------------------------------------------- shipped data, the Hub
+
+
+def test_shipped_tatqa_is_found_with_no_data_dir_and_the_corpus_leaves_it_out(monkeypatch):
+    monkeypatch.delenv("SELFSPEC_DATA", raising=False)
+    task = tasks_by_name()["tatqa"]
+    assert find_data(task.source, None).where == "shipped"
+    items = task_items(task, None)
+    assert len(items) == 718 and items[0].id == "eb787966-fa02-401f-bfaf-ccabf3828b23" and items[0].answer == "-12.6"
+    passages = corpus.passages(None)
+    everything = corpus.tatqa_passages(tasks.read_tatqa(corpus.TATQA_CORPUS.shipped), exclude=[])
+    assert len(everything) - 100 < len(passages) < len(everything)  # reports shared with the dev set are left out
+    assert ngram_overlap([p.text for p in passages], item_texts(items), 13) == set()
+
+
+def test_only_data_whose_licence_allows_it_ships():
+    shipped = sorted(str(p.relative_to(tasks.SHIPPED)) for p in tasks.SHIPPED.rglob("*") if p.is_file())
+    assert shipped == ["tatqa_corpus/SOURCE.md", "tatqa_corpus/tatqa_dataset_test_gold.json.gz",
+                       "tatqa_dev/SOURCE.md", "tatqa_dev/tatqa_dataset_dev.json.gz"]  # no FPB, no FinCausal
+    for folder in ("tatqa_corpus", "tatqa_dev"):
+        assert "Creative Commons Attribution 4.0 International (CC BY 4.0)" in (tasks.SHIPPED / folder / "SOURCE.md").read_text()
+    fpb = tasks_by_name()["fpb"]
+    assert fpb.shipped is None and fpb.hub.repo == "takala/financial_phrasebank" and "CC BY-NC-SA" in fpb.licence
+    assert corpus.FINCAUSAL.shipped is None and corpus.FINCAUSAL.hub is None
+    assert gzip.decompress(corpus.TATQA_CORPUS.shipped.read_bytes()) == data_path(corpus.TATQA_CORPUS.path).read_bytes()
+    assert gzip.decompress(tasks.TATQA_DEV.shipped.read_bytes()) == data_path(tasks.TATQA_FILE).read_bytes()
+
+
+def test_tatqa_from_its_hub_files_gives_the_shipped_items_and_passages(tmp_path, monkeypatch):
+    """``next-tat/TAT-QA`` publishes the raw JSON files; ``datasets`` reads them into the same contexts."""
+    for source in (tasks.TATQA_DEV, corpus.TATQA_CORPUS):
+        repo = tmp_path / "hub" / source.hub.repo
+        repo.mkdir(parents=True, exist_ok=True)
+        (repo / source.hub.data_files).write_bytes(gzip.decompress(source.shipped.read_bytes()))
+    use_hub_mirror(monkeypatch, tmp_path / "hub")
+    monkeypatch.delenv("SELFSPEC_DATA", raising=False)
+    task = tasks_by_name()["tatqa"]
+    shipped_items, shipped_passages = task_items(task, None), corpus.passages(None)
+    monkeypatch.setattr(tasks, "TATQA_DEV", replace(tasks.TATQA_DEV, shipped=None))
+    monkeypatch.setattr(corpus, "TATQA_DEV", tasks.TATQA_DEV)
+    monkeypatch.setattr(corpus, "TATQA_CORPUS", replace(corpus.TATQA_CORPUS, shipped=None))
+    assert task_items(replace(task, shipped=None), None) == shipped_items
+    assert corpus.passages(None) == shipped_passages
+
+
+def _fpb_hub_repo(folder: Path, rows: list[tuple[str, str]], level: str = "50Agree") -> None:
+    """``takala/financial_phrasebank``'s layout: config ``sentences_<level>``, split train, label a ClassLabel."""
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "neutral", "positive"])})
+    dataset = datasets.Dataset.from_dict({"sentence": [s for s, _ in rows], "label": [label for _, label in rows]},
+                                         features=features)
+    write_hub_dataset(folder / "takala" / "financial_phrasebank", {f"sentences_{level.lower()}": {"train": dataset}})
+
+
+def test_fpb_from_its_hub_layout_is_split_and_labelled_like_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(tasks.FPB_LEVEL_ENV, raising=False)
+    monkeypatch.delenv("SELFSPEC_DATA", raising=False)
+    rows = [(f"Operating profit changed by {n} percent .", ("positive", "negative", "neutral")[n % 3]) for n in range(60)]
+    _fpb_hub_repo(tmp_path / "hub", rows)
+    use_hub_mirror(monkeypatch, tmp_path / "hub")
+    local = tmp_path / "data" / FPB_50
+    local.parent.mkdir(parents=True)
+    local.write_text("".join(f"{s}@{label}\n" for s, label in rows), encoding="latin-1")
+    found = tasks_by_name()
+    for name in ("fpb", "fpb_dev"):
+        from_hub = task_items(found[name], tmp_path / "empty")
+        assert from_hub == task_items(found[name], tmp_path / "data") and from_hub, name
+    assert find_data(found["fpb"].source, tmp_path / "empty").where == "hub"
+
+
+def test_the_real_fpb_from_its_hub_layout_matches_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(tasks.FPB_LEVEL_ENV, raising=False)
+    rows = [(sentence, label) for _, sentence, label in tasks.read_fpb(data_path(FPB_50))]
+    _fpb_hub_repo(tmp_path / "hub", rows)  # under tmp_path only: FPB is never copied into the project
+    use_hub_mirror(monkeypatch, tmp_path / "hub")
+    found = tasks_by_name()
+    assert task_items(found["fpb"], tmp_path) == task_items(found["fpb"], DATA)
