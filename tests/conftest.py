@@ -24,8 +24,10 @@ def sharp_model_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Keep tests from writing to the user's cache, except the embedded model (slow to convert)."""
+    """Keep tests from writing to the user's cache, except the embedded model (slow to convert), and
+    off the network: a benchmark not in the data dir or shipped is missing, not downloaded."""
     monkeypatch.setenv("SELFSPEC_INDEX_CACHE", str(tmp_path / "index-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture

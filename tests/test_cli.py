@@ -38,7 +38,7 @@ def test_the_readme_commands_parse():
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     commands = [part.split("#")[0].strip() for block in blocks for line in block.splitlines()
                 for part in line.split("&&") if part.strip().startswith("selfspec ")]
-    assert commands and "selfspec --domain finance --profile quick run" in commands  # the first command's job
+    assert commands and "selfspec --domain biomed --profile quick run" in commands  # the first command's job
     for command in commands:
         result = selfspec(*shlex.split(command)[1:], "--help")
         assert result.returncode == 0, f"README: {command}\n{result.stderr}"

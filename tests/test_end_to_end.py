@@ -75,7 +75,7 @@ def lines(path: Path) -> int:
 
 def test_killed_runs_resume_to_the_same_result(tmp_path):
     (tmp_path / "c.toml").write_text(CONFIG)
-    env = {"SELFSPEC_DATA": ""}  # no benchmarks, no corpus: this test is about the data and the adapter
+    env = {"SELFSPEC_DATA": ""}  # only the shipped data: this test is about the generated data and the adapter
     def args(out):
         return ["--domain", "finance", "--profile", "tiny", "--config", "c.toml", "--out", out, "run"]
 
