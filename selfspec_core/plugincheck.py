@@ -106,7 +106,7 @@ class _DomainCheck:
 
     def run(self) -> None:
         for hook in ("seed_provider", "prompt_template", "filter_record", "blacklist_words", "evaluation_tasks",
-                     "retrieval_corpus"):
+                     "corpus_sources", "retrieval_corpus"):
             if hook in self.hooks:
                 getattr(self, hook)()
             elif self.is_own:
@@ -171,6 +171,7 @@ class _DomainCheck:
             self.problem("blacklist_words", f"returned {type(words).__name__}; return a list of words (str)")
 
     def evaluation_tasks(self) -> None:
+        from .datasources import status
         from .evaluation import read_items
 
         tasks = self.answer("evaluation_tasks", domain=self.domain.name)
@@ -188,12 +189,28 @@ class _DomainCheck:
                 self.problem(hook, "two tasks share this name; task names must be unique in a domain")
             if task.domain != self.domain.name:
                 self.problem(hook, f"its domain is {task.domain!r}, asked for {self.domain.name!r}")
+            state, detail = status(task.source, data_root(self.data_dir))
+            if state == "to fetch":  # a check downloads nothing
+                self.note(hook, f"not read: {detail}")
+                continue
             try:
                 items = read_items(task, data_root(self.data_dir))
             except SelfspecError as exc:
                 self.problem(hook, str(exc))
                 continue
-            self.note(hook, items if isinstance(items, str) else f"{len(items)} items from {task.data_file}")
+            self.note(hook, items if isinstance(items, str) else f"{len(items)} items ({state}: {detail})")
+
+    def corpus_sources(self) -> None:
+        from .datasources import DataSource, status
+
+        parts = self.answer("corpus_sources", domain=self.domain.name)
+        if parts is None:
+            return
+        if not isinstance(parts, list) or not all(isinstance(part, DataSource) for part in parts):
+            self.problem("corpus_sources", "expected a list of DataSource")
+            return
+        for part in parts:
+            self.note("corpus_sources", f"{part.name}: {': '.join(status(part, data_root(self.data_dir)))}")
 
     def retrieval_corpus(self) -> None:
         from .retrieval import Passage, load_corpus

@@ -245,8 +245,11 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert "[evaluate] task absent (tinydom) skipped" in capsys.readouterr().out
     assert report["cross_domain"]["other_qa"]["domain"] == "otherdom" and report["cross_domain"]["other_qa"]["n"] == 3
 
+    # The bundled plugins' shipped benchmarks are found with no data directory, and scored cross-domain.
+    shipped = ("pubmedqa", "pubmedqa_gen", "tatqa")
+    assert [report["cross_domain"][name]["n"] for name in shipped] == [3, 3, 3]
     predictions = read_jsonl(folder / "predictions.jsonl")
-    assert len(predictions) == 8 + 5 + 3  # other domains' tasks capped at cross_domain_max_items
+    assert len(predictions) == 8 + 5 + 3 + 3 * len(shipped)  # other domains' tasks capped at cross_domain_max_items
     rows = [p for p in predictions if p["task"] == "sentiment"]
     assert sum(p["base_score"] for p in rows) / len(rows) == pytest.approx(sentiment["base"])
     assert sum(p["specialized_score"] for p in rows) / len(rows) == pytest.approx(sentiment["specialized"])
@@ -259,7 +262,7 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert [r["id"] for r in contamination["overlapping_records"]] == ["r1"]
 
     manifest = run.manifest("evaluate")
-    assert manifest["tasks"] == 3 and manifest["skipped"] >= 1 and manifest["contaminating_records"] == 1
+    assert manifest["tasks"] == 3 + len(shipped) and manifest["skipped"] >= 1 and manifest["contaminating_records"] == 1
     assert not (folder / "scored.jsonl").exists()
 
     # the report reads what the stage wrote
