@@ -48,6 +48,10 @@ class GenerateSettings:
     min_words: int = 3
     max_words: int = 150
     min_relevance: float = 0.0
+    # Share of the ``num_instructions`` records mined from the domain corpus (answers decided by the
+    # text: selfspec_core.mining) instead of written by the model; a short supply is made up by generation.
+    mined_share: float = 0.5
+    miners: str = ""  # comma-separated miner names; empty = every miner measured precise enough
 
 
 @dataclass
@@ -255,7 +259,7 @@ def _first_line(exc: Exception) -> str:
 _RANGES = {
     "batch_size": (1, 1e6), "max_new_tokens": (1, 1e6),
     "temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "rouge_threshold": (0.0, 1.0),
-    "human_example_share": (0.0, 1.0), "input_share": (0.0, 1.0), "max_label_share": (0.0, 1.0), "lora_dropout": (0.0, 1.0),
+    "human_example_share": (0.0, 1.0), "input_share": (0.0, 1.0), "mined_share": (0.0, 1.0), "max_label_share": (0.0, 1.0), "lora_dropout": (0.0, 1.0),
     "judge_keep_fraction": (0.0, 1.0), "consistency_min_agreement": (0.0, 1.0),
     "warmup_ratio": (0.0, 1.0), "learning_rate": (0.0, 1.0), "min_relevance": (0.0, 1e9),
     "lora_r": (1, 1024), "lora_alpha": (1, 1e6), "grad_accum": (1, 1e6), "max_length": (16, 1e6),

@@ -100,3 +100,14 @@ def corpus_sources(domain):
     Where each part is looked for (data directory, shipped copy, Hub) and under which licence, so
     ``selfspec data`` can list and fetch them; reading them stays ``retrieval_corpus``'s job.
     """
+
+
+@hookspec
+def task_miners(domain):
+    """Return miners that turn ``domain``'s corpus into tasks the text itself answers.
+
+    Return a list of :class:`selfspec_core.mining.Miner` (``None`` for other domains). A miner
+    with the name of a core miner replaces it; register the domain with ``core_miners=False`` to
+    turn all of the core's off. Give each miner the ``precision`` that ``bench/miners.py``
+    measures for it: only those at 0.9 or better run unless ``generate.miners`` names them.
+    """

@@ -10,6 +10,10 @@ it. Completions are read back through the domain's instruction template, filtere
 ``instructions.jsonl`` after every batch, with the stage's state saved beside them. Every batch's
 randomness comes from ``seed``, round and batch number alone, so a killed run resumes at the next
 batch and ends with the same file, byte for byte, as an uninterrupted one.
+
+Before any generation, ``generate.mined_share`` of the target is mined from the domain corpus
+(:mod:`selfspec_core.mining`: tasks the text itself answers) into ``mined.jsonl``; generation
+writes the rest. Mining runs once per stage run, so a resumed stage keeps its mined records.
 """
 
 from __future__ import annotations
@@ -20,17 +24,19 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from . import mining
 from .errors import SelfspecError
 from .filters import InstructionFilter, dedup_text
 from .generation import Completion, cut_at_stop, make_generator
 from .records import Funnel, Seed
-from .rundir import RecordLog, atomic_write_json, write_jsonl
+from .retrieval import corpus_hash, resolve_corpus
+from .rundir import RecordLog, atomic_write_json, read_jsonl, write_jsonl
 from .templates import FORMATTER, OPTIONAL, PromptTemplate, field_labels, fill
 
 OUTPUT_FILE = "instructions.jsonl"
@@ -214,6 +220,7 @@ class StageState:
     queried: dict[str, int] = field(default_factory=dict)
     funnel: dict = field(default_factory=dict)
     stopped: str = ""
+    mined: dict | None = None  # per-miner counts once ``mined.jsonl`` is written; None: not mined yet
 
     @classmethod
     def load(cls, path: Path) -> "StageState":
@@ -293,14 +300,36 @@ def _progress_bar() -> Progress:
                     TimeElapsedColumn(), console=Console(stderr=True))
 
 
-def run_stage(ctx) -> dict:
+def outside_inputs_hash(settings, domain: str) -> str:
+    """The content hash of the corpus tasks are mined from: another corpus makes them stale."""
+    if settings.generate.mined_share <= 0:
+        return ""
+    corpus = resolve_corpus(settings.corpus, domain, settings.data_dir)
+    return corpus_hash(corpus[0]) if corpus is not None else ""
+
+
+def _mined_records(ctx, state: StageState, state_path: Path) -> list[dict]:
+    """The stage's mined records: mined now, or read back when a resumed stage already has them."""
+    path = ctx.work / mining.OUTPUT_FILE
+    if state.mined is not None and path.exists():
+        return read_jsonl(path)
     settings = ctx.settings.generate
-    _check_settings(settings)
+    records, state.mined = mining.mine_records(ctx, round(settings.num_instructions * settings.mined_share))
+    write_jsonl(path, records)
+    state.save(state_path)
+    return records
+
+
+def run_stage(ctx) -> dict:
+    _check_settings(ctx.settings.generate)
     if not ctx.seeds:
         raise SelfspecError(f"domain {ctx.domain.name!r} has no seeds to write instructions from; pass --seeds FILE.jsonl")
     formats = StageFormats.build(ctx)
     state_path = ctx.work / STATE_FILE
     state = StageState.load(state_path)
+    mined = _mined_records(ctx, state, state_path)
+    # Generation writes what mining did not supply.
+    settings = replace(ctx.settings.generate, num_instructions=ctx.settings.generate.num_instructions - len(mined))
     log = _open_output(ctx.work / OUTPUT_FILE, state.records)
     funnel = Funnel.from_dict(state.funnel)
     kept_by_type = Counter(record["task_type"] for record in log.records)
@@ -321,7 +350,7 @@ def run_stage(ctx) -> dict:
                 state.round_kept = 0
             if generator is None:
                 generator = make_generator(ctx.settings, ctx.model, batch_size=settings.batch_size)
-            kept = _run_batch(ctx, generator, formats, examples, checks, state, funnel, kept_by_type)
+            kept = _run_batch(ctx, settings, generator, formats, examples, checks, state, funnel, kept_by_type)
             log.append(kept)
             examples.extend(kept)
             state.records = len(log.records)
@@ -335,7 +364,7 @@ def run_stage(ctx) -> dict:
             bar.update(task, completed=funnel.kept,
                        description=f"round {state.round} | generated {funnel.generated} | dropped: {_drops(funnel)}")
     summary = f"{funnel.kept} of {settings.num_instructions} instructions after {state.round} rounds ({funnel.generated} generated; dropped: {_drops(funnel)})"
-    if not log.records:
+    if not log.records and not mined:
         raise SelfspecError(f"no generated instruction passed the filters: {summary}. Try: {_advice(funnel)}")
     if state.stopped == "no_progress":
         ctx.log(f"[generate] stopped early: {EMPTY_ROUNDS_TO_STOP} rounds in a row kept nothing; {summary}. To get more, {_advice(funnel)}")
@@ -344,7 +373,8 @@ def run_stage(ctx) -> dict:
     else:
         ctx.log(f"[generate] {summary}")
     return {"funnel": funnel.to_dict(), "rounds": state.round, "stopped": state.stopped,
-            "task_types": dict(sorted(kept_by_type.items()))}
+            "task_types": dict(sorted(kept_by_type.items())),
+            "sources": {"generated": len(log.records), "mined": len(mined)}, "mined": state.mined}
 
 
 @dataclass
@@ -371,10 +401,9 @@ class StageFormats:
         return bool(self.instruction_seeds) and state.input_batches < share * (state.batches + 1)
 
 
-def _run_batch(ctx, generator, formats: StageFormats, examples: ExamplePool, checks: InstructionFilter,
+def _run_batch(ctx, settings, generator, formats: StageFormats, examples: ExamplePool, checks: InstructionFilter,
                state: StageState, funnel: Funnel, kept_by_type: Counter) -> list[dict]:
     """Generate one batch of prompts, read and filter the completions; the kept records, with ids."""
-    settings = ctx.settings.generate
     seed = batch_seed(ctx.settings.seed, state.round, state.batch)
     rng = random.Random(seed)
     writes_inputs = formats.writes_inputs(state, settings.input_share)
@@ -410,7 +439,8 @@ def _run_batch(ctx, generator, formats: StageFormats, examples: ExamplePool, che
         else:
             task, reason = formats.tasks.read(name, completion)
         if task is not None:
-            task.update(task_type=name, mode="input" if writes_inputs else "task", seed_ids=seed_ids, round=state.round)
+            task.update(task_type=name, mode="input" if writes_inputs else "task", seed_ids=seed_ids, round=state.round,
+                        source="generated")
             reason = checks.reason(task)
         if reason:
             funnel.drop(reason)

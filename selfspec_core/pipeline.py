@@ -36,7 +36,7 @@ from .templates import PromptTemplate
 # stage -> (module, settings sections its output depends on, files of earlier stages it reads)
 STAGE_SPECS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "generate": ("instructions", ("generate",), ()),
-    "respond": ("responses", ("respond", "generate"), ("generate/instructions.jsonl",)),
+    "respond": ("responses", ("respond", "generate"), ("generate/instructions.jsonl", "generate/mined.jsonl")),
     "train": ("training", ("train",), ("respond/data.jsonl",)),
     "evaluate": ("evaluation", ("evaluate",), ("train/adapter/adapter_model.safetensors", "respond/data.jsonl")),
     "report": ("report", ("evaluate",), ("generate/manifest.json", "respond/manifest.json", "train/manifest.json", "evaluate/eval.json")),

@@ -18,6 +18,9 @@ class Domain:
     # sentence"): stage 1 also writes new inputs for them under a seed's own instruction, which a
     # small model does far better than writing whole new tasks (``generate.input_share``).
     input_task_types: tuple[str, ...] = ()
+    # Whether the core's generic corpus miners (``selfspec_core.mining``) run for this domain; a
+    # plugin whose own miners fit its corpus better sets it False.
+    core_miners: bool = True
     plugin: str = ""
 
 

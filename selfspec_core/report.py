@@ -211,10 +211,23 @@ def funnel_section(run, seeds: int | None) -> Section:
         for reason, count in sorted(_mapping(funnel.get("dropped")).items(), key=lambda kv: -(_number(kv[1]) or 0)):
             steps.append((f"  dropped: {reason}", int(_number(count) or 0), True))
         steps.append((kept, int(_number(funnel.get("kept")) or 0), False))
+        steps += _source_steps(stage, _mapping(run.manifest(stage)))
     if steps:
         section.blocks.append(Table(["step", "records"], [[label.strip(), _fmt(value)] for label, value, _ in steps]))
         section.blocks.append(Figure("funnel.png", "From seeds to training records (drops in red)", funnel_plot(steps)))
     return section
+
+
+def _source_steps(stage: str, manifest: dict) -> list[tuple[str, int, bool]]:
+    """Where the records came from: tasks mined per miner (generate), generated vs mined (respond)."""
+    if stage == "generate":
+        mined = _mapping(manifest.get("mined"))
+        total = sum(int(_number(_mapping(counts).get("kept")) or 0) for counts in mined.values())
+        return ([("tasks mined from the corpus", total, False)]
+                + [(f"  mined: {name}", int(_number(_mapping(counts).get("kept")) or 0), False)
+                   for name, counts in sorted(mined.items())]) if mined else []
+    sources = _mapping(manifest.get("sources"))
+    return [(f"  of them {source}", int(_number(count) or 0), False) for source, count in sorted(sources.items())]
 
 
 def retrieval_section(run) -> Section:

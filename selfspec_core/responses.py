@@ -11,6 +11,10 @@ self-assessment judge filter further; a per-label cap keeps one label from takin
 Work is done in fixed chunks appended to ``option_scores.jsonl`` and ``responses.jsonl`` in the
 stage's folder; a killed run resumes after the last complete chunk and, since chunk composition and
 seeds depend only on the inputs and settings, ends with the same ``data.jsonl`` byte for byte.
+
+Tasks mined from the corpus (``generate/mined.jsonl``) already carry the answer their text decides:
+they pass the plugins' response filters and join the data as they are, outside the judge and the
+label cap (each miner's labels are balanced when it is mined).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ RESPONSE_LOG = "responses.jsonl"
 CHUNK_BATCHES = 4  # a chunk (the unit of resuming) is this many generation batches
 RATIONALE_TOKENS = 48
 INSTRUCTION_FIELDS = ("id", "instruction", "input", "task_type")
+MINED_FIELDS = (*INSTRUCTION_FIELDS, "output")
 
 
 @dataclass
@@ -66,9 +71,13 @@ class Plan:
 def run_stage(ctx) -> dict:
     settings = ctx.settings.respond
     _check_settings(settings)
-    records = _read_instructions(ctx.run.require("generate", "instructions.jsonl"),
-                                 stage_command(ctx.domain.name, "generate", ctx.run.path))
-    funnel = Funnel(generated=len(records))
+    rerun = stage_command(ctx.domain.name, "generate", ctx.run.path)
+    mined = _read_records(ctx.run.require("generate", "mined.jsonl"), MINED_FIELDS, rerun)
+    records = _read_records(ctx.run.require("generate", "instructions.jsonl"), INSTRUCTION_FIELDS, rerun)
+    if not records and not mined:
+        raise SelfspecError(f"{ctx.run.stage_dir('generate')} has no instructions and no mined tasks; raise "
+                            f"generate.max_rounds and rerun `{rerun} --force`")
+    funnel = Funnel(generated=len(records) + len(mined))
     hits, retrieval_stats = _retrieve(ctx, records)
     generator = make_generator(ctx.settings, ctx.model, batch_size=settings.batch_size)
     plans = _plans(ctx, records, hits, getattr(generator, "tokenizer", None))
@@ -91,7 +100,7 @@ def run_stage(ctx) -> dict:
         answering = [plan for plan in answering if plan.drop is None]
         task = bar.add_task("answering", total=len(answering))
         answered = _run_chunks(ctx.work / RESPONSE_LOG, answering, chunk_size, Answerer(ctx, generator), bar, task)
-    counts = _finish(ctx, answered, funnel)
+    counts = _finish(ctx, answered, _filter_mined(ctx, mined), funnel)
     counts["retrieval"] = retrieval_stats
     return counts
 
@@ -102,18 +111,30 @@ def _check_settings(settings) -> None:
             raise SelfspecError(f"respond.{name} must be at least 1, got {getattr(settings, name)}")
 
 
-def _read_instructions(path: Path, rerun: str) -> list[dict]:
-    """The generated instructions; ``rerun`` is the command that writes them again."""
+def _read_records(path: Path, fields: tuple[str, ...], rerun: str) -> list[dict]:
+    """The generate stage's records of one file; ``rerun`` is the command that writes them again."""
     try:
         records = read_jsonl(path)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SelfspecError(f"{path}: corrupt instruction file ({exc}); rerun `{rerun} --force`") from None
+        raise SelfspecError(f"{path}: corrupt file ({exc}); rerun `{rerun} --force`") from None
     for number, record in enumerate(records, start=1):
-        missing = [name for name in INSTRUCTION_FIELDS if not isinstance(record.get(name), str)]
+        missing = [name for name in fields if not isinstance(record.get(name), str)]
         if missing:
             raise SelfspecError(f"{path}:{number}: field {missing[0]!r} is missing or not text; rerun `{rerun} --force`")
-    if not records:
-        raise SelfspecError(f"{path} has no instructions; raise generate.max_rounds and rerun `{rerun} --force`")
+    return records
+
+
+def _filter_mined(ctx, mined: list[dict]) -> list[dict]:
+    """Mined tasks as training records, each with the plugins' response filters' verdict in ``drop``."""
+    records = []
+    for task in mined:
+        record = {"id": task["id"], "instruction": task["instruction"], "input": task.get("input", ""),
+                  "output": task["output"], "task_type": task["task_type"], "seed_ids": [], "demo_ids": [],
+                  "retrieved": [], "answer": "mined", "options": task.get("options"), "label": task.get("label"),
+                  "confidence": None, "agreement": None, "judge_score": None,
+                  "source": "mined", "miner": task.get("miner"), "doc_id": task.get("doc_id")}
+        record["drop"] = plugin_reason(ctx.domain.name, "response", record)
+        records.append(record)
     return records
 
 
@@ -137,7 +158,7 @@ def _query(record: dict) -> str:
 def _retrieve(ctx, records: list[dict]) -> tuple[list[list[Hit]] | None, dict]:
     """Passages for every instruction (when retrieval or the relevance check needs them), and stats."""
     settings = ctx.settings.respond
-    if not settings.retrieval and settings.min_relevance <= 0:
+    if not records or (not settings.retrieval and settings.min_relevance <= 0):
         return None, {}
     skipped: list[str] = []
 
@@ -361,6 +382,7 @@ def _record(plan: Plan) -> dict:
         "options": list(plan.options.keys) if plan.options is not None else None,
         "label": plan.options.keys[plan.label] if plan.options is not None and plan.label is not None else None,
         "confidence": plan.confidence, "agreement": plan.agreement, "judge_score": None, "drop": plan.drop,
+        "source": "generated", "miner": None, "doc_id": None,
     }
 
 
@@ -368,10 +390,11 @@ def _record(plan: Plan) -> dict:
 # The finished data set
 
 
-def _finish(ctx, answered: list[dict], funnel: Funnel) -> dict:
-    """Judge selection and label cap over the whole set, then ``data.jsonl`` and the Arrow dataset."""
+def _finish(ctx, answered: list[dict], mined: list[dict], funnel: Funnel) -> dict:
+    """Judge selection and label cap over the generated records, the mined ones added, then
+    ``data.jsonl`` and the Arrow dataset."""
     settings = ctx.settings.respond
-    for record in answered:
+    for record in answered + mined:
         if record["drop"] is not None:
             funnel.drop(record["drop"])
     kept = [record for record in answered if record["drop"] is None]
@@ -381,7 +404,7 @@ def _finish(ctx, answered: list[dict], funnel: Funnel) -> dict:
     labels = [_group_label(record) for record in kept]
     keep = quality.cap_labels(labels, [r["confidence"] if r["confidence"] is not None else 0.0 for r in kept],
                               settings.max_label_share)
-    kept = _apply(kept, keep, "label_cap", funnel)
+    kept = _apply(kept, keep, "label_cap", funnel) + [record for record in mined if record["drop"] is None]
     funnel.kept = len(kept)
     if not kept:
         raise SelfspecError(f"no response passed the checks ({funnel.to_dict()['dropped']}); use a larger --model, "
@@ -394,12 +417,14 @@ def _finish(ctx, answered: list[dict], funnel: Funnel) -> dict:
     counts = {
         "funnel": funnel.to_dict(),
         "answers": {"options": sum(r["answer"] == "options" for r in data),
-                    "generated": sum(r["answer"] == "generated" for r in data)},
+                    "generated": sum(r["answer"] == "generated" for r in data),
+                    "mined": sum(r["answer"] == "mined" for r in data)},
         "option_records": len(option_records),
         "valid_labels": round(sum(r["label"] is not None for r in option_records) / len(option_records), 4) if option_records else None,
         "label_distribution": distribution,
         "max_label_share": round(quality.max_label_share(distribution), 4),
         "checks": sorted(quality.parse_checks(settings.response_checks)),
+        "sources": {source: sum(r["source"] == source for r in data) for source in ("generated", "mined")},
         "judge_scores": judge_scores,
     }
     agreements = [r["agreement"] for r in data if r["agreement"] is not None]

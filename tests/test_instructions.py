@@ -163,7 +163,8 @@ def test_stage_writes_balanced_filtered_records(tmp_path, monkeypatch):
     records = read_jsonl(ctx.work / "instructions.jsonl")
     assert len(records) == 12 == counts["funnel"]["kept"]
     assert [r["id"] for r in records] == [f"testfin-gen-{n:05d}" for n in range(1, 13)]
-    assert all(set(r) == {"id", "instruction", "input", "task_type", "mode", "seed_ids", "round"} for r in records)
+    assert all(set(r) == {"id", "instruction", "input", "task_type", "mode", "seed_ids", "round", "source"} for r in records)
+    assert {r["source"] for r in records} == {"generated"}
     assert {r["mode"] for r in records} == {"task"}  # the domain names no input task types
     assert all(r["seed_ids"] and set(r["seed_ids"]) <= {s.id for s in SEEDS} for r in records)
     assert not any("Answer:" in r["input"] for r in records)

@@ -46,6 +46,7 @@ def make_run(tmp_path: Path, name: str = "run") -> RunDir:
     records = [{"id": f"gen-{n:03d}", "instruction": instruction, "input": text, "task_type": kind,
                 "seed_ids": ["fin-001"], "round": 1} for n, (kind, instruction, text) in enumerate(INSTRUCTIONS)]
     write_jsonl(run.partial_dir("generate") / "instructions.jsonl", records)
+    write_jsonl(run.partial_dir("generate") / "mined.jsonl", [])
     run.finish("generate", {"config_hash": "test", "input_hash": "test"})
     return run
 
@@ -212,6 +213,7 @@ def test_resume_after_interruption_is_byte_identical(tmp_path, tiny_model_dir, m
 def test_bad_instruction_file_is_named(tmp_path, tiny_model_dir):
     run = RunDir(tmp_path / "bad", DOMAIN.name).open()
     (run.partial_dir("generate") / "instructions.jsonl").write_text('{"id": "x", "instruction": "Do it."}\n')
+    write_jsonl(run.partial_dir("generate") / "mined.jsonl", [])
     run.finish("generate", {"config_hash": "t", "input_hash": "t"})
     with pytest.raises(SelfspecError, match=r"instructions.jsonl:1: field 'input' is missing"):
         run_respond(run, make_settings(tmp_path, tiny_model_dir))

@@ -1,4 +1,4 @@
-"""selfspec's finance domain: seeds, prompt framing, filters, retrieval corpus, FPB and TAT-QA.
+"""selfspec's finance domain: seeds, prompt framing, filters, retrieval corpus, corpus miners, FPB and TAT-QA.
 
 Every hook answers only for the ``finance`` domain and returns ``None`` for any other, so the core's
 defaults and other plugins serve the rest. The train and judge templates are the core's.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from selfspec_core.api import Domain, default_template, hookimpl
 
-from . import corpus, tasks
+from . import corpus, mining, tasks
 
 DOMAIN = Domain(
     name="finance",
@@ -95,6 +95,12 @@ def retrieval_corpus(domain, data_dir):
 def corpus_sources(domain):
     if domain == DOMAIN.name:
         return corpus.SOURCES
+
+
+@hookimpl
+def task_miners(domain):
+    if domain == DOMAIN.name:
+        return mining.MINERS
 
 
 @hookimpl

@@ -1,0 +1,108 @@
+"""Biomedical tasks mined from the corpus's abstracts, each answer decided by the abstract's own words.
+
+``finding_question`` is PubMedQA's form: an abstract's finding (one of its last sentences) becomes a
+yes/no/maybe question, and the rest of the abstract before it the input. The finding's own cues
+decide the answer: a positive result ("significantly reduced", "was associated with") -> yes; a
+negated one ("no significant difference", "did not improve") -> no; an open one ("remains
+unclear", "inconclusive") -> maybe. The question states the finding with its negation or hedge
+taken out, so all three answers ask the same kind of question. Sentences with mixed cues are left
+alone; labels are balanced when the stage samples them.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Sequence
+
+from selfspec_core.mining import Miner, pick_phrasing, sentences
+from selfspec_core.retrieval import Passage
+
+LABELS = ("yes", "no", "maybe")
+FINDING_SENTENCES = 3  # a finding is looked for among an abstract's last sentences
+MIN_CONTEXT_WORDS = 40
+
+NEGATED = re.compile(
+    r"\b(?:no (?:statistically )?significant (?:difference|change|effect|association|correlation|relationship|improvement|"
+    r"benefit|increase|reduction|decrease)s?|(?:was|were|is|are) not (?:significantly )?(?:associated|correlated|related|"
+    r"different|effective|superior|predictive|improved|reduced|increased)|(?:did|does|do) not (?:significantly )?"
+    r"(?:improve|reduce|increase|decrease|affect|differ|change|predict|influence|alter|prevent|correlate|show|lead|result|"
+    r"support|provide|confer)|no (?:evidence|association|effect|benefit|advantage|improvement|correlation|relationship|"
+    r"difference)s? (?:of|for|between|in|on|with|was|were)|failed to (?:show|demonstrate|improve|reduce|detect|find))\b", re.I)
+OPEN = re.compile(r"\b(?:remains? (?:unclear|uncertain|controversial|unknown|to be (?:determined|established|elucidated|"
+                  r"clarified))|(?:is|are) (?:still )?(?:unclear|uncertain|inconclusive|controversial)|inconclusive|"
+                  r"may or may not)\b", re.I)
+POSITIVE = re.compile(r"\b(?:significantly (?:improved|increased|reduced|decreased|higher|lower|better|associated|correlated|"
+                      r"greater|shorter|longer|more|less|enhanced|predicted)|(?:was|were|is|are) (?:significantly |"
+                      r"independently |strongly |positively |negatively )?(?:associated|correlated) with|(?:is|was|are|were)"
+                      r" (?:an? )?(?:safe|effective|feasible|useful|reliable|accurate|valid|superior)|(?:improves|reduces|"
+                      r"increases|predicts|prevents) )", re.I)
+ANY_NEGATION = re.compile(r"\b(?:no|not|neither|nor|without|never|unlikely|fail\w*|lack\w*|little)\b", re.I)
+HEDGE = re.compile(r"\b(?:may|might|could|possibly|perhaps|unclear|uncertain)\b", re.I)
+
+# Negation taken out of a finding, so the question asks the positive claim whatever the answer.
+_UNNEGATE = (
+    (re.compile(r"\bno (statistically )?significant\b", re.I), r"a \1significant"),
+    (re.compile(r"\b(was|were|is|are) not\b", re.I), r"\1"),
+    (re.compile(r"\b(did|does|do) not\b", re.I), r"\1"),
+    (re.compile(r"\bno (evidence|association|effect|benefit|advantage|improvement|correlation|relationship|difference)",
+                re.I), r"an \1"),
+    (re.compile(r"\bfailed to\b", re.I), "managed to"),
+    (re.compile(r"\b(remains?|is|are) (?:still )?(?:unclear|uncertain|inconclusive|controversial|unknown)\b", re.I), r"\1 established"),
+    (re.compile(r"\bremains? to be (?:determined|established|elucidated|clarified)\b", re.I), "is established"),
+    (re.compile(r"\ban (evidence|advantage|improvement)", re.I), r"\1"),
+)
+QUESTION_PHRASINGS = (
+    "Question: Does the study find that {claim}? Answer yes, no, or maybe from the abstract.",
+    "Based on this abstract, is it shown that {claim}? Reply yes, no or maybe.",
+    "Read the abstract. Did the authors find that {claim}? Answer with yes, no, or maybe.",
+    "From the study described, can one conclude that {claim}? Options: yes, no, maybe.",
+)
+
+
+def finding_label(sentence: str) -> str | None:
+    """yes / no / maybe when the sentence's cues decide it unambiguously, else ``None``."""
+    negated, open_, positive = NEGATED.search(sentence), OPEN.search(sentence), POSITIVE.search(sentence)
+    if open_ and not negated and not positive:
+        return "maybe"
+    if negated and not positive and not open_ and len(ANY_NEGATION.findall(sentence)) == 1 and not HEDGE.search(sentence):
+        return "no"
+    if positive and not ANY_NEGATION.search(sentence) and not open_ and not HEDGE.search(sentence):
+        return "yes"
+    return None
+
+
+def claim_of(sentence: str) -> str:
+    """The finding as a positive claim: negation and openness taken out, lead-in and full stop dropped."""
+    claim = sentence.strip().rstrip(".")
+    for pattern, replacement in _UNNEGATE:
+        claim = pattern.sub(replacement, claim)
+    claim = re.sub(r"^(?:in conclusion|in summary|overall|thus|therefore|conclusions?|results?)[,:]?\s+", "", claim, flags=re.I)
+    claim = re.sub(r"^(?:we (?:found|conclude|observed|showed) that|this study (?:shows|showed|demonstrates) that)\s+",
+                   "", claim, flags=re.I)
+    return claim[:1].lower() + claim[1:] if claim[1:2].islower() else claim
+
+
+def mine_findings(docs: Sequence[Passage], rng: random.Random) -> list[dict]:
+    tasks = []
+    for doc in docs:
+        parts = sentences(doc.text)
+        for position in range(max(1, len(parts) - FINDING_SENTENCES), len(parts)):
+            label = finding_label(parts[position])
+            context = " ".join(parts[:position])
+            if label is None or len(context.split()) < MIN_CONTEXT_WORDS:
+                continue
+            tasks.append({"instruction": pick_phrasing(rng, QUESTION_PHRASINGS, claim=claim_of(parts[position])),
+                          "input": context, "output": label, "label": label, "options": LABELS,
+                          "task_type": "yesno_qa", "doc_id": doc.id})
+            break
+    return tasks
+
+
+# Agreement with PubMedQA dev's gold answers (`python bench/miners.py`): below 0.9, so off by default
+# (``generate.miners = "finding_question"`` turns it on). PubMedQA's gold answers the title's question,
+# which often asks something other than the finding (e.g. "is it really the same?"): a lower bound.
+MINERS = [
+    Miner("finding_question", mine_findings, precision=0.560,
+          description="yes/no/maybe question from an abstract's finding, answered by its cues"),
+]
