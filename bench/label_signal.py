@@ -4,11 +4,22 @@
 
 The respond stage labels option tasks by calibrated log-likelihood under the domain's response
 template with seed demonstrations. This script labels a benchmark's development items exactly that
-way (no retrieval) and compares with the gold labels, before anything is trained: if the calibrated
-self-labels are less accurate than always answering the majority label, balanced self-labelled data
-can only pull a model that answers the majority away from it. ``auc`` is the mean one-vs-rest AUC of
-each label's calibrated margin over the others (0.5: no signal). Last line:
-``task=<t> n=<n> majority=<share> raw=<acc> calibrated=<acc> auc=<auc> minutes=<m>``.
+way (no retrieval) and compares with the gold labels, before anything is trained, for each way of
+taking the model's label prior out:
+
+- ``raw``: no calibration;
+- ``contextual``: each option's mean log-likelihood over the items subtracted (the respond default);
+- ``batch``: batch calibration (Zhou et al. 2023): per-item option probabilities, divided by each
+  option's mean probability over the items;
+- ``domain``: domain-context calibration (Fei et al. 2023): the prior from the same prompts with the
+  input replaced by random words of the items' own inputs (``--domain-samples`` of them);
+- ``ensemble``: a prompt ensemble (Arora et al. 2022): ``--variants`` demonstration sets, in
+  different orders, each batch-calibrated, their log-probabilities averaged.
+
+If the self-labels are less accurate than always answering the majority label, balanced
+self-labelled data can only pull a model that answers the majority away from it. ``auc`` is the mean
+one-vs-rest AUC of each label's margin over the others (0.5: no signal); ``f1`` the macro-F1. Last
+line: ``task=<t> n=<n> majority=<share> <method>_acc=.. <method>_f1=.. <method>_auc=.. ... minutes=<m>``.
 """
 
 from __future__ import annotations
@@ -63,6 +74,29 @@ def accuracy(scores: list[list[float]], gold: list[int]) -> float:
     return sum(quality.best_option(row) == g for row, g in zip(scores, gold)) / len(gold)
 
 
+def macro_f1(scores: list[list[float]], gold: list[int], labels: int) -> float:
+    predicted = [quality.best_option(row) for row in scores]
+    f1s = []
+    for label in range(labels):
+        hits = sum(p == g == label for p, g in zip(predicted, gold))
+        said, true = predicted.count(label), gold.count(label)
+        f1s.append(2 * hits / (said + true) if said + true else 0.0)
+    return sum(f1s) / labels
+
+
+def mean_auc(scores: list[list[float]], gold: list[int], labels: int) -> float:
+    aucs = [one_vs_rest_auc([quality.margin(row, k) for row in scores], [g == k for g in gold]) for k in range(labels)]
+    aucs = [auc for auc in aucs if auc is not None]
+    return sum(aucs) / len(aucs)
+
+
+def random_inputs(inputs: list[str], count: int, rng: random.Random) -> list[str]:
+    """Content-free inputs of the domain: random words of the items' inputs, as long as an average input."""
+    words = [word for text in inputs for word in text.split()]
+    length = max(1, round(len(words) / len(inputs)))
+    return [" ".join(rng.choices(words, k=length)) for _ in range(count)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", required=True, choices=sorted(DEV_TASK))
@@ -70,7 +104,8 @@ def main() -> None:
     parser.add_argument("--task-type", help="seed task type for the demonstrations")
     parser.add_argument("--max-items", type=int, default=150)
     parser.add_argument("--model", help="as selfspec --model (default: the embedded model)")
-    parser.add_argument("--content-free", action="store_true", help="also calibrate on a content-free input (twice the time)")
+    parser.add_argument("--variants", type=int, default=3, help="demonstration sets of the prompt ensemble")
+    parser.add_argument("--domain-samples", type=int, default=20, help="random-word inputs for domain-context calibration")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"benchmark data not found at {DATA}: set SELFSPEC_DATA")
@@ -92,38 +127,49 @@ def main() -> None:
     _, template = plugins.first_result("prompt_template", PromptTemplate, domain=args.domain, stage="response")
     context = {"domain": domain.name, "description": domain.description or domain.name}
     generator = make_generator(settings, resolve_model(settings.model), batch_size=settings.respond.batch_size)
+    options = quality.Options("labels", tuple(items[0].choices), tuple(items[0].choices))
+    groups = [options.group] * len(items)
 
-    options = [quality.Options("labels", tuple(item.choices), tuple(item.choices)) for item in items]
-    demos = [[d.to_dict() for d in demonstrations(seeds, task_type, settings.respond.num_demos,
-                                                  random.Random(f"{settings.seed}:{item.id}"))] for item in items]
+    def demos(variant: int) -> list[list[dict]]:
+        suffix = f":{variant}" if variant else ""  # variant 0 is the respond stage's own draw
+        return [[d.to_dict() for d in demonstrations(seeds, task_type, settings.respond.num_demos,
+                                                     random.Random(f"{settings.seed}:{item.id}{suffix}"))] for item in items]
 
-    def prompts(inputs: list[str]) -> list[str]:
-        return [template.render(shown, {"instruction": item.instruction, "input": text, "passages": ""}, **context)
-                for item, shown, text in zip(items, demos, inputs)]
+    def scored(shown: list[list[dict]], inputs: list[str], chosen: list) -> list[list[float]]:
+        prompts = [template.render(d, {"instruction": item.instruction, "input": text, "passages": ""}, **context)
+                   for item, d, text in zip(chosen, shown, inputs)]
+        requests = [r for prompt in prompts for r in quality.option_requests(prompt, options)]
+        results = iter(generator.loglikelihood(requests))
+        return [[quality.option_score(*next(results), options) for _ in options.keys] for _ in prompts]
 
-    raw = option_scores(generator, prompts([item.input for item in items]), options)
-    calibrated = quality.calibrate_scores(raw, [o.group for o in options])
-    # Contextual calibration with a content-free input (Zhao et al. 2021): each item's options after
-    # the same prompt with the input replaced by "N/A", subtracted; keeps a prior the inputs share.
-    free = option_scores(generator, prompts(["N/A"] * len(items)), options) if args.content_free else []
+    variants = [scored(demos(v), [item.input for item in items], items) for v in range(max(1, args.variants))]
+    raw = variants[0]
+    rng = random.Random(settings.seed)
+    free_items = [rng.choice(items) for _ in range(args.domain_samples)]
+    free_demos = [[d.to_dict() for d in demonstrations(seeds, task_type, settings.respond.num_demos, rng)] for _ in free_items]
+    free = scored(free_demos, random_inputs([item.input for item in items], args.domain_samples, rng), free_items)
+    prior = quality.label_prior([quality.log_normalize(row) for row in free], log_space=False)
+    batch_variants = [quality.calibrate_scores(v, groups, method="batch") for v in variants]
+    methods = {
+        "raw": raw,
+        "contextual": quality.calibrate_scores(raw, groups),
+        "batch": batch_variants[0],
+        "domain": [[p - b for p, b in zip(quality.log_normalize(row), prior)] for row in raw],
+        "ensemble": [[sum(v[i][k] for v in batch_variants) / len(batch_variants) for k in range(len(options.keys))]
+                     for i in range(len(items))],
+    }
     gold = [item.choices.index(item.answer) for item in items]
+    labels = items[0].choices
     n = len(items)
     majority = Counter(gold).most_common(1)[0][1] / n
-    raw_acc, cal_acc = accuracy(raw, gold), accuracy(calibrated, gold)
-    predicted = [quality.best_option(row) for row in calibrated]
-    labels = items[0].choices
-    aucs = {labels[k]: one_vs_rest_auc([quality.margin(row, k) for row in calibrated], [g == k for g in gold])
-            for k in range(len(labels))}
-    aucs = {label: auc for label, auc in aucs.items() if auc is not None}
-    print(f"gold: {dict(Counter(labels[g] for g in gold))}; raw predictions: "
-          f"{dict(Counter(labels[quality.best_option(r)] for r in raw))}; calibrated: {dict(Counter(labels[p] for p in predicted))}")
-    print(f"per-label AUC (calibrated margin, one vs rest): {', '.join(f'{label} {a:.3f}' for label, a in aucs.items())}")
-    if free:
-        adjusted = [[r - f for r, f in zip(row, free_row)] for row, free_row in zip(raw, free)]
-        print(f"content-free calibration: accuracy {accuracy(adjusted, gold):.3f}, predictions "
-              f"{dict(Counter(labels[quality.best_option(r)] for r in adjusted))}")
-    print(f"task={task_name} n={n} majority={majority:.3f} raw={raw_acc:.3f} calibrated={cal_acc:.3f} "
-          f"auc={sum(aucs.values()) / len(aucs):.3f} minutes={(time.time() - started) / 60:.1f}")
+    print(f"gold: {dict(Counter(labels[g] for g in gold))}")
+    figures = []
+    for name, rows in methods.items():
+        predicted = Counter(labels[quality.best_option(row)] for row in rows)
+        acc, f1, auc = accuracy(rows, gold), macro_f1(rows, gold, len(labels)), mean_auc(rows, gold, len(labels))
+        print(f"{name:>10}: accuracy {acc:.3f}, macro-F1 {f1:.3f}, AUC {auc:.3f}; predictions {dict(predicted)}")
+        figures.append(f"{name}_acc={acc:.3f} {name}_f1={f1:.3f} {name}_auc={auc:.3f}")
+    print(f"task={task_name} n={n} majority={majority:.3f} {' '.join(figures)} minutes={(time.time() - started) / 60:.1f}")
 
 
 if __name__ == "__main__":

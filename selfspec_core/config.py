@@ -68,7 +68,10 @@ class RespondSettings:
     min_relevance: float = 0.0  # drop instructions whose best BM25 score is lower (needs a corpus; 0 = off)
     response_checks: str = "degenerate,echo,refusal,truncated,copy,language,code"  # "" = none
     option_answers: bool = True  # tasks with stated options: pick the option by log-likelihood
-    calibrate: bool = True  # ... minus each option's mean log-likelihood over the task's items
+    calibrate: bool = True  # ... with the label prior of the task's items taken out
+    # "contextual": minus each option's mean log-likelihood; "batch": probabilities over the options
+    # divided by each option's mean probability (Zhou et al. 2023). See bench/label_signal.py.
+    calibration: str = "contextual"
     rationale: bool = False  # follow the chosen option with a short generated reason
     # Most one label may have of an option group: 1 = no cap; 1/n or less = every label at the
     # rarest one's count. Balanced self-labelled data is what lifts a small model off its favourite label.
@@ -274,6 +277,7 @@ _CHOICES = {
     "backend": ("hf", "vllm", "openai"),
     "executor": ("local", "ray"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "calibration": ("contextual", "batch"),
 }
 _LIST_CHOICES = {"modes": ("loglikelihood", "generate")}  # comma-separated
 

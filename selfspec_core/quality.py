@@ -229,14 +229,24 @@ def option_score(logprob: float, tokens: int, options: Options) -> float:
 MIN_GROUP_ITEMS = 4
 
 
-def calibrate_scores(scores: Sequence[Sequence[float]], groups: Sequence[str], calibrate: bool = True) -> list[list[float]]:
-    """Option scores with each group's label prior subtracted (contextual calibration).
+# How option scores are calibrated against the model's label prior (``respond.calibration``).
+CALIBRATIONS = ("contextual", "batch")
 
-    Within a group (items with the same options) an option's mean score over all the group's items
-    is what the model gives that label whatever the input says; subtracting it leaves what the input
-    itself adds. A group smaller than ``MIN_GROUP_ITEMS`` is too small to estimate a prior
-    and keeps its raw scores, as does every group with ``calibrate=False``.
+
+def calibrate_scores(scores: Sequence[Sequence[float]], groups: Sequence[str], calibrate: bool = True,
+                     method: str = "contextual") -> list[list[float]]:
+    """Option scores with each group's label prior taken out.
+
+    Within a group (items with the same options) what the model gives a label whatever the input
+    says is its prior; taking it out leaves what the input itself adds. ``contextual``: each
+    option's mean log-likelihood over the group's items, subtracted. ``batch`` (batch calibration,
+    Zhou et al. 2023): each item's options normalised to probabilities first, then the log of each
+    option's mean probability over the group subtracted. A group smaller than ``MIN_GROUP_ITEMS``
+    is too small to estimate a prior and keeps its raw scores, as does every group with
+    ``calibrate=False``.
     """
+    if method not in CALIBRATIONS:
+        raise SelfspecError(f"unknown calibration {method!r}: use one of {', '.join(CALIBRATIONS)}")
     members: dict[str, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         members[group].append(index)
@@ -244,11 +254,27 @@ def calibrate_scores(scores: Sequence[Sequence[float]], groups: Sequence[str], c
     for indices in members.values():
         if not calibrate or len(indices) < MIN_GROUP_ITEMS:
             continue
-        width = len(scores[indices[0]])
-        prior = [sum(scores[i][option] for i in indices) / len(indices) for option in range(width)]
-        for i in indices:
-            adjusted[i] = [score - bias for score, bias in zip(scores[i], prior)]
+        rows = [scores[i] if method == "contextual" else log_normalize(scores[i]) for i in indices]
+        prior = label_prior(rows, log_space=method == "contextual")
+        for i, row in zip(indices, rows):
+            adjusted[i] = [score - bias for score, bias in zip(row, prior)]
     return adjusted
+
+
+def log_normalize(row: Sequence[float]) -> list[float]:
+    """Log-likelihoods of one item's options as log-probabilities over those options."""
+    top = max(row)
+    total = top + math.log(sum(math.exp(score - top) for score in row))
+    return [score - total for score in row]
+
+
+def label_prior(rows: Sequence[Sequence[float]], log_space: bool) -> list[float]:
+    """Each option's prior over ``rows``: the mean score, or (``log_space=False``) the log of the
+    mean probability of log-normalised rows (a content-free prior when the rows carry no content)."""
+    width = len(rows[0])
+    if log_space:
+        return [sum(row[option] for row in rows) / len(rows) for option in range(width)]
+    return [math.log(sum(math.exp(row[option]) for row in rows) / len(rows)) for option in range(width)]
 
 
 def best_option(scores: Sequence[float]) -> int:

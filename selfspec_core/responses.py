@@ -280,7 +280,8 @@ def _choose_options(plans: list[Plan], scored: list[dict], settings) -> None:
     """Calibrated choice per demonstration set, then the majority over the sets."""
     groups = [plan.options.group for plan in plans]
     variants = len(scored[0]["scores"]) if scored else 0
-    adjusted = [quality.calibrate_scores([r["scores"][v] for r in scored], groups, settings.calibrate) for v in range(variants)]
+    adjusted = [quality.calibrate_scores([r["scores"][v] for r in scored], groups, settings.calibrate, settings.calibration)
+                for v in range(variants)]
     for number, plan in enumerate(plans):
         rows = [adjusted[v][number] for v in range(variants)]
         votes = [quality.best_option(row) for row in rows]

@@ -98,6 +98,21 @@ def test_calibration_on_hand_numbers():
     # groups are calibrated separately
     mixed = calibrate_scores(scores + [[-5.0, -1.0]] * 4, groups + ["yes/no"] * 4)
     assert mixed[4] == pytest.approx([0.0, 0.0]) and mixed[1] == adjusted[1]
+
+
+def test_batch_calibration_divides_by_the_mean_probability():
+    import math
+
+    # Option probabilities 0.9/0.1, 0.6/0.4, 0.8/0.2, 0.5/0.5, as unnormalised log-likelihoods (offset -3).
+    probabilities = [(0.9, 0.1), (0.6, 0.4), (0.8, 0.2), (0.5, 0.5)]
+    scores = [[math.log(p) - 3, math.log(q) - 3] for p, q in probabilities]
+    adjusted = calibrate_scores(scores, ["yes/no"] * 4, method="batch")
+    # mean probabilities 0.7 and 0.3: "yes" only where it beats its prior by more than "no" does
+    assert adjusted[1] == pytest.approx([math.log(0.6 / 0.7), math.log(0.4 / 0.3)])
+    assert [best_option(row) for row in adjusted] == [0, 1, 0, 1]
+    assert calibrate_scores(scores, ["yes/no"] * 4, calibrate=False, method="batch") == scores
+    with pytest.raises(SelfspecError, match="unknown calibration 'magic'"):
+        calibrate_scores(scores, ["yes/no"] * 4, method="magic")
     assert option_score(-6.0, 3, Options("choices", ("A",), ("A) x",))) == -2.0
     assert option_score(-6.0, 3, Options("labels", ("yes",), ("yes",))) == -6.0
     assert option_requests("Answer:", Options("labels", ("yes", "no"), ("yes", "no"))) == [("Answer:", " yes"), ("Answer:", " no")]
