@@ -5,6 +5,8 @@ private and may change in any release. The guide is docs/plugins.md.
 
 * Writing hooks: ``hookimpl``, ``Domain``, ``Seed``, ``PromptTemplate`` and ``default_template``,
   ``EvalTask``, ``EvalItem``, ``Passage``, ``SelfspecError``.
+* Mining tasks from a corpus (the ``task_miners`` hook): ``Miner``, ``sentences`` (a text cut into
+  sentences), ``pick_phrasing`` (one of several wordings of an instruction).
 * Reading data: ``data_root`` (the user's data directory), ``package_file`` (files the plugin ships),
   ``DataSource`` / ``HubDataset`` and ``find_data`` (a file from the data directory, else the
   plugin's shipped copy, else the Hub; see :mod:`selfspec_core.datasources`), ``read_text`` (plain or
@@ -12,7 +14,7 @@ private and may change in any release. The guide is docs/plugins.md.
   ``find_overlaps`` / ``ngram_overlap`` (keep a corpus disjoint from a benchmark).
 * Testing a plugin: what the installed plugins answer for a domain, as the pipeline sees it
   (``installed_domains``, ``domain_seeds``, ``domain_template``, ``domain_tasks``, ``task_items``,
-  ``domain_corpus``, ``filter_reason``, ``blacklist_pattern``), the contamination helpers
+  ``domain_corpus``, ``domain_miners``, ``filter_reason``, ``blacklist_pattern``), the contamination helpers
   ``item_texts`` / ``record_text``, ``check_plugin``, ``build_tiny_model``, and ``write_hub_dataset`` /
   ``use_hub_mirror`` (run the Hub path on local folders laid out like Hub dataset repositories).
 
@@ -38,6 +40,9 @@ from .templates import PromptTemplate
 # public name -> (private module, its name there)
 _LAZY = {
     "Passage": ("retrieval", "Passage"),
+    "Miner": ("mining", "Miner"),
+    "sentences": ("mining", "sentences"),
+    "pick_phrasing": ("mining", "pick_phrasing"),
     "read_eval_file": ("evaluation", "read_eval_file"),
     "find_overlaps": ("evaluation", "find_overlaps"),
     "ngram_overlap": ("evaluation", "ngram_overlap"),
@@ -55,7 +60,7 @@ _LAZY = {
 __all__ = [
     "hookimpl", "Domain", "Seed", "SEED_FIELDS", "PromptTemplate", "default_template", "EvalTask", "EvalItem",
     "SelfspecError", "data_root", "package_file", "DataSource", "HubDataset", "find_data", "read_text", "load_seeds",
-    "installed_domains", "domain_template", "domain_tasks", "task_items", "domain_corpus", *_LAZY,
+    "installed_domains", "domain_template", "domain_tasks", "task_items", "domain_corpus", "domain_miners", *_LAZY,
 ]
 
 
@@ -107,3 +112,12 @@ def domain_corpus(domain: str, data_dir: str | Path | None = None):
 
     found = resolve_corpus(None, domain, str(data_dir) if data_dir else None)
     return found[0] if found else None
+
+
+def domain_miners(domain: str) -> dict:
+    """Every corpus miner for ``domain`` by name (the core's and the plugins'), as the generate stage
+    sees them; ``Miner.on_by_default`` says which run unless ``generate.miners`` names others."""
+    from . import plugins
+    from .mining import available_miners
+
+    return available_miners(plugins.get_domain(domain))

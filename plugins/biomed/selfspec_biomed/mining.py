@@ -15,8 +15,7 @@ import random
 import re
 from typing import Sequence
 
-from selfspec_core.mining import Miner, pick_phrasing, sentences
-from selfspec_core.retrieval import Passage
+from selfspec_core.api import Miner, Passage, pick_phrasing, sentences
 
 LABELS = ("yes", "no", "maybe")
 FINDING_SENTENCES = 3  # a finding is looked for among an abstract's last sentences

@@ -4,10 +4,8 @@ import random
 
 import pytest
 
-from selfspec_core import mining as core_mining
-from selfspec_core import plugins
-from selfspec_core.retrieval import Passage
 from selfspec_biomed import mining
+from selfspec_core.api import Passage, domain_miners
 
 CONTEXT = ("Sixty adults with chronic cough were randomly assigned to the inhaled drug or to placebo for eight weeks. "
            "Cough frequency was recorded with an ambulatory monitor at baseline and at the end of treatment, and "
@@ -47,7 +45,6 @@ def test_findings_become_questions_over_the_abstract_before_them():
 
 
 def test_finding_miner_is_off_by_default_below_the_precision_bar():
-    domain = plugins.get_domain("biomed")
-    assert "finding_question" in core_mining.available_miners(domain)
-    assert core_mining.chosen_miners(domain, "") == []
-    assert [m.name for m in core_mining.chosen_miners(domain, "finding_question")] == ["finding_question"]
+    found = domain_miners("biomed")
+    assert set(found) == {"finding_question", "cause_effect"}
+    assert not any(miner.on_by_default for miner in found.values())

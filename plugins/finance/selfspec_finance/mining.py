@@ -19,8 +19,7 @@ import warnings
 from collections import Counter
 from typing import Sequence
 
-from selfspec_core.mining import Miner, pick_phrasing, sentences
-from selfspec_core.retrieval import Passage
+from selfspec_core.api import Miner, Passage, pick_phrasing, sentences
 
 SENTIMENTS = ("positive", "negative", "neutral")
 MIN_WORDS, MAX_WORDS = 6, 60

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from selfspec_core import mining as core_mining
-from selfspec_core import plugins
-from selfspec_core.retrieval import Passage
+from selfspec_core.api import Passage, domain_miners
 from selfspec_finance import mining
 from selfspec_finance.tasks import in_fpb_test_split, read_fpb
 
@@ -70,9 +68,9 @@ def test_table_questions_are_computed_from_the_cells_and_unusable_tables_reporte
 
 
 def test_miners_reach_the_pipeline_through_the_hook():
-    found = core_mining.available_miners(plugins.get_domain("finance"))
+    found = domain_miners("finance")
     assert {"sentiment_lexicon", "table_change", "cause_effect"} <= set(found)
-    assert [m.name for m in core_mining.chosen_miners(plugins.get_domain("finance"), "")] == ["sentiment_lexicon", "table_change"]
+    assert [name for name, miner in found.items() if miner.on_by_default] == ["sentiment_lexicon", "table_change"]
 
 
 def test_lexicon_precision_on_fpb_dev_is_what_the_miner_records():
