@@ -106,7 +106,7 @@ class _DomainCheck:
 
     def run(self) -> None:
         for hook in ("seed_provider", "prompt_template", "filter_record", "blacklist_words", "evaluation_tasks",
-                     "corpus_sources", "retrieval_corpus"):
+                     "corpus_sources", "retrieval_corpus", "task_miners"):
             if hook in self.hooks:
                 getattr(self, hook)()
             elif self.is_own:
@@ -211,6 +211,22 @@ class _DomainCheck:
             return
         for part in parts:
             self.note("corpus_sources", f"{part.name}: {': '.join(status(part, data_root(self.data_dir)))}")
+
+    def task_miners(self) -> None:
+        from .mining import Miner
+
+        miners = self.answer("task_miners", domain=self.domain.name)
+        if miners is None:
+            return
+        if not isinstance(miners, (list, tuple)) or not all(isinstance(m, Miner) for m in miners):
+            self.problem("task_miners", "expected a list of Miner")
+            return
+        for miner in miners:
+            if not callable(miner.mine):
+                self.problem("task_miners", f"miner {miner.name!r}: mine is not a function")
+            elif miner.precision is None:
+                self.note("task_miners", f"miner {miner.name!r} has no measured precision: off unless generate.miners names it")
+        self.note("task_miners", f"{len(miners)} miners, {sum(m.on_by_default for m in miners)} on by default")
 
     def retrieval_corpus(self) -> None:
         from .retrieval import Passage, load_corpus

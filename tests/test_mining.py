@@ -236,3 +236,29 @@ def test_respond_adds_mined_records_as_they_are_after_the_plugin_filters(tmp_pat
     assert all(r["output"] == r["label"] and r["answer"] == "mined" and r["miner"] == "direction" for r in kept_mined)
     assert manifest["sources"] == {"generated": 1, "mined": 11} and manifest["answers"]["mined"] == 11
     assert {r["source"] for r in data if r["id"] == "g1"} == {"generated"}
+
+
+def test_check_plugin_checks_the_miners(plugin):
+    from selfspec_core.plugincheck import check_plugin
+
+    class Registering(MinerPlugin):
+        @hookimpl
+        def register_domains(self, register):
+            register(DOMAIN)
+
+    plugin(Registering(Miner("direction", label_miner, 0.95), Miner("draft", label_miner)), "good-miners")
+    notes = check_plugin("good-miners").notes
+    assert "task_miners (domain minetest): miner 'draft' has no measured precision: off unless generate.miners names it" in notes
+    assert "task_miners (domain minetest): 2 miners, 1 on by default" in notes
+
+    class Bad:
+        @hookimpl
+        def register_domains(self, register):
+            register(Domain("minebad", "bad miners"))
+
+        @hookimpl
+        def task_miners(self, domain):
+            return ["not a miner"] if domain == "minebad" else None
+
+    plugin(Bad(), "bad-miners")
+    assert "plugin 'bad-miners': hook task_miners (domain minebad): expected a list of Miner" in check_plugin("bad-miners").problems

@@ -89,7 +89,8 @@ def test_plugins_lists_each_plugin_with_version_domains_and_hooks():
     assert by_name["finance"]["package"] == "selfspec-finance" and by_name["finance"]["version"] == "0.1.0"
     assert by_name["finance"]["domains"] == ["finance"]
     assert by_name["biomed"]["hooks"] == ["blacklist_words", "corpus_sources", "evaluation_tasks", "filter_record",
-                                          "prompt_template", "register_domains", "retrieval_corpus", "seed_provider"]
+                                          "prompt_template", "register_domains", "retrieval_corpus", "seed_provider",
+                                          "task_miners"]
     text = selfspec("plugins", "--all")
     assert text.returncode == 0
     assert "core  (selfspec 0.1.0)\n  domains: -\n  hooks: blacklist_words, prompt_template\n" in text.stdout
