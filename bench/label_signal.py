@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from selfspec_core import plugins, quality
+from selfspec_core import plugins, quality, scoring
 from selfspec_core.config import load_settings
 from selfspec_core.evaluation import load_tasks
 from selfspec_core.generation import make_generator
@@ -75,13 +75,8 @@ def accuracy(scores: list[list[float]], gold: list[int]) -> float:
 
 
 def macro_f1(scores: list[list[float]], gold: list[int], labels: int) -> float:
-    predicted = [quality.best_option(row) for row in scores]
-    f1s = []
-    for label in range(labels):
-        hits = sum(p == g == label for p, g in zip(predicted, gold))
-        said, true = predicted.count(label), gold.count(label)
-        f1s.append(2 * hits / (said + true) if said + true else 0.0)
-    return sum(f1s) / labels
+    """Macro-F1 over all ``labels``, as the evaluate stage computes it."""
+    return scoring.macro_f1(gold, [quality.best_option(row) for row in scores], labels=range(labels))
 
 
 def mean_auc(scores: list[list[float]], gold: list[int], labels: int) -> float:
