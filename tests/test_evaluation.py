@@ -19,13 +19,13 @@ from selfspec_core.rundir import RecordLog, RunDir, read_jsonl, write_jsonl
 from selfspec_core.tasks import EvalItem, EvalTask
 
 SENTENCES = [
-    ("Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007", "positive"),
+    ("Quarterly operating income at the Lisbon packaging unit climbed to EUR 21.4 million from EUR 15.2 million a year earlier", "positive"),
     ("The company said that its net sales in the first quarter fell by a quarter compared with last year", "negative"),
     ("The annual general meeting of the shareholders will be held in Helsinki on the first of April", "neutral"),
-    ("Pretax profit totaled EUR 9.0 mn , down from EUR 36.3 mn in 2008", "negative"),
-    ("Sales increased due to growing market rates and increased operations", "positive"),
+    ("Pre-tax earnings at the ferry operator slid to EUR 4.1 million, far below the EUR 19.6 million of the prior year", "negative"),
+    ("Revenue grew on the back of higher freight volumes and two new warehouse contracts", "positive"),
     ("The contract covers the installation of cables in the new office building", "neutral"),
-    ("Net income from life insurance doubled to EUR 6.8 mn from EUR 3.2 mn", "positive"),
+    ("Premium income in the insurance arm nearly tripled to EUR 9.3 million from EUR 3.4 million", "positive"),
     ("The share of the company fell sharply after the profit warning on Monday", "negative"),
     ("The board proposes a dividend of EUR 0.20 per share for the financial year", "neutral"),
     ("Finnish retailer reported a rise in quarterly sales driven by strong demand", "positive"),
@@ -181,7 +181,7 @@ def test_contamination_finds_planted_overlap():
     kept, dropped = drop_overlapping(records, texts, 13)
     assert [r["id"] for r in kept] == ["clean", "wording"] and [r["id"] for r in dropped] == ["leak"]
     shared = ngram_overlap([LEAKED], [SENTENCES[0][0] + " and more"], 13)
-    assert "operating profit rose to eur 13 1 mn from eur 8 7 mn" in shared
+    assert "quarterly operating income at the lisbon packaging unit climbed to eur 21 4" in shared
     assert ngram_overlap([LEAKED], [SENTENCES[1][0]], 13) == set()
     assert ngram_overlap(["a b c"], ["a b c"], 13) == set()  # shorter than n: cannot be checked
 

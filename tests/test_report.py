@@ -55,7 +55,7 @@ def _synthetic_run(path) -> RunDir:
     })
     atomic_write_json(run.stage_dir("evaluate") / "contamination.json", {
         "ngram": 13, "training_records": 70,
-        "overlapping_records": [{"id": "r3", "items": ["finance/phrasebank:17"], "example": "operating profit rose to eur 13 1 mn"}],
+        "overlapping_records": [{"id": "r3", "items": ["finance/phrasebank:17"], "example": "quarterly operating income at the lisbon packaging unit climbed"}],
         "tasks": {"finance/phrasebank": {"domain": "finance", "items": 500, "items_touched": 1, "share": 0.002,
                                          "scored_items_touched": 1, "too_short": 3, "training_records": ["r3"]}}})
     return run
