@@ -212,7 +212,7 @@ def score_model(label: str, settings, model_ref, adapter: Path | None, loaded: S
         ids = [item.id for item in task.scored]
         rows = done.get(task.key)
         if rows is not None and [row["id"] for row in rows] == ids:
-            results[task.key] = [ItemScore(r["id"], r["prediction"], r["score"], tuple(r["logprobs"])) for r in rows]
+            results[task.key] = [ItemScore.from_dict(r) for r in rows]
             continue
         prompts = [render_prompt(template, item, task.demos, context) for item in task.scored]
         options = scoring_options(task.task, template, settings.evaluate)

@@ -54,7 +54,7 @@ class ScoreCache:
         """The stored scores for ``key`` if they cover exactly ``ids``; None otherwise."""
         try:
             rows = json.loads(self._path(key).read_text(encoding="utf-8"))
-            scores = [ItemScore(r["id"], r["prediction"], r["score"], tuple(r["logprobs"])) for r in rows]
+            scores = [ItemScore.from_dict(r) for r in rows]
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return scores if [s.id for s in scores] == list(ids) else None

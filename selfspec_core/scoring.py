@@ -170,6 +170,11 @@ class ItemScore:
     score: float
     logprobs: tuple[float, ...] = ()
 
+    @classmethod
+    def from_dict(cls, row: dict) -> "ItemScore":
+        """Back from the ``asdict`` form stored in JSON (lists for tuples)."""
+        return cls(row["id"], row["prediction"], row["score"], tuple(row["logprobs"]))
+
 
 def choice_request(context: str, choice: str) -> tuple[str, str]:
     """The ``(context, continuation)`` to score a choice after ``context``.
