@@ -156,8 +156,7 @@ class Pipeline:
             counts = module.run_stage(ctx)
         if main:
             (work / ".hashes").unlink(missing_ok=True)
-            # training runs a forward and a backward pass, about three forward passes' work per token
-            speed = meter.figures(resolve_dtype(self.settings.dtype), passes=3.0 if stage == "train" else 1.0)
+            speed = meter.figures(resolve_dtype(self.settings.dtype))
             self.run.finish(stage, {
                 "config_hash": config_hash, "input_hash": input_hash, "seconds": round(time.time() - started, 2),
                 "model": self.model.name, **memory, "throughput": speed, **counts,

@@ -25,9 +25,10 @@ class TokenMeter:
     seconds: float = 0.0
     parameters: int = 0  # of the largest model that ran
     device: str = "cpu"
+    passes: float = 1.0  # forward-pass equivalents per token: training (forward and backward) about 3
 
-    def figures(self, dtype: str, passes: float = 1.0) -> dict:
-        """Manifest figures; ``passes``: forward-pass equivalents per token (training: about 3)."""
+    def figures(self, dtype: str) -> dict:
+        """Manifest figures, the ceiling divided by the work each token took (``passes``)."""
         tokens = self.prompt_tokens + self.generated_tokens
         figures = {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
                    "model_seconds": round(self.seconds, 2)}
@@ -35,7 +36,7 @@ class TokenMeter:
             figures["tokens_per_second"] = round(tokens / self.seconds, 1)
         if self.parameters:
             ceiling = ceiling_tokens_per_second(self.parameters, dtype, self.device)
-            figures["ceiling_tokens_per_second"] = round(ceiling / passes, 1)
+            figures["ceiling_tokens_per_second"] = round(ceiling / self.passes, 1)
         return figures
 
 
@@ -53,14 +54,16 @@ def metered() -> Iterator[TokenMeter]:
         _open_meters.remove(meter)
 
 
-def record(prompt_tokens: int, generated_tokens: int, seconds: float, parameters: int, device: str = "cpu") -> None:
-    """Add one model call to every open meter."""
+def record(prompt_tokens: int, generated_tokens: int, seconds: float, parameters: int, device: str = "cpu",
+           passes: float = 1.0) -> None:
+    """Add one model call (``passes`` forward-pass equivalents per token) to every open meter."""
     for meter in _open_meters:
         meter.prompt_tokens += prompt_tokens
         meter.generated_tokens += generated_tokens
         meter.seconds += seconds
         meter.parameters = max(meter.parameters, parameters)
         meter.device = device
+        meter.passes = max(meter.passes, passes)
 
 
 @contextmanager
@@ -72,11 +75,11 @@ def timed_call(model, prompt_tokens: int) -> Iterator[list[int]]:
     record_model(model, prompt_tokens, sum(generated), time.perf_counter() - started)
 
 
-def record_model(model, prompt_tokens: int, generated_tokens: int, seconds: float) -> None:
+def record_model(model, prompt_tokens: int, generated_tokens: int, seconds: float, passes: float = 1.0) -> None:
     """:func:`record` with the parameter count and device read off ``model``."""
     parameters = list(model.parameters())
     record(prompt_tokens, generated_tokens, seconds, sum(p.numel() for p in parameters),
-           parameters[0].device.type if parameters else "cpu")
+           parameters[0].device.type if parameters else "cpu", passes)
 
 
 @lru_cache(maxsize=None)

@@ -355,7 +355,9 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
-    throughput.record_model(model, trainer.state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0), 0, seconds)
+    # a forward and a backward pass: about three forward passes' work per token
+    throughput.record_model(model, trainer.state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0), 0, seconds,
+                            passes=3.0)
 
     state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
