@@ -251,10 +251,10 @@ def task_summary(loaded: LoadedTask, base: Sequence[ItemScore], specialized: Seq
                **compare([s.score for s in base], [s.score for s in specialized], evaluate.bootstrap_samples, seed)}
     if not (loaded.scored and all(item.choices for item in loaded.scored)):
         return summary
-    answers = Counter(item.answer.strip() for item in loaded.scored)
-    (answer, count), = answers.most_common(1)
-    summary["majority"] = {"answer": answer, "share": round(count / len(loaded.scored), 6)}
     gold = [item.answer.strip() for item in loaded.scored]
+    answers = Counter(gold)
+    (answer, count), = answers.most_common(1)
+    summary["majority"] = {"answer": answer, "share": round(count / len(gold), 6)}
     summary["macro_f1"] = compare_macro_f1(gold, chosen_labels(loaded.scored, base), chosen_labels(loaded.scored, specialized),
                                            evaluate.bootstrap_samples, seed)
     if task.mode == "loglikelihood":  # generated answers are free text
