@@ -352,6 +352,40 @@ def export(session: Session, merge, gguf, gguf_type, output, adapter):
     click.echo(f"merged model written to {output}")
 
 
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the composed model (router and manifest).")
+@click.option("--evaluate/--no-evaluate", default=True, show_default=True,
+              help="Score base, each specialist and the composed model on every installed domain's tasks.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="With --evaluate, also score the adapters merged by weights (linear, TIES) and one adapter tuned on all domains' data.")
+@click.option("--max-records", type=click.IntRange(min=20), default=400, show_default=True,
+              help="Most training records per domain (and general requests) the router learns from.")
+@click.pass_obj
+def compose(session: Session, runs, output, evaluate, baselines, max_records):
+    """Compose several domains' runs into one model: the base, every run's adapter, and a router (Self-MoE).
+
+    \b
+    selfspec compose runs/finance-quick runs/biomed-quick --output composed/
+    selfspec serve --composed composed/
+    """
+    from .compose import compose as build
+
+    settings = session.settings()
+    use_log_file()
+    build(runs, Path(output), dtype=settings.dtype, model=settings.model, max_records=max_records, seed=settings.seed,
+          log=click.echo)
+    click.echo(f"composed model written to {output}")
+    if evaluate:
+        from .compose_eval import evaluate_composed
+
+        result = evaluate_composed(Path(output), settings, log=click.echo, baselines=baselines)
+        for key, task in result["tasks"].items():
+            scores = ", ".join(f"{label} {row['score']:.3f}" for label, row in task["models"].items())
+            click.echo(f"  {key}: {scores}")
+        click.echo("  routing accuracy: " + ", ".join(f"{d} {a:.3f}" for d, a in result["routing_accuracy"].items()))
+
+
 @cli.command(name="new-domain")
 @click.argument("name")
 @click.option("--dest", type=click.Path(file_okay=False), default=".", show_default=True, help="Where to create the plugin folder.")

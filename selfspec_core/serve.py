@@ -52,6 +52,7 @@ class _Job:
     kind: Literal["generate", "score"]
     key: tuple | None  # jobs with equal keys may share a batch; None runs alone
     payload: tuple
+    expert: str | None = None  # with composed experts: the one asked for; None: the router picks
     future: Future = field(default_factory=Future)
 
 
@@ -67,10 +68,15 @@ class TokenScores:
 
 
 class ModelWorker:
-    """Runs every model call on one thread; jobs with the same key that arrive together form a batch."""
+    """Runs every model call on one thread; jobs with the same key that arrive together form a batch.
 
-    def __init__(self, generator: HFGenerator, max_batch: int = 8, window: float = 0.05, batch_sampling: bool = False):
+    With ``experts`` (a :class:`selfspec_core.compose.ComposedModel`), a job names its expert or leaves
+    it to the router; a batch is routed at once and runs expert by expert."""
+
+    def __init__(self, generator: HFGenerator, max_batch: int = 8, window: float = 0.05, batch_sampling: bool = False,
+                 experts=None):
         self.generator = generator
+        self.experts = experts
         self.context = model_context(generator)
         self.closing = False
         self.max_batch = max(1, max_batch)
@@ -83,18 +89,18 @@ class ModelWorker:
         self._thread.start()
 
     def generate(self, prompt: str, *, max_new_tokens: int, temperature: float, top_p: float,
-                 stop: tuple[str, ...], seed: int) -> Future:
-        """Future of ``(Completion, prompt token count)``."""
+                 stop: tuple[str, ...], seed: int, expert: str | None = None) -> Future:
+        """Future of ``(Completion, prompt token count, expert that answered)`` (expert ``None`` without experts)."""
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
         if temperature == 0:
-            key = ("generate", max_new_tokens, stop)
+            key = ("generate", max_new_tokens, stop, expert)
         else:  # batched, a sampled text would depend on its batch mates, not only on its seed
-            key = ("generate", max_new_tokens, stop, temperature, top_p) if self.batch_sampling else None
-        return self._submit(_Job("generate", key, (prompt, options)))
+            key = ("generate", max_new_tokens, stop, temperature, top_p, expert) if self.batch_sampling else None
+        return self._submit(_Job("generate", key, (prompt, options), expert))
 
-    def score(self, prompt: str, completion: str, top_k: int) -> Future:
-        """Future of the :class:`TokenScores` of ``prompt + completion``."""
-        return self._submit(_Job("score", ("score",), (prompt, completion, top_k)))
+    def score(self, prompt: str, completion: str, top_k: int, expert: str | None = None) -> Future:
+        """Future of the :class:`TokenScores` of ``prompt + completion`` (as ``expert``, else as routed)."""
+        return self._submit(_Job("score", ("score", expert), (prompt, completion, top_k), expert))
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop after the running batch; waiting jobs fail with :class:`ServerClosing`."""
@@ -188,6 +194,20 @@ class ModelWorker:
 
     def _run(self, kind: str, batch: list[_Job]) -> list:
         self.batch_sizes[len(batch)] += 1
+        if self.experts is None:
+            return [(*result, None) if kind == "generate" else result for result in self._run_model(kind, batch)]
+        unrouted = [job for job in batch if job.expert is None]
+        routes = dict(zip(map(id, unrouted), self.experts.route([job.payload[0] for job in unrouted])))
+        chosen = [job.expert or routes[id(job)] for job in batch]
+        results: list = [None] * len(batch)
+        for name in dict.fromkeys(chosen):
+            indices = [i for i, expert in enumerate(chosen) if expert == name]
+            with self.experts.use(name):
+                for i, result in zip(indices, self._run_model(kind, [batch[i] for i in indices])):
+                    results[i] = (*result, name) if kind == "generate" else result
+        return results
+
+    def _run_model(self, kind: str, batch: list[_Job]) -> list:
         tokenizer = self.generator.tokenizer
         if kind == "score":
             return score_tokens(self.generator, [job.payload for job in batch])
@@ -364,8 +384,12 @@ async def _reply(send, status: int, body: dict, headers: dict[str, str] | None =
 
 
 def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_new_tokens: int = 512,
-               batch_sampling: bool = False, limits: ServeLimits = ServeLimits()):
-    """The FastAPI app serving ``generator`` as model ``model_name`` (``max_new_tokens``: chat default)."""
+               batch_sampling: bool = False, limits: ServeLimits = ServeLimits(), experts=None):
+    """The FastAPI app serving ``generator`` as model ``model_name`` (``max_new_tokens``: chat default).
+
+    With ``experts`` (a :class:`selfspec_core.compose.ComposedModel` whose model ``generator`` runs),
+    ``model_name`` is routed per request and ``<model_name>:<expert>`` (``:base`` too) asks for one;
+    every choice says which ``expert`` answered."""
     import anyio.to_thread
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -373,7 +397,8 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    worker = ModelWorker(generator, max_batch=max_batch, batch_sampling=batch_sampling)
+    worker = ModelWorker(generator, max_batch=max_batch, batch_sampling=batch_sampling, experts=experts)
+    served = {model_name: None, **{f"{model_name}:{name}": name for name in (experts.names if experts else ())}}
     max_new_tokens = min(max_new_tokens, limits.max_tokens)
 
     class ApiError(Exception):
@@ -434,10 +459,12 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
         problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in exc.errors())
         return JSONResponse(error_body(problems[:2000]), status_code=400)
 
-    def check_model(request: Sampling) -> None:
-        if request.model not in (None, model_name):
-            raise ApiError(404, f"model {request.model!r} is not served here; this server serves {model_name!r}",
-                           "not_found_error", "model_not_found", "model")
+    def check_model(request: Sampling) -> str | None:
+        """The expert the request asks for by its model name (None: the router's choice, or no experts)."""
+        if request.model is not None and request.model not in served:
+            raise ApiError(404, f"model {request.model!r} is not served here; this server serves "
+                                f"{', '.join(map(repr, served))}", "not_found_error", "model_not_found", "model")
+        return served.get(request.model) if request.model else None
 
     def check_size(prompts: int, choices: int, max_tokens: int) -> None:
         if prompts * choices > limits.max_prompts:
@@ -477,9 +504,9 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
         return [dict(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
                      stop=tuple(s for s in stop if s), seed=seed + choice) for choice in range(request.n)]
 
-    def envelope(kind: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    def envelope(kind: str, choices: list[dict], prompt_tokens: int, completion_tokens: int, model: str | None) -> dict:
         return {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
-                "created": int(time.time()), "model": model_name, "choices": choices,
+                "created": int(time.time()), "model": model or model_name, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
@@ -493,13 +520,13 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "selfspec"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "selfspec"} for name in served]}
 
     @app.post("/v1/completions")
     def completions(request: CompletionRequest):
         deadline = time.monotonic() + limits.request_timeout
-        check_model(request)
+        expert = check_model(request)
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if not prompts:
             raise ApiError(400, "prompt: give a text or a non-empty list of texts", param="prompt")
@@ -507,18 +534,21 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
         check_size(len(prompts), request.n, max_tokens)
         # Submit every job before waiting on any, so the worker can batch them.
         asked = [(prompt, options) for prompt in prompts for options in sampling(request, max_tokens)]
-        results = wait(submit([functools.partial(worker.generate, prompt, **options) for prompt, options in asked]), deadline)
+        results = wait(submit([functools.partial(worker.generate, prompt, expert=expert, **options)
+                               for prompt, options in asked]), deadline)
         generated = [(prompt, *result) for (prompt, _), result in zip(asked, results)]
-        scores = (wait(submit([functools.partial(worker.score, prompt, completion.text, request.logprobs)
-                               for prompt, completion, _ in generated]), deadline)
+        scores = (wait(submit([functools.partial(worker.score, prompt, completion.text, request.logprobs, answered)
+                               for prompt, completion, _, answered in generated]), deadline)
                   if request.logprobs is not None else [])
         choices = []
-        for index, (prompt, completion, _) in enumerate(generated):
+        for index, (prompt, completion, _, answered) in enumerate(generated):
             choices.append({"index": index, "text": prompt + completion.text if request.echo else completion.text,
                             "logprobs": logprobs_field(scores[index], request.echo, len(prompt)) if scores else None,
-                            "finish_reason": "stop" if completion.finished else "length"})
-        prompt_tokens = sum(count for index, (_, _, count) in enumerate(generated) if index % request.n == 0)
-        body = envelope("text_completion", choices, prompt_tokens, sum(c.num_tokens for _, c, _ in generated))
+                            "finish_reason": "stop" if completion.finished else "length",
+                            **({"expert": answered} if answered else {})})
+        prompt_tokens = sum(count for index, (_, _, count, _) in enumerate(generated) if index % request.n == 0)
+        body = envelope("text_completion", choices, prompt_tokens, sum(c.num_tokens for _, c, _, _ in generated),
+                        request.model)
         if request.stream:
             return stream([{**body, "choices": [choice]} for choice in choices])
         return body
@@ -526,7 +556,7 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
     @app.post("/v1/chat/completions")
     def chat(request: ChatRequest):
         deadline = time.monotonic() + limits.request_timeout
-        check_model(request)
+        expert = check_model(request)
         messages = [{**message.model_dump(exclude_none=True), "content": _text(message.content)}
                     for message in request.messages]
         if not generator.tokenizer.chat_template:
@@ -537,15 +567,17 @@ def create_app(generator: HFGenerator, model_name: str, max_batch: int = 8, max_
             prompt = generator.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:
             raise ApiError(400, f"messages do not fit the model's chat template: {type(exc).__name__}: {exc}") from exc
-        results = wait(submit([functools.partial(worker.generate, prompt, **opts) for opts in sampling(request, max_tokens)]),
-                       deadline)
+        results = wait(submit([functools.partial(worker.generate, prompt, expert=expert, **opts)
+                               for opts in sampling(request, max_tokens)]), deadline)
         choices = [{"index": index, "message": {"role": "assistant", "content": completion.text},
-                    "finish_reason": "stop" if completion.finished else "length"}
-                   for index, (completion, _) in enumerate(results)]
-        body = envelope("chat.completion", choices, results[0][1], sum(c.num_tokens for c, _ in results))
+                    "finish_reason": "stop" if completion.finished else "length",
+                    **({"expert": answered} if answered else {})}
+                   for index, (completion, _, answered) in enumerate(results)]
+        body = envelope("chat.completion", choices, results[0][1], sum(c.num_tokens for c, _, _ in results), request.model)
         if request.stream:
             return stream([{**body, "object": "chat.completion.chunk",
-                            "choices": [{"index": c["index"], "delta": c["message"], "finish_reason": c["finish_reason"]}]}
+                            "choices": [{"index": c["index"], "delta": c["message"], "finish_reason": c["finish_reason"],
+                                         **({"expert": c["expert"]} if "expert" in c else {})}]}
                            for c in choices])
         return body
 
@@ -617,6 +649,8 @@ _DEFAULT_LIMITS = ServeLimits()
 @click.command(name="serve")
 @click.option("--adapter", type=click.Path(file_okay=False, exists=True),
               help="LoRA adapter on top of the base (default with --domain: the run's; else the base alone).")
+@click.option("--composed", type=click.Path(file_okay=False, exists=True),
+              help="A folder made by `selfspec compose`: every expert behind its router (instead of --adapter).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option("--name", "served_name", help="Model name clients pass (default: <model>+<run>).")
@@ -637,7 +671,7 @@ _DEFAULT_LIMITS = ServeLimits()
 @click.option("--request-timeout", type=click.FloatRange(min=1), default=_DEFAULT_LIMITS.request_timeout, show_default=True,
               help="Seconds a request may wait for the model (then 503); also the grace period at shutdown.")
 @click.pass_obj
-def command(session, adapter, host, port, served_name, batch_size, batch_sampling, api_key, max_tokens, max_prompts,
+def command(session, adapter, composed, host, port, served_name, batch_size, batch_sampling, api_key, max_tokens, max_prompts,
             max_body, max_queue, request_timeout):
     """Serve the (specialized) model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."""
     import uvicorn
@@ -647,19 +681,31 @@ def command(session, adapter, host, port, served_name, batch_size, batch_samplin
     from .models import load_model, load_tokenizer, resolve_model
 
     settings = session.settings() if session is not None else load_settings()
-    if adapter is None and session is not None and session.domain_name:
+    if composed is not None and adapter is not None:
+        raise SelfspecError("serve: pass --adapter (one expert) or --composed (all of them behind a router), not both")
+    if adapter is None and composed is None and session is not None and session.domain_name:
         adapter = session.run_dir(session.domain()).require("train", "adapter")
     adapter = Path(adapter) if adapter is not None else None
-    ref = resolve_model(settings.model)
     logs.adopt_library_loggers()
-    generator = HFGenerator(load_model(ref, adapter=adapter, dtype=settings.dtype), load_tokenizer(ref), batch_size)
-    name = served_name or default_model_name(ref.name, adapter)
+    experts = None
+    if composed is not None:
+        from .compose import ComposedModel
+
+        experts = ComposedModel(composed, dtype=settings.dtype)
+        generator = HFGenerator(experts.model, experts.tokenizer, batch_size)
+        name = served_name or f"{experts.ref.name}+{Path(composed).resolve().name}"
+    else:
+        ref = resolve_model(settings.model)
+        generator = HFGenerator(load_model(ref, adapter=adapter, dtype=settings.dtype), load_tokenizer(ref), batch_size)
+        name = served_name or default_model_name(ref.name, adapter)
     limits = ServeLimits(api_key=api_key or None, max_tokens=max_tokens, max_prompts=max_prompts, max_body_bytes=max_body,
                          max_queue=max_queue, request_timeout=request_timeout)
-    app = create_app(generator, name, max_batch=batch_size, batch_sampling=batch_sampling, limits=limits)
+    app = create_app(generator, name, max_batch=batch_size, batch_sampling=batch_sampling, limits=limits, experts=experts)
     if host not in ("127.0.0.1", "localhost", "::1") and not limits.api_key:
         click.echo(f"warning: listening on {host} without authentication: anyone who can reach port {port} "
                    f"can use the model (pass --api-key or set SELFSPEC_API_KEY)", err=True)
-    click.echo(f"serving {name} at http://{host}:{port}/v1 (adapter: {adapter or 'none'}"
+    served = (f"experts: {', '.join(experts.names)}, routed; ask for one as {name}:<expert>" if experts
+              else f"adapter: {adapter or 'none'}")
+    click.echo(f"serving {name} at http://{host}:{port}/v1 ({served}"
                f"{', API key required' if limits.api_key else ''})")
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(request_timeout))

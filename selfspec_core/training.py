@@ -324,34 +324,41 @@ def make_trainer(model, examples: list[Example], settings: TrainSettings, tokeni
 
 def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     """Train a LoRA adapter on ``respond/data.jsonl``; ``callbacks`` are extra TrainerCallbacks."""
-    from transformers import set_seed
-
-    settings = ctx.settings.train
     data_path = ctx.run.require("respond", "data.jsonl")
     data_hash = file_hash(data_path)
-    adapter_dir = ctx.work / "adapter"
-    saved = _saved_stats(adapter_dir, data_hash)
+    saved = _saved_stats(ctx.work / "adapter", data_hash)
     if saved is not None:  # killed after saving the adapter, before the stage was sealed
         return saved
-
     template = ctx.template("train")
     tokenizer = load_tokenizer(ctx.model)
-    examples = [encode_example(r, template, tokenizer, settings.max_length, ctx.template_context)
+    examples = [encode_example(r, template, tokenizer, ctx.settings.train.max_length, ctx.template_context)
                 for r in load_records(data_path, stage_command(ctx.domain.name, "respond", ctx.run.path))]
+    info = {"data_file": "respond/data.jsonl", "data_hash": data_hash, "prompt_template": dataclasses.asdict(template)}
+    return train_adapter(ctx.model, examples, ctx.settings.train, ctx.work, ctx.settings.seed,
+                         resolve_dtype(ctx.settings.dtype), info, ctx.log, callbacks)
+
+
+def train_adapter(ref: ModelRef, examples: list[Example], settings: TrainSettings, work: Path, seed: int, dtype: str,
+                  info: dict, log=print, callbacks: Sequence = ()) -> dict:
+    """Tune a LoRA adapter of ``ref`` on ``examples`` into ``work/adapter`` (checkpoints in
+    ``work/checkpoints``, resumed after a kill; the log in ``work/train_log.jsonl``). ``info`` (the data
+    and template it was made from) goes into the adapter's ``selfspec_training.json``; returns the stats."""
+    from transformers import set_seed
+
+    tokenizer = load_tokenizer(ref)
     quant = default_quant(settings.quant)
-    checkpoints = ctx.work / "checkpoints"
+    checkpoints = work / "checkpoints"
     # Before the model: the arguments join the process group (so each GPU process loads onto its own
     # device) and, under an accelerate DeepSpeed config with zero3_init_flag, make loading sharded.
-    dtype = resolve_dtype(ctx.settings.dtype)
-    args = training_arguments(settings, checkpoints, ctx.settings.seed, dtype)
+    args = training_arguments(settings, checkpoints, seed, dtype)
     resume = resume_checkpoint(checkpoints, args.world_size)
-    set_seed(ctx.settings.seed)
-    model = lora_model(ctx.model, settings, quant, dtype)
+    set_seed(seed)
+    model = lora_model(ref, settings, quant, dtype)
     resumed = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8")) if resume else {}
     if resume:
-        ctx.log(f"[train] resuming from {resume.name}")
-    log = [TrainLog(ctx.work / "train_log.jsonl", resumed.get("global_step", 0), ctx.log)] if distributed.is_main_process() else []
-    trainer = make_trainer(model, examples, settings, tokenizer, args, [*log, *callbacks])
+        log(f"[train] resuming from {resume.name}")
+    train_log = [TrainLog(work / "train_log.jsonl", resumed.get("global_step", 0), log)] if distributed.is_main_process() else []
+    trainer = make_trainer(model, examples, settings, tokenizer, args, [*train_log, *callbacks])
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
@@ -370,15 +377,13 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
         "tokens_per_s": round((state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0)) / seconds, 1),
         "quant": quant, "packing": settings.packing, "processes": args.world_size,
     }
-    info = {"selfspec_version": __version__, "model": ctx.model.name, "model_path": ctx.model.path,
-            "data_file": "respond/data.jsonl", "data_hash": data_hash, "seed": ctx.settings.seed,
-            "settings": dataclasses.asdict(settings), "prompt_template": dataclasses.asdict(template),
-            "stats": stats}
-    save_adapter(trainer, adapter_dir, info)
+    info = {"selfspec_version": __version__, "model": ref.name, "model_path": ref.path, "seed": seed,
+            "settings": dataclasses.asdict(settings), **info, "stats": stats}
+    save_adapter(trainer, work / "adapter", info)
     if distributed.is_main_process():
         shutil.rmtree(checkpoints, ignore_errors=True)
-    ctx.log(f"[train] {stats['steps']} steps on {len(examples)} examples ({stats['truncated']} truncated), "
-            f"final loss {stats['final_loss']}, {stats['tokens_per_s']} tokens/s")
+    log(f"[train] {stats['steps']} steps on {len(examples)} examples ({stats['truncated']} truncated), "
+        f"final loss {stats['final_loss']}, {stats['tokens_per_s']} tokens/s")
     return stats
 
 

@@ -1,0 +1,194 @@
+"""`selfspec compose`: experts from runs, a router learnt from their data, bad input, evaluation."""
+
+import json
+import random
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from selfspec_core.cli import main
+from selfspec_core.compose import BASE, ComposedModel, compose, general_prompts, read_composed, route_texts
+from selfspec_core.config import load_settings
+from selfspec_core.defaults import TRAIN_TEMPLATE
+from selfspec_core.errors import SelfspecError
+from selfspec_core.models import ModelRef, load_model, load_tokenizer
+from selfspec_core.rundir import write_jsonl
+
+_FINANCE = (["revenue", "dividend", "bond yields", "operating margin", "share buyback", "net income", "quarterly earnings",
+             "credit rating", "cash flow", "stock price"],
+            ["Classify the sentiment of this sentence about {x}.", "Did {x} rise or fall in the quarter?",
+             "Explain what {x} tells an investor.", "Summarize the change in {x} for shareholders."])
+_BIOMED = (["mortality", "the placebo group", "tumour growth", "blood pressure", "the randomized trial", "insulin resistance",
+            "viral load", "the cohort study", "gene expression", "adverse events"],
+           ["Does the abstract show that treatment lowered {x}?", "What did the study find about {x} in patients?",
+            "Is {x} reported as significant in the trial?", "Summarize the finding on {x} for clinicians."])
+
+
+def domain_records(words, forms, n, seed):
+    rng = random.Random(seed)
+    return [{"instruction": rng.choice(forms).format(x=rng.choice(words)),
+             "input": f"The report on {rng.choice(words)} and {rng.choice(words)} was published.", "output": "yes"}
+            for _ in range(n)]
+
+
+def make_run(folder: Path, domain: str, model_dir: Path, records: list[dict], seed: int = 0, adapter: bool = True,
+             model: str | None = None) -> Path:
+    """A finished run folder as the pipeline leaves it: run.json, config.json, respond/data.jsonl, train/adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"domain": domain, "version": "0"}))
+    (folder / "config.json").write_text(json.dumps({"model": model or str(model_dir)}))
+    (folder / "respond").mkdir()
+    write_jsonl(folder / "respond" / "data.jsonl", records)
+    if adapter:
+        import torch
+
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        target = folder / "train" / "adapter"
+        get_peft_model(load_model(ModelRef("tiny", str(model_dir))), lora).save_pretrained(target)
+        (target / "selfspec_training.json").write_text(json.dumps(
+            {"model": "tiny", "data_file": "respond/data.jsonl", "prompt_template": asdict(TRAIN_TEMPLATE)}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return (make_run(root / "finance-quick", "finance", tiny_model_dir, domain_records(*_FINANCE, 60, 1), seed=1),
+            make_run(root / "biomed-quick", "biomed", tiny_model_dir, domain_records(*_BIOMED, 60, 2), seed=2))
+
+
+@pytest.fixture(scope="module")
+def composed(two_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("composed")
+    manifest = compose(two_runs, out, dtype="float32", log=lambda line: None)
+    return out, manifest
+
+
+def test_general_prompts_are_many_and_varied():
+    prompts = general_prompts()
+    assert len(prompts) >= 200
+    assert len({p["instruction"] for p in prompts}) == len(prompts)
+
+
+def test_router_sends_known_inputs_to_their_expert(composed, tiny_model_dir):
+    out, manifest = composed
+    assert manifest["labels"] == [BASE, "finance", "biomed"]
+    assert manifest["router"]["held_back_accuracy"]["all"] >= 0.9
+    _, experts, router = read_composed(out)
+    ref = ModelRef("tiny", str(tiny_model_dir))
+    model, tokenizer = load_model(ref), load_tokenizer(ref)
+    finance = [r["instruction"] + "\n\n" + r["input"] for r in domain_records(*_FINANCE, 20, 99)]
+    biomed = [r["instruction"] + "\n\n" + r["input"] for r in domain_records(*_BIOMED, 20, 98)]
+    routed = route_texts(model, tokenizer, router, finance + biomed)
+    assert sum(r == "finance" for r in routed[:20]) >= 18
+    assert sum(r == "biomed" for r in routed[20:]) >= 18
+
+
+def test_composed_model_answers_as_the_chosen_expert(composed, tiny_model_dir):
+    out, _ = composed
+    model = ComposedModel(out, dtype="float32")
+    assert model.names == [BASE, "finance", "biomed"]
+    prompt = load_tokenizer(model.ref)("Did revenue rise or fall in the quarter?", return_tensors="pt").input_ids
+    import torch
+
+    outputs = {}
+    with torch.inference_mode():
+        for name in model.names:
+            with model.use(name):
+                outputs[name] = model.model(input_ids=prompt).logits
+    base = load_model(ModelRef("tiny", str(tiny_model_dir)))(input_ids=prompt).logits
+    assert torch.allclose(outputs[BASE], base, atol=1e-5)  # adapters off: the plain base
+    assert not torch.allclose(outputs["finance"], outputs["biomed"])
+    finance_alone = load_model(ModelRef("tiny", str(tiny_model_dir)), adapter=Path(two_runs_adapter(out, "finance")))
+    assert torch.allclose(outputs["finance"], finance_alone(input_ids=prompt).logits, atol=1e-4)
+
+
+def two_runs_adapter(out: Path, name: str) -> str:
+    _, experts, _ = read_composed(out)
+    return next(e.adapter for e in experts if e.name == name)
+
+
+@pytest.mark.parametrize("problem", ["same_domain", "other_base", "no_adapter", "too_little", "not_a_run"])
+def test_bad_runs_fail_in_one_line_with_exit_2(problem, two_runs, tiny_model_dir, tmp_path, capsys):
+    finance, biomed = two_runs
+    if problem == "same_domain":
+        other = make_run(tmp_path / "finance-2", "finance", tiny_model_dir, domain_records(*_FINANCE, 30, 3))
+        runs, expected = [finance, other], "both runs of domain 'finance'"
+    elif problem == "other_base":
+        other = make_run(tmp_path / "legal", "legal", tiny_model_dir, domain_records(*_FINANCE, 30, 3), model="gemma3-270m")
+        runs, expected = [finance, other], "different base models"
+    elif problem == "no_adapter":
+        other = make_run(tmp_path / "legal", "legal", tiny_model_dir, domain_records(*_FINANCE, 30, 3), adapter=False)
+        runs, expected = [finance, other], "the run has no adapter"
+    elif problem == "too_little":
+        other = make_run(tmp_path / "legal", "legal", tiny_model_dir, domain_records(*_FINANCE, 5, 3))
+        runs, expected = [biomed, other], "only 5 training records of domain 'legal'"
+    else:
+        (tmp_path / "stray").mkdir()
+        runs, expected = [finance, tmp_path / "stray"], "neither a run folder nor a run's train/adapter"
+    capsys.readouterr()  # the progress bars of making the runs
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compose", *map(str, runs), "--output", str(tmp_path / "out"), "--no-evaluate"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+
+
+def test_evaluation_scores_every_model_and_routes_benchmark_items(composed, tmp_path, monkeypatch):
+    """On the biomed plugin's shipped PubMedQA: base, both specialists, both merges, the multi-task
+    adapter and the composed model, each with its interval; the report has the table and the plot."""
+    from selfspec_core.compose_eval import evaluate_composed
+
+    out, _ = composed
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "cache"))
+    settings = load_settings("tiny", overrides={"evaluate": {"max_items": 12, "tasks": "pubmedqa", "cache_base_scores": False},
+                                                "train": {"max_steps": 2, "epochs": 0}, "dtype": "float32"})
+    result = evaluate_composed(out, settings, log=lambda line: None)
+    task = result["tasks"]["biomed/pubmedqa"]
+    assert set(task["models"]) == {BASE, "finance", "biomed", "merged-linear", "merged-ties", "multitask", "composed"}
+    assert task["n"] == 12 and sum(task["routes"].values()) == 12
+    assert "composed_vs_specialist" in task
+    assert 0 <= result["routing_accuracy"]["biomed"] <= 1
+    report = (out / "eval" / "report.md").read_text()
+    assert "Composed experts" in report and (out / "eval" / "composition.png").stat().st_size > 0
+    predictions = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    for row in predictions:  # the composed answer is the routed model's answer
+        assert row["composed"] == row[row["route"]]
+    with pytest.raises(SelfspecError, match="not a composed model"):
+        read_composed(tmp_path)
+
+
+def test_serve_routes_each_request_and_serves_each_expert_by_name(composed, tiny_model_dir):
+    """The composed model behind the API: a request to the composed name is routed and says which expert
+    answered; `<name>:<expert>` asks for one, and gets what that adapter alone would write."""
+    from selfspec_core.generation import HFGenerator
+    from selfspec_core.serve import ServerThread, create_app
+    from tests.test_serve import post
+
+    out, _ = composed
+    experts = ComposedModel(out, dtype="float32")
+    app = create_app(HFGenerator(experts.model, experts.tokenizer, 8), "tiny+composed", experts=experts)
+    finance = "Did quarterly earnings rise or fall in the quarter?\n\nThe report on revenue and cash flow was published."
+    biomed = "Does the abstract show that treatment lowered mortality?\n\nThe report on viral load and adverse events was published."
+    with ServerThread(app) as server:
+        with urllib.request.urlopen(f"{server.url}/models", timeout=30) as reply:
+            names = [m["id"] for m in json.loads(reply.read())["data"]]
+        assert names == ["tiny+composed", "tiny+composed:base", "tiny+composed:finance", "tiny+composed:biomed"]
+        status, body = post(f"{server.url}/completions", {"model": "tiny+composed", "prompt": [finance, biomed],
+                                                          "max_tokens": 6, "temperature": 0})
+        assert status == 200
+        assert [c["expert"] for c in json.loads(body)["choices"]] == ["finance", "biomed"]
+        status, body = post(f"{server.url}/completions", {"model": "tiny+composed:biomed", "prompt": finance,
+                                                          "max_tokens": 6, "temperature": 0})
+        reply = json.loads(body)
+        assert status == 200 and reply["choices"][0]["expert"] == "biomed" and reply["model"] == "tiny+composed:biomed"
+        alone = HFGenerator(load_model(ModelRef("tiny", str(tiny_model_dir)), adapter=two_runs_adapter(out, "biomed")),
+                            experts.tokenizer, 8).generate([finance], max_new_tokens=6)[0].text
+        assert reply["choices"][0]["text"] == alone
+        status, body = post(f"{server.url}/completions", {"model": "tiny+composed:legal", "prompt": finance})
+        assert status == 404 and "tiny+composed:finance" in body
