@@ -70,7 +70,8 @@ def test_serve_command_serves_the_adapter(tiny_model_dir, tmp_path):
         port = probe.getsockname()[1]
     log = tmp_path / "serve.log"
     with log.open("w") as output:
-        server = subprocess.Popen([sys.executable, "-c", LAUNCH, "--model", str(tiny_model_dir), "serve",
+        # float32 as the local generator compared with below (auto is bfloat16 on a CPU with AVX512-BF16)
+        server = subprocess.Popen([sys.executable, "-c", LAUNCH, "--model", str(tiny_model_dir), "--dtype", "float32", "serve",
                                    "--adapter", str(adapter), "--port", str(port)],
                                   stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     try:
