@@ -25,7 +25,8 @@ def local_ray():
 
 def test_ray_executor_matches_local(local_ray, tiny_model_dir):
     ref = ModelRef("tiny", str(tiny_model_dir))
-    settings = load_settings("tiny", overrides={"executor": "ray", "ray": {"actors": 1}})
+    # float32 like the local generator below (auto is bfloat16 on a CPU with AVX512-BF16)
+    settings = load_settings("tiny", overrides={"executor": "ray", "dtype": "float32", "ray": {"actors": 1}})
     distributed = make_generator(settings, ref, batch_size=2)
     assert isinstance(distributed, RayGenerator)
     local = HFGenerator(load_model(ref), load_tokenizer(ref), batch_size=2)

@@ -48,13 +48,14 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(ModelRef("tiny", str(tiny_model_dir)))
 
 
-def make_ctx(tmp_path, model_dir, records=RECORDS, run=None, **train):
-    """A train stage context over ``records`` (a finished respond stage) with ``train`` overrides."""
+def make_ctx(tmp_path, model_dir, records=RECORDS, run=None, dtype="float32", **train):
+    """A train stage context over ``records`` (a finished respond stage) with ``train`` overrides; float32
+    unless ``dtype`` says otherwise, so exact comparisons hold on CPUs where auto means bfloat16."""
     if run is None:
         run = RunDir(tmp_path / "run", DOMAIN.name).open()
         write_jsonl(run.partial_dir("respond") / "data.jsonl", records)
         run.finish("respond", {})
-    settings = load_settings("tiny", overrides={"train": {"quant": "none", "lora_dropout": 0.0, **train}})
+    settings = load_settings("tiny", overrides={"dtype": dtype, "train": {"quant": "none", "lora_dropout": 0.0, **train}})
     return StageContext(settings, DOMAIN, run, [], ModelRef("tiny", str(model_dir)), run.partial_dir("train"), log=lambda _: None)
 
 
