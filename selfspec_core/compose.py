@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import SelfspecError
-from .generation import token_batches
+from .generation import padded, token_batches
 from .models import ModelRef, check_adapter, load_model, load_tokenizer, resolve_model
 from .rundir import atomic_write_json, iter_jsonl
 from .templates import PromptTemplate
@@ -136,13 +136,10 @@ def prompt_features(model, tokenizer, texts: Sequence[str], max_tokens: int = RO
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     with torch.inference_mode(), disabled:
         for batch in token_batches([len(ids) for ids in encoded], batch_tokens):
-            width = len(encoded[batch[0]])
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, index in enumerate(batch):
-                ids[row, : len(encoded[index])] = torch.tensor(encoded[index])
-                mask[row, : len(encoded[index])] = 1
-            hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states
+            ids, mask = padded([encoded[i] for i in batch], tokenizer.pad_token_id)
+            # only the hidden states are wanted: one position through the output layer, not every one
+            hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                           logits_to_keep=1).hidden_states
             weights = mask.to(device).unsqueeze(-1).float()
             pooled = [(hidden[depth].float() * weights).sum(1) / weights.sum(1) for depth in (0, len(hidden) // 2, -1)]
             for row, index in enumerate(batch):

@@ -49,6 +49,21 @@ def token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def padded(rows: Sequence[Sequence[int]], pad: int, left: bool = False):
+    """``rows`` of token ids as one ``(ids, attention mask)`` pair of tensors, padded to the longest
+    row on the right (or on the ``left``, where generation and last-token scoring need the ends aligned)."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for number, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[number, span] = torch.tensor(row, dtype=torch.long)
+        mask[number, span] = 1
+    return ids, mask
+
+
 def length_batches(tokenizer, texts: Sequence[str], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar token length: less padding, same results."""
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
@@ -168,14 +183,8 @@ class HFGenerator:
         """
         import torch
 
-        pad = self.tokenizer.pad_token_id
         for batch in token_batches([len(s) for s in sequences], self.batch_tokens):
-            width = max(len(sequences[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, index in enumerate(batch):
-                ids[row, width - len(sequences[index]):] = torch.tensor(sequences[index])
-                mask[row, width - len(sequences[index]):] = 1
+            ids, mask = padded([sequences[i] for i in batch], self.tokenizer.pad_token_id, left=True)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode(), timed_call(self.model, int(mask.sum())):
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import click
 
 from .errors import SelfspecError
-from .generation import Completion, HFGenerator
+from .generation import Completion, HFGenerator, padded
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,15 +256,9 @@ def score_tokens(generator: HFGenerator, items: list[tuple[str, str, int]]) -> l
             if start == 0:
                 prompt_count = len(ids)
         encoded.append((ids, offsets, ends, prompt_count))
-    width = max((len(ids) for ids, *_ in encoded), default=0)
-    if width == 0:
+    if not any(ids for ids, *_ in encoded):
         return [TokenScores([], [], [], [], 0) for _ in items]
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(items), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, (ids, *_) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[row, : len(ids)] = 1
+    input_ids, mask = padded([ids for ids, *_ in encoded], tokenizer.pad_token_id)
     with torch.inference_mode():
         logits = generator.model(input_ids=input_ids.to(generator.device), attention_mask=mask.to(generator.device)).logits
     logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
