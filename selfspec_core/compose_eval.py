@@ -18,7 +18,6 @@ model's score), ``report.md``/``report.html`` with one table and one plot; the b
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -72,15 +71,12 @@ def merge_adapters(ref: ModelRef, experts: Sequence[Expert], out: Path, log: Cal
 
 def train_multitask(ref: ModelRef, experts: Sequence[Expert], settings, out: Path, log: Callable[[str], None]) -> Path:
     """One adapter tuned on every expert's training records together, each in its own template."""
-    from .training import TRAINING_INFO, encode_example, train_adapter
+    from .training import encode_example, saved_stats, train_adapter
 
     adapter = out / "adapter"
     data_hash = file_hash(*[Path(expert.data) for expert in experts])
-    try:
-        if json.loads((adapter / TRAINING_INFO).read_text(encoding="utf-8")).get("data_hash") == data_hash:
-            return adapter
-    except (OSError, ValueError):
-        pass
+    if saved_stats(adapter, data_hash) is not None:
+        return adapter
     tokenizer = load_tokenizer(ref)
     examples = []
     for expert in experts:
@@ -90,7 +86,7 @@ def train_multitask(ref: ModelRef, experts: Sequence[Expert], settings, out: Pat
     log(f"[compose] {MULTITASK}: tuning one adapter on {len(examples)} records of {len(experts)} domains")
     info = {"data_file": [expert.data for expert in experts], "data_hash": data_hash,
             "prompt_template": [expert.template for expert in experts]}
-    train_adapter(ref, examples, settings.train, out, settings.seed, resolve_dtype(settings.dtype), info, log)
+    train_adapter(ref, tokenizer, examples, settings.train, out, settings.seed, resolve_dtype(settings.dtype), info, log)
     return adapter
 
 

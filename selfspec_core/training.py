@@ -326,7 +326,7 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     """Train a LoRA adapter on ``respond/data.jsonl``; ``callbacks`` are extra TrainerCallbacks."""
     data_path = ctx.run.require("respond", "data.jsonl")
     data_hash = file_hash(data_path)
-    saved = _saved_stats(ctx.work / "adapter", data_hash)
+    saved = saved_stats(ctx.work / "adapter", data_hash)
     if saved is not None:  # killed after saving the adapter, before the stage was sealed
         return saved
     template = ctx.template("train")
@@ -334,18 +334,17 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     examples = [encode_example(r, template, tokenizer, ctx.settings.train.max_length, ctx.template_context)
                 for r in load_records(data_path, stage_command(ctx.domain.name, "respond", ctx.run.path))]
     info = {"data_file": "respond/data.jsonl", "data_hash": data_hash, "prompt_template": dataclasses.asdict(template)}
-    return train_adapter(ctx.model, examples, ctx.settings.train, ctx.work, ctx.settings.seed,
+    return train_adapter(ctx.model, tokenizer, examples, ctx.settings.train, ctx.work, ctx.settings.seed,
                          resolve_dtype(ctx.settings.dtype), info, ctx.log, callbacks)
 
 
-def train_adapter(ref: ModelRef, examples: list[Example], settings: TrainSettings, work: Path, seed: int, dtype: str,
-                  info: dict, log=print, callbacks: Sequence = ()) -> dict:
+def train_adapter(ref: ModelRef, tokenizer, examples: list[Example], settings: TrainSettings, work: Path, seed: int,
+                  dtype: str, info: dict, log=print, callbacks: Sequence = ()) -> dict:
     """Tune a LoRA adapter of ``ref`` on ``examples`` into ``work/adapter`` (checkpoints in
     ``work/checkpoints``, resumed after a kill; the log in ``work/train_log.jsonl``). ``info`` (the data
     and template it was made from) goes into the adapter's ``selfspec_training.json``; returns the stats."""
     from transformers import set_seed
 
-    tokenizer = load_tokenizer(ref)
     quant = default_quant(settings.quant)
     checkpoints = work / "checkpoints"
     # Before the model: the arguments join the process group (so each GPU process loads onto its own
@@ -408,7 +407,8 @@ def save_adapter(trainer, adapter_dir: Path, info: dict) -> None:
     os.replace(staging, adapter_dir)
 
 
-def _saved_stats(adapter_dir: Path, data_hash: str) -> dict | None:
+def saved_stats(adapter_dir: Path, data_hash: str) -> dict | None:
+    """The stats of the adapter in ``adapter_dir`` if it was tuned on data of ``data_hash``, else None."""
     try:
         info = json.loads((adapter_dir / TRAINING_INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError):
