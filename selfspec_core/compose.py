@@ -87,6 +87,25 @@ def find_expert(source: str | Path) -> Expert:
     return Expert(domain, str(adapter.resolve()), str(run.resolve()), str(data.resolve()), config.get("model"), template)
 
 
+def template_context(domain: str) -> dict:
+    """What a domain's templates are filled with, as its runs filled them (its installed description)."""
+    from . import plugins
+
+    found = plugins.domains().get(domain)
+    return {"domain": domain, "description": (found.description if found else "") or domain}
+
+
+def with_experts(base, experts: Sequence[Expert]):
+    """``base`` as a PEFT model holding every expert's adapter under the expert's name."""
+    from peft import PeftModel
+
+    first, *rest = experts
+    model = PeftModel.from_pretrained(base, first.adapter, adapter_name=first.name)
+    for expert in rest:
+        model.load_adapter(expert.adapter, adapter_name=expert.name)
+    return model
+
+
 def check_experts(experts: Sequence[Expert]) -> None:
     """One expert per domain, all tuned on the same base model."""
     if not experts:
@@ -244,7 +263,7 @@ def compose(sources: Sequence[str | Path], out: Path, *, dtype: str = "auto", mo
             raise SelfspecError(f"{expert.run}: only {len(records)} training records of domain {expert.name!r}, the router "
                                 f"needs {MIN_ROUTER_RECORDS}; run that domain with a larger profile")
         rng.shuffle(records)
-        context = {"domain": expert.name, "description": expert.name}
+        context = template_context(expert.name)
         per_label[expert.name] = [router_views(r, expert.prompt_template(), context) for r in records[:max_records]]
     general = general_prompts()
     rng.shuffle(general)
@@ -312,15 +331,9 @@ class ComposedModel:
     :meth:`route` picks an expert per prompt; :meth:`use` switches the active one (``base``: adapters off)."""
 
     def __init__(self, folder: str | Path, dtype: str = "auto"):
-        from peft import PeftModel
-
         self.manifest, self.experts, self.router = read_composed(folder)
         self.ref: ModelRef = resolve_model(self.manifest.get("model"))
-        base = load_model(self.ref, dtype=dtype)
-        first, *rest = self.experts
-        self.model = PeftModel.from_pretrained(base, first.adapter, adapter_name=first.name)
-        for expert in rest:
-            self.model.load_adapter(expert.adapter, adapter_name=expert.name)
+        self.model = with_experts(load_model(self.ref, dtype=dtype), self.experts)
         self.model.eval()
         self.tokenizer = load_tokenizer(self.ref)
         self.names = [BASE, *[expert.name for expert in self.experts]]

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 from . import plugins
 from .errors import SelfspecError
-from .compose import BASE, Expert, read_composed, route_texts
+from .compose import BASE, Expert, read_composed, route_texts, template_context, with_experts
 from .evaluation import LoadedTask, collect_tasks, load_tasks, render_prompt, score_model
 from .models import ModelRef, load_model, load_tokenizer, resolve_dtype, resolve_model
 from .report import Figure, Section, Table, _new_figure, _png, write_report
@@ -40,15 +40,10 @@ COMPOSED = "composed"
 
 def merge_adapters(ref: ModelRef, experts: Sequence[Expert], out: Path, log: Callable[[str], None]) -> dict[str, Path]:
     """The experts' adapters merged by weights, each written as an adapter folder under ``out``."""
-    from peft import PeftModel
-
     merged = {name: out / name for name in MERGES}
     if all((folder / "adapter_model.safetensors").is_file() for folder in merged.values()):
         return merged
-    first, *rest = experts
-    model = PeftModel.from_pretrained(load_model(ref, dtype="float32"), first.adapter, adapter_name=first.name)
-    for expert in rest:
-        model.load_adapter(expert.adapter, adapter_name=expert.name)
+    model = with_experts(load_model(ref, dtype="float32"), experts)
     names = [expert.name for expert in experts]
     made = {}
     for name, options in MERGES.items():
@@ -80,7 +75,7 @@ def train_multitask(ref: ModelRef, experts: Sequence[Expert], settings, out: Pat
     tokenizer = load_tokenizer(ref)
     examples = []
     for expert in experts:
-        context = {"domain": expert.name, "description": _description(expert.name)}
+        context = template_context(expert.name)
         examples += [encode_example(record, expert.prompt_template(), tokenizer, settings.train.max_length, context)
                      for record in iter_jsonl(Path(expert.data))]
     log(f"[compose] {MULTITASK}: tuning one adapter on {len(examples)} records of {len(experts)} domains")
@@ -90,15 +85,10 @@ def train_multitask(ref: ModelRef, experts: Sequence[Expert], settings, out: Pat
     return adapter
 
 
-def _description(domain: str) -> str:
-    found = plugins.domains().get(domain)
-    return (found.description if found else "") or domain
-
-
 def task_prompt(domain: str, experts: Sequence[Expert]) -> tuple[PromptTemplate, dict]:
     """The template a task of ``domain`` is posed in, and its context."""
     owner = next((expert for expert in experts if expert.name == domain), experts[0])
-    return owner.prompt_template(), {"domain": domain, "description": _description(domain)}
+    return owner.prompt_template(), template_context(domain)
 
 
 def evaluate_composed(folder: Path, settings, log: Callable[[str], None] = print, baselines: bool = True) -> dict:
