@@ -267,8 +267,7 @@ def compose(sources: Sequence[str | Path], out: Path, *, dtype: str = "auto", mo
         per_label[expert.name] = [router_views(r, expert.prompt_template(), context) for r in records[:max_records]]
     general = general_prompts()
     rng.shuffle(general)
-    default_template = PromptTemplate(**experts[0].template)
-    per_label[BASE] = [router_views(r, default_template, {"domain": "general", "description": "general"})
+    per_label[BASE] = [router_views(r, experts[0].prompt_template(), {"domain": "general", "description": "general"})
                        for r in general[:max_records]]
     labels = [BASE, *[expert.name for expert in experts]]
 

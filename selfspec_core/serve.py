@@ -196,9 +196,8 @@ class ModelWorker:
         self.batch_sizes[len(batch)] += 1
         if self.experts is None:
             return [(*result, None) if kind == "generate" else result for result in self._run_model(kind, batch)]
-        unrouted = [job for job in batch if job.expert is None]
-        routes = dict(zip(map(id, unrouted), self.experts.route([job.payload[0] for job in unrouted])))
-        chosen = [job.expert or routes[id(job)] for job in batch]
+        routed = iter(self.experts.route([job.payload[0] for job in batch if job.expert is None]))
+        chosen = [job.expert or next(routed) for job in batch]
         results: list = [None] * len(batch)
         for name in dict.fromkeys(chosen):
             indices = [i for i, expert in enumerate(chosen) if expert == name]
