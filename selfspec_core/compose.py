@@ -2,9 +2,10 @@
 request to one expert or to the plain base.
 
 As in Self-MoE (Kang et al., 2024, arXiv 2406.12034) the router learns only from what the runs
-already hold, with no hand labels: each domain's training records are examples of that domain, and a
-set of general requests shipped with selfspec (``general_prompts.jsonl``, written for this project)
-are examples of text no expert should take. The router is a softmax-linear head over the base
+already hold, with no hand labels: each domain's training records and, for an installed domain, the
+human seeds they were made from are examples of that domain, and a set of general requests shipped
+with selfspec (``general_prompts.jsonl``, written for this project) are examples of text no expert
+should take. The router is a softmax-linear head over the base
 model's hidden states, mean-pooled over the prompt at the embeddings (a bag of words), at half depth
 and at the top: one forward pass of the base with the adapters off, no second model.
 
@@ -93,6 +94,22 @@ def template_context(domain: str) -> dict:
 
     found = plugins.domains().get(domain)
     return {"domain": domain, "description": (found.description if found else "") or domain}
+
+
+def domain_seed_records(domain: str) -> list[dict]:
+    """The human-written seeds of ``domain`` when it is installed (none otherwise). They span every task
+    family of the domain, where a run's records lean to the few families the model wrote well: without
+    them, PubMedQA-style questions went to the finance expert 14 times in 150 (PubMedQA dev), with
+    them twice."""
+    from . import plugins
+    from .pipeline import domain_seeds
+
+    if domain not in plugins.domains():
+        return []
+    try:
+        return [seed.to_dict() for seed in domain_seeds(domain)]
+    except SelfspecError:
+        return []
 
 
 def with_experts(base, experts: Sequence[Expert]):
@@ -253,7 +270,8 @@ def compose(sources: Sequence[str | Path], out: Path, *, dtype: str = "auto", mo
                             "leave --model out")
     ref = resolve_model(spec)
     rng = random.Random(seed)
-    per_label: dict[str, list[list[str]]] = {}
+    # label -> (records, of which a share is held back; seeds, only ever trained on; template; its context)
+    examples: dict[str, tuple[list[dict], list[dict], PromptTemplate, dict]] = {}
     for expert in experts:
         try:
             records = list(iter_jsonl(Path(expert.data)))
@@ -263,24 +281,26 @@ def compose(sources: Sequence[str | Path], out: Path, *, dtype: str = "auto", mo
             raise SelfspecError(f"{expert.run}: only {len(records)} training records of domain {expert.name!r}, the router "
                                 f"needs {MIN_ROUTER_RECORDS}; run that domain with a larger profile")
         rng.shuffle(records)
-        context = template_context(expert.name)
-        per_label[expert.name] = [router_views(r, expert.prompt_template(), context) for r in records[:max_records]]
+        examples[expert.name] = (records[:max_records], domain_seed_records(expert.name), expert.prompt_template(),
+                                 template_context(expert.name))
     general = general_prompts()
     rng.shuffle(general)
-    per_label[BASE] = [router_views(r, experts[0].prompt_template(), {"domain": "general", "description": "general"})
-                       for r in general[:max_records]]
+    examples[BASE] = (general[:max_records], [], experts[0].prompt_template(), {"domain": "general", "description": "general"})
     labels = [BASE, *[expert.name for expert in experts]]
 
     train_texts, train_targets, test_texts, test_targets = [], [], [], []
     for index, label in enumerate(labels):
-        views = per_label[label]
-        cut = max(1, int(len(views) * held_back))
-        for number, pair in enumerate(views):
+        records, seeds, template, context = examples[label]
+        cut = max(1, int(len(records) * held_back))
+        for number, record in enumerate(records + seeds):
             texts, targets = (test_texts, test_targets) if number < cut else (train_texts, train_targets)
-            texts += pair
-            targets += [index] * len(pair)
-    log(f"[compose] router: {len(train_texts)} training views of {', '.join(f'{l} {len(per_label[l])}' for l in labels)} "
-        f"records; {len(test_texts)} held back")
+            views = router_views(record, template, context)
+            texts += views
+            targets += [index] * len(views)
+    counts = {label: {"records": len(examples[label][0]), "seeds": len(examples[label][1])} for label in labels}
+    log(f"[compose] router: {len(train_texts)} training views of "
+        + ", ".join(f"{label} {n['records']} records + {n['seeds']} seeds" for label, n in counts.items())
+        + f"; {len(test_texts)} views of held-back records")
     base = load_model(ref, dtype=dtype)
     tokenizer = load_tokenizer(ref)
     router = fit_router(prompt_features(base, tokenizer, train_texts), train_targets, labels, seed)
@@ -296,7 +316,7 @@ def compose(sources: Sequence[str | Path], out: Path, *, dtype: str = "auto", mo
     manifest = {"selfspec_version": __version__, "model": spec, "model_name": ref.name, "labels": labels,
                 "experts": [asdict(expert) for expert in experts], "router": {
                     "features": "mean-pooled hidden states at the embeddings, half depth and the top",
-                    "max_tokens": ROUTER_TOKENS, "records": {l: len(per_label[l]) for l in labels},
+                    "max_tokens": ROUTER_TOKENS, "examples": counts,
                     "held_back_accuracy": accuracy}}
     atomic_write_json(out / COMPOSED_FILE, manifest)  # written last: its presence marks a finished folder
     return manifest

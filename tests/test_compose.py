@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from selfspec_core.cli import main
+from selfspec_core import compose as compose_module
 from selfspec_core.compose import BASE, ComposedModel, compose, general_prompts, read_composed, route_texts
 from selfspec_core.config import load_settings
 from selfspec_core.defaults import TRAIN_TEMPLATE
@@ -64,8 +65,13 @@ def two_runs(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def composed(two_runs, tmp_path_factory):
+    """The two synthetic runs composed. Their domains share names with the installed plugins (so the
+    evaluation finds an expert for PubMedQA), whose real seeds a random tiny model cannot tell apart:
+    the router learns from the runs' records alone here (seeds: test_installed_domains_add_their_seeds)."""
     out = tmp_path_factory.mktemp("composed")
-    manifest = compose(two_runs, out, dtype="float32", log=lambda line: None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compose_module, "domain_seed_records", lambda domain: [])
+        manifest = compose(two_runs, out, dtype="float32", log=lambda line: None)
     return out, manifest
 
 
@@ -73,6 +79,20 @@ def test_general_prompts_are_many_and_varied():
     prompts = general_prompts()
     assert len(prompts) >= 200
     assert len({p["instruction"] for p in prompts}) == len(prompts)
+
+
+def test_installed_domains_add_their_seeds(two_runs, tmp_path):
+    """An installed domain's human seeds train the router beside the run's records (never held back);
+    a domain no plugin provides has none."""
+    from selfspec_core.compose import domain_seed_records
+    from selfspec_core.pipeline import domain_seeds
+
+    assert [s["id"] for s in domain_seed_records("biomed")] == [s.id for s in domain_seeds("biomed")]
+    assert domain_seed_records("legal") == []
+    manifest = compose(two_runs, tmp_path / "out", dtype="float32", log=lambda line: None)
+    examples = manifest["router"]["examples"]
+    assert examples["biomed"] == {"records": 60, "seeds": len(domain_seeds("biomed"))}
+    assert examples["finance"]["seeds"] == len(domain_seeds("finance")) and examples[BASE]["seeds"] == 0
 
 
 def test_router_sends_known_inputs_to_their_expert(composed, tiny_model_dir):
