@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 from . import __version__
 from .errors import SelfspecError
 from .generation import padded, token_batches
-from .models import ModelRef, check_adapter, load_model, load_tokenizer, resolve_model
+from .models import ModelRef, check_adapter, load_model, load_tokenizer, resolve_model, unfreeze_for_inference
 from .rundir import atomic_write_json, iter_jsonl
 from .templates import PromptTemplate
 
@@ -120,6 +120,7 @@ def with_experts(base, experts: Sequence[Expert]):
     model = PeftModel.from_pretrained(base, first.adapter, adapter_name=first.name)
     for expert in rest:
         model.load_adapter(expert.adapter, adapter_name=expert.name)
+    unfreeze_for_inference(model)
     return model
 
 

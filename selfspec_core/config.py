@@ -93,7 +93,9 @@ class TrainSettings:
 
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    # 0: PEFT then skips the dropout module, which on a CPU cost 30% of each training step (a copy of
+    # every adapted layer's input); a one- or two-epoch run on a few hundred records does not overfit.
+    lora_dropout: float = 0.0
     target_modules: str = "all-linear"
     learning_rate: float = 3e-4
     epochs: float = 2.0

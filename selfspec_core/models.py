@@ -183,15 +183,19 @@ def load_model(ref: ModelRef, quant: str = "none", adapter: str | Path | None = 
                dtype: str = "float32"):
     """Load the causal LM of ``ref`` (optionally NF4-quantized, optionally with a LoRA adapter).
 
-    Inference weights load in ``dtype`` (see :func:`resolve_dtype`); training keeps float32 master
-    weights and lets the Trainer autocast to ``dtype``, and NF4 computes in it.
+    Weights load in ``dtype`` (see :func:`resolve_dtype`), also for training: the base stays frozen,
+    so it needs no float32 master copy, and autocast would otherwise cast every weight to ``dtype``
+    again on every step (PEFT keeps the LoRA weights, the only trained ones, in float32). NF4 computes
+    in ``dtype``.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     compute = getattr(torch, resolve_dtype(dtype))
+    # An adapter for inference is folded into float32 weights, then the sum is cast (see below).
+    merge = adapter is not None and not for_training and quant == "none"
     kwargs = {"trust_remote_code": False, "use_safetensors": not _is_hub_id(ref),
-              "dtype": torch.float32 if for_training else compute}
+              "dtype": torch.float32 if merge else compute}
     if quant == "nf4":
         from transformers import BitsAndBytesConfig
 
@@ -206,14 +210,57 @@ def load_model(ref: ModelRef, quant: str = "none", adapter: str | Path | None = 
         raise SelfspecError(f"model {ref.path} is corrupt or unsupported: {type(exc).__name__}: {exc}") from exc
     if adapter is not None:
         model = load_adapter(model, adapter)
-        if not for_training and quant == "none" and compute == torch.float32:
+        if merge:
             # Folded into the weights, a LoRA adapter costs nothing per token; kept apart, it adds two
-            # small matrix products to every adapted layer of every forward pass. Only in float32:
-            # in 16 bits, the small update would partly round away when added to the weights.
+            # small matrix products to every adapted layer of every forward pass (3x slower scoring
+            # in bfloat16 on a CPU). Added to 16-bit weights, an update under half a unit in the last
+            # place would round away entirely; added to the float32 weights and then rounded, it
+            # survives on average, as the base's own weights do. Parameters only: buffers such as the
+            # rotary frequencies stay float32, as ``from_pretrained`` keeps them.
             model = model.merge_and_unload()
+            for parameter in model.parameters():
+                parameter.data = parameter.data.to(compute)
+            model.config.dtype = compute  # read by the forward pass (float32 there costs a third more time)
     if not for_training:
         model.eval()
+        unfreeze_for_inference(model)
+        if compute != torch.float32:
+            float32_logits(model)
     return model
+
+
+def float32_logits(model) -> None:
+    """Compute the output layer in float32 (from a float32 copy of its weights).
+
+    bfloat16 logits keep 8 significant bits: at a logit of 16 one step is 0.125, so the answer
+    options of a benchmark item often tie exactly and the first listed option wins. With float32
+    logits the bfloat16 model picked the same answers as the float32 one on more items
+    (bench/dtype.py); the layer is one matrix, a small share of the compute.
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    weight = head.weight.detach().float()
+    bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
+
+    def in_float32(module, inputs, output):
+        return torch.nn.functional.linear(inputs[0].float(), weight, bias)
+
+    head.register_forward_hook(in_float32)
+
+
+def unfreeze_for_inference(model) -> None:
+    """Mark the floating-point weights trainable again after PEFT froze them (loading or merging
+    an adapter), as ``from_pretrained`` leaves them.
+
+    Every model call runs under ``torch.inference_mode``, so nothing is tracked either way, but
+    torch 2.13 on a CPU multiplies a frozen weight with a non-contiguous 3-D input (what the LM head
+    gets with ``logits_to_keep``) through a batched product that copies the weight once per row:
+    a merged adapter scored 3x slower than the base model in bfloat16 (2.5x in float32).
+    """
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            parameter.requires_grad_(True)
 
 
 def load_adapter(model, adapter: str | Path):

@@ -220,7 +220,7 @@ def lora_model(ref: ModelRef, settings: TrainSettings, quant: str, dtype: str = 
 
 def training_arguments(settings: TrainSettings, output_dir: Path, seed: int, dtype: str = "float32", **overrides):
     """``TrainingArguments`` for ``settings``: per-step logging, checkpoints, no external reporting, and
-    autocast to ``dtype`` (float32 master weights) when it is bfloat16 or float16."""
+    autocast to ``dtype`` (the LoRA weights stay float32) when it is bfloat16 or float16."""
     import torch
     from transformers import TrainingArguments
 

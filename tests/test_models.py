@@ -66,7 +66,7 @@ def test_cpu_flags_are_read_from_the_running_machine():
     assert isinstance(flags, set) and all(" " not in flag for flag in flags)
 
 
-def test_models_load_in_the_chosen_dtype_and_train_with_float32_master_weights(tiny_model_dir, tmp_path):
+def test_models_load_in_the_chosen_dtype_and_train_float32_lora_weights(tiny_model_dir, tmp_path):
     import torch
 
     from selfspec_core import training
@@ -75,7 +75,10 @@ def test_models_load_in_the_chosen_dtype_and_train_with_float32_master_weights(t
     ref = models.ModelRef("tiny", str(tiny_model_dir))
     assert {p.dtype for p in models.load_model(ref, dtype="bfloat16").parameters()} == {torch.bfloat16}
     assert {p.dtype for p in models.load_model(ref, dtype="float32").parameters()} == {torch.float32}
-    assert {p.dtype for p in models.load_model(ref, dtype="bfloat16", for_training=True).parameters()} == {torch.float32}
+    # the frozen base in the compute dtype (no cast per step), the trained LoRA weights in float32
+    lora = training.lora_model(ref, TrainSettings(), "none", "bfloat16")
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}
     args = training.training_arguments(TrainSettings(), tmp_path / "checkpoints", 0, "bfloat16")
     assert args.bf16 and not args.fp16
     assert not training.training_arguments(TrainSettings(), tmp_path / "checkpoints", 0, "float32").bf16
