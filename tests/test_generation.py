@@ -22,6 +22,25 @@ def test_batched_greedy_equals_one_at_a_time(parts):
     assert all(c.num_tokens <= 6 for c in batched)
 
 
+def test_greedy_equals_transformers_generate_while_rows_leave_the_batch(parts):
+    """Rows that stop (at a stop string here) leave the batch early; the rest must not change."""
+    model, tokenizer = parts
+    generator = HFGenerator(model, tokenizer, batch_size=4)
+    free = generator.generate(PROMPTS, max_new_tokens=12)
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        output = model.generate(**encoded, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = [tokenizer.decode(row[encoded.input_ids.shape[1]:], skip_special_tokens=True) for row in output]
+    assert [c.text for c in free] == expected
+    # a stop string from the middle of the longest completion ends that row, the others run on
+    longest = max(range(len(free)), key=lambda i: len(free[i].text))
+    stop = free[longest].text[len(free[longest].text) // 2:][:3]
+    stopped = generator.generate(PROMPTS, max_new_tokens=12, stop=[stop])
+    assert [c.text for c in stopped] == [cut_at_stop(text, [stop])[0] for text in expected]
+    assert stopped[longest].finished and stopped[longest].num_tokens < free[longest].num_tokens
+
+
 def test_sampling_is_seeded(parts):
     generator = HFGenerator(*parts, batch_size=2)
     first = generator.generate(PROMPTS, max_new_tokens=6, temperature=1.0, top_p=0.98, seed=3)
