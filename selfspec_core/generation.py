@@ -168,7 +168,8 @@ class HFGenerator:
         """Scores requests, running each context once: when every continuation of a context is one
         token (labels such as yes/no/maybe), one forward pass of the context scores them all; longer
         continuations of a shared context (label names, answer options) are run on its cached keys
-        and values, so a long prompt with eight options costs one pass, not eight."""
+        and values, so a long prompt with eight options costs one pass, not eight. Either way,
+        contexts of similar length share a batch."""
         pairs = []
         for context, continuation in requests:
             continuation_ids = self.tokenizer(continuation, add_special_tokens=False).input_ids
@@ -178,44 +179,54 @@ class HFGenerator:
         groups: dict[str, list[int]] = {}
         for index, (context, _) in enumerate(pairs):
             groups.setdefault(context, []).append(index)
-        sequences: list[list[int]] = []
-        by_sequence: dict[int, list[int]] = {}  # sequence number -> requests scored on its next token
-        scores: list[tuple[float, int] | None] = [None] * len(pairs)
+        single: list[tuple[list[int], list[int]]] = []  # (context ids, requests scored on its next token)
+        longer: list[tuple[list[int], list[int]]] = []
         for context, members in groups.items():
             context_ids = self.tokenizer(context, add_special_tokens=False).input_ids
-            if all(len(pairs[i][1]) == 1 for i in members):
-                sequences.append(context_ids)
-                by_sequence[len(sequences) - 1] = members
-            else:
-                for i, score in zip(members, self._score_on_cached_context(context_ids, [pairs[i][1] for i in members])):
-                    scores[i] = score
-        for sequence, logprobs in self._next_token_logprobs(sequences):
-            for index in by_sequence[sequence]:
+            (single if all(len(pairs[i][1]) == 1 for i in members) else longer).append((context_ids, members))
+        scores: list[tuple[float, int] | None] = [None] * len(pairs)
+        for number, logprobs in self._next_token_logprobs([ids for ids, _ in single]):
+            for index in single[number][1]:
                 scores[index] = (logprobs[pairs[index][1][0]].item(), 1)
+        for number, results in self._score_on_cached_contexts([(ids, [pairs[i][1] for i in members]) for ids, members in longer]):
+            for index, score in zip(longer[number][1], results):
+                scores[index] = score
         return scores  # type: ignore[return-value]
 
-    def _score_on_cached_context(self, context_ids: list[int], continuations: list[list[int]]) -> list[tuple[float, int]]:
-        """``(log-probability, tokens)`` of each continuation after one context, the context run once."""
+    def _score_on_cached_contexts(self, groups: list[tuple[list[int], list[list[int]]]]):
+        """Yield ``(group number, [(log-probability, tokens) of each continuation])`` for groups of
+        ``(context ids, continuations)``: contexts of similar length run together once (left-padded),
+        then their keys and values are repeated for each of their continuations, which run as one
+        right-padded batch on them."""
         import torch
 
-        pad, count = self.tokenizer.pad_token_id, len(continuations)
-        width = max(len(c) for c in continuations)
-        ids = torch.full((count, width), pad, dtype=torch.long)
-        mask = torch.zeros((count, len(context_ids) + width), dtype=torch.long)
-        mask[:, :len(context_ids)] = 1
-        for row, continuation in enumerate(continuations):
-            ids[row, :len(continuation)] = torch.tensor(continuation)
-            mask[row, len(context_ids):len(context_ids) + len(continuation)] = 1
-        with torch.inference_mode(), timed_call(self.model, len(context_ids) + int(mask[:, len(context_ids):].sum())):
-            prefix = self.model(input_ids=torch.tensor([context_ids], device=self.device), use_cache=True)
-            cache = prefix.cache
-            cache.batch_repeat_interleave(count)
-            rest = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), cache=cache).logits
-        # the context's last position predicts each continuation's first token, the continuation the rest
-        logits = torch.cat([prefix.logits[0, -1:].expand(count, 1, -1), rest], dim=1).float().cpu()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        return [(logprobs[row, torch.arange(len(c)), torch.tensor(c)].sum().item(), len(c))
-                for row, c in enumerate(continuations)]
+        pad = self.tokenizer.pad_token_id
+        for batch in token_batches([len(ids) for ids, _ in groups], self.batch_tokens):
+            ids, mask = padded([groups[i][0] for i in batch], pad, left=True)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            continuations = [c for i in batch for c in groups[i][1]]
+            owner = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor([len(groups[i][1]) for i in batch]))
+            following, following_mask = padded(continuations, pad)
+            width = following.shape[1]
+            with torch.inference_mode(), timed_call(self.model, int(mask.sum()) + int(following_mask.sum())):
+                prefix = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1)
+                cache = prefix.cache
+                cache.batch_select_indices(owner.to(self.device))
+                rest = self.model(input_ids=following.to(self.device),
+                                  attention_mask=torch.cat([mask[owner], following_mask], dim=1).to(self.device),
+                                  position_ids=(positions[owner, -1:] + 1 + torch.arange(width)).to(self.device),
+                                  cache=cache).logits
+            # each context's last position predicts its continuations' first tokens, they the rest
+            logits = torch.cat([prefix.logits[owner.to(self.device), -1:], rest[:, :-1]], dim=1).float().cpu()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            results = [(logprobs[row, torch.arange(len(c)), torch.tensor(c)].sum().item(), len(c))
+                       for row, c in enumerate(continuations)]
+            start = 0
+            for number in batch:
+                count = len(groups[number][1])
+                yield number, results[start:start + count]
+                start += count
 
     def _next_token_logprobs(self, sequences: list[list[int]]):
         """Yield ``(sequence number, log-probabilities of the token that follows it)``.

@@ -82,6 +82,22 @@ def test_single_token_scoring_is_the_same_in_any_batch_of_left_padded_contexts(p
         assert alone == pytest.approx((expected, 1), abs=1e-4) and batched == pytest.approx((expected, 1), abs=1e-4)
 
 
+def test_longer_continuations_score_the_same_in_any_batch_of_cached_contexts(parts):
+    """Contexts of different lengths (left-padded together) with continuations of 1 to 4 tokens
+    (right-padded on the repeated cache): each score as one unpadded forward pass computes it."""
+    model, tokenizer = parts
+    contexts = ["Hi", "The company reported a rise in", "Patients receiving the treatment showed no change in blood"]
+    requests = [(c, label) for c in contexts for label in (" no", " no maybe", " perhaps not at all")]
+    one_at_a_time = HFGenerator(model, tokenizer, batch_tokens=1).loglikelihood(requests)
+    together = HFGenerator(model, tokenizer, batch_tokens=10_000).loglikelihood(requests)
+    for (context, continuation), alone, batched in zip(requests, one_at_a_time, together):
+        a = tokenizer(context, add_special_tokens=False).input_ids
+        b = tokenizer(continuation, add_special_tokens=False).input_ids
+        logprobs = torch.log_softmax(model(torch.tensor([a + b])).logits[0].float(), -1)
+        expected = (sum(logprobs[len(a) - 1 + i, t].item() for i, t in enumerate(b)), len(b))
+        assert alone == pytest.approx(expected, abs=1e-4) and batched == pytest.approx(expected, abs=1e-4)
+
+
 def test_token_batches_fill_a_padded_token_budget_longest_first():
     lengths = [10, 300, 40, 40, 300, 5, 900]
     batches = token_batches(lengths, 600)
