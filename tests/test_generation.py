@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from selfspec_core.generation import HFGenerator, cut_at_stop, token_batches
+from selfspec_core.generation import GENERATE_TOP_K, HFGenerator, cut_at_stop, token_batches
 from selfspec_core.models import ModelRef, load_model, load_tokenizer
 
 PROMPTS = ["The company reported", "Patients receiving the treatment", "Instruction: Classify", "0 1 2"]
@@ -39,6 +39,17 @@ def test_greedy_equals_transformers_generate_while_rows_leave_the_batch(parts):
     stopped = generator.generate(PROMPTS, max_new_tokens=12, stop=[stop])
     assert [c.text for c in stopped] == [cut_at_stop(text, [stop])[0] for text in expected]
     assert stopped[longest].finished and stopped[longest].num_tokens < free[longest].num_tokens
+
+
+def test_sampling_keeps_to_the_top_k_tokens_as_transformers_generate(parts):
+    """A model whose config sets no top_k samples from the 50 likeliest tokens, as ``generate`` does."""
+    model, tokenizer = parts
+    assert model.generation_config.top_k is None
+    sample = HFGenerator(model, tokenizer)._sampler(temperature=1.0, top_p=1.0)
+    logits = -torch.arange(1000, dtype=torch.float32).repeat(64, 1) / 100  # flat: without top-k most fall beyond 50
+    torch.manual_seed(0)
+    drawn = torch.cat([sample(logits) for _ in range(20)])
+    assert int(drawn.max()) < GENERATE_TOP_K and len(set(drawn.tolist())) > 10
 
 
 def test_sampling_is_seeded(parts):
