@@ -1,7 +1,7 @@
 """Batched against one-at-a-time generation of instructions with the embedded model.
 
 16 prompts exactly as stage 1 builds them (finance seeds, the instruction template, balanced task
-types, k examples), generated with the stage's sampling settings, first one prompt per call, then
+types, k examples), generated with the stage's sampling settings and dtype, first one prompt per call, then
 all of them batched (left-padded, one ``generate`` call). By default every completion runs to the
 fixed ``--max-new-tokens``, so both ways do the same work; with ``--stop`` they end at the stage's
 stop strings, as in the stage, and a batch waits for its longest row (throughput then counts only
@@ -65,7 +65,7 @@ def main() -> None:
     prompts, task_format = stage_prompts(args.prompts, settings)
     max_new_tokens = args.max_new_tokens or settings.generate.max_new_tokens
     model_ref = resolve_model(settings.model)
-    model, tokenizer = load_model(model_ref), load_tokenizer(model_ref)
+    model, tokenizer = load_model(model_ref, dtype=settings.dtype), load_tokenizer(model_ref)
     options = dict(max_new_tokens=max_new_tokens, temperature=settings.generate.temperature,
                    top_p=settings.generate.top_p, stop=task_format.stops if args.stop else (), seed=settings.seed)
     sequential = HFGenerator(model, tokenizer, batch_size=1)
@@ -78,7 +78,7 @@ def main() -> None:
     mean_prompt = sum(len(tokenizer(p).input_ids) for p in prompts) / len(prompts)
     print(f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, max_new_tokens {max_new_tokens}"
           f"{' (stop strings on)' if args.stop else ''}, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{model.dtype}, {torch.get_num_threads()} torch threads")
     print(f"one at a time: {sequential_tokens} tokens in {sequential_s:.1f}s; batched: {batched_tokens} tokens in {batched_s:.1f}s")
     print(f"speedup={batched_rate / sequential_rate:.2f} batched_tok_s={batched_rate:.1f} sequential_tok_s={sequential_rate:.1f}")
 

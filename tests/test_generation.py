@@ -52,6 +52,24 @@ def test_sampling_keeps_to_the_top_k_tokens_as_transformers_generate(parts):
     assert int(drawn.max()) < GENERATE_TOP_K and len(set(drawn.tolist())) > 10
 
 
+def test_sampling_distribution_is_transformers_warpers_over_the_whole_vocabulary(parts):
+    """Top-p on the top-k candidates gives every token the probability that transformers' temperature,
+    top-k and top-p warpers give it over the whole vocabulary."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    model, tokenizer = parts
+    torch.manual_seed(1)
+    logits = torch.randn(8, 1000) * 3
+    for temperature, top_p in ((0.7, 0.9), (1.0, 0.5), (1.3, 1.0)):
+        candidates, probabilities = HFGenerator(model, tokenizer)._distribution(temperature, top_p)(logits)
+        ours = torch.zeros_like(logits).scatter(-1, candidates, probabilities)
+        warped = logits
+        for warp in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(GENERATE_TOP_K), TopPLogitsWarper(top_p)):
+            warped = warp(None, warped)
+        assert torch.allclose(ours, torch.softmax(warped, dim=-1), atol=1e-6)
+        assert (ours > 0).sum(-1).max() <= GENERATE_TOP_K
+
+
 def test_sampling_is_seeded(parts):
     generator = HFGenerator(*parts, batch_size=2)
     first = generator.generate(PROMPTS, max_new_tokens=6, temperature=1.0, top_p=0.98, seed=3)
