@@ -133,7 +133,7 @@ def _tensors(model, arch_name: str, tensor_type: str) -> Iterator[tuple[str, np.
         if name is None:
             raise SelfspecError(f"GGUF export: no {arch_name} tensor name for {hf_name!r}; this model variant is "
                                 "not supported; export with --merge instead")
-        data = tensor.detach().to(torch.float32)
+        data = tensor.detach().to("cpu", torch.float32)
         if arch_name == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             data = _rotary_permute(data, heads)

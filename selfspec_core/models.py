@@ -222,6 +222,8 @@ def load_model(ref: ModelRef, quant: str = "none", adapter: str | Path | None = 
                 parameter.data = parameter.data.to(compute)
             model.config.dtype = compute  # read by the forward pass (float32 there costs a third more time)
     if not for_training:
+        if quant == "none" and torch.cuda.is_available():
+            model.to("cuda")  # generation and scoring run where the weights are; training's Trainer places its own
         model.eval()
         unfreeze_for_inference(model)
         if compute != torch.float32:
