@@ -16,7 +16,10 @@ Known truth, per miner (none of it is shipped or mined; it is only read to measu
   miner's labeller on the first labelled sentence of each conclusion, against the gold yes/no/maybe.
   This asks more than the miner does (PubMedQA's gold answers the title question, the miner's
   label answers a question made from the sentence itself), so it is a lower bound. Mean of the
-  per-label precisions.
+  per-label precisions. And the precision asked of a miner, on its own questions:
+  ``bench/data/finding_question_judged.jsonl`` holds a developer's verdicts on 60 tasks mined from
+  the shipped Medical Abstracts corpus (document id, label, right or not, why when not); the
+  benchmark mines those documents again and counts the verdicts whose label is still the one judged.
 
 Yields are the tasks each miner finds in the shared corpora. A miner below 0.9 is off by default.
 Last line: ``<miner>_precision=.. <miner>_n=.. <miner>_yield=..`` for every miner.
@@ -76,6 +79,15 @@ def finding_precision() -> tuple[float, int, dict]:
             pairs.append((labels[0], record["final_decision"]))
     precision, per_label = label_precision(pairs)
     return precision, len(pairs), per_label
+
+
+def finding_judged_precision(docs) -> tuple[float, int, int]:
+    """(share judged right, tasks judged, of them still mined with the judged label)."""
+    judged = [json.loads(line) for line in (ROOT / "bench" / "data" / "finding_question_judged.jsonl").open(encoding="utf-8")]
+    by_id = {doc.id: doc for doc in docs}
+    same = [row for row in judged if row["doc_id"] in by_id
+            and [t["label"] for t in biomed_mining.mine_findings([by_id[row["doc_id"]]], random.Random(0))] == [row["label"]]]
+    return sum(row["right"] for row in same) / max(len(same), 1), len(judged), len(same)
 
 
 _RISE = re.compile(r"(?:did|was) (?P<row>.+?) (?:rise|higher|increase)(?: in (?P<y2a>\d{4}) than in (?P<y1a>\d{4})| from "
@@ -163,6 +175,10 @@ def main() -> None:
     print(f"finding_question: PubMedQA dev agreement {precision:.3f} over {n} conclusions "
           f"({', '.join(f'{k} {v:.3f}' for k, v in per_label.items())}); biomed corpus yields {dict(yielded)}")
     figures.update(finding_question_precision=precision, finding_question_n=n, finding_question_yield=sum(yielded.values()))
+    judged_precision, judged, same = finding_judged_precision(biomed_docs)
+    print(f"finding_question: {judged_precision:.3f} of {same} hand-judged tasks right ({judged} judged, {same} still mined "
+          "with the judged label)")
+    figures.update(finding_question_judged_precision=judged_precision, finding_question_judged_n=same)
 
     figures["minutes"] = (time.time() - started) / 60
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
