@@ -22,7 +22,8 @@ Known truth, per miner (none of it is shipped or mined; it is only read to measu
   benchmark mines those documents again and counts the verdicts whose label is still the one judged.
 
 Yields are the tasks each miner finds in the shared corpora. A miner below 0.9 is off by default.
-Last line: ``<miner>_precision=.. <miner>_n=.. <miner>_yield=..`` for every miner.
+Last line: ``<miner>_precision=.. <miner>_n=.. <miner>_yield=..`` for every miner, then
+``finding_question_judged_precision=.. finding_question_judged_n=..`` and ``minutes=..``.
 """
 
 from __future__ import annotations
