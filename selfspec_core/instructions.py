@@ -11,9 +11,10 @@ it. Completions are read back through the domain's instruction template, filtere
 randomness comes from ``seed``, round and batch number alone, so a killed run resumes at the next
 batch and ends with the same file, byte for byte, as an uninterrupted one.
 
-Before any generation, ``generate.mined_share`` of the target is mined from the domain corpus
-(:mod:`selfspec_core.mining`: tasks the text itself answers) into ``mined.jsonl``; generation
-writes the rest. Mining runs once per stage run, so a resumed stage keeps its mined records.
+Before any generation, ``generate.num_mined`` records are mined from the domain corpus
+(:mod:`selfspec_core.mining`: tasks the text itself answers) into ``mined.jsonl``, beside the
+``num_instructions`` the model writes. Mining runs once per stage run, so a resumed stage keeps its
+mined records.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -302,7 +303,7 @@ def _progress_bar() -> Progress:
 
 def outside_inputs_hash(settings, domain: str) -> str:
     """The content hash of the corpus tasks are mined from: another corpus makes them stale."""
-    if settings.generate.mined_share <= 0:
+    if settings.generate.num_mined <= 0:
         return ""
     corpus = resolve_corpus(settings.corpus, domain, settings.data_dir)
     return corpus_hash(corpus[0]) if corpus is not None else ""
@@ -314,7 +315,7 @@ def _mined_records(ctx, state: StageState, state_path: Path) -> list[dict]:
     if state.mined is not None and path.exists():
         return read_jsonl(path)
     settings = ctx.settings.generate
-    records, state.mined = mining.mine_records(ctx, round(settings.num_instructions * settings.mined_share))
+    records, state.mined = mining.mine_records(ctx, settings.num_mined)
     write_jsonl(path, records)
     state.save(state_path)
     return records
@@ -328,8 +329,7 @@ def run_stage(ctx) -> dict:
     state_path = ctx.work / STATE_FILE
     state = StageState.load(state_path)
     mined = _mined_records(ctx, state, state_path)
-    # Generation writes what mining did not supply.
-    settings = replace(ctx.settings.generate, num_instructions=ctx.settings.generate.num_instructions - len(mined))
+    settings = ctx.settings.generate
     log = _open_output(ctx.work / OUTPUT_FILE, state.records)
     funnel = Funnel.from_dict(state.funnel)
     kept_by_type = Counter(record["task_type"] for record in log.records)

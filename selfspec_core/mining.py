@@ -9,9 +9,9 @@ core miner of the same name, and a domain registered with ``core_miners=False`` 
 core's). ``bench/miners.py`` measures each miner's precision on text whose truth is known; only a
 miner measured at ``MIN_PRECISION`` or better runs by default (``generate.miners`` picks others).
 
-The generate stage asks for ``generate.mined_share`` of its records from here, shared evenly over
-the miners that found something and balanced over each one's labels, and writes them to
-``mined.jsonl`` (``source: "mined"``, ``miner``) beside the generated instructions.
+The generate stage asks for ``generate.num_mined`` records from here, shared over the miners that
+found something in proportion to their ``weight`` and balanced over each one's labels, and writes
+them to ``mined.jsonl`` (``source: "mined"``, ``miner``) beside the generated instructions.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class Miner:
     Each task has ``instruction``, ``input``, ``output`` and ``task_type``, and may have ``label``
     (the answer among ``options``, so labels can be balanced) and ``doc_id`` (where it was found).
     ``precision`` is what ``bench/miners.py`` measured on known truth (``None``: not measurable).
+    ``weight`` is the miner's share of the mined records relative to the domain's other miners: a
+    skill that needs many examples to learn (a three-way label) gets more than one a few teach.
     A miner reports what it skipped (a table without numbers) with ``warnings.warn``: one line each.
     """
 
@@ -52,6 +54,7 @@ class Miner:
     mine: Callable[[Sequence[Passage], random.Random], list[dict]]
     precision: float | None = None
     description: str = ""
+    weight: float = 1.0
 
     @property
     def on_by_default(self) -> bool:
@@ -176,18 +179,20 @@ def balanced_sample(tasks: list[dict], count: int, rng: random.Random) -> list[d
     return chosen
 
 
-def share_out(supply: dict[str, int], count: int) -> dict[str, int]:
-    """``count`` split as evenly as the miners' ``supply`` allows (one that runs short leaves its rest to others)."""
+def share_out(supply: dict[str, int], count: int, weights: dict[str, float] | None = None) -> dict[str, int]:
+    """``count`` split over the miners in proportion to ``weights`` (default: evenly) as far as their
+    ``supply`` allows; one that runs short leaves its rest to the others, shared the same way."""
+    weights = weights or dict.fromkeys(supply, 1.0)
     quota = dict.fromkeys(supply, 0)
     left = count
     while left > 0:
-        open_miners = [name for name in supply if quota[name] < supply[name]]
+        open_miners = [name for name in supply if quota[name] < supply[name] and weights[name] > 0]
         if not open_miners:
             break
-        for name in open_miners:
-            if left and quota[name] < supply[name]:
-                quota[name] += 1
-                left -= 1
+        # The next record goes to the open miner furthest below its weighted share.
+        name = min(open_miners, key=lambda n: ((quota[n] + 1) / weights[n], list(supply).index(n)))
+        quota[name] += 1
+        left -= 1
     return quota
 
 
@@ -226,7 +231,8 @@ def mine_records(ctx, count: int) -> tuple[list[dict], dict]:
         ctx.log(f"[generate] no miner ({', '.join(m.name for m in miners)}) found a task in {source} "
                 f"({len(docs)} documents): generated instructions only")
         return [], stats
-    quota = share_out({name: len(tasks) for name, tasks in found.items()}, count)
+    weights = {miner.name: miner.weight for miner in miners}
+    quota = share_out({name: len(tasks) for name, tasks in found.items()}, count, {name: weights[name] for name in found})
     records, seen = [], set()
     for name, tasks in found.items():
         for task in balanced_sample(tasks, quota[name], random.Random(f"{settings.seed}:{name}:sample")):

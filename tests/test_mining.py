@@ -68,7 +68,7 @@ def make_ctx(tmp_path, name="run", **generate):
     corpus = tmp_path / "corpus.jsonl"
     write_jsonl(corpus, CORPUS)
     settings = load_settings("tiny", overrides={"corpus": str(corpus), "generate": {
-        "num_instructions": 10, "batch_size": 4, "max_rounds": 5, "mined_share": 0.5, "input_share": 0.0, **generate}})
+        "num_instructions": 5, "batch_size": 4, "max_rounds": 5, "num_mined": 5, "input_share": 0.0, **generate}})
     run = RunDir(tmp_path / name, DOMAIN.name).open()
     logged = []
     return StageContext(settings, DOMAIN, run, SEEDS, ModelRef("scripted", "unused"), run.partial_dir("generate"),
@@ -97,6 +97,9 @@ def test_sampling_balances_labels_and_shares_out_over_miners():
     assert picked == {"a": 5, "b": 3, "c": 4} or picked == {"a": 4, "b": 3, "c": 5}
     assert mining.share_out({"x": 100, "y": 2, "z": 100}, 10) == {"x": 4, "y": 2, "z": 4}
     assert mining.share_out({"x": 1}, 10) == {"x": 1}
+    # Weights set each miner's share; one that runs short leaves its rest to the others.
+    assert mining.share_out({"x": 1000, "y": 1000}, 300, {"x": 3.0, "y": 1.0}) == {"x": 225, "y": 75}
+    assert mining.share_out({"x": 50, "y": 1000, "z": 1000}, 300, {"x": 3.0, "y": 1.0, "z": 2.0}) == {"x": 50, "y": 83, "z": 167}
 
 
 def test_only_precise_miners_run_by_default_and_unknown_names_are_refused(plugin):
@@ -117,7 +120,7 @@ def test_stage_mixes_mined_and_generated_records(tmp_path, monkeypatch, plugin):
     counts = run_generate(ctx, monkeypatch)
     mined = read_jsonl(ctx.work / "mined.jsonl")
     generated = read_jsonl(ctx.work / "instructions.jsonl")
-    assert len(mined) == 5 and len(generated) == 5  # half of 10 mined, generation wrote the rest
+    assert len(mined) == 5 and len(generated) == 5  # 5 mined beside the 5 the model wrote
     assert counts["sources"] == {"generated": 5, "mined": 5}
     assert counts["mined"]["direction"]["found"] == 24 and counts["mined"]["direction"]["kept"] == 5
     assert {r["source"] for r in mined} == {"mined"} and {r["miner"] for r in mined} == {"direction"}
@@ -129,7 +132,7 @@ def test_stage_mixes_mined_and_generated_records(tmp_path, monkeypatch, plugin):
 
 def test_all_mined_needs_no_generation(tmp_path, monkeypatch, plugin):
     plugin(MinerPlugin(Miner("direction", label_miner, precision=1.0)), "miner-plugin")
-    ctx, _ = make_ctx(tmp_path, mined_share=1.0)
+    ctx, _ = make_ctx(tmp_path, num_instructions=0, num_mined=10)
     generator = Scripted()
     counts = run_generate(ctx, monkeypatch, generator)
     assert counts["sources"] == {"generated": 0, "mined": 10} and generator.calls == 0
@@ -158,16 +161,16 @@ def test_a_failing_or_warning_miner_is_named_and_the_others_go_on(tmp_path, monk
     assert counts["sources"]["generated"] == 5
 
 
-def test_corpus_with_nothing_to_mine_or_no_corpus_falls_back_to_generation(tmp_path, monkeypatch, plugin):
+def test_corpus_with_nothing_to_mine_or_no_corpus_leaves_generated_instructions_only(tmp_path, monkeypatch, plugin):
     plugin(MinerPlugin(Miner("nothing", lambda docs, rng: [], 1.0)), "miner-plugin")
     ctx, logged = make_ctx(tmp_path)
     counts = run_generate(ctx, monkeypatch)
-    assert counts["sources"] == {"generated": 10, "mined": 0}
+    assert counts["sources"] == {"generated": 5, "mined": 0}
     assert any("no miner (nothing) found a task in" in line and "(8 documents): generated instructions only" in line
                for line in logged)
     ctx, logged = make_ctx(tmp_path, name="nocorpus")
     ctx.settings.corpus = None
-    assert run_generate(ctx, monkeypatch)["sources"] == {"generated": 10, "mined": 0}
+    assert run_generate(ctx, monkeypatch)["sources"] == {"generated": 5, "mined": 0}
     assert any("no corpus to mine tasks from for domain 'minetest'" in line for line in logged)
 
 
