@@ -286,6 +286,9 @@ _CHOICES = {
     "calibration": ("contextual", "batch"),
 }
 _LIST_CHOICES = {"modes": ("loglikelihood", "generate")}  # comma-separated
+# Settings a release renamed, with what to write instead (a closest-spelling hint would mislead).
+_REPLACED = {"generate.mined_share": "generate.num_mined (a count of mined records added beside "
+                                     "num_instructions, no longer a share of them)"}
 
 
 def apply(target: Any, values: dict, source: str, prefix: str = "") -> None:
@@ -294,6 +297,8 @@ def apply(target: Any, values: dict, source: str, prefix: str = "") -> None:
     names = [f.name for f in dataclasses.fields(target)]
     for key, value in values.items():
         where = f"{source}: {prefix}{key}"
+        if f"{prefix}{key}" in _REPLACED:
+            raise SelfspecError(f"{source}: {prefix}{key} was replaced by {_REPLACED[f'{prefix}{key}']}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"

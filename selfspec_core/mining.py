@@ -189,8 +189,8 @@ def share_out(supply: dict[str, int], count: int, weights: dict[str, float] | No
         open_miners = [name for name in supply if quota[name] < supply[name] and weights[name] > 0]
         if not open_miners:
             break
-        # The next record goes to the open miner furthest below its weighted share.
-        name = min(open_miners, key=lambda n: ((quota[n] + 1) / weights[n], list(supply).index(n)))
+        # The next record goes to the open miner furthest below its weighted share (ties: the first listed).
+        name = min(open_miners, key=lambda n: (quota[n] + 1) / weights[n])
         quota[name] += 1
         left -= 1
     return quota
@@ -231,8 +231,8 @@ def mine_records(ctx, count: int) -> tuple[list[dict], dict]:
         ctx.log(f"[generate] no miner ({', '.join(m.name for m in miners)}) found a task in {source} "
                 f"({len(docs)} documents): generated instructions only")
         return [], stats
-    weights = {miner.name: miner.weight for miner in miners}
-    quota = share_out({name: len(tasks) for name, tasks in found.items()}, count, {name: weights[name] for name in found})
+    quota = share_out({name: len(tasks) for name, tasks in found.items()}, count,
+                      {miner.name: miner.weight for miner in miners})
     records, seen = [], set()
     for name, tasks in found.items():
         for task in balanced_sample(tasks, quota[name], random.Random(f"{settings.seed}:{name}:sample")):
