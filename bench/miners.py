@@ -20,10 +20,14 @@ Known truth, per miner (none of it is shipped or mined; it is only read to measu
   ``bench/data/finding_question_judged.jsonl`` holds a developer's verdicts on 60 tasks mined from
   the shipped Medical Abstracts corpus (document id, label, right or not, why when not); the
   benchmark mines those documents again and counts the verdicts whose label is still the one judged.
+* ``finding_in_context``: the same question with the finding at the end of its input, so the
+  finding's label is the task's truth: the same verdicts, plus the share of inputs whose last
+  sentence is the finding that decides the label (``finding_in_context_finding_kept``).
 
 Yields are the tasks each miner finds in the shared corpora. A miner below 0.9 is off by default.
 Last line: ``<miner>_precision=.. <miner>_n=.. <miner>_yield=..`` for every miner, then
-``finding_question_judged_precision=.. finding_question_judged_n=..`` and ``minutes=..``.
+``finding_question_judged_precision=.. finding_question_judged_n=..``,
+``finding_in_context_finding_kept=..`` and ``minutes=..``.
 """
 
 from __future__ import annotations
@@ -82,12 +86,12 @@ def finding_precision() -> tuple[float, int, dict]:
     return precision, len(pairs), per_label
 
 
-def finding_judged_precision(docs) -> tuple[float, int, int]:
-    """(share judged right, tasks judged, of them still mined with the judged label)."""
+def finding_judged_precision(docs, mine) -> tuple[float, int, int]:
+    """(share judged right, tasks judged, of them still mined by ``mine`` with the judged label)."""
     judged = [json.loads(line) for line in (ROOT / "bench" / "data" / "finding_question_judged.jsonl").open(encoding="utf-8")]
     by_id = {doc.id: doc for doc in docs}
     same = [row for row in judged if row["doc_id"] in by_id
-            and [t["label"] for t in biomed_mining.mine_findings([by_id[row["doc_id"]]], random.Random(0))] == [row["label"]]]
+            and [t["label"] for t in mine([by_id[row["doc_id"]]], random.Random(0))] == [row["label"]]]
     return sum(row["right"] for row in same) / max(len(same), 1), len(judged), len(same)
 
 
@@ -176,10 +180,20 @@ def main() -> None:
     print(f"finding_question: PubMedQA dev agreement {precision:.3f} over {n} conclusions "
           f"({', '.join(f'{k} {v:.3f}' for k, v in per_label.items())}); biomed corpus yields {dict(yielded)}")
     figures.update(finding_question_precision=precision, finding_question_n=n, finding_question_yield=sum(yielded.values()))
-    judged_precision, judged, same = finding_judged_precision(biomed_docs)
+    judged_precision, judged, same = finding_judged_precision(biomed_docs, biomed_mining.mine_findings)
     print(f"finding_question: {judged_precision:.3f} of {same} hand-judged tasks right ({judged} judged, {same} still mined "
           "with the judged label)")
     figures.update(finding_question_judged_precision=judged_precision, finding_question_judged_n=same)
+
+    # The in-context task asks the same question with the finding in its input: the verdicts on the
+    # finding's label are its truth, as long as the input still holds the finding.
+    in_context = biomed_mining.mine_findings_in_context(biomed_docs, rng)
+    kept = sum(biomed_mining.finding_label(mining.sentences(t["input"])[-1]) == t["label"] for t in in_context)
+    judged_precision, judged, same = finding_judged_precision(biomed_docs, biomed_mining.mine_findings_in_context)
+    print(f"finding_in_context: {judged_precision:.3f} of {same} hand-judged tasks right; {kept} of {len(in_context)} "
+          "inputs end with the finding that decides their label")
+    figures.update(finding_in_context_precision=judged_precision, finding_in_context_n=same,
+                   finding_in_context_yield=len(in_context), finding_in_context_finding_kept=kept / len(in_context))
 
     figures["minutes"] = (time.time() - started) / 60
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))

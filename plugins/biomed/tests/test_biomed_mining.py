@@ -44,7 +44,25 @@ def test_findings_become_questions_over_the_abstract_before_them():
     assert all(t["options"] == ("yes", "no", "maybe") and t["task_type"] == "yesno_qa" for t in tasks.values())
 
 
-def test_finding_miner_is_off_by_default_below_the_precision_bar():
+def test_in_context_questions_end_their_input_with_the_finding():
+    finding = "There was no significant difference in cough frequency between the groups."
+    docs = [Passage("no", CONTEXT + finding + " Larger trials are planned.")]
+    [question] = mining.mine_findings(docs, random.Random(0))
+    [in_context] = mining.mine_findings_in_context(docs, random.Random(0))
+    assert in_context["input"] == CONTEXT + finding  # the same question, now answerable from the input
+    assert {k: v for k, v in in_context.items() if k != "input"} == {k: v for k, v in question.items() if k != "input"}
+
+
+def test_in_context_inputs_keep_the_finding_when_the_abstract_is_long():
+    filler = "Patients were followed at four sites with standard visits and laboratory tests. " * 30
+    finding = "The inhaled drug significantly reduced cough frequency compared with placebo."
+    [task] = mining.mine_findings_in_context([Passage("long", filler + finding)], random.Random(0))
+    assert task["input"].endswith(finding) and task["input"].startswith("Patients")
+    assert len(task["input"].split()) <= mining.CONTEXT_WORDS
+    assert mining.window_ending_with([filler.strip(), finding], 5) == finding  # the last sentence always stays
+
+
+def test_only_the_in_context_finding_miner_is_on_by_default():
     found = domain_miners("biomed")
-    assert set(found) == {"finding_question", "cause_effect"}
-    assert not any(miner.on_by_default for miner in found.values())
+    assert set(found) == {"finding_question", "finding_in_context", "cause_effect"}
+    assert [name for name, miner in found.items() if miner.on_by_default] == ["finding_in_context"]
