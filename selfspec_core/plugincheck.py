@@ -224,6 +224,9 @@ class _DomainCheck:
         for miner in miners:
             if not callable(miner.mine):
                 self.problem("task_miners", f"miner {miner.name!r}: mine is not a function")
+            elif not miner.weight > 0:
+                self.problem("task_miners", f"miner {miner.name!r}: weight {miner.weight} gets it no records: "
+                             "a weight is its share beside the domain's other miners, so it must be positive")
             elif miner.precision is None:
                 self.note("task_miners", f"miner {miner.name!r} has no measured precision: off unless generate.miners names it")
         self.note("task_miners", f"{len(miners)} miners, {sum(m.on_by_default for m in miners)} on by default")

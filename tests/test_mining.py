@@ -250,7 +250,9 @@ def test_check_plugin_checks_the_miners(plugin):
             register(DOMAIN)
 
     plugin(Registering(Miner("direction", label_miner, 0.95), Miner("draft", label_miner)), "good-miners")
-    notes = check_plugin("good-miners").notes
+    checked = check_plugin("good-miners")
+    notes = checked.notes
+    assert not checked.problems
     assert "task_miners (domain minetest): miner 'draft' has no measured precision: off unless generate.miners names it" in notes
     assert "task_miners (domain minetest): 2 miners, 1 on by default" in notes
 
@@ -265,3 +267,16 @@ def test_check_plugin_checks_the_miners(plugin):
 
     plugin(Bad(), "bad-miners")
     assert "plugin 'bad-miners': hook task_miners (domain minebad): expected a list of Miner" in check_plugin("bad-miners").problems
+
+
+def test_check_plugin_refuses_a_miner_weighted_to_nothing(plugin):
+    from selfspec_core.plugincheck import check_plugin
+
+    class Registering(MinerPlugin):
+        @hookimpl
+        def register_domains(self, register):
+            register(DOMAIN)
+
+    plugin(Registering(Miner("direction", label_miner, 0.95, weight=0)), "zero-weight")
+    assert ("plugin 'zero-weight': hook task_miners (domain minetest): miner 'direction': weight 0 gets it no records: "
+            "a weight is its share beside the domain's other miners, so it must be positive") in check_plugin("zero-weight").problems
