@@ -127,7 +127,7 @@ def mine_findings_in_context(docs: Sequence[Passage], rng: random.Random) -> lis
 
     The input ends with the finding and stays under ``CONTEXT_WORDS``. Training cuts an over-long
     input at its end: at the quick profile's 384 tokens a third of these lose the finding that way and
-    become PubMedQA-form questions (the finding left out); on PubMedQA dev that mix did as well as
+    become PubMedQA-form questions (the finding left out); on PubMedQA dev that mix did no worse than
     inputs short enough to keep every finding (120 words), see ``MINERS``.
     """
     return [_question(rng, doc, parts[position], label, window_ending_with(parts[:position + 1], CONTEXT_WORDS))
@@ -145,8 +145,8 @@ def mine_findings_in_context(docs: Sequence[Passage], rng: random.Random) -> lis
 # hand-judged tasks (bench/data/finding_question_judged.jsonl, the same findings and labels). On
 # PubMedQA dev (300, seed 0; beside ~140 generated records; base 0.550, macro-F1 0.237, AUC 0.571):
 # 300 records, 0.550 -> 0.550, macro-F1 0.312 [+0.037, +0.113 of the difference], AUC 0.583; 450,
-# 0.563, macro-F1 0.384, AUC 0.609; 300 with 120-word inputs (none cut by training), 0.527, 0.342,
-# AUC 0.587. Unlike its PubMedQA-form twin, reading the finding teaches the cue.
+# 0.563, macro-F1 0.384, AUC 0.609; 300 with 120-word inputs (the finding kept), 0.527, 0.342,
+# AUC 0.587 (4 of 441 examples cut). Unlike its PubMedQA-form twin, reading the finding teaches the cue.
 MINERS = [
     Miner("finding_question", mine_findings, precision=0.560,
           description="yes/no/maybe question from an abstract's finding, answered by its cues"),
