@@ -45,6 +45,14 @@ class MinerPlugin:
             return self.miners
 
 
+class RegisteringMinerPlugin(MinerPlugin):
+    """A whole plugin for the plugin check: the domain as well as its miners."""
+
+    @hookimpl
+    def register_domains(self, register):
+        register(DOMAIN)
+
+
 class Scripted:
     """Well-formed new tasks, one per prompt, each different."""
 
@@ -244,12 +252,7 @@ def test_respond_adds_mined_records_as_they_are_after_the_plugin_filters(tmp_pat
 def test_check_plugin_checks_the_miners(plugin):
     from selfspec_core.plugincheck import check_plugin
 
-    class Registering(MinerPlugin):
-        @hookimpl
-        def register_domains(self, register):
-            register(DOMAIN)
-
-    plugin(Registering(Miner("direction", label_miner, 0.95), Miner("draft", label_miner)), "good-miners")
+    plugin(RegisteringMinerPlugin(Miner("direction", label_miner, 0.95), Miner("draft", label_miner)), "good-miners")
     checked = check_plugin("good-miners")
     notes = checked.notes
     assert not checked.problems
@@ -272,11 +275,6 @@ def test_check_plugin_checks_the_miners(plugin):
 def test_check_plugin_refuses_a_miner_weighted_to_nothing(plugin):
     from selfspec_core.plugincheck import check_plugin
 
-    class Registering(MinerPlugin):
-        @hookimpl
-        def register_domains(self, register):
-            register(DOMAIN)
-
-    plugin(Registering(Miner("direction", label_miner, 0.95, weight=0)), "zero-weight")
+    plugin(RegisteringMinerPlugin(Miner("direction", label_miner, 0.95, weight=0)), "zero-weight")
     assert ("plugin 'zero-weight': hook task_miners (domain minetest): miner 'direction': weight 0 gets it no records: "
             "a weight is its share beside the domain's other miners, so it must be positive") in check_plugin("zero-weight").problems
