@@ -1,0 +1,43 @@
+import os
+import subprocess
+import sys
+
+from selfspec_core import openmp
+
+
+def stat_file(tmp_path, busy: int, idle: int):
+    path = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    path.write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n", encoding="ascii")
+    return path
+
+
+def test_cpu_times_count_busy_and_all_ticks(tmp_path):
+    assert openmp.cpu_times(str(stat_file(tmp_path, busy=30, idle=70))) == (30, 100)
+
+
+def test_busy_share_is_the_other_work_over_the_sample(tmp_path, monkeypatch):
+    path = stat_file(tmp_path, busy=100, idle=100)
+    monkeypatch.setattr(openmp.time, "sleep", lambda _: stat_file(tmp_path, busy=115, idle=185))
+    assert openmp.busy_share(str(path)) == 0.15
+
+
+def test_no_proc_stat_means_unknown_load(tmp_path):
+    assert openmp.busy_share(str(tmp_path / "missing"), seconds=0) is None
+
+
+def test_spin_only_on_an_idle_machine():
+    assert openmp.wait_policy(0.0) == "ACTIVE"
+    assert openmp.wait_policy(openmp.BUSY_SHARE) == "ACTIVE"
+    assert openmp.wait_policy(0.5) == "PASSIVE"
+    assert openmp.wait_policy(None) == "PASSIVE"
+
+
+def test_a_policy_the_user_set_is_kept():
+    code = "import os, selfspec_core; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "passive"
+    env.pop("OMP_WAIT_POLICY")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() in {"ACTIVE", "PASSIVE"}
