@@ -71,9 +71,7 @@ class Session:
         overrides = {k: v for k, v in self.options.items() if k in _SETTING_NAMES}
         if self.options.get("no_cache"):
             overrides["evaluate"] = {"cache_base_scores": False}
-        # An unknown domain adds nothing here; the command that needs it says how to install it.
-        domain = plugins.domains().get(self.domain_name) if self.domain_name else None
-        return load_settings(self.profile, self.options.get("config_file"), _merge(overrides, extra), domain)
+        return load_settings(self.profile, self.options.get("config_file"), _merge(overrides, extra))
 
     def domain(self):
         if not self.domain_name:

@@ -18,7 +18,6 @@ import difflib
 import hashlib
 import json
 import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -229,19 +228,12 @@ PROFILES: dict[str, dict] = {
 
 
 def load_settings(profile: str = "quick", config_file: str | Path | None = None,
-                  overrides: dict | None = None, domain=None) -> Settings:
-    """Build settings from a profile, what ``domain`` (a :class:`Domain`) sets for that profile, an
-    optional YAML/TOML file, then flag overrides."""
+                  overrides: dict | None = None) -> Settings:
+    """Build settings from a profile, an optional YAML/TOML file, then flag overrides."""
     if profile not in PROFILES:
         raise SelfspecError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     settings = Settings()
     apply(settings, PROFILES[profile], source=f"profile {profile}")
-    chosen = domain.settings.get(profile) if domain is not None else None
-    if chosen:
-        source = f"domain {domain.name} (plugin {domain.plugin}), profile {profile}"
-        if not isinstance(chosen, Mapping):
-            raise SelfspecError(f"{source}: expected a mapping of settings, got {type(chosen).__name__}")
-        apply(settings, dict(chosen), source=source)
     if config_file is not None:
         apply(settings, read_config_file(Path(config_file)), source=str(config_file))
     if overrides:

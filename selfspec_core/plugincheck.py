@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import plugins
-from .config import load_settings
 from .errors import SelfspecError
 from .records import Domain, Seed
 from .seeds import load_seeds
@@ -80,11 +79,6 @@ def _check_domain(result: CheckResult, domain: Domain) -> None:
     undeclared = sorted(set(domain.input_task_types) - set(domain.task_families))
     if undeclared:
         result.problems.append(f"{where}: input_task_types {undeclared} are not in task_families")
-    for profile in domain.settings:
-        try:
-            load_settings(profile, domain=domain)
-        except SelfspecError as exc:
-            result.problems.append(f"{where}: settings: {exc}")
 
 
 class _DomainCheck:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 SEED_FIELDS = ("id", "task_type", "instruction", "input", "output")
@@ -22,9 +21,6 @@ class Domain:
     # Whether the core's generic corpus miners (``selfspec_core.mining``) run for this domain; a
     # plugin whose own miners fit its corpus better sets it False.
     core_miners: bool = True
-    # Settings this domain's data calls for, by profile name, e.g. {"quick": {"generate": {"num_mined":
-    # 450}}}: applied over the profile's own; a config file and command-line flags still override them.
-    settings: Mapping[str, Mapping] = field(default_factory=dict, hash=False)
     plugin: str = ""
 
 

@@ -27,26 +27,6 @@ def test_profiles_and_overrides(tmp_path):
     assert load_settings("quick", yaml_config).generate.num_examples == 2
 
 
-def test_a_domain_sets_its_own_defaults_per_profile_under_the_users_settings(tmp_path):
-    domain = Domain("d", "d", settings={"quick": {"generate": {"num_mined": 450}, "train": {"epochs": 1.0}}}, plugin="p")
-    settings = load_settings("quick", domain=domain)
-    assert settings.generate.num_mined == 450 and settings.train.epochs == 1.0
-    assert load_settings("paper", domain=domain).generate.num_mined == 5000  # other profiles keep their own
-    config = tmp_path / "c.toml"
-    config.write_text("[generate]\nnum_mined = 10\n")
-    settings = load_settings("quick", config, {"train": {"epochs": 3.0}}, domain=domain)
-    assert settings.generate.num_mined == 10 and settings.train.epochs == 3.0
-    with pytest.raises(SelfspecError, match=r"^domain d \(plugin p\), profile quick: expected a mapping"):
-        load_settings("quick", domain=Domain("d", "d", settings={"quick": [1]}, plugin="p"))
-
-
-def test_biomed_mines_more_records_than_the_core_default_in_the_quick_profile():
-    biomed = plugins.domains().get("biomed")
-    if biomed is None:
-        pytest.skip("selfspec-biomed not installed")
-    assert load_settings("quick", domain=biomed).generate.num_mined == 450 > load_settings("quick").generate.num_mined
-
-
 def test_config_hash_tracks_only_relevant_sections():
     a, b = Settings(), Settings()
     b.train.epochs = 9

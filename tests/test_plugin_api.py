@@ -127,8 +127,7 @@ class BrokenPlugin:
 
     @api.hookimpl
     def register_domains(self, register):
-        register(Domain(name="broken", description="", task_families=("qa",), input_task_types=("sentiment",),
-                        settings={"quick": {"generate": {"num_minde": 450}}}))
+        register(Domain(name="broken", description="", task_families=("qa",), input_task_types=("sentiment",)))
 
     @api.hookimpl
     def seed_provider(self, domain):
@@ -169,8 +168,6 @@ def test_check_names_plugin_hook_and_problem_one_line_each(plugin, tmp_path):
     expected = [
         r"hook register_domains \(domain broken\): empty description",
         r"hook register_domains \(domain broken\): input_task_types \['sentiment'\] are not in task_families",
-        r"hook register_domains \(domain broken\): settings: .*profile quick: unknown setting generate.num_minde "
-        r"\(did you mean generate.num_mined\?\)",
         r"hook seed_provider \(domain broken\): .*seeds.jsonl:2: field 'instruction' is empty",
         r"hook prompt_template stage 'response' \(domain broken\): query: unknown field \{answer\}",
         r"hook prompt_template stage 'response' \(domain broken\): query: does not use \{passages\}",
