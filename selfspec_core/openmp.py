@@ -11,6 +11,7 @@ sleep. A policy the user set is kept.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 BUSY_SHARE = 0.25  # of all CPU time, used by other processes while selfspec starts
@@ -44,6 +45,7 @@ def wait_policy(busy: float | None) -> str:
 
 
 def choose_wait_policy() -> None:
-    """Set ``OMP_WAIT_POLICY`` for this process unless the user did (call before importing torch)."""
-    if "OMP_WAIT_POLICY" not in os.environ:
+    """Set ``OMP_WAIT_POLICY`` for this process unless the user did, or torch (and with it libgomp)
+    is already loaded, when it would change nothing here and mislead the processes this one starts."""
+    if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
         os.environ["OMP_WAIT_POLICY"] = wait_policy(busy_share())

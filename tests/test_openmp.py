@@ -41,3 +41,10 @@ def test_a_policy_the_user_set_is_kept():
     env.pop("OMP_WAIT_POLICY")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() in {"ACTIVE", "PASSIVE"}
+
+
+def test_nothing_is_chosen_once_torch_is_loaded():
+    code = "import os, torch, selfspec_core; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "unset"
