@@ -13,8 +13,8 @@ runs every workload in a fresh process with only the policy changed:
 ``--busy`` runs a second process beside every arm that keeps torch busy on all cores (matrix
 products on OpenMP threads of its own), as on a machine shared with another job.
 
-selfspec chooses ``ACTIVE`` when the machine is idle as it starts and ``PASSIVE`` when it is shared
-(selfspec_core/openmp.py); these figures are why.
+selfspec spins a bounded while (``GOMP_SPINCOUNT``) when the machine is idle as it starts and sleeps
+(``PASSIVE``) when it is shared (selfspec_core/openmp.py); these figures are why.
 
     python bench/wait_policy.py [--steps 12] [--prompts 8] [--max-new-tokens 64] [--busy]
 

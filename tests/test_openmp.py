@@ -27,24 +27,27 @@ def test_no_proc_stat_means_unknown_load(tmp_path):
 
 
 def test_spin_only_on_an_idle_machine():
-    assert openmp.wait_policy(0.0) == "ACTIVE"
-    assert openmp.wait_policy(openmp.BUSY_SHARE) == "ACTIVE"
-    assert openmp.wait_policy(0.5) == "PASSIVE"
-    assert openmp.wait_policy(None) == "PASSIVE"
+    spin, sleep = {"GOMP_SPINCOUNT": openmp.SPIN_COUNT}, {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp.wait_policy(0.0) == spin
+    assert openmp.wait_policy(openmp.BUSY_SHARE) == spin
+    assert openmp.wait_policy(0.5) == sleep
+    assert openmp.wait_policy(None) == sleep
+
+
+POLICY = "import os, {}selfspec_core; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+
+
+def policy_in_new_process(env: dict, torch_first: bool = False) -> str:
+    env = {**{k: v for k, v in os.environ.items() if k not in openmp.USER_SETTINGS}, **env}
+    code = POLICY.format("torch, " if torch_first else "")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def test_a_policy_the_user_set_is_kept():
-    code = "import os, selfspec_core; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "passive"
-    env.pop("OMP_WAIT_POLICY")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() in {"ACTIVE", "PASSIVE"}
+    assert policy_in_new_process({"OMP_WAIT_POLICY": "active"}) == "active None"
+    assert policy_in_new_process({"GOMP_SPINCOUNT": "10"}) == "None 10"
+    assert policy_in_new_process({}) in {f"None {openmp.SPIN_COUNT}", "PASSIVE None"}
 
 
 def test_nothing_is_chosen_once_torch_is_loaded():
-    code = "import os, torch, selfspec_core; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "unset"
+    assert policy_in_new_process({}, torch_first=True) == "None None"
