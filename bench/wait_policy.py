@@ -2,8 +2,9 @@
 
 Torch's CPU kernels run on OpenMP threads, and what those threads do between parallel regions is the
 wait policy, read once when torch loads: ``PASSIVE`` sleeps at once, ``ACTIVE`` spins for a long
-time, and ``default`` (OMP_WAIT_POLICY unset) is libgomp's own: spin briefly, then sleep. Each arm
-runs every workload in a fresh process with only the policy changed:
+time, ``default`` (nothing set) is libgomp's own (spin 300,000 rounds, then sleep) and ``spin`` is
+what selfspec sets on an idle machine (``GOMP_SPINCOUNT``, ten times that). Each arm runs every
+workload in a fresh process with only that setting changed:
 
 * ``train``: LoRA steps of the train stage (default settings, packed batches) on seed records of
   both domains spread over their token lengths (``bench/train.py``'s pool);
@@ -18,8 +19,8 @@ selfspec spins a bounded while (``GOMP_SPINCOUNT``) when the machine is idle as 
 
     python bench/wait_policy.py [--steps 12] [--prompts 8] [--max-new-tokens 64] [--busy]
 
-Last line: ``train_speedup=<active/passive> generate_speedup=<active/passive>`` then each arm's
-tokens per second.
+Last line: ``train_speedup=<spin/passive> generate_speedup=<spin/passive>`` (selfspec's choice
+alone against its choice when shared) then each arm's tokens per second.
 """
 
 from __future__ import annotations
@@ -34,26 +35,28 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICIES = ("passive", "default", "active")
+sys.path.insert(0, str(ROOT))
+
+# torch first: libgomp reads this process's own settings (the arm's), and selfspec_core, seeing torch
+# loaded, sets none of its own.
+import torch  # noqa: E402, F401
+
+from selfspec_core.openmp import SPIN_COUNT, USER_SETTINGS  # noqa: E402
+
+POLICIES = ("passive", "default", "spin", "active")
 
 
 def train_rate(steps: int, folder: Path) -> float:
-    from train import build_records
+    import torch
+    from train import build_records, run_arm
 
-    from selfspec_core import plugins, training
-    from selfspec_core.config import load_settings
     from selfspec_core.defaults import TRAIN_TEMPLATE
     from selfspec_core.models import load_tokenizer, resolve_model
-    from selfspec_core.pipeline import StageContext
-    from selfspec_core.rundir import RunDir, write_jsonl
+    from selfspec_core.rundir import write_jsonl
 
-    settings = load_settings("quick", overrides={"train": {"max_steps": steps}})
-    ref = resolve_model(None)
-    run = RunDir(folder / "run", "finance").open()
-    write_jsonl(run.partial_dir("respond") / "data.jsonl", build_records(96, load_tokenizer(ref), TRAIN_TEMPLATE))
-    run.finish("respond", {})
-    ctx = StageContext(settings, plugins.get_domain("finance"), run, [], ref, run.partial_dir("train"), log=lambda _: None)
-    return training.run_stage(ctx)["tokens_per_s"]
+    data = folder / "data.jsonl"
+    write_jsonl(data, build_records(96, load_tokenizer(resolve_model(None)), TRAIN_TEMPLATE))
+    return run_arm("selfspec", data, steps, torch.get_num_threads())["tokens_per_s"]
 
 
 def generate_rate(prompts: int, max_new_tokens: int) -> float:
@@ -84,7 +87,10 @@ def keep_busy() -> None:
 
 
 def arm_env(policy: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    """This environment without any wait setting, plus ``policy``'s."""
+    env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
+    if policy == "spin":
+        return {**env, "GOMP_SPINCOUNT": SPIN_COUNT}
     return env if policy == "default" else {**env, "OMP_WAIT_POLICY": policy.upper()}
 
 
@@ -96,9 +102,6 @@ def main() -> None:
     parser.add_argument("--busy", action="store_true", help="run a CPU-bound torch process beside every arm")
     parser.add_argument("--workload", choices=("train", "generate", "busy"), help=argparse.SUPPRESS)
     options = parser.parse_args()
-    if options.workload:
-        # libgomp reads the policy when torch loads it: before selfspec_core can set a default of its own.
-        import torch  # noqa: F401
     if options.workload == "busy":
         keep_busy()
     if options.workload:
@@ -125,8 +128,8 @@ def main() -> None:
             rates[workload, policy] = json.loads(done.stdout.strip().splitlines()[-1])["tok_s"]
             print(f"{workload:8s} {policy:7s} tok/s={rates[workload, policy]:.1f} ({time.perf_counter() - started:.0f}s)", flush=True)
     figures = " ".join(f"{w}_{p}_tok_s={rates[w, p]:.1f}" for w, p in rates)
-    print(f"train_speedup={rates['train', 'active'] / rates['train', 'passive']:.2f} "
-          f"generate_speedup={rates['generate', 'active'] / rates['generate', 'passive']:.2f} {figures} "
+    print(f"train_speedup={rates['train', 'spin'] / rates['train', 'passive']:.2f} "
+          f"generate_speedup={rates['generate', 'spin'] / rates['generate', 'passive']:.2f} {figures} "
           f"busy={str(options.busy).lower()}")
 
 
