@@ -10,7 +10,8 @@ core's). ``bench/miners.py`` measures each miner's precision on text whose truth
 miner measured at ``MIN_PRECISION`` or better runs by default (``generate.miners`` picks others).
 
 The generate stage asks for ``generate.num_mined`` records from here, shared over the miners that
-found something in proportion to their ``weight`` and balanced over each one's labels, and writes
+found something in proportion to their ``weight``, each one's labels balanced (or, as its
+``label_prior`` asks, kept nearer the proportions the corpus has them in), and writes
 them to ``mined.jsonl`` (``source: "mined"``, ``miner``) beside the generated instructions.
 """
 
@@ -47,6 +48,11 @@ class Miner:
     ``precision`` is what ``bench/miners.py`` measured on known truth (``None``: not measurable).
     ``weight`` is the miner's share of the mined records relative to the domain's other miners: a
     skill that needs many examples to learn (a three-way label) gets more than one a few teach.
+    ``label_prior`` is how much of the corpus's own label proportions its sample keeps: each label's
+    share goes as (tasks found with it) ** ``label_prior``, so 0 balances the labels, 1 keeps them as
+    found and 0.5 (square roots) lies between. Balanced labels teach the cue and not a label's share;
+    where the corpus's proportions are the domain's (a literature's findings are mostly positive),
+    some of them keeps the tuned model from answering the rarer labels more than the domain does.
     A miner reports what it skipped (a table without numbers) with ``warnings.warn``: one line each.
     """
 
@@ -55,6 +61,7 @@ class Miner:
     precision: float | None = None
     description: str = ""
     weight: float = 1.0
+    label_prior: float = 0.0
 
     @property
     def on_by_default(self) -> bool:
@@ -165,33 +172,40 @@ def chosen_miners(domain: Domain, names: str) -> list[Miner]:
     return [available[name] for name in wanted] if wanted else [m for m in available.values() if m.on_by_default]
 
 
-def balanced_sample(tasks: list[dict], count: int, rng: random.Random) -> list[dict]:
-    """``count`` tasks taken in turn from each label (free-text tasks form one group), in random order."""
+def label_sample(tasks: list[dict], count: int, rng: random.Random, prior: float = 0.0) -> list[dict]:
+    """``count`` tasks, each label's share as (its tasks) ** ``prior`` (0: balanced; free-text tasks
+    form one group), taken in turn from each label in random order."""
     by_label: dict = defaultdict(list)
     for task in tasks:
         by_label[task.get("label")].append(task)
-    queues = [rng.sample(group, len(group)) for _, group in sorted(by_label.items(), key=lambda kv: str(kv[0]))]
+    groups = sorted(by_label.items(), key=lambda kv: str(kv[0]))
+    queues = [rng.sample(group, len(group)) for _, group in groups]
+    quota = share_out({index: len(group) for index, (_, group) in enumerate(groups)}, count,
+                      {index: len(group) ** prior for index, (_, group) in enumerate(groups)})
+    wanted = list(quota.values())
     chosen = []
-    while len(chosen) < count and any(queues):
-        for queue in queues:
-            if queue and len(chosen) < count:
+    while any(wanted):
+        for index, queue in enumerate(queues):
+            if wanted[index]:
                 chosen.append(queue.pop())
+                wanted[index] -= 1
     return chosen
 
 
-def share_out(supply: dict[str, int], count: int, weights: dict[str, float] | None = None) -> dict[str, int]:
-    """``count`` split over the miners in proportion to ``weights`` (default: evenly) as far as their
-    ``supply`` allows; one that runs short leaves its rest to the others, shared the same way."""
+def share_out(supply: dict, count: int, weights: dict | None = None) -> dict:
+    """``count`` split over ``supply``'s keys (miners, or one miner's labels) in proportion to ``weights``
+    (default: evenly) as far as their supply allows; one that runs short leaves its rest to the others,
+    shared the same way."""
     weights = weights or dict.fromkeys(supply, 1.0)
     quota = dict.fromkeys(supply, 0)
     left = count
     while left > 0:
-        open_miners = [name for name in supply if quota[name] < supply[name] and weights[name] > 0]
-        if not open_miners:
+        open_keys = [key for key in supply if quota[key] < supply[key] and weights[key] > 0]
+        if not open_keys:
             break
-        # The next record goes to the open miner furthest below its weighted share (ties: the first listed).
-        name = min(open_miners, key=lambda n: (quota[n] + 1) / weights[n])
-        quota[name] += 1
+        # The next record goes to the open key furthest below its weighted share (ties: the first listed).
+        key = min(open_keys, key=lambda k: (quota[k] + 1) / weights[k])
+        quota[key] += 1
         left -= 1
     return quota
 
@@ -231,11 +245,13 @@ def mine_records(ctx, count: int) -> tuple[list[dict], dict]:
         ctx.log(f"[generate] no miner ({', '.join(m.name for m in miners)}) found a task in {source} "
                 f"({len(docs)} documents): generated instructions only")
         return [], stats
+    by_name = {miner.name: miner for miner in miners}
     quota = share_out({name: len(tasks) for name, tasks in found.items()}, count,
-                      {miner.name: miner.weight for miner in miners})
+                      {name: miner.weight for name, miner in by_name.items()})
     records, seen = [], set()
     for name, tasks in found.items():
-        for task in balanced_sample(tasks, quota[name], random.Random(f"{settings.seed}:{name}:sample")):
+        for task in label_sample(tasks, quota[name], random.Random(f"{settings.seed}:{name}:sample"),
+                                 by_name[name].label_prior):
             key = (task["instruction"], task.get("input", ""))
             if key in seen:
                 continue

@@ -227,6 +227,9 @@ class _DomainCheck:
             elif not miner.weight > 0:
                 self.problem("task_miners", f"miner {miner.name!r}: weight {miner.weight} gets it no records: "
                              "a weight is its share beside the domain's other miners, so it must be positive")
+            elif not 0 <= miner.label_prior <= 1:
+                self.problem("task_miners", f"miner {miner.name!r}: label_prior {miner.label_prior} is outside 0 "
+                             "(labels balanced) to 1 (labels as often as the corpus has them)")
             elif miner.precision is None:
                 self.note("task_miners", f"miner {miner.name!r} has no measured precision: off unless generate.miners names it")
         self.note("task_miners", f"{len(miners)} miners, {sum(m.on_by_default for m in miners)} on by default")

@@ -99,15 +99,26 @@ def test_sentences_keep_abbreviations_and_documents_join_windows():
 
 def test_sampling_balances_labels_and_shares_out_over_miners():
     tasks = [{"label": "a"}] * 10 + [{"label": "b"}] * 3 + [{"label": "c"}] * 6
-    picked = Counter(t["label"] for t in mining.balanced_sample(tasks, 9, random.Random(0)))
+    picked = Counter(t["label"] for t in mining.label_sample(tasks, 9, random.Random(0)))
     assert picked == {"a": 3, "b": 3, "c": 3}
-    picked = Counter(t["label"] for t in mining.balanced_sample(tasks, 12, random.Random(0)))
-    assert picked == {"a": 5, "b": 3, "c": 4} or picked == {"a": 4, "b": 3, "c": 5}
+    picked = Counter(t["label"] for t in mining.label_sample(tasks, 12, random.Random(0)))
+    assert picked == {"a": 5, "b": 3, "c": 4}
     assert mining.share_out({"x": 100, "y": 2, "z": 100}, 10) == {"x": 4, "y": 2, "z": 4}
     assert mining.share_out({"x": 1}, 10) == {"x": 1}
     # Weights set each miner's share; one that runs short leaves its rest to the others.
     assert mining.share_out({"x": 1000, "y": 1000}, 300, {"x": 3.0, "y": 1.0}) == {"x": 225, "y": 75}
     assert mining.share_out({"x": 50, "y": 1000, "z": 1000}, 300, {"x": 3.0, "y": 1.0, "z": 2.0}) == {"x": 50, "y": 83, "z": 167}
+
+
+def test_label_prior_keeps_some_or_all_of_the_corpus_label_proportions():
+    tasks = [{"label": "yes", "n": i} for i in range(64)] + [{"label": "no", "n": i} for i in range(16)] + [{"label": "maybe", "n": i} for i in range(4)]
+    as_found = Counter(t["label"] for t in mining.label_sample(tasks, 42, random.Random(0), prior=1.0))
+    assert as_found == {"yes": 32, "no": 8, "maybe": 2}
+    square_roots = Counter(t["label"] for t in mining.label_sample(tasks, 28, random.Random(0), prior=0.5))
+    assert square_roots == {"yes": 16, "no": 8, "maybe": 4}
+    # A label that runs short leaves its rest to the others in their proportions; no task twice.
+    picked = mining.label_sample(tasks, 80, random.Random(0), prior=0.5)
+    assert Counter(t["label"] for t in picked)["maybe"] == 4 and len({id(t) for t in picked}) == 80
 
 
 def test_only_precise_miners_run_by_default_and_unknown_names_are_refused(plugin):
@@ -272,9 +283,12 @@ def test_check_plugin_checks_the_miners(plugin):
     assert "plugin 'bad-miners': hook task_miners (domain minebad): expected a list of Miner" in check_plugin("bad-miners").problems
 
 
-def test_check_plugin_refuses_a_miner_weighted_to_nothing(plugin):
+@pytest.mark.parametrize("setting, problem", [
+    ({"weight": 0}, "weight 0 gets it no records: a weight is its share beside the domain's other miners, so it must be positive"),
+    ({"label_prior": 2.0}, "label_prior 2.0 is outside 0 (labels balanced) to 1 (labels as often as the corpus has them)"),
+])
+def test_check_plugin_refuses_a_miner_weighted_to_nothing_or_with_a_label_prior_out_of_range(plugin, setting, problem):
     from selfspec_core.plugincheck import check_plugin
 
-    plugin(RegisteringMinerPlugin(Miner("direction", label_miner, 0.95, weight=0)), "zero-weight")
-    assert ("plugin 'zero-weight': hook task_miners (domain minetest): miner 'direction': weight 0 gets it no records: "
-            "a weight is its share beside the domain's other miners, so it must be positive") in check_plugin("zero-weight").problems
+    plugin(RegisteringMinerPlugin(Miner("direction", label_miner, 0.95, **setting)), "odd-miner")
+    assert f"plugin 'odd-miner': hook task_miners (domain minetest): miner 'direction': {problem}" in check_plugin("odd-miner").problems
