@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfspec_core.generation import HFGenerator  # noqa: E402
-from selfspec_core.models import load_model, load_tokenizer, resolve_model  # noqa: E402
+from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.loading import load_model, load_tokenizer, resolve_model
 
 INSTRUCTIONS = [
     "Explain what a company's operating margin tells an investor.",
@@ -43,11 +43,15 @@ INSTRUCTIONS = [
     "Explain what a p-value measures in a clinical study.",
     "List two side effects of long-term corticosteroid use.",
 ]
-TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-            "the request.\n\n### Instruction:\n{}\n\n### Response:\n")
+TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{}\n\n### Response:\n"
+)
 # Runs `selfspec serve` whether or not the CLI already registers it.
-LAUNCH = ("import sys; from selfspec_core import cli, serve; "
-          "cli.cli.commands.setdefault('serve', serve.command); cli.main(sys.argv[1:])")
+LAUNCH = (
+    "import sys; from selfspec_core.cli import main as cli; from selfspec_core.serve import app as serve; "
+    "cli.cli.commands.setdefault('serve', serve.command); cli.main(sys.argv[1:])"
+)
 
 
 def prompts(count: int) -> list[str]:
@@ -68,8 +72,12 @@ def free_port() -> int:
 
 
 def start_server(port: int, batch_size: int) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", "--port", str(port), "--batch-size", str(batch_size)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, "serve", "--port", str(port), "--batch-size", str(batch_size)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -84,7 +92,7 @@ def start_server(port: int, batch_size: int) -> subprocess.Popen:
 
 
 def cpu_bench(args) -> None:
-    from selfspec_core.backends import OpenAIGenerator
+    from selfspec_core.models.backends import OpenAIGenerator
 
     texts = prompts(args.prompts)
     ref = resolve_model(None)
@@ -102,8 +110,11 @@ def cpu_bench(args) -> None:
             hf_rates.append(hf_rate)
             remote_rates.append(remote_rate)
             same = sum(a.text == b.text for a, b in zip(local, served))
-            print(f"round {round_number + 1}: hf {hf_rate:.1f} tok/s, openai {remote_rate:.1f} tok/s, "
-                  f"same text {same}/{len(texts)}", flush=True)
+            print(
+                f"round {round_number + 1}: hf {hf_rate:.1f} tok/s, openai {remote_rate:.1f} tok/s, "
+                f"same text {same}/{len(texts)}",
+                flush=True,
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -123,7 +134,7 @@ def gpu_bench(args) -> None:
         print("vllm is not installed: `pip install vllm` on this GPU machine")
         print("gpu=available vllm=missing")
         return
-    from selfspec_core.backends import VLLMGenerator
+    from selfspec_core.models.backends import VLLMGenerator
 
     texts = prompts(args.prompts)
     ref = resolve_model(None)

@@ -30,17 +30,36 @@ DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--finance", default="runs/bench-finance-quick", help="the finance run (bench/quality.py --domain finance)")
-    parser.add_argument("--biomed", default="runs/bench-biomed-quick", help="the biomed run (bench/quality.py --domain biomed)")
+    parser.add_argument(
+        "--finance", default="runs/bench-finance-quick", help="the finance run (bench/quality.py --domain finance)"
+    )
+    parser.add_argument(
+        "--biomed", default="runs/bench-biomed-quick", help="the biomed run (bench/quality.py --domain biomed)"
+    )
     parser.add_argument("--out", default="runs/bench-composed", help="folder for the composed model and its evaluation")
     parser.add_argument("--profile", default="quick", help="settings for the evaluation and the multi-task adapter")
     parser.add_argument("--no-baselines", action="store_true", help="skip the merged and multi-task baselines")
     args = parser.parse_args()
     for run in (args.finance, args.biomed):
         if not (Path(run) / "train" / "adapter").is_dir():
-            sys.exit(f"{run}: no finished run; make it with `python bench/quality.py --domain {Path(run).name.split('-')[1]}`")
-    command = [sys.executable, "-m", "selfspec_core", "--profile", args.profile, "--data-dir", str(DATA.resolve()),
-               "compose", args.finance, args.biomed, "--output", args.out, *(["--no-baselines"] if args.no_baselines else [])]
+            sys.exit(
+                f"{run}: no finished run; make it with `python bench/quality.py --domain {Path(run).name.split('-')[1]}`"
+            )
+    command = [
+        sys.executable,
+        "-m",
+        "selfspec_core",
+        "--profile",
+        args.profile,
+        "--data-dir",
+        str(DATA.resolve()),
+        "compose",
+        args.finance,
+        args.biomed,
+        "--output",
+        args.out,
+        *(["--no-baselines"] if args.no_baselines else []),
+    ]
     print("$ selfspec " + " ".join(command[3:]), flush=True)
     started = time.time()
     subprocess.run(command, check=True)
@@ -56,12 +75,21 @@ def main() -> None:
             own_ok &= versus["ci"][1] >= 0
         composed = task["models"]["composed"]
         cross_ok &= composed["ci"][1] >= 0
-        print(f"{key}: " + ", ".join(f"{label} {row['score']:.3f}" for label, row in task["models"].items())
-              + (f"; composed - specialist {versus['delta']:+.3f} [{versus['ci'][0]:+.3f}, {versus['ci'][1]:+.3f}]" if versus else "")
-              + f"; routed {task['routes']}")
+        print(
+            f"{key}: "
+            + ", ".join(f"{label} {row['score']:.3f}" for label, row in task["models"].items())
+            + (
+                f"; composed - specialist {versus['delta']:+.3f} [{versus['ci'][0]:+.3f}, {versus['ci'][1]:+.3f}]"
+                if versus
+                else ""
+            )
+            + f"; routed {task['routes']}"
+        )
     print(f"minutes={((time.time() - started) / 60):.1f}")
-    print(" ".join(f"{k}={v}" for k, v in figures.items())
-          + f" own_within_specialist={str(own_ok).lower()} cross_not_below_base={str(cross_ok).lower()}")
+    print(
+        " ".join(f"{k}={v}" for k, v in figures.items())
+        + f" own_within_specialist={str(own_ok).lower()} cross_not_below_base={str(cross_ok).lower()}"
+    )
 
 
 if __name__ == "__main__":

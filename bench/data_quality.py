@@ -34,20 +34,34 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from selfspec_core import quality  # noqa: E402
 from selfspec_core.config import load_settings  # noqa: E402
-from selfspec_core.pipeline import Pipeline, domain_seeds  # noqa: E402
-from selfspec_core.plugins import get_domain  # noqa: E402
-from selfspec_core.rundir import RunDir, read_jsonl  # noqa: E402
+from selfspec_core.plugins.manager import get_domain  # noqa: E402
+from selfspec_core.run.pipeline import Pipeline, domain_seeds  # noqa: E402
+from selfspec_core.run.rundir import RunDir, read_jsonl  # noqa: E402
+from selfspec_core.stages import checks as quality  # noqa: E402
 
-OFF = {"option_answers": "off", "calibrate": "off", "max_label_share": 1.0, "consistency_samples": 1,
-       "judge": "off", "response_checks": "", "min_relevance": 0.0}
+OFF = {
+    "option_answers": "off",
+    "calibrate": "off",
+    "max_label_share": 1.0,
+    "consistency_samples": 1,
+    "judge": "off",
+    "response_checks": "",
+    "min_relevance": 0.0,
+}
 
 
 def checks_on(cap: float) -> dict:
-    return {"option_answers": "on", "calibrate": "on", "max_label_share": cap, "consistency_samples": 3,
-            "judge": "on", "judge_keep_fraction": 0.8, "response_checks": ",".join(quality.RESPONSE_CHECKS),
-            "min_relevance": 4.0}
+    return {
+        "option_answers": "on",
+        "calibrate": "on",
+        "max_label_share": cap,
+        "consistency_samples": 3,
+        "judge": "on",
+        "judge_keep_fraction": 0.8,
+        "response_checks": ",".join(quality.RESPONSE_CHECKS),
+        "min_relevance": 4.0,
+    }
 
 
 def main() -> None:
@@ -55,8 +69,12 @@ def main() -> None:
     parser.add_argument("--domain", default="finance")
     parser.add_argument("--instructions", type=int, default=100)
     parser.add_argument("--cap", type=float, default=0.5, help="respond.max_label_share with the checks on")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); "
-                        "1 is far faster on a CPU shared with other jobs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 is far faster on a CPU shared with other jobs",
+    )
     parser.add_argument("--data-dir", default=os.environ.get("SELFSPEC_DATA") or str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--out", help="keep the run folders here (default: a temporary folder)")
     args = parser.parse_args()
@@ -85,27 +103,42 @@ def main() -> None:
         Pipeline(settings, domain, run, seeds).run_stages(["respond"], force=True)
         results[name] = summarize(run, time.time() - began)
 
-    print(f"{len(instructions)} instructions generated in {generate_s:.0f}s (selfspec_core.instructions.run_stage, "
-          f"quick profile, embedded model, {torch.get_num_threads()} CPU threads); runs in {out}")
+    print(
+        f"{len(instructions)} instructions generated in {generate_s:.0f}s (selfspec_core.stages.generate.run_stage, "
+        f"quick profile, embedded model, {torch.get_num_threads()} CPU threads); runs in {out}"
+    )
     for name, result in results.items():
-        print(f"{name}: kept {result['kept']} in {result['seconds']:.0f}s; dropped {result['dropped']}; "
-              f"{result['option_records']} option-task records, {result['valid']:.3f} valid; labels {result['labels']}")
+        print(
+            f"{name}: kept {result['kept']} in {result['seconds']:.0f}s; dropped {result['dropped']}; "
+            f"{result['option_records']} option-task records, {result['valid']:.3f} valid; labels {result['labels']}"
+        )
     off, on = results["off"], results["on"]
-    print(f"valid_off={off['valid']:.3f} valid_on={on['valid']:.3f} max_label_share_off={off['max_share']:.3f} "
-          f"max_label_share_on={on['max_share']:.3f} kept_off={off['kept']} kept_on={on['kept']}")
+    print(
+        f"valid_off={off['valid']:.3f} valid_on={on['valid']:.3f} max_label_share_off={off['max_share']:.3f} "
+        f"max_label_share_on={on['max_share']:.3f} kept_off={off['kept']} kept_on={on['kept']}"
+    )
 
 
 def summarize(run: RunDir, seconds: float) -> dict:
     """Validity and label shares recomputed from the kept records themselves, plus the funnel."""
     data = read_jsonl(run.stage_dir("respond") / "data.jsonl")
     option_records = [r for r in data if r["options"] is not None]
-    valid = [r for r in option_records if r["label"] is not None and r["output"].strip()
-             and quality.match_option(r["output"], _options(r)) is not None]
+    valid = [
+        r
+        for r in option_records
+        if r["label"] is not None and r["output"].strip() and quality.match_option(r["output"], _options(r)) is not None
+    ]
     labels = quality.label_shares([("/".join(r["options"]), r["label"]) for r in valid])
     funnel = run.manifest("respond")["funnel"]
-    return {"kept": len(data), "seconds": seconds, "dropped": funnel["dropped"], "option_records": len(option_records),
-            "valid": len(valid) / len(option_records) if option_records else 0.0,
-            "max_share": quality.max_label_share(labels), "labels": labels}
+    return {
+        "kept": len(data),
+        "seconds": seconds,
+        "dropped": funnel["dropped"],
+        "option_records": len(option_records),
+        "valid": len(valid) / len(option_records) if option_records else 0.0,
+        "max_share": quality.max_label_share(labels),
+        "labels": labels,
+    }
 
 
 def _options(record: dict) -> quality.Options:

@@ -29,17 +29,26 @@ import numpy as np
 from rouge_score import rouge_scorer
 from rouge_score.tokenizers import DefaultTokenizer
 
-from selfspec_core.filters import RougeLDeduplicator
+from selfspec_core.stages.filter import RougeLDeduplicator
 
 DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 
 
 def load_texts(data: Path, count: int) -> list[str]:
-    pubmedqa = [item["QUESTION"] for item in json.loads((data / "pubmedqa" / "ori_pqal.json").read_text(encoding="utf-8")).values()]
-    tatqa = [q["question"] for context in json.loads((data / "tatqa" / "tatqa_dev" / "tatqa_dataset_dev.json").read_text(encoding="utf-8"))
-             for q in context["questions"]]
-    phrasebank = [line.rsplit("@", 1)[0] for line in
-                  (data / "financial_phrasebank" / "Sentences_50Agree.txt").read_text(encoding="latin-1").splitlines() if "@" in line]
+    pubmedqa = [
+        item["QUESTION"]
+        for item in json.loads((data / "pubmedqa" / "ori_pqal.json").read_text(encoding="utf-8")).values()
+    ]
+    tatqa = [
+        q["question"]
+        for context in json.loads((data / "tatqa" / "tatqa_dev" / "tatqa_dataset_dev.json").read_text(encoding="utf-8"))
+        for q in context["questions"]
+    ]
+    phrasebank = [
+        line.rsplit("@", 1)[0]
+        for line in (data / "financial_phrasebank" / "Sentences_50Agree.txt").read_text(encoding="latin-1").splitlines()
+        if "@" in line
+    ]
     texts = (pubmedqa + tatqa + phrasebank)[:count]
     random.Random(0).shuffle(texts)
     return texts
@@ -81,14 +90,16 @@ def bounded_reference_decisions(texts: list[str], threshold: float) -> tuple[lis
     for text in texts:
         counts = Counter(tokenize(text))
         length = sum(counts.values())
-        shared_here = np.zeros(len(kept))   # this text's tokens shared with each kept text, with multiplicity
+        shared_here = np.zeros(len(kept))  # this text's tokens shared with each kept text, with multiplicity
         shared_there = np.zeros(len(kept))  # the kept text's tokens shared with this one
         for token, count in counts.items():
             if token in postings:
                 positions, there = postings[token]
                 shared_here[positions] += count
                 shared_there[positions] += there
-        bound = 2 * np.minimum(shared_here, shared_there) / np.maximum(length + np.asarray(kept_lengths, dtype=float), 1)
+        bound = (
+            2 * np.minimum(shared_here, shared_there) / np.maximum(length + np.asarray(kept_lengths, dtype=float), 1)
+        )
         candidates = np.flatnonzero(bound >= threshold - 1e-9)
         pairs += len(kept)
         duplicate = False
@@ -118,7 +129,7 @@ def main() -> None:
     if not (args.data / "pubmedqa").is_dir():
         sys.exit(f"benchmark data not found in {args.data}: set SELFSPEC_DATA to the shared data folder")
     texts = load_texts(args.data, args.count)
-    prefix = texts[:args.prefix]
+    prefix = texts[: args.prefix]
 
     started = time.perf_counter()
     fast_prefix = selfspec_decisions(prefix, args.threshold)
@@ -133,18 +144,24 @@ def main() -> None:
     bounded_all, scored, all_pairs = bounded_reference_decisions(texts, args.threshold)
     bounded_s = time.perf_counter() - started
 
-    bounded_matches_loop = bounded_all[:len(prefix)] == reference_prefix
+    bounded_matches_loop = bounded_all[: len(prefix)] == reference_prefix
     identical = fast_all == bounded_all and fast_prefix == reference_prefix and bounded_matches_loop
     speedup = reference_prefix_s / fast_prefix_s
     per_pair = reference_prefix_s / max(prefix_pairs, 1)
     print(f"texts: {len(texts)}, kept {len(texts) - sum(fast_all)}, dropped as near-duplicates {sum(fast_all)}")
-    print(f"first {len(prefix)} texts: rouge-score loop {reference_prefix_s:.1f}s ({prefix_pairs} pairs, "
-          f"{per_pair * 1e6:.0f} us/pair), selfspec {fast_prefix_s:.3f}s")
-    print(f"all {len(texts)} texts: selfspec {fast_all_s:.2f}s; the rouge-score loop would score {all_pairs} pairs, "
-          f"about {all_pairs * per_pair / 60:.0f} min")
-    print(f"decisions on all {len(texts)}: rouge-score on the {scored} pairs that can reach F >= {args.threshold} "
-          f"({bounded_s:.1f}s); same as the full loop on the prefix: {str(bounded_matches_loop).lower()}; "
-          f"same as selfspec: {str(fast_all == bounded_all).lower()}")
+    print(
+        f"first {len(prefix)} texts: rouge-score loop {reference_prefix_s:.1f}s ({prefix_pairs} pairs, "
+        f"{per_pair * 1e6:.0f} us/pair), selfspec {fast_prefix_s:.3f}s"
+    )
+    print(
+        f"all {len(texts)} texts: selfspec {fast_all_s:.2f}s; the rouge-score loop would score {all_pairs} pairs, "
+        f"about {all_pairs * per_pair / 60:.0f} min"
+    )
+    print(
+        f"decisions on all {len(texts)}: rouge-score on the {scored} pairs that can reach F >= {args.threshold} "
+        f"({bounded_s:.1f}s); same as the full loop on the prefix: {str(bounded_matches_loop).lower()}; "
+        f"same as selfspec: {str(fast_all == bounded_all).lower()}"
+    )
     print(f"speedup={speedup:.0f} identical={str(identical).lower()} n={len(texts)} reference_timed_on={len(prefix)}")
 
 

@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from selfspec_core import plugins
 from selfspec_core.config import load_settings
-from selfspec_core.evaluation import load_tasks, render_prompt
-from selfspec_core.generation import HFGenerator
-from selfspec_core.models import load_model, load_tokenizer, resolve_dtype, resolve_model
-from selfspec_core.scoring import score_loglikelihood
+from selfspec_core.eval.scoring import score_loglikelihood
+from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.loading import load_model, load_tokenizer, resolve_dtype, resolve_model
+from selfspec_core.plugins import manager as plugins
+from selfspec_core.stages.evaluate import load_tasks, render_prompt
 from selfspec_core.templates import PromptTemplate
 
 DEV_TASK = {"finance": "fpb_dev", "biomed": "pubmedqa_dev"}
@@ -33,7 +33,12 @@ DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[
 
 def dev_prompts(domain: str, settings) -> tuple[list[str], list]:
     """The development items of ``domain`` rendered as the evaluate stage renders them."""
-    tasks = [t for _, found in plugins.results("evaluation_tasks", domain=domain) for t in found if t.name == DEV_TASK[domain]]
+    tasks = [
+        t
+        for _, found in plugins.results("evaluation_tasks", domain=domain)
+        for t in found
+        if t.name == DEV_TASK[domain]
+    ]
     loaded, skipped = load_tasks(tasks, settings, print)
     if not loaded:
         sys.exit(f"{DEV_TASK[domain]} could not be loaded: {skipped}")
@@ -53,8 +58,10 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"benchmark data not found at {DATA}: set SELFSPEC_DATA")
-    settings = load_settings("quick", overrides={"model": args.model, "data_dir": str(DATA.resolve()),
-                                                 "evaluate": {"max_items": args.max_items}})
+    settings = load_settings(
+        "quick",
+        overrides={"model": args.model, "data_dir": str(DATA.resolve()), "evaluate": {"max_items": args.max_items}},
+    )
     ref = resolve_model(settings.model)
     tokenizer = load_tokenizer(ref)
     prompts, items = [], []
@@ -72,11 +79,16 @@ def main() -> None:
         seconds[dtype] = time.perf_counter() - started
         choices[dtype] = [s.prediction for s in scores]
         accuracy = sum(s.score for s in scores) / len(scores)
-        print(f"{dtype}: {seconds[dtype]:.1f} s for {len(prompts)} items ({tokens} prompt tokens, "
-              f"{tokens / seconds[dtype]:.0f} tok/s), accuracy {accuracy:.3f}", flush=True)
+        print(
+            f"{dtype}: {seconds[dtype]:.1f} s for {len(prompts)} items ({tokens} prompt tokens, "
+            f"{tokens / seconds[dtype]:.0f} tok/s), accuracy {accuracy:.3f}",
+            flush=True,
+        )
     agreement = sum(a == b for a, b in zip(choices["float32"], choices["bfloat16"])) / len(prompts)
-    print(f"speedup={seconds['float32'] / seconds['bfloat16']:.2f} agreement={agreement:.3f} n={len(prompts)} "
-          f"auto={resolve_dtype('auto')} f32_tok_s={tokens / seconds['float32']:.0f} bf16_tok_s={tokens / seconds['bfloat16']:.0f}")
+    print(
+        f"speedup={seconds['float32'] / seconds['bfloat16']:.2f} agreement={agreement:.3f} n={len(prompts)} "
+        f"auto={resolve_dtype('auto')} f32_tok_s={tokens / seconds['float32']:.0f} bf16_tok_s={tokens / seconds['bfloat16']:.0f}"
+    )
 
 
 if __name__ == "__main__":

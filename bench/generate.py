@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from selfspec_core import plugins
 from selfspec_core.config import load_settings
-from selfspec_core.generation import HFGenerator
-from selfspec_core.instructions import ExamplePool, TaskFormat, choose_task_types
-from selfspec_core.models import load_model, load_tokenizer, resolve_model
+from selfspec_core.data.seeds import load_seeds
+from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.loading import load_model, load_tokenizer, resolve_model
+from selfspec_core.plugins import manager as plugins
 from selfspec_core.records import Domain
-from selfspec_core.seeds import load_seeds
+from selfspec_core.stages.generate import ExamplePool, TaskFormat, choose_task_types
 from selfspec_core.templates import PromptTemplate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +39,12 @@ def stage_prompts(count: int, settings) -> tuple[list[str], TaskFormat]:
     task_format = TaskFormat(template, {"domain": domain.name, "description": domain.description or domain.name})
     task_types = list(dict.fromkeys(seed.task_type for seed in seeds))
     examples, rng = ExamplePool(seeds, []), random.Random(settings.seed)
-    prompts = [task_format.prompt(examples.draw(rng, name, settings.generate.num_examples, settings.generate.human_example_share), name)
-               for name in choose_task_types(task_types, Counter(), {}, count)]
+    prompts = [
+        task_format.prompt(
+            examples.draw(rng, name, settings.generate.num_examples, settings.generate.human_example_share), name
+        )
+        for name in choose_task_types(task_types, Counter(), {}, count)
+    ]
     return prompts, task_format
 
 
@@ -54,10 +58,16 @@ def timed(generator: HFGenerator, batches: list[list[str]], options: dict) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=0, help="tokens per completion (0: the stage's generate.max_new_tokens)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=0, help="tokens per completion (0: the stage's generate.max_new_tokens)"
+    )
     parser.add_argument("--stop", action="store_true", help="end completions at the stage's stop strings")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default); on a CPU shared with other jobs, 1 avoids threads waiting on each other")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); on a CPU shared with other jobs, 1 avoids threads waiting on each other",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,8 +76,13 @@ def main() -> None:
     max_new_tokens = args.max_new_tokens or settings.generate.max_new_tokens
     model_ref = resolve_model(settings.model)
     model, tokenizer = load_model(model_ref, dtype=settings.dtype), load_tokenizer(model_ref)
-    options = dict(max_new_tokens=max_new_tokens, temperature=settings.generate.temperature,
-                   top_p=settings.generate.top_p, stop=task_format.stops if args.stop else (), seed=settings.seed)
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=settings.generate.temperature,
+        top_p=settings.generate.top_p,
+        stop=task_format.stops if args.stop else (),
+        seed=settings.seed,
+    )
     sequential = HFGenerator(model, tokenizer, batch_size=1)
     batched = HFGenerator(model, tokenizer, batch_size=len(prompts))
     sequential.generate(prompts[:1], **{**options, "max_new_tokens": 4})  # warm-up, not timed
@@ -76,11 +91,17 @@ def main() -> None:
     batched_s, batched_tokens = timed(batched, [prompts], options)
     sequential_rate, batched_rate = sequential_tokens / sequential_s, batched_tokens / batched_s
     mean_prompt = sum(len(tokenizer(p).input_ids) for p in prompts) / len(prompts)
-    print(f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, max_new_tokens {max_new_tokens}"
-          f"{' (stop strings on)' if args.stop else ''}, "
-          f"{model.dtype}, {torch.get_num_threads()} torch threads")
-    print(f"one at a time: {sequential_tokens} tokens in {sequential_s:.1f}s; batched: {batched_tokens} tokens in {batched_s:.1f}s")
-    print(f"speedup={batched_rate / sequential_rate:.2f} batched_tok_s={batched_rate:.1f} sequential_tok_s={sequential_rate:.1f}")
+    print(
+        f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, max_new_tokens {max_new_tokens}"
+        f"{' (stop strings on)' if args.stop else ''}, "
+        f"{model.dtype}, {torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"one at a time: {sequential_tokens} tokens in {sequential_s:.1f}s; batched: {batched_tokens} tokens in {batched_s:.1f}s"
+    )
+    print(
+        f"speedup={batched_rate / sequential_rate:.2f} batched_tok_s={batched_rate:.1f} sequential_tok_s={sequential_rate:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,13 +32,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from selfspec_core import plugins, quality, scoring
 from selfspec_core.config import load_settings
-from selfspec_core.evaluation import load_tasks
-from selfspec_core.generation import make_generator
-from selfspec_core.models import resolve_model
-from selfspec_core.pipeline import domain_seeds
-from selfspec_core.responses import demonstrations
+from selfspec_core.eval import scoring
+from selfspec_core.models.backends import make_generator
+from selfspec_core.models.loading import resolve_model
+from selfspec_core.plugins import manager as plugins
+from selfspec_core.run.pipeline import domain_seeds
+from selfspec_core.stages import checks as quality
+from selfspec_core.stages.evaluate import load_tasks
+from selfspec_core.stages.respond import demonstrations
 from selfspec_core.templates import PromptTemplate
 
 # Each domain's development split, and the seed task type whose demonstrations pose it.
@@ -100,7 +102,9 @@ def main() -> None:
     parser.add_argument("--max-items", type=int, default=150)
     parser.add_argument("--model", help="as selfspec --model (default: the embedded model)")
     parser.add_argument("--variants", type=int, default=3, help="demonstration sets of the prompt ensemble")
-    parser.add_argument("--domain-samples", type=int, default=20, help="random-word inputs for domain-context calibration")
+    parser.add_argument(
+        "--domain-samples", type=int, default=20, help="random-word inputs for domain-context calibration"
+    )
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"benchmark data not found at {DATA}: set SELFSPEC_DATA")
@@ -108,9 +112,13 @@ def main() -> None:
     task_name, task_type = args.task or task_name, args.task_type or task_type
 
     started = time.time()
-    settings = load_settings("quick", overrides={"model": args.model, "data_dir": str(DATA.resolve()),
-                                                 "evaluate": {"max_items": args.max_items}})
-    tasks = [t for _, found in plugins.results("evaluation_tasks", domain=args.domain) for t in found if t.name == task_name]
+    settings = load_settings(
+        "quick",
+        overrides={"model": args.model, "data_dir": str(DATA.resolve()), "evaluate": {"max_items": args.max_items}},
+    )
+    tasks = [
+        t for _, found in plugins.results("evaluation_tasks", domain=args.domain) for t in found if t.name == task_name
+    ]
     if not tasks:
         sys.exit(f"domain {args.domain} has no evaluation task {task_name!r}")
     loaded, skipped = load_tasks(tasks, settings, print)
@@ -127,12 +135,21 @@ def main() -> None:
 
     def demos(variant: int) -> list[list[dict]]:
         suffix = f":{variant}" if variant else ""  # variant 0 is the respond stage's own draw
-        return [[d.to_dict() for d in demonstrations(seeds, task_type, settings.respond.num_demos,
-                                                     random.Random(f"{settings.seed}:{item.id}{suffix}"))] for item in items]
+        return [
+            [
+                d.to_dict()
+                for d in demonstrations(
+                    seeds, task_type, settings.respond.num_demos, random.Random(f"{settings.seed}:{item.id}{suffix}")
+                )
+            ]
+            for item in items
+        ]
 
     def scored(shown: list[list[dict]], inputs: list[str], chosen: list) -> list[list[float]]:
-        prompts = [template.render(d, {"instruction": item.instruction, "input": text, "passages": ""}, **context)
-                   for item, d, text in zip(chosen, shown, inputs)]
+        prompts = [
+            template.render(d, {"instruction": item.instruction, "input": text, "passages": ""}, **context)
+            for item, d, text in zip(chosen, shown, inputs)
+        ]
         requests = [r for prompt in prompts for r in quality.option_requests(prompt, options)]
         results = iter(generator.loglikelihood(requests))
         return [[quality.option_score(*next(results), options) for _ in options.keys] for _ in prompts]
@@ -141,7 +158,9 @@ def main() -> None:
     raw = variants[0]
     rng = random.Random(settings.seed)
     free_items = [rng.choice(items) for _ in range(args.domain_samples)]
-    free_demos = [[d.to_dict() for d in demonstrations(seeds, task_type, settings.respond.num_demos, rng)] for _ in free_items]
+    free_demos = [
+        [d.to_dict() for d in demonstrations(seeds, task_type, settings.respond.num_demos, rng)] for _ in free_items
+    ]
     free = scored(free_demos, random_inputs([item.input for item in items], args.domain_samples, rng), free_items)
     prior = quality.label_prior([quality.log_normalize(row) for row in free], log_space=False)
     batch_variants = [quality.calibrate_scores(v, groups, method="batch") for v in variants]
@@ -150,8 +169,10 @@ def main() -> None:
         "contextual": quality.calibrate_scores(raw, groups),
         "batch": batch_variants[0],
         "domain": [[p - b for p, b in zip(quality.log_normalize(row), prior)] for row in raw],
-        "ensemble": [[sum(v[i][k] for v in batch_variants) / len(batch_variants) for k in range(len(options.keys))]
-                     for i in range(len(items))],
+        "ensemble": [
+            [sum(v[i][k] for v in batch_variants) / len(batch_variants) for k in range(len(options.keys))]
+            for i in range(len(items))
+        ],
     }
     gold = [item.choices.index(item.answer) for item in items]
     labels = items[0].choices
@@ -164,7 +185,9 @@ def main() -> None:
         acc, f1, auc = accuracy(rows, gold), macro_f1(rows, gold, len(labels)), mean_auc(rows, gold, len(labels))
         print(f"{name:>10}: accuracy {acc:.3f}, macro-F1 {f1:.3f}, AUC {auc:.3f}; predictions {dict(predicted)}")
         figures.append(f"{name}_acc={acc:.3f} {name}_f1={f1:.3f} {name}_auc={auc:.3f}")
-    print(f"task={task_name} n={n} majority={majority:.3f} {' '.join(figures)} minutes={(time.time() - started) / 60:.1f}")
+    print(
+        f"task={task_name} n={n} majority={majority:.3f} {' '.join(figures)} minutes={(time.time() - started) / 60:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from selfspec_finance import corpus as finance_corpus  # noqa: E402
 from selfspec_finance import mining as finance_mining  # noqa: E402
 from selfspec_finance.tasks import in_fpb_test_split, read_fpb  # noqa: E402
 
-from selfspec_core import mining  # noqa: E402
+from selfspec_core.stages import mine as mining  # noqa: E402
 
 
 def label_precision(pairs: list[tuple[str, str]]) -> tuple[float, dict[str, float]]:
@@ -66,8 +66,11 @@ def label_precision(pairs: list[tuple[str, str]]) -> tuple[float, dict[str, floa
 
 def sentiment_precision() -> tuple[float, int, dict]:
     rows = read_fpb(DATA / "financial_phrasebank" / "Sentences_50Agree.txt")
-    pairs = [(label, gold) for _, sentence, gold in rows if not in_fpb_test_split(sentence)
-             and (label := finance_mining.sentiment_of(sentence)) is not None]
+    pairs = [
+        (label, gold)
+        for _, sentence, gold in rows
+        if not in_fpb_test_split(sentence) and (label := finance_mining.sentiment_of(sentence)) is not None
+    ]
     precision, per_label = label_precision(pairs)
     return precision, len(pairs), per_label
 
@@ -88,16 +91,28 @@ def finding_precision() -> tuple[float, int, dict]:
 
 def finding_judged_precision(docs, mine) -> tuple[float, int, int]:
     """(share judged right, tasks judged, of them still mined by ``mine`` with the judged label)."""
-    judged = [json.loads(line) for line in (ROOT / "bench" / "data" / "finding_question_judged.jsonl").open(encoding="utf-8")]
+    judged = [
+        json.loads(line) for line in (ROOT / "bench" / "data" / "finding_question_judged.jsonl").open(encoding="utf-8")
+    ]
     by_id = {doc.id: doc for doc in docs}
-    same = [row for row in judged if row["doc_id"] in by_id
-            and [t["label"] for t in mine([by_id[row["doc_id"]]], random.Random(0))] == [row["label"]]]
+    same = [
+        row
+        for row in judged
+        if row["doc_id"] in by_id
+        and [t["label"] for t in mine([by_id[row["doc_id"]]], random.Random(0))] == [row["label"]]
+    ]
     return sum(row["right"] for row in same) / max(len(same), 1), len(judged), len(same)
 
 
-_RISE = re.compile(r"(?:did|was) (?P<row>.+?) (?:rise|higher|increase)(?: in (?P<y2a>\d{4}) than in (?P<y1a>\d{4})| from "
-                   r"(?P<y1b>\d{4}) to (?P<y2b>\d{4})| between (?P<y1c>\d{4}) and (?P<y2c>\d{4}))", re.I)
-_CHANGE = re.compile(r"(?:change in|did|difference in) (?P<row>.+?) (?:change )?(?:from|between) (?P<y1>\d{4}) (?:to|and) (?P<y2>\d{4})", re.I)
+_RISE = re.compile(
+    r"(?:did|was) (?P<row>.+?) (?:rise|higher|increase)(?: in (?P<y2a>\d{4}) than in (?P<y1a>\d{4})| from "
+    r"(?P<y1b>\d{4}) to (?P<y2b>\d{4})| between (?P<y1c>\d{4}) and (?P<y2c>\d{4}))",
+    re.I,
+)
+_CHANGE = re.compile(
+    r"(?:change in|did|difference in) (?P<row>.+?) (?:change )?(?:from|between) (?P<y1>\d{4}) (?:to|and) (?P<y2>\d{4})",
+    re.I,
+)
 
 
 def _cell(text: str) -> Decimal | None:
@@ -117,13 +132,21 @@ def recompute(task: dict) -> bool:
     change = None if rise else _CHANGE.search(task["instruction"])
     if rise:
         row_name = rise["row"]
-        first, second = (rise["y1a"], rise["y2a"]) if rise["y1a"] else (rise["y1b"] or rise["y1c"], rise["y2b"] or rise["y2c"])
+        first, second = (
+            (rise["y1a"], rise["y2a"]) if rise["y1a"] else (rise["y1b"] or rise["y1c"], rise["y2b"] or rise["y2c"])
+        )
     elif change:
         row_name, first, second = change["row"], change["y1"], change["y2"]
     else:
         return False
-    header = next((r for r in rows if first in [c.replace("FY", "").strip() for c in r]
-                   and second in [c.replace("FY", "").strip() for c in r]), None)
+    header = next(
+        (
+            r
+            for r in rows
+            if first in [c.replace("FY", "").strip() for c in r] and second in [c.replace("FY", "").strip() for c in r]
+        ),
+        None,
+    )
     matching = [r for r in rows if r and r[0].rstrip(":") == row_name]
     if header is None or len(matching) != 1:
         return False
@@ -159,30 +182,46 @@ def main() -> None:
 
     precision, n, per_label = sentiment_precision()
     yielded = Counter(t["label"] for t in finance_mining.mine_sentiment(finance_docs, rng))
-    print(f"sentiment_lexicon: FPB dev precision {precision:.3f} over {n} labelled sentences "
-          f"({', '.join(f'{k} {v:.3f}' for k, v in per_label.items())}); finance corpus yields {dict(yielded)}")
-    figures.update(sentiment_lexicon_precision=precision, sentiment_lexicon_n=n, sentiment_lexicon_yield=sum(yielded.values()))
+    print(
+        f"sentiment_lexicon: FPB dev precision {precision:.3f} over {n} labelled sentences "
+        f"({', '.join(f'{k} {v:.3f}' for k, v in per_label.items())}); finance corpus yields {dict(yielded)}"
+    )
+    figures.update(
+        sentiment_lexicon_precision=precision, sentiment_lexicon_n=n, sentiment_lexicon_yield=sum(yielded.values())
+    )
 
     tables = finance_mining.mine_table_changes(finance_docs, rng)
     right = sum(recompute(t) for t in tables)
     print(f"table_change: {right} of {len(tables)} tasks recomputed to the same answer")
-    figures.update(table_change_precision=right / len(tables), table_change_n=len(tables), table_change_yield=len(tables))
+    figures.update(
+        table_change_precision=right / len(tables), table_change_n=len(tables), table_change_yield=len(tables)
+    )
 
     causes = mining.mine_cause_effect(finance_docs, rng)
     precision, n = cause_precision(causes)
     biomed_causes = mining.mine_cause_effect(biomed_docs, rng)
-    print(f"cause_effect: {precision:.3f} of {n} FinCausal sections it finds a cause in are gold-causal; "
-          f"yields {len(causes)} (finance) and {len(biomed_causes)} (biomed)")
-    figures.update(cause_effect_precision=precision, cause_effect_n=n, cause_effect_yield=len(causes) + len(biomed_causes))
+    print(
+        f"cause_effect: {precision:.3f} of {n} FinCausal sections it finds a cause in are gold-causal; "
+        f"yields {len(causes)} (finance) and {len(biomed_causes)} (biomed)"
+    )
+    figures.update(
+        cause_effect_precision=precision, cause_effect_n=n, cause_effect_yield=len(causes) + len(biomed_causes)
+    )
 
     precision, n, per_label = finding_precision()
     yielded = Counter(t["label"] for t in biomed_mining.mine_findings(biomed_docs, rng))
-    print(f"finding_question: PubMedQA dev agreement {precision:.3f} over {n} conclusions "
-          f"({', '.join(f'{k} {v:.3f}' for k, v in per_label.items())}); biomed corpus yields {dict(yielded)}")
-    figures.update(finding_question_precision=precision, finding_question_n=n, finding_question_yield=sum(yielded.values()))
+    print(
+        f"finding_question: PubMedQA dev agreement {precision:.3f} over {n} conclusions "
+        f"({', '.join(f'{k} {v:.3f}' for k, v in per_label.items())}); biomed corpus yields {dict(yielded)}"
+    )
+    figures.update(
+        finding_question_precision=precision, finding_question_n=n, finding_question_yield=sum(yielded.values())
+    )
     judged_precision, judged, same = finding_judged_precision(biomed_docs, biomed_mining.mine_findings)
-    print(f"finding_question: {judged_precision:.3f} of {same} hand-judged tasks right ({judged} judged, {same} still mined "
-          "with the judged label)")
+    print(
+        f"finding_question: {judged_precision:.3f} of {same} hand-judged tasks right ({judged} judged, {same} still mined "
+        "with the judged label)"
+    )
     figures.update(finding_question_judged_precision=judged_precision, finding_question_judged_n=same)
 
     # The in-context task asks the same question with the finding in its input: the verdicts on the
@@ -190,10 +229,16 @@ def main() -> None:
     in_context = biomed_mining.mine_findings_in_context(biomed_docs, rng)
     kept = sum(biomed_mining.finding_label(mining.sentences(t["input"])[-1]) == t["label"] for t in in_context)
     judged_precision, judged, same = finding_judged_precision(biomed_docs, biomed_mining.mine_findings_in_context)
-    print(f"finding_in_context: {judged_precision:.3f} of {same} hand-judged tasks right; {kept} of {len(in_context)} "
-          "inputs end with the finding that decides their label")
-    figures.update(finding_in_context_precision=judged_precision, finding_in_context_n=same,
-                   finding_in_context_yield=len(in_context), finding_in_context_finding_kept=kept / len(in_context))
+    print(
+        f"finding_in_context: {judged_precision:.3f} of {same} hand-judged tasks right; {kept} of {len(in_context)} "
+        "inputs end with the finding that decides their label"
+    )
+    figures.update(
+        finding_in_context_precision=judged_precision,
+        finding_in_context_n=same,
+        finding_in_context_yield=len(in_context),
+        finding_in_context_finding_kept=kept / len(in_context),
+    )
 
     figures["minutes"] = (time.time() - started) / 60
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))

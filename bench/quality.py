@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from selfspec_core.config import PROFILES
-from selfspec_core.rundir import STAGES, RunDir
+from selfspec_core.run.rundir import STAGES, RunDir
 
 MAIN_TASK = {"biomed": "pubmedqa", "finance": "fpb"}
 DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
@@ -42,9 +42,22 @@ def main() -> None:
         sys.exit(f"benchmark data not found at {DATA}: set SELFSPEC_DATA")
 
     out = Path(args.out or f"runs/bench-{args.domain}-{args.profile}")
-    command = [sys.executable, "-m", "selfspec_core", "--domain", args.domain, "--profile", args.profile,
-               "--out", str(out), "--data-dir", str(DATA.resolve()), *(["--config", args.config] if args.config else []),
-               "run", *(["--force"] if args.force else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "selfspec_core",
+        "--domain",
+        args.domain,
+        "--profile",
+        args.profile,
+        "--out",
+        str(out),
+        "--data-dir",
+        str(DATA.resolve()),
+        *(["--config", args.config] if args.config else []),
+        "run",
+        *(["--force"] if args.force else []),
+    ]
     print("$ selfspec " + " ".join(command[3:]), flush=True)
     started = time.time()
     subprocess.run(command, check=True)
@@ -54,37 +67,58 @@ def main() -> None:
     for stage in STAGES:
         manifest = run.manifest(stage) or {}
         speed = manifest.get("throughput") or {}
-        rate = (f", {speed['tokens_per_second']:.0f} tokens/s (ceiling {speed['ceiling_tokens_per_second']:.0f})"
-                if "tokens_per_second" in speed and "ceiling_tokens_per_second" in speed else "")
+        rate = (
+            f", {speed['tokens_per_second']:.0f} tokens/s (ceiling {speed['ceiling_tokens_per_second']:.0f})"
+            if "tokens_per_second" in speed and "ceiling_tokens_per_second" in speed
+            else ""
+        )
         print(f"  {stage}: {manifest.get('seconds', 0) / 60:.1f} min{rate}")
 
     results = json.loads((run.stage_dir("evaluate") / "eval.json").read_text())
     contamination = json.loads((run.stage_dir("evaluate") / "contamination.json").read_text())
     for key, row in contamination.get("tasks", {}).items():
-        print(f"contamination {key}: {row['items_touched']}/{row['items']} items share a {contamination['ngram']}-gram with the training data")
-    for scope, rows in (("own", {k: v for k, v in results.items() if k != "cross_domain"}),
-                        ("cross-domain", results.get("cross_domain", {}))):
+        print(
+            f"contamination {key}: {row['items_touched']}/{row['items']} items share a {contamination['ngram']}-gram with the training data"
+        )
+    for scope, rows in (
+        ("own", {k: v for k, v in results.items() if k != "cross_domain"}),
+        ("cross-domain", results.get("cross_domain", {})),
+    ):
         for name, row in rows.items():
             if row.get("skipped"):
                 print(f"{scope} {name}: skipped ({row['skipped']})")
                 continue
-            print(f"{scope} {name} ({row['metric']}, n={row['n']}): base={row['base']:.3f} specialized={row['specialized']:.3f} "
-                  f"delta={row['delta']:+.3f} ci=[{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]")
+            print(
+                f"{scope} {name} ({row['metric']}, n={row['n']}): base={row['base']:.3f} specialized={row['specialized']:.3f} "
+                f"delta={row['delta']:+.3f} ci=[{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]"
+            )
             if "macro_f1" in row:
                 f1 = row["macro_f1"]
-                print(f"  macro-F1: base={f1['base']:.3f} specialized={f1['specialized']:.3f} delta={f1['delta']:+.3f} "
-                      f"ci=[{f1['ci'][0]:+.3f}, {f1['ci'][1]:+.3f}] majority={f1['majority']:.3f}")
+                print(
+                    f"  macro-F1: base={f1['base']:.3f} specialized={f1['specialized']:.3f} delta={f1['delta']:+.3f} "
+                    f"ci=[{f1['ci'][0]:+.3f}, {f1['ci'][1]:+.3f}] majority={f1['majority']:.3f}"
+                )
             if "majority" in row:
-                print(f"  always {row['majority']['answer']!r} would score {row['majority']['share']:.3f}; answers: "
-                      + "; ".join(f"{who} {counts}" for who, counts in row.get("answers", {}).items()))
+                print(
+                    f"  always {row['majority']['answer']!r} would score {row['majority']['share']:.3f}; answers: "
+                    + "; ".join(f"{who} {counts}" for who, counts in row.get("answers", {}).items())
+                )
     main_row = results[MAIN_TASK[args.domain]]
     majority = f" majority={main_row['majority']['share']:.3f}" if "majority" in main_row else ""
     f1 = main_row.get("macro_f1")
-    macro = (f" macro_f1_base={f1['base']:.3f} macro_f1_specialized={f1['specialized']:.3f} "
-             f"macro_f1_ci_low={f1['ci'][0]:.3f} macro_f1_majority={f1['majority']:.3f}") if f1 else ""
-    print(f"task={MAIN_TASK[args.domain]} base={main_row['base']:.3f} specialized={main_row['specialized']:.3f} "
-          f"delta={main_row['delta']:.3f} ci_low={main_row['ci'][0]:.3f} ci_high={main_row['ci'][1]:.3f}{majority}{macro} "
-          f"minutes={minutes:.1f}")
+    macro = (
+        (
+            f" macro_f1_base={f1['base']:.3f} macro_f1_specialized={f1['specialized']:.3f} "
+            f"macro_f1_ci_low={f1['ci'][0]:.3f} macro_f1_majority={f1['majority']:.3f}"
+        )
+        if f1
+        else ""
+    )
+    print(
+        f"task={MAIN_TASK[args.domain]} base={main_row['base']:.3f} specialized={main_row['specialized']:.3f} "
+        f"delta={main_row['delta']:.3f} ci_low={main_row['ci'][0]:.3f} ci_high={main_row['ci'][1]:.3f}{majority}{macro} "
+        f"minutes={minutes:.1f}"
+    )
 
 
 if __name__ == "__main__":

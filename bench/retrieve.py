@@ -23,12 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from selfspec_core.retrieval import BM25Index, Passage, load_corpus  # noqa: E402
-from selfspec_core.seeds import load_seeds  # noqa: E402
+from selfspec_core.data.retrieval import BM25Index, Passage, load_corpus  # noqa: E402
+from selfspec_core.data.seeds import load_seeds  # noqa: E402
 
 DATA = Path(os.environ.get("SELFSPEC_DATA") or ROOT.parent / "shared" / "data")
-CORPORA = ("fin_corpus/fincausal2020", "biomed_corpus/medical_abstracts_tc/medical_tc_test.csv",
-           "biomed_corpus/hallmarks_of_cancer/text")
+CORPORA = (
+    "fin_corpus/fincausal2020",
+    "biomed_corpus/medical_abstracts_tc/medical_tc_test.csv",
+    "biomed_corpus/hallmarks_of_cancer/text",
+)
 
 
 def main() -> None:
@@ -49,28 +52,34 @@ def main() -> None:
         copies += 1
         passages += [Passage(f"{p.id}~copy{copies}", p.text, p.title) for p in real]
     words = sum(len(p.text.split()) for p in passages)
-    print(f"corpus: {len(real)} real passages from {len(CORPORA)} corpora (read in {load_s:.1f}s), "
-          f"plus {copies} copies with suffixed ids -> {len(passages)} passages, {words / len(passages):.0f} words each on average")
+    print(
+        f"corpus: {len(real)} real passages from {len(CORPORA)} corpora (read in {load_s:.1f}s), "
+        f"plus {copies} copies with suffixed ids -> {len(passages)} passages, {words / len(passages):.0f} words each on average"
+    )
 
     started = time.perf_counter()
     index = BM25Index.build(passages)
     index_s = time.perf_counter() - started
 
     rng = random.Random(0)
-    seeds = load_seeds(ROOT / "seeds" / "finance" / "seeds.jsonl") + load_seeds(ROOT / "seeds" / "biomed" / "seeds.jsonl")
+    seeds = load_seeds(ROOT / "seeds" / "finance" / "seeds.jsonl") + load_seeds(
+        ROOT / "seeds" / "biomed" / "seeds.jsonl"
+    )
     queries = []
     for _ in range(args.queries):
         seed, passage = rng.choice(seeds), rng.choice(real)
         window = passage.text.split()
         start = rng.randrange(max(1, len(window) - 20))
-        queries.append(f"{seed.instruction} {' '.join(window[start:start + 20])}")
+        queries.append(f"{seed.instruction} {' '.join(window[start : start + 20])}")
     started, cpu_started = time.perf_counter(), time.process_time()
     hits = index.search(queries, top_k=3)
     query_s, query_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     answered = sum(1 for row in hits if row) / len(hits)
-    print(f"built in {index_s:.1f}s; {len(queries)} queries in {query_s:.1f}s wall, {query_cpu_s:.1f}s CPU "
-          f"({len(queries) / query_cpu_s:.0f} queries per CPU second; load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores), {answered:.1%} with a hit")
+    print(
+        f"built in {index_s:.1f}s; {len(queries)} queries in {query_s:.1f}s wall, {query_cpu_s:.1f}s CPU "
+        f"({len(queries) / query_cpu_s:.0f} queries per CPU second; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores), {answered:.1%} with a hit"
+    )
     print(f"index_s={index_s:.2f} queries_per_s={len(queries) / query_s:.0f} docs={len(passages)}")
 
 

@@ -25,15 +25,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfspec_core.generation import HFGenerator  # noqa: E402
-from selfspec_core.models import ModelRef, load_model, load_tokenizer  # noqa: E402
-from selfspec_core.serve import ServerThread, ServeLimits, create_app  # noqa: E402
-from selfspec_core.testing import build_tiny_model  # noqa: E402
+from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
+from selfspec_core.serve.app import ServeLimits, ServerThread, create_app
+from selfspec_core.testing import build_tiny_model
 
 API_KEY = "load-test-key"
 PROMPTS = ["The company reported", "Patients receiving", "Instruction: Classify", "0 1 2", "### Input:"]
-CHAT_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}### assistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:{% endif %}"
+)
 
 
 def request_for(number: int, limits: ServeLimits) -> tuple[str, bytes, str, bool]:
@@ -43,7 +45,12 @@ def request_for(number: int, limits: ServeLimits) -> tuple[str, bytes, str, bool
     if kind == 3:
         return "/completions", json.dumps({"prompt": prompt, "max_tokens": 4}).encode(), "wrong-key", True
     if kind == 7:
-        return "/completions", json.dumps({"prompt": prompt, "max_tokens": limits.max_tokens + 1}).encode(), API_KEY, True
+        return (
+            "/completions",
+            json.dumps({"prompt": prompt, "max_tokens": limits.max_tokens + 1}).encode(),
+            API_KEY,
+            True,
+        )
     if kind == 11:
         return "/completions", json.dumps({"prompt": "word " * 3000, "max_tokens": 4}).encode(), API_KEY, True
     if kind == 15:
@@ -82,6 +89,7 @@ def percentile(values: list[float], share: float) -> float:
 
 def run_load(url: str, limits: ServeLimits, requests: int, clients: int, timeout: float = 120.0) -> dict:
     """Send the mix with ``clients`` concurrent threads; counts and latencies of the answers."""
+
     def one(number: int):
         path, body, key, wrong = request_for(number, limits)
         status, ms = send(url, path, body, key, timeout)
@@ -93,10 +101,17 @@ def run_load(url: str, limits: ServeLimits, requests: int, clients: int, timeout
     latencies = [ms for status, ms, _ in results if status]
     unexpected = [(status, wrong) for status, _, wrong in results if (status == 200) == wrong]
     after, _ = send(url, "/models", None, API_KEY, timeout)
-    return {"requests": requests, "errors_5xx": sum(n for s, n in statuses.items() if s >= 500),
-            "p50_ms": round(percentile(latencies, 0.50), 1), "p99_ms": round(percentile(latencies, 0.99), 1),
-            "ok": statuses[200], "errors_4xx": sum(n for s, n in statuses.items() if 400 <= s < 500),
-            "lost": statuses[0], "wrong_status": len(unexpected), "answers_after": int(after == 200)}
+    return {
+        "requests": requests,
+        "errors_5xx": sum(n for s, n in statuses.items() if s >= 500),
+        "p50_ms": round(percentile(latencies, 0.50), 1),
+        "p99_ms": round(percentile(latencies, 0.99), 1),
+        "ok": statuses[200],
+        "errors_4xx": sum(n for s, n in statuses.items() if 400 <= s < 500),
+        "lost": statuses[0],
+        "wrong_status": len(unexpected),
+        "answers_after": int(after == 200),
+    }
 
 
 def serve_tiny(folder: Path, limits: ServeLimits, batch_size: int = 8) -> ServerThread:
@@ -119,7 +134,9 @@ def main() -> None:
         started = time.perf_counter()
         figures = run_load(server.url, limits, args.requests, args.clients)
         seconds = time.perf_counter() - started
-    print(f"clients={args.clients} seconds={seconds:.1f} (wrong_status: answers whose success or failure was not the expected one)")
+    print(
+        f"clients={args.clients} seconds={seconds:.1f} (wrong_status: answers whose success or failure was not the expected one)"
+    )
     print(" ".join(f"{key}={value}" for key, value in figures.items()))
 
 

@@ -33,10 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 def build_records(count: int, tokenizer, template) -> list[dict]:
     """``count`` seeds of both domains as Alpaca records, evenly spread over their token lengths."""
-    from selfspec_core.rundir import read_jsonl
+    from selfspec_core.run.rundir import read_jsonl
 
     seeds = [r for domain in ("finance", "biomed") for r in read_jsonl(ROOT / "seeds" / domain / "seeds.jsonl")]
-    length = {id(r): len(tokenizer(template.render([], r) + r["output"], add_special_tokens=False).input_ids) for r in seeds}
+    length = {
+        id(r): len(tokenizer(template.render([], r) + r["output"], add_special_tokens=False).input_ids) for r in seeds
+    }
     ordered = sorted(seeds, key=lambda r: length[id(r)])
     picked = [ordered[round(i * (len(ordered) - 1) / (count - 1))] for i in range(count)]
     return [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in picked]
@@ -45,11 +47,12 @@ def build_records(count: int, tokenizer, template) -> list[dict]:
 def run_arm(arm: str, data: Path, steps: int, threads: int) -> dict:
     import torch
 
-    from selfspec_core import plugins, training
     from selfspec_core.config import load_settings
-    from selfspec_core.models import load_tokenizer, resolve_model
-    from selfspec_core.pipeline import StageContext
-    from selfspec_core.rundir import RunDir, read_jsonl, write_jsonl
+    from selfspec_core.models.loading import load_tokenizer, resolve_model
+    from selfspec_core.plugins import manager as plugins
+    from selfspec_core.run.context import StageContext
+    from selfspec_core.run.rundir import RunDir, read_jsonl, write_jsonl
+    from selfspec_core.stages import train as training
 
     torch.set_num_threads(threads)
     settings = load_settings("quick", overrides={"train": {"max_steps": steps, "quant": "none"}})
@@ -59,7 +62,9 @@ def run_arm(arm: str, data: Path, steps: int, threads: int) -> dict:
     run = RunDir(work / "run", "finance").open()
     write_jsonl(run.partial_dir("respond") / "data.jsonl", read_jsonl(data))
     run.finish("respond", {})
-    ctx = StageContext(settings, plugins.get_domain("finance"), run, [], ref, run.partial_dir("train"), log=lambda _: None)
+    ctx = StageContext(
+        settings, plugins.get_domain("finance"), run, [], ref, run.partial_dir("train"), log=lambda _: None
+    )
     if arm != "baseline":
         stats = training.run_stage(ctx)
     else:
@@ -67,18 +72,33 @@ def run_arm(arm: str, data: Path, steps: int, threads: int) -> dict:
 
         tokenizer = load_tokenizer(ref)
         tokenizer.padding_side = "right"
-        examples = [training.encode_example(r, ctx.template("train"), tokenizer, settings.train.max_length, ctx.template_context)
-                    for r in read_jsonl(data)]
-        args = training.training_arguments(settings.train, work / "checkpoints", settings.seed,
-                                           include_num_input_tokens_seen="non_padding", train_sampling_strategy="random")
-        trainer = Trainer(model=training.lora_model(ref, settings.train, "none"), args=args,
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=settings.train.max_length),
-                          train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+        examples = [
+            training.encode_example(
+                r, ctx.template("train"), tokenizer, settings.train.max_length, ctx.template_context
+            )
+            for r in read_jsonl(data)
+        ]
+        args = training.training_arguments(
+            settings.train,
+            work / "checkpoints",
+            settings.seed,
+            include_num_input_tokens_seen="non_padding",
+            train_sampling_strategy="random",
+        )
+        trainer = Trainer(
+            model=training.lora_model(ref, settings.train, "none"),
+            args=args,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=settings.train.max_length),
+            train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in examples],
+        )
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
-        stats = {"steps": trainer.state.global_step, "tokens": trainer.state.num_input_tokens_seen,
-                 "tokens_per_s": trainer.state.num_input_tokens_seen / seconds}
+        stats = {
+            "steps": trainer.state.global_step,
+            "tokens": trainer.state.num_input_tokens_seen,
+            "tokens_per_s": trainer.state.num_input_tokens_seen / seconds,
+        }
     stats["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return stats
 
@@ -95,27 +115,50 @@ def main() -> None:
         print(json.dumps(run_arm(options.arm, options.data, options.steps, options.threads)))
         return
 
-    from selfspec_core.defaults import TRAIN_TEMPLATE
-    from selfspec_core.models import load_tokenizer, resolve_model
-    from selfspec_core.rundir import write_jsonl
+    from selfspec_core.models.loading import load_tokenizer, resolve_model
+    from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
+    from selfspec_core.run.rundir import write_jsonl
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         data = Path(folder) / "data.jsonl"
         write_jsonl(data, build_records(options.records, load_tokenizer(resolve_model(None)), TRAIN_TEMPLATE))
         for arm in ("selfspec", "grouped", "baseline"):
-            done = subprocess.run([sys.executable, __file__, "--arm", arm, "--data", str(data), "--steps", str(options.steps),
-                                   "--threads", str(options.threads)], capture_output=True, text=True, cwd=ROOT)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--arm",
+                    arm,
+                    "--data",
+                    str(data),
+                    "--steps",
+                    str(options.steps),
+                    "--threads",
+                    str(options.threads),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             if done.returncode:
                 sys.exit(f"{arm} failed:\n{done.stderr[-3000:]}")
             results[arm] = json.loads(done.stdout.strip().splitlines()[-1])
             stats = results[arm]
-            print(f"{arm:9s} steps={stats['steps']} tokens={stats['tokens']} tok/s={stats['tokens_per_s']:.1f} "
-                  f"peak_mb={stats['peak_mb']}", flush=True)
-    assert len({r["steps"] for r in results.values()}) == 1 and results["selfspec"]["tokens"] == results["baseline"]["tokens"]
+            print(
+                f"{arm:9s} steps={stats['steps']} tokens={stats['tokens']} tok/s={stats['tokens_per_s']:.1f} "
+                f"peak_mb={stats['peak_mb']}",
+                flush=True,
+            )
+    assert (
+        len({r["steps"] for r in results.values()}) == 1
+        and results["selfspec"]["tokens"] == results["baseline"]["tokens"]
+    )
     ours, grouped, baseline = (results[a]["tokens_per_s"] for a in ("selfspec", "grouped", "baseline"))
-    print(f"speedup={ours / baseline:.2f} tok_s={ours:.1f} baseline_tok_s={baseline:.1f} grouped_tok_s={grouped:.1f} "
-          f"peak_mb={results['selfspec']['peak_mb']}")
+    print(
+        f"speedup={ours / baseline:.2f} tok_s={ours:.1f} baseline_tok_s={baseline:.1f} grouped_tok_s={grouped:.1f} "
+        f"peak_mb={results['selfspec']['peak_mb']}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ workload in a fresh process with only that setting changed:
 products on OpenMP threads of its own), as on a machine shared with another job.
 
 selfspec spins a bounded while (``GOMP_SPINCOUNT``) when the machine is idle as it starts and sleeps
-(``PASSIVE``) when it is shared (selfspec_core/openmp.py); these figures are why.
+(``PASSIVE``) when it is shared (selfspec_core/runtime/openmp.py); these figures are why.
 
     python bench/wait_policy.py [--steps 12] [--prompts 8] [--max-new-tokens 64] [--busy]
 
@@ -39,20 +39,19 @@ sys.path.insert(0, str(ROOT))
 
 # torch first: libgomp reads this process's own settings (the arm's), and selfspec_core, seeing torch
 # loaded, sets none of its own.
-import torch  # noqa: E402, F401
+import torch  # noqa: E402
 
-from selfspec_core.openmp import SPIN_COUNT, USER_SETTINGS  # noqa: E402
+from selfspec_core.runtime.openmp import SPIN_COUNT, USER_SETTINGS  # noqa: E402
 
 POLICIES = ("passive", "default", "spin", "active")
 
 
 def train_rate(steps: int, folder: Path) -> float:
-    import torch
     from train import build_records, run_arm
 
-    from selfspec_core.defaults import TRAIN_TEMPLATE
-    from selfspec_core.models import load_tokenizer, resolve_model
-    from selfspec_core.rundir import write_jsonl
+    from selfspec_core.models.loading import load_tokenizer, resolve_model
+    from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
+    from selfspec_core.run.rundir import write_jsonl
 
     data = folder / "data.jsonl"
     write_jsonl(data, build_records(96, load_tokenizer(resolve_model(None)), TRAIN_TEMPLATE))
@@ -63,15 +62,20 @@ def generate_rate(prompts: int, max_new_tokens: int) -> float:
     from generate import stage_prompts, timed
 
     from selfspec_core.config import load_settings
-    from selfspec_core.generation import HFGenerator
-    from selfspec_core.models import load_model, load_tokenizer, resolve_model
+    from selfspec_core.models.generator import HFGenerator
+    from selfspec_core.models.loading import load_model, load_tokenizer, resolve_model
 
     settings = load_settings("quick")
     texts, _ = stage_prompts(prompts, settings)
     ref = resolve_model(None)
     generator = HFGenerator(load_model(ref, dtype=settings.dtype), load_tokenizer(ref), batch_size=prompts)
-    options = dict(max_new_tokens=max_new_tokens, temperature=settings.generate.temperature,
-                   top_p=settings.generate.top_p, stop=(), seed=settings.seed)
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=settings.generate.temperature,
+        top_p=settings.generate.top_p,
+        stop=(),
+        seed=settings.seed,
+    )
     generator.generate(texts[:1], **{**options, "max_new_tokens": 4})  # warm-up, not timed
     seconds, tokens = timed(generator, [texts], options)
     return tokens / seconds
@@ -79,7 +83,6 @@ def generate_rate(prompts: int, max_new_tokens: int) -> float:
 
 def keep_busy() -> None:
     """Matrix products on every core until killed: the other job on a shared machine."""
-    import torch
 
     a = torch.randn(1024, 1024)
     while True:
@@ -106,31 +109,57 @@ def main() -> None:
         keep_busy()
     if options.workload:
         with tempfile.TemporaryDirectory(prefix="bench-wait-") as folder:
-            rate = (train_rate(options.steps, Path(folder)) if options.workload == "train"
-                    else generate_rate(options.prompts, options.max_new_tokens))
+            rate = (
+                train_rate(options.steps, Path(folder))
+                if options.workload == "train"
+                else generate_rate(options.prompts, options.max_new_tokens)
+            )
         print(json.dumps({"tok_s": rate}))
         return
 
     rates: dict[tuple[str, str], float] = {}
     for workload in ("train", "generate"):
         for policy in POLICIES:
-            busy = (subprocess.Popen([sys.executable, __file__, "--workload", "busy"], env=arm_env("default"))
-                    if options.busy else None)
+            busy = (
+                subprocess.Popen([sys.executable, __file__, "--workload", "busy"], env=arm_env("default"))
+                if options.busy
+                else None
+            )
             started = time.perf_counter()
-            done = subprocess.run([sys.executable, __file__, "--workload", workload, "--steps", str(options.steps),
-                                   "--prompts", str(options.prompts), "--max-new-tokens", str(options.max_new_tokens)],
-                                  capture_output=True, text=True, cwd=ROOT, env=arm_env(policy))
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--workload",
+                    workload,
+                    "--steps",
+                    str(options.steps),
+                    "--prompts",
+                    str(options.prompts),
+                    "--max-new-tokens",
+                    str(options.max_new_tokens),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env=arm_env(policy),
+            )
             if busy:
                 busy.kill()
                 busy.wait()
             if done.returncode:
                 sys.exit(f"{workload} under {policy} failed:\n{done.stderr[-3000:]}")
             rates[workload, policy] = json.loads(done.stdout.strip().splitlines()[-1])["tok_s"]
-            print(f"{workload:8s} {policy:7s} tok/s={rates[workload, policy]:.1f} ({time.perf_counter() - started:.0f}s)", flush=True)
+            print(
+                f"{workload:8s} {policy:7s} tok/s={rates[workload, policy]:.1f} ({time.perf_counter() - started:.0f}s)",
+                flush=True,
+            )
     figures = " ".join(f"{w}_{p}_tok_s={rates[w, p]:.1f}" for w, p in rates)
-    print(f"train_speedup={rates['train', 'spin'] / rates['train', 'passive']:.2f} "
-          f"generate_speedup={rates['generate', 'spin'] / rates['generate', 'passive']:.2f} {figures} "
-          f"busy={str(options.busy).lower()}")
+    print(
+        f"train_speedup={rates['train', 'spin'] / rates['train', 'passive']:.2f} "
+        f"generate_speedup={rates['generate', 'spin'] / rates['generate', 'passive']:.2f} {figures} "
+        f"busy={str(options.busy).lower()}"
+    )
 
 
 if __name__ == "__main__":

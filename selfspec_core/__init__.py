@@ -1,6 +1,6 @@
 """selfspec: self-specialization of language models from a handful of domain seeds."""
 
-from .openmp import choose_wait_policy
+from selfspec_core.runtime.openmp import choose_wait_policy
 
 choose_wait_policy()  # must precede torch
 

@@ -9,7 +9,7 @@ private and may change in any release. The guide is docs/plugins.md.
   sentences), ``pick_phrasing`` (one of several wordings of an instruction).
 * Reading data: ``data_root`` (the user's data directory), ``package_file`` (files the plugin ships),
   ``DataSource`` / ``HubDataset`` and ``find_data`` (a file from the data directory, else the
-  plugin's shipped copy, else the Hub; see :mod:`selfspec_core.datasources`), ``read_text`` (plain or
+  plugin's shipped copy, else the Hub; see :mod:`selfspec_core.data.datasources`), ``read_text`` (plain or
   ``.gz``), ``load_seeds``, ``read_eval_file`` (the JSONL evaluation format, a ready ``EvalTask.load``),
   ``find_overlaps`` / ``ngram_overlap`` (keep a corpus disjoint from a benchmark).
 * Testing a plugin: what the installed plugins answer for a domain, as the pipeline sees it
@@ -27,40 +27,60 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .datasources import DataSource, HubDataset, read_text
-from .datasources import find as find_data
-from .defaults import default_template
-from .errors import SelfspecError
-from .hookspecs import hookimpl
-from .records import SEED_FIELDS, Domain, Seed
-from .seeds import load_seeds
-from .tasks import EvalItem, EvalTask, data_root, package_file
-from .templates import PromptTemplate
+from selfspec_core.data.datasources import DataSource, HubDataset, read_text
+from selfspec_core.data.datasources import find as find_data
+from selfspec_core.data.seeds import load_seeds
+from selfspec_core.data.tasks import EvalItem, EvalTask, data_root, package_file
+from selfspec_core.errors import SelfspecError
+from selfspec_core.hookspecs import hookimpl
+from selfspec_core.plugins.defaults import default_template
+from selfspec_core.records import SEED_FIELDS, Domain, Seed
+from selfspec_core.templates import PromptTemplate
 
 # public name -> (private module, its name there)
 _LAZY = {
-    "Passage": ("retrieval", "Passage"),
-    "Miner": ("mining", "Miner"),
-    "sentences": ("mining", "sentences"),
-    "pick_phrasing": ("mining", "pick_phrasing"),
-    "read_eval_file": ("evaluation", "read_eval_file"),
-    "find_overlaps": ("evaluation", "find_overlaps"),
-    "ngram_overlap": ("evaluation", "ngram_overlap"),
-    "item_texts": ("evaluation", "item_texts"),
-    "record_text": ("evaluation", "record_text"),
-    "domain_seeds": ("pipeline", "domain_seeds"),
-    "filter_reason": ("filters", "plugin_reason"),
-    "blacklist_pattern": ("filters", "blacklist_pattern"),
-    "check_plugin": ("plugincheck", "check_plugin"),
+    "Passage": ("data.retrieval", "Passage"),
+    "Miner": ("stages.mine", "Miner"),
+    "sentences": ("stages.mine", "sentences"),
+    "pick_phrasing": ("stages.mine", "pick_phrasing"),
+    "read_eval_file": ("stages.evaluate", "read_eval_file"),
+    "find_overlaps": ("stages.evaluate", "find_overlaps"),
+    "ngram_overlap": ("stages.evaluate", "ngram_overlap"),
+    "item_texts": ("stages.evaluate", "item_texts"),
+    "record_text": ("stages.evaluate", "record_text"),
+    "domain_seeds": ("run.pipeline", "domain_seeds"),
+    "filter_reason": ("stages.filter", "plugin_reason"),
+    "blacklist_pattern": ("stages.filter", "blacklist_pattern"),
+    "check_plugin": ("plugins.check", "check_plugin"),
     "build_tiny_model": ("testing", "build_tiny_model"),
     "write_hub_dataset": ("testing", "write_hub_dataset"),
     "use_hub_mirror": ("testing", "use_hub_mirror"),
 }
 
 __all__ = [
-    "hookimpl", "Domain", "Seed", "SEED_FIELDS", "PromptTemplate", "default_template", "EvalTask", "EvalItem",
-    "SelfspecError", "data_root", "package_file", "DataSource", "HubDataset", "find_data", "read_text", "load_seeds",
-    "installed_domains", "domain_template", "domain_tasks", "task_items", "domain_corpus", "domain_miners", *_LAZY,
+    "hookimpl",
+    "Domain",
+    "Seed",
+    "SEED_FIELDS",
+    "PromptTemplate",
+    "default_template",
+    "EvalTask",
+    "EvalItem",
+    "SelfspecError",
+    "data_root",
+    "package_file",
+    "DataSource",
+    "HubDataset",
+    "find_data",
+    "read_text",
+    "load_seeds",
+    "installed_domains",
+    "domain_template",
+    "domain_tasks",
+    "task_items",
+    "domain_corpus",
+    "domain_miners",
+    *_LAZY,
 ]
 
 
@@ -75,21 +95,21 @@ def __getattr__(name: str):
 
 def installed_domains() -> dict[str, Domain]:
     """Every installed domain by name; ``Domain.plugin`` names the plugin that registers it."""
-    from . import plugins
+    from selfspec_core.plugins import manager as plugins
 
     return plugins.domains()
 
 
 def domain_template(domain: str, stage: str) -> PromptTemplate:
     """The template the pipeline uses for ``stage`` of ``domain``: the first plugin's answer, else the core's."""
-    from . import plugins
+    from selfspec_core.plugins import manager as plugins
 
     return plugins.first_result("prompt_template", PromptTemplate, domain=domain, stage=stage)[1]
 
 
 def domain_tasks(domain: str) -> dict[str, EvalTask]:
     """Every evaluation task the installed plugins return for ``domain``, by name (development splits too)."""
-    from . import plugins
+    from selfspec_core.plugins import manager as plugins
 
     return {task.name: task for _, found in plugins.results("evaluation_tasks", domain=domain) for task in found}
 
@@ -97,7 +117,7 @@ def domain_tasks(domain: str) -> dict[str, EvalTask]:
 def task_items(task: EvalTask, data_dir: str | Path | None = None) -> list[EvalItem]:
     """The items of ``task`` as the evaluate stage reads and validates them; ``SelfspecError`` when its
     data is not there."""
-    from .evaluation import read_items
+    from selfspec_core.stages.evaluate import read_items
 
     items = read_items(task, data_root(data_dir))
     if isinstance(items, str):
@@ -108,7 +128,7 @@ def task_items(task: EvalTask, data_dir: str | Path | None = None) -> list[EvalI
 def domain_corpus(domain: str, data_dir: str | Path | None = None):
     """The passages the respond stage retrieves from for ``domain`` (documents cut into windows, ids
     unique); ``None`` when no plugin gives a corpus."""
-    from .retrieval import resolve_corpus
+    from selfspec_core.data.retrieval import resolve_corpus
 
     found = resolve_corpus(None, domain, str(data_dir) if data_dir else None)
     return found[0] if found else None
@@ -117,7 +137,7 @@ def domain_corpus(domain: str, data_dir: str | Path | None = None):
 def domain_miners(domain: str) -> dict:
     """Every corpus miner for ``domain`` by name (the core's and the plugins'), as the generate stage
     sees them; ``Miner.on_by_default`` says which run unless ``generate.miners`` names others."""
-    from . import plugins
-    from .mining import available_miners
+    from selfspec_core.plugins import manager as plugins
+    from selfspec_core.stages.mine import available_miners
 
     return available_miners(plugins.get_domain(domain))

@@ -24,7 +24,7 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
-from .errors import SelfspecError
+from selfspec_core.errors import SelfspecError
 
 
 @dataclass
@@ -48,7 +48,7 @@ class GenerateSettings:
     min_words: int = 3
     max_words: int = 150
     min_relevance: float = 0.0
-    # Records mined from the domain corpus (answers decided by the text: selfspec_core.mining) beside the
+    # Records mined from the domain corpus (answers decided by the text: selfspec_core.stages.mine) beside the
     # ``num_instructions`` the model writes, shared over the miners by their weights. Mined labels are
     # right 95-100% of the time (bench/miners.py) against ~48% for calibrated self-labels on FPB dev, and
     # their number decides what the model learns: FPB dev macro-F1 0.27 with 75 mined sentiment records,
@@ -227,8 +227,9 @@ PROFILES: dict[str, dict] = {
 }
 
 
-def load_settings(profile: str = "quick", config_file: str | Path | None = None,
-                  overrides: dict | None = None) -> Settings:
+def load_settings(
+    profile: str = "quick", config_file: str | Path | None = None, overrides: dict | None = None
+) -> Settings:
     """Build settings from a profile, an optional YAML/TOML file, then flag overrides."""
     if profile not in PROFILES:
         raise SelfspecError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
@@ -266,20 +267,43 @@ def _first_line(exc: Exception) -> str:
 
 
 _RANGES = {
-    "batch_size": (1, 1e6), "max_new_tokens": (1, 1e6),
-    "temperature": (0.0, 5.0), "top_p": (0.0, 1.0), "rouge_threshold": (0.0, 1.0),
-    "human_example_share": (0.0, 1.0), "input_share": (0.0, 1.0), "max_label_share": (0.0, 1.0), "lora_dropout": (0.0, 1.0),
-    "judge_keep_fraction": (0.0, 1.0), "consistency_min_agreement": (0.0, 1.0),
-    "warmup_ratio": (0.0, 1.0), "learning_rate": (0.0, 1.0), "min_relevance": (0.0, 1e9),
-    "lora_r": (1, 1024), "lora_alpha": (1, 1e6), "grad_accum": (1, 1e6), "max_length": (16, 1e6),
+    "batch_size": (1, 1e6),
+    "max_new_tokens": (1, 1e6),
+    "temperature": (0.0, 5.0),
+    "top_p": (0.0, 1.0),
+    "rouge_threshold": (0.0, 1.0),
+    "human_example_share": (0.0, 1.0),
+    "input_share": (0.0, 1.0),
+    "max_label_share": (0.0, 1.0),
+    "lora_dropout": (0.0, 1.0),
+    "judge_keep_fraction": (0.0, 1.0),
+    "consistency_min_agreement": (0.0, 1.0),
+    "warmup_ratio": (0.0, 1.0),
+    "learning_rate": (0.0, 1.0),
+    "min_relevance": (0.0, 1e9),
+    "lora_r": (1, 1024),
+    "lora_alpha": (1, 1e6),
+    "grad_accum": (1, 1e6),
+    "max_length": (16, 1e6),
     "save_steps": (1, 1e9),
-    "num_instructions": (0, 10_000_000), "num_mined": (0, 10_000_000), "max_rounds": (1, 1_000_000), "num_examples": (0, 64), "input_examples": (1, 64),
-    "concurrency": (1, 1024), "timeout": (0.001, 86400.0), "actors": (1, 100_000),
-    "ngram": (1, 100), "bootstrap_samples": (1, 1_000_000), "shots": (0, 64),
-    "consistency_samples": (1, 64), "consistency_temperature": (0.0, 5.0), "consistency_min_rouge": (0.0, 1.0),
+    "num_instructions": (0, 10_000_000),
+    "num_mined": (0, 10_000_000),
+    "max_rounds": (1, 1_000_000),
+    "num_examples": (0, 64),
+    "input_examples": (1, 64),
+    "concurrency": (1, 1024),
+    "timeout": (0.001, 86400.0),
+    "actors": (1, 100_000),
+    "ngram": (1, 100),
+    "bootstrap_samples": (1, 1_000_000),
+    "shots": (0, 64),
+    "consistency_samples": (1, 64),
+    "consistency_temperature": (0.0, 5.0),
+    "consistency_min_rouge": (0.0, 1.0),
 }
 _CHOICES = {
-    "quant": ("auto", "none", "nf4"), "scheduler": ("cosine", "linear", "constant"),
+    "quant": ("auto", "none", "nf4"),
+    "scheduler": ("cosine", "linear", "constant"),
     "backend": ("hf", "vllm", "openai"),
     "executor": ("local", "ray"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -287,8 +311,10 @@ _CHOICES = {
 }
 _LIST_CHOICES = {"modes": ("loglikelihood", "generate")}  # comma-separated
 # Settings a release renamed, with what to write instead (a closest-spelling hint would mislead).
-_REPLACED = {"generate.mined_share": "generate.num_mined (a count of mined records added beside "
-                                     "num_instructions, no longer a share of them)"}
+_REPLACED = {
+    "generate.mined_share": "generate.num_mined (a count of mined records added beside "
+    "num_instructions, no longer a share of them)"
+}
 
 
 def apply(target: Any, values: dict, source: str, prefix: str = "") -> None:
@@ -328,7 +354,9 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
         try:
             number = kind(value) if kind is float else _as_int(value)
         except (TypeError, ValueError):
-            raise SelfspecError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+            raise SelfspecError(
+                f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}"
+            ) from None
         if number < 0:
             raise SelfspecError(f"{where}: must not be negative, got {number}")
         low, high = _RANGES.get(key, (0, float("inf")))
@@ -339,9 +367,11 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
         raise SelfspecError(f"{where}: expected text, got {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise SelfspecError(f"{where}: expected one of {', '.join(_CHOICES[key])}, got {value!r}")
-    for item in (value.split(",") if key in _LIST_CHOICES else ()):
+    for item in value.split(",") if key in _LIST_CHOICES else ():
         if item.strip() and item.strip() not in _LIST_CHOICES[key]:
-            raise SelfspecError(f"{where}: {item.strip()!r} is not one of {', '.join(_LIST_CHOICES[key])} (comma-separated)")
+            raise SelfspecError(
+                f"{where}: {item.strip()!r} is not one of {', '.join(_LIST_CHOICES[key])} (comma-separated)"
+            )
     return value
 
 

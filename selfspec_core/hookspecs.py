@@ -7,7 +7,7 @@ specifications below; it imports ``hookimpl`` and everything else from ``selfspe
     [project.entry-points.selfspec]
     finance = "selfspec_finance"
 
-The core registers its own defaults (``selfspec_core.defaults``) first, so a domain plugin only
+The core registers its own defaults (``selfspec_core.plugins.defaults``) first, so a domain plugin only
 implements what it needs to change. Hooks marked ``firstresult`` return the first non-``None``
 answer, and plugins registered later are called first: that is how a domain overrides a default.
 Every hook is called with keyword arguments; an implementation may accept only those it uses.
@@ -77,7 +77,7 @@ def evaluation_tasks(domain):
 
     Each task names its data file (relative to the data dir), a loader for the benchmark's own file
     format, its prompt, scoring mode and metric, and optionally a copy shipped with the plugin and
-    the dataset on the Hub with a reader for its rows (see :mod:`selfspec_core.datasources`). Tasks of every installed domain are collected, so
+    the dataset on the Hub with a reader for its rows (see :mod:`selfspec_core.data.datasources`). Tasks of every installed domain are collected, so
     evaluation can also report the cross-domain cost of specializing.
     """
 
@@ -88,14 +88,14 @@ def retrieval_corpus(domain, data_dir):
     ``.jsonl``/``.txt``/``.parquet``/``.csv``), or of :class:`selfspec_core.api.Passage`.
 
     ``data_dir`` is the user's data directory (may be ``None``); find each part there, in the
-    plugin package or on the Hub with :func:`selfspec_core.datasources.find`. Return ``None`` when there is no
+    plugin package or on the Hub with :func:`selfspec_core.data.datasources.find`. Return ``None`` when there is no
     corpus; retrieval is then switched off with a message. ``--corpus`` replaces this hook.
     """
 
 
 @hookspec
 def corpus_sources(domain):
-    """Return the parts of ``domain``'s default retrieval corpus as :class:`selfspec_core.datasources.DataSource` s.
+    """Return the parts of ``domain``'s default retrieval corpus as :class:`selfspec_core.data.datasources.DataSource` s.
 
     Where each part is looked for (data directory, shipped copy, Hub) and under which licence, so
     ``selfspec data`` can list and fetch them; reading them stays ``retrieval_corpus``'s job.
@@ -106,7 +106,7 @@ def corpus_sources(domain):
 def task_miners(domain):
     """Return miners that turn ``domain``'s corpus into tasks the text itself answers.
 
-    Return a list of :class:`selfspec_core.mining.Miner` (``None`` for other domains). A miner
+    Return a list of :class:`selfspec_core.stages.mine.Miner` (``None`` for other domains). A miner
     with the name of a core miner replaces it; register the domain with ``core_miners=False`` to
     turn all of the core's off. Give each miner the ``precision`` that ``bench/miners.py``
     measures for it: only those at 0.9 or better run unless ``generate.miners`` names them.

@@ -18,7 +18,7 @@ class Domain:
     # sentence"): stage 1 also writes new inputs for them under a seed's own instruction, which a
     # small model does far better than writing whole new tasks (``generate.input_share``).
     input_task_types: tuple[str, ...] = ()
-    # Whether the core's generic corpus miners (``selfspec_core.mining``) run for this domain; a
+    # Whether the core's generic corpus miners (``selfspec_core.stages.mine``) run for this domain; a
     # plugin whose own miners fit its corpus better sets it False.
     core_miners: bool = True
     plugin: str = ""
@@ -53,5 +53,5 @@ class Funnel:
         return {"generated": self.generated, "kept": self.kept, "dropped": dict(sorted(self.dropped.items()))}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Funnel":
+    def from_dict(cls, data: dict) -> Funnel:
         return cls(data.get("generated", 0), data.get("kept", 0), dict(data.get("dropped", {})))

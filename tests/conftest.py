@@ -1,7 +1,7 @@
 import pytest
 from safetensors.torch import load_file, save_file
 
-from selfspec_core.plugins import get_plugin_manager
+from selfspec_core.plugins.manager import get_plugin_manager
 from selfspec_core.testing import build_tiny_model
 
 

@@ -9,18 +9,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from selfspec_core.backends import OpenAIGenerator
 from selfspec_core.config import load_settings
 from selfspec_core.errors import SelfspecError
-from selfspec_core.generation import HFGenerator, make_generator
-from selfspec_core.models import ModelRef, load_model, load_tokenizer
-from selfspec_core.serve import ServerThread, create_app
+from selfspec_core.models.backends import OpenAIGenerator, make_generator
+from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
+from selfspec_core.serve.app import ServerThread, create_app
 
-PROMPTS = ["The company reported", "Patients receiving the treatment", "Instruction: Classify the sentiment",
-           "0 1 2 3", "### Instruction:", "Below is an instruction that describes a task."]
-PAIRS = [("The company reported", " higher quarterly revenue"), ("Answer:", " neutral"),
-         ("Instruction: Classify the sentiment as positive, negative, or neutral. Answer:", " positive"),
-         ("Patients receiving the treatment showed", " lower mortality than controls.")]
+PROMPTS = [
+    "The company reported",
+    "Patients receiving the treatment",
+    "Instruction: Classify the sentiment",
+    "0 1 2 3",
+    "### Instruction:",
+    "Below is an instruction that describes a task.",
+]
+PAIRS = [
+    ("The company reported", " higher quarterly revenue"),
+    ("Answer:", " neutral"),
+    ("Instruction: Classify the sentiment as positive, negative, or neutral. Answer:", " positive"),
+    ("Patients receiving the treatment showed", " lower mortality than controls."),
+]
 
 
 def tiny_generator(tiny_model_dir, batch_size=8):
@@ -45,8 +54,12 @@ def test_openai_backend_through_selfspec_serve_equals_hf(served, tiny_model_dir)
     remote = make_generator(openai_settings(served.url, concurrency=3), ModelRef("tiny", str(tiny_model_dir)))
     assert isinstance(remote, OpenAIGenerator) and remote.model == "tiny"  # the one model the server lists
     for stop in ((), ("e",)):
-        assert remote.generate(PROMPTS, max_new_tokens=10, stop=stop) == local.generate(PROMPTS, max_new_tokens=10, stop=stop)
-    for (remote_sum, remote_count), (local_sum, local_count) in zip(remote.loglikelihood(PAIRS), local.loglikelihood(PAIRS)):
+        assert remote.generate(PROMPTS, max_new_tokens=10, stop=stop) == local.generate(
+            PROMPTS, max_new_tokens=10, stop=stop
+        )
+    for (remote_sum, remote_count), (local_sum, local_count) in zip(
+        remote.loglikelihood(PAIRS), local.loglikelihood(PAIRS)
+    ):
         assert remote_count == local_count
         assert remote_sum == pytest.approx(local_sum, abs=1e-4)
 
@@ -95,9 +108,14 @@ class FakeEndpoint:
 
 
 def completion(text, logprobs=None):
-    return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "m",
-            "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": logprobs}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": logprobs}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    }
 
 
 def failure(status):
@@ -146,11 +164,19 @@ def test_loglikelihood_needs_a_server_that_echoes_logprobs():
             OpenAIGenerator(endpoint.url, model="m").loglikelihood([("Answer:", " yes")])
     finally:
         endpoint.close()
-    assert endpoint.requests[0] | {"prompt": None} == {"model": "m", "prompt": None, "max_tokens": 0, "echo": True,
-                                                       "logprobs": 1, "temperature": 0.0}
+    assert endpoint.requests[0] | {"prompt": None} == {
+        "model": "m",
+        "prompt": None,
+        "max_tokens": 0,
+        "echo": True,
+        "logprobs": 1,
+        "temperature": 0.0,
+    }
     endpoint = FakeEndpoint(lambda n, body: (400, {"error": {"message": "echo is not supported", "type": "invalid"}}))
     try:
-        with pytest.raises(SelfspecError, match="rejected the request: echo is not supported; this server cannot score"):
+        with pytest.raises(
+            SelfspecError, match="rejected the request: echo is not supported; this server cannot score"
+        ):
             OpenAIGenerator(endpoint.url, model="m").loglikelihood([("Answer:", " yes")])
     finally:
         endpoint.close()

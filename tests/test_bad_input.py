@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-SEED = {"id": "s1", "task_type": "qa", "instruction": "What is EBITDA?", "input": "", "output": "Earnings before interest."}
+SEED = {
+    "id": "s1",
+    "task_type": "qa",
+    "instruction": "What is EBITDA?",
+    "input": "",
+    "output": "Earnings before interest.",
+}
 
 
 def seed_line(**changes):
@@ -17,8 +23,13 @@ def seed_line(**changes):
 
 
 def run_cli(args, cwd, env=None):
-    result = subprocess.run([sys.executable, "-m", "selfspec_core", *args], capture_output=True, cwd=cwd,
-                            env={**os.environ, **(env or {})}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "selfspec_core", *args],
+        capture_output=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
     return result.returncode, result.stderr.decode("utf-8", "replace")
 
 
@@ -27,7 +38,11 @@ SEED_CASES = [
     ("seed-not-json", {"s.jsonl": b"{nope\n"}, ["s.jsonl:1", "not valid JSON"]),
     ("seed-yaml-broken", {"s.yaml": b"- id: [a\n"}, ["s.yaml", "not valid YAML"]),
     ("seed-yaml-not-list", {"s.yaml": b"id: a\n"}, ["s.yaml:1", "expected a YAML list"]),
-    ("seed-missing-field", {"s.jsonl": (json.dumps({k: v for k, v in SEED.items() if k != "output"}) + "\n").encode()}, ["s.jsonl:1", "'output' is missing"]),
+    (
+        "seed-missing-field",
+        {"s.jsonl": (json.dumps({k: v for k, v in SEED.items() if k != "output"}) + "\n").encode()},
+        ["s.jsonl:1", "'output' is missing"],
+    ),
     ("seed-empty-field", {"s.jsonl": seed_line(instruction="  ")}, ["s.jsonl:1", "'instruction' is empty"]),
     ("seed-wrong-type", {"s.jsonl": seed_line(output=["a"])}, ["s.jsonl:1", "'output'", "expected a string"]),
     ("seed-duplicate-id", {"s.jsonl": seed_line() + seed_line()}, ["s.jsonl:2", "duplicate id"]),
@@ -40,7 +55,11 @@ SEED_CASES = [
 ]
 
 CONFIG_CASES = [
-    ("config-unknown-key", {"c.toml": b"[generate]\nnum_instruction = 3\n"}, ["c.toml", "generate.num_instruction", "did you mean generate.num_instructions"]),
+    (
+        "config-unknown-key",
+        {"c.toml": b"[generate]\nnum_instruction = 3\n"},
+        ["c.toml", "generate.num_instruction", "did you mean generate.num_instructions"],
+    ),
     ("config-unknown-top", {"c.toml": b"sed = 3\n"}, ["c.toml", "did you mean seed"]),
     ("config-wrong-type", {"c.toml": b'[train]\nlora_r = "eight"\n'}, ["c.toml", "train.lora_r", "integer"]),
     ("config-out-of-range", {"c.toml": b"[generate]\ntop_p = 3.0\n"}, ["c.toml", "generate.top_p", "between"]),
@@ -82,14 +101,46 @@ OTHER_CASES = [
     ("unknown-domain", ["--domain", "astrology", "generate"], ["unknown domain 'astrology'", "installed domains"]),
     ("no-domain", ["generate"], ["no domain given"]),
     ("domain-escapes", ["--domain", "../etc", "generate"], ["invalid domain name"]),
-    ("model-missing", ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "--model", "./nope", "generate"], ["model './nope' not found"]),
-    ("model-no-config", ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "--model", "{empty_dir}", "generate"], ["no config.json"]),
-    ("model-pickle-only", ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "--model", "{pickle_dir}", "generate"], ["no .safetensors", "only safetensors"]),
-    ("model-gguf-missing", ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "--model", "x.gguf", "generate"], ["x.gguf", "not found"]),
-    ("run-dir-other-domain", ["--domain", "biomed", "--seeds", "{seeds}", "--out", "{finance_run}", "generate"], ["belongs to domain 'finance'"]),
-    ("run-dir-other-version", ["--domain", "finance", "--seeds", "{seeds}", "--out", "{old_run}", "generate"], ["made by selfspec 0.0.1"]),
-    ("run-dir-not-a-run", ["--domain", "finance", "--seeds", "{seeds}", "--out", "{busy_dir}", "generate"], ["not a selfspec run directory"]),
-    ("stage-out-of-order", ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "train"], ["is missing", "`selfspec respond --domain finance --out run`"]),
+    (
+        "model-missing",
+        ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "--model", "./nope", "generate"],
+        ["model './nope' not found"],
+    ),
+    (
+        "model-no-config",
+        ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "--model", "{empty_dir}", "generate"],
+        ["no config.json"],
+    ),
+    (
+        "model-pickle-only",
+        ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "--model", "{pickle_dir}", "generate"],
+        ["no .safetensors", "only safetensors"],
+    ),
+    (
+        "model-gguf-missing",
+        ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "--model", "x.gguf", "generate"],
+        ["x.gguf", "not found"],
+    ),
+    (
+        "run-dir-other-domain",
+        ["--domain", "biomed", "--seeds", "{seeds}", "--out", "{finance_run}", "generate"],
+        ["belongs to domain 'finance'"],
+    ),
+    (
+        "run-dir-other-version",
+        ["--domain", "finance", "--seeds", "{seeds}", "--out", "{old_run}", "generate"],
+        ["made by selfspec 0.0.1"],
+    ),
+    (
+        "run-dir-not-a-run",
+        ["--domain", "finance", "--seeds", "{seeds}", "--out", "{busy_dir}", "generate"],
+        ["not a selfspec run directory"],
+    ),
+    (
+        "stage-out-of-order",
+        ["--domain", "finance", "--seeds", "{seeds}", "--out", "run", "train"],
+        ["is missing", "`selfspec respond --domain finance --out run`"],
+    ),
 ]
 
 
@@ -102,7 +153,10 @@ def test_other_bad_input(tmp_path, case, args, expected):
     (tmp_path / "pickle_dir" / "config.json").write_text("{}")
     (tmp_path / "pickle_dir" / "pytorch_model.bin").write_bytes(b"\x80\x02")
     (tmp_path / "busy_dir" / "thesis.tex").write_text("x")
-    for name, info in (("finance_run", {"domain": "finance", "version": "0.1.0"}), ("old_run", {"domain": "finance", "version": "0.0.1"})):
+    for name, info in (
+        ("finance_run", {"domain": "finance", "version": "0.1.0"}),
+        ("old_run", {"domain": "finance", "version": "0.0.1"}),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "run.json").write_text(json.dumps(info))
         places[name] = name
@@ -121,8 +175,11 @@ def test_corrupt_adapter_is_named(tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     (adapter / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    code, err = run_cli(["--domain", "finance", "--seeds", write_seeds(tmp_path), "--out", "run", "evaluate",
-                         "--adapter", "adapter"], tmp_path, {"SELFSPEC_DATA": ""})
+    code, err = run_cli(
+        ["--domain", "finance", "--seeds", write_seeds(tmp_path), "--out", "run", "evaluate", "--adapter", "adapter"],
+        tmp_path,
+        {"SELFSPEC_DATA": ""},
+    )
     assert_one_clear_line(code, err, ["adapter_model.safetensors", "corrupt adapter", "retrain the adapter"])
 
 
@@ -131,7 +188,8 @@ def install_plugin(tmp_path: Path, body: str) -> dict:
     source = tmp_path / "src"
     (source / "brokenplugin").mkdir(parents=True)
     (source / "brokenplugin" / "__init__.py").write_text(textwrap.dedent(body))
-    (source / "pyproject.toml").write_text(textwrap.dedent("""
+    (source / "pyproject.toml").write_text(
+        textwrap.dedent("""
         [build-system]
         requires = ["setuptools>=68"]
         build-backend = "setuptools.build_meta"
@@ -140,21 +198,41 @@ def install_plugin(tmp_path: Path, body: str) -> dict:
         version = "0.1"
         [project.entry-points.selfspec]
         broken = "brokenplugin"
-    """))
+    """)
+    )
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-                    str(target), str(source)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_plugin_import_error_names_the_plugin(tmp_path):
     env = install_plugin(tmp_path, "import not_a_module_anywhere\n")
     code, err = run_cli(["domains"], tmp_path, env)
-    assert_one_clear_line(code, err, ["plugin 'broken'", "failed to import", "not_a_module_anywhere", "pip uninstall brokenplugin"])
+    assert_one_clear_line(
+        code, err, ["plugin 'broken'", "failed to import", "not_a_module_anywhere", "pip uninstall brokenplugin"]
+    )
 
 
 def test_plugin_wrong_type_names_the_plugin_and_hook(tmp_path):
-    env = install_plugin(tmp_path, """
+    env = install_plugin(
+        tmp_path,
+        """
         from selfspec_core.hookspecs import hookimpl
         from selfspec_core.records import Domain
 
@@ -165,19 +243,23 @@ def test_plugin_wrong_type_names_the_plugin_and_hook(tmp_path):
         @hookimpl
         def seed_provider(domain):
             return 42 if domain == "brokendomain" else None
-    """)
+    """,
+    )
     code, err = run_cli(["--domain", "brokendomain", "generate"], tmp_path, env)
     assert_one_clear_line(code, err, ["plugin 'broken'", "seed_provider", "returned int"])
 
 
 def test_plugin_raising_names_the_plugin_and_hook(tmp_path):
-    env = install_plugin(tmp_path, """
+    env = install_plugin(
+        tmp_path,
+        """
         from selfspec_core.hookspecs import hookimpl
 
         @hookimpl
         def register_domains(register):
             raise RuntimeError("database offline")
-    """)
+    """,
+    )
     code, err = run_cli(["domains"], tmp_path, env)
     assert_one_clear_line(code, err, ["plugin 'broken'", "register_domains", "database offline"])
 

@@ -17,7 +17,7 @@ WORDS = 8  # shared word 8-grams: long enough to be a copied sentence, not a com
 
 def word_grams(text: str) -> set[str]:
     words = re.findall(r"\w+", text.lower())
-    return {" ".join(words[i:i + WORDS]) for i in range(len(words) - WORDS + 1)}
+    return {" ".join(words[i : i + WORDS]) for i in range(len(words) - WORDS + 1)}
 
 
 def benchmark_grams() -> set[str]:
@@ -34,8 +34,7 @@ def benchmark_grams() -> set[str]:
 def project_texts() -> list[Path]:
     """Tracked text the project writes itself: not the benchmark data a plugin ships by licence."""
     listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    return [ROOT / name for name in listed
-            if "/data/" not in name and not name.endswith((".gz", ".png", ".parquet"))]
+    return [ROOT / name for name in listed if "/data/" not in name and not name.endswith((".gz", ".png", ".parquet"))]
 
 
 @pytest.mark.skipif(not (DATA / "financial_phrasebank").is_dir(), reason="benchmark data not present")

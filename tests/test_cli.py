@@ -15,8 +15,14 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def selfspec(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "selfspec_core", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "selfspec_core", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def test_unknown_domain_is_one_line_exit_2():
@@ -36,8 +42,13 @@ def test_under_a_launcher_only_the_first_process_prints_the_error():
 def test_the_readme_commands_parse():
     """Every ``selfspec ...`` line of the README's shell blocks is a command line the CLI accepts."""
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    commands = [part.split("#")[0].strip() for block in blocks for line in block.splitlines()
-                for part in line.split("&&") if part.strip().startswith("selfspec ")]
+    commands = [
+        part.split("#")[0].strip()
+        for block in blocks
+        for line in block.splitlines()
+        for part in line.split("&&")
+        if part.strip().startswith("selfspec ")
+    ]
     assert commands and "selfspec --domain biomed --profile quick run" in commands  # the first command's job
     for command in commands:
         result = selfspec(*shlex.split(command)[1:], "--help")
@@ -67,8 +78,23 @@ def installed_scaffold(tmp_path_factory):
     assert created.returncode == 0, created.stderr
     folder = root / "selfspec-oceanography"
     target = root / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                              "--target", str(target), str(folder)], capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr
     env = {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]), "SELFSPEC_DATA": ""}
     yield folder, env
@@ -92,8 +118,14 @@ def test_new_domain_scaffold_installs_passes_its_check_and_its_tests(installed_s
     assert checked.returncode == 0, checked.stderr
     assert "evaluation_tasks task 'oceanography_example' (domain oceanography): 10 items" in checked.stdout
     assert "retrieval_corpus (domain oceanography): 4 passages" in checked.stdout
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "tests")],
-                           capture_output=True, text=True, env={**os.environ, **env}, cwd=tmp_path, timeout=600)
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "tests")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "7 passed" in tests.stdout
 
@@ -120,12 +152,12 @@ def test_new_domain_refuses_unsafe_name(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Options before or after the subcommand; every hint an error gives is a command that parses
 
+
 def parse_command_line(line: str):
     """The session and subcommand options ``line`` resolves to, by click's own parsing (types and choices
     checked), without running the command; a line click refuses raises ``click.UsageError``."""
-    import click
 
-    from selfspec_core.cli import SESSION_OPTIONS, Session, cli
+    from selfspec_core.cli.main import Session, cli
 
     args = shlex.split(line)
     assert args[0] == "selfspec", line
@@ -138,7 +170,7 @@ def parse_command_line(line: str):
 
 
 def _session_option_objects():
-    from selfspec_core.cli import _session_options
+    from selfspec_core.cli.main import _session_options
 
     return _session_options()
 
@@ -161,7 +193,16 @@ def option_values():
 
 
 def test_every_session_option_works_before_and_after_the_subcommand():
-    for subcommand in ("run", "generate", "train", "evaluate", "report", "export --merge --output m", "serve", "domains"):
+    for subcommand in (
+        "run",
+        "generate",
+        "train",
+        "evaluate",
+        "report",
+        "export --merge --output m",
+        "serve",
+        "domains",
+    ):
         for option, value in option_values().items():
             given = [option.opts[0]] + ([value] if value is not None else [])
             before = parse_command_line(shlex.join(["selfspec", *given]) + f" {subcommand}")
@@ -170,7 +211,9 @@ def test_every_session_option_works_before_and_after_the_subcommand():
 
 
 def test_the_option_after_the_subcommand_wins():
-    name, options, _ = parse_command_line("selfspec --domain biomed --profile paper run --domain finance --retrieval off")
+    name, options, _ = parse_command_line(
+        "selfspec --domain biomed --profile paper run --domain finance --retrieval off"
+    )
     assert name == "run" and options["domain"] == "finance" and options["profile"] == "paper"
 
 
@@ -178,7 +221,7 @@ def test_a_command_added_later_gets_the_session_options_too():
     """The mechanism is one definition: any command added to the group (another branch's) takes them."""
     import click
 
-    from selfspec_core.cli import Session, cli
+    from selfspec_core.cli.main import Session, cli
 
     seen = {}
 
@@ -190,7 +233,7 @@ def test_a_command_added_later_gets_the_session_options_too():
 
     cli.add_command(probe)
     try:
-        from selfspec_core.cli import main
+        from selfspec_core.cli.main import main
 
         main(["--domain", "biomed", "probe-options", "--level", "3", "--seed", "11", "--domain", "finance"])
     finally:
@@ -233,7 +276,9 @@ def write_run(folder: Path, stage: str, files: dict[str, bytes]) -> None:
 
 def test_every_error_hint_is_a_command_that_parses(tmp_path, tiny_model_dir):
     seeds = tmp_path / "s.jsonl"
-    seeds.write_text('{"id": "s1", "task_type": "qa", "instruction": "What is EBITDA?", "input": "", "output": "Earnings."}\n')
+    seeds.write_text(
+        '{"id": "s1", "task_type": "qa", "instruction": "What is EBITDA?", "input": "", "output": "Earnings."}\n'
+    )
     common = ["--seeds", str(seeds), "--model", str(tiny_model_dir)]
     out = str(tmp_path / "my run")  # a space: the hint must quote it
     cases = [  # (arguments, what the hint runs)
@@ -266,14 +311,16 @@ def test_every_error_hint_is_a_command_that_parses(tmp_path, tiny_model_dir):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     (adapter / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
-    result = selfspec("evaluate", "--backend", "openai", "--eval-file", str(eval_file), "--adapter", str(adapter), *common)
+    result = selfspec(
+        "evaluate", "--backend", "openai", "--eval-file", str(eval_file), "--adapter", str(adapter), *common
+    )
     assert result.returncode == 2, result.stderr
     hints = assert_hints_run_as_printed(result.stderr)
     assert parse_command_line(hints[0])[2]["adapter"] == str(adapter)
 
 
 def test_stage_command_hints_parse_for_every_stage(tmp_path):
-    from selfspec_core.rundir import STAGES, stage_command
+    from selfspec_core.run.rundir import STAGES, stage_command
 
     for stage in STAGES:
         for path in (tmp_path / "runs" / "a b", Path("relative/run"), Path("it's")):
@@ -285,7 +332,7 @@ def test_third_party_warnings_go_to_the_log_file_not_the_console(tmp_path):
     """Library warnings (bitsandbytes' missing CPU kernel, transformers' FutureWarnings) are the run's log's, not the user's."""
     script = (
         "import logging, sys, warnings\n"
-        "from selfspec_core import logs\n"
+        "from selfspec_core.runtime import logs\n"
         "logs.capture()\n"
         "logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
         "'Failed to load CPU gemm_4bit_forward from kernels-community: no kernels')\n"
@@ -294,7 +341,8 @@ def test_third_party_warnings_go_to_the_log_file_not_the_console(tmp_path):
         "from transformers.utils import logging as hf\n"
         "hf.get_logger('transformers.modeling_utils').warning('Some weights were not initialized')\n"
         "logs.write_to(sys.argv[1])\n"
-        "print('selfspec says this')\n")
+        "print('selfspec says this')\n"
+    )
     log = tmp_path / "run" / "selfspec.log"
     result = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -306,13 +354,28 @@ def test_third_party_warnings_go_to_the_log_file_not_the_console(tmp_path):
 def test_a_command_writes_library_output_to_the_runs_log(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     seeds = tmp_path / "s.jsonl"
-    seeds.write_text('{"id": "s1", "task_type": "qa", "instruction": "What is EBITDA?", "input": "", "output": "Earnings."}\n')
+    seeds.write_text(
+        '{"id": "s1", "task_type": "qa", "instruction": "What is EBITDA?", "input": "", "output": "Earnings."}\n'
+    )
     (run / "respond").mkdir(parents=True)
     (run / "run.json").write_text('{"domain": "finance", "version": "0.1.0"}')
     (run / "respond" / "manifest.json").write_text("{}")
-    (run / "respond" / "data.jsonl").write_text('{"instruction": "Define EBITDA.", "input": "", "output": "Earnings."}\n')
-    result = selfspec("train", "--domain", "finance", "--profile", "tiny", "--out", str(run), "--seeds", str(seeds),
-                      "--model", str(tiny_model_dir))
+    (run / "respond" / "data.jsonl").write_text(
+        '{"instruction": "Define EBITDA.", "input": "", "output": "Earnings."}\n'
+    )
+    result = selfspec(
+        "train",
+        "--domain",
+        "finance",
+        "--profile",
+        "tiny",
+        "--out",
+        str(run),
+        "--seeds",
+        str(seeds),
+        "--model",
+        str(tiny_model_dir),
+    )
     assert result.returncode == 0, result.stderr
     for noise in ("Warning", "Loading weights", "Traceback"):
         assert noise not in result.stderr + result.stdout, noise

@@ -8,34 +8,78 @@ from pathlib import Path
 
 import pytest
 
-from selfspec_core.cli import main
-from selfspec_core import compose as compose_module
-from selfspec_core.compose import BASE, ComposedModel, compose, general_prompts, read_composed, route_texts
+from selfspec_core.cli.main import main
+from selfspec_core.compose import experts as compose_module
+from selfspec_core.compose.experts import BASE, ComposedModel, compose, general_prompts, read_composed, route_texts
 from selfspec_core.config import load_settings
-from selfspec_core.defaults import TRAIN_TEMPLATE
 from selfspec_core.errors import SelfspecError
-from selfspec_core.models import ModelRef, load_model, load_tokenizer
-from selfspec_core.rundir import write_jsonl
+from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
+from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
+from selfspec_core.run.rundir import write_jsonl
 
-_FINANCE = (["revenue", "dividend", "bond yields", "operating margin", "share buyback", "net income", "quarterly earnings",
-             "credit rating", "cash flow", "stock price"],
-            ["Classify the sentiment of this sentence about {x}.", "Did {x} rise or fall in the quarter?",
-             "Explain what {x} tells an investor.", "Summarize the change in {x} for shareholders."])
-_BIOMED = (["mortality", "the placebo group", "tumour growth", "blood pressure", "the randomized trial", "insulin resistance",
-            "viral load", "the cohort study", "gene expression", "adverse events"],
-           ["Does the abstract show that treatment lowered {x}?", "What did the study find about {x} in patients?",
-            "Is {x} reported as significant in the trial?", "Summarize the finding on {x} for clinicians."])
+_FINANCE = (
+    [
+        "revenue",
+        "dividend",
+        "bond yields",
+        "operating margin",
+        "share buyback",
+        "net income",
+        "quarterly earnings",
+        "credit rating",
+        "cash flow",
+        "stock price",
+    ],
+    [
+        "Classify the sentiment of this sentence about {x}.",
+        "Did {x} rise or fall in the quarter?",
+        "Explain what {x} tells an investor.",
+        "Summarize the change in {x} for shareholders.",
+    ],
+)
+_BIOMED = (
+    [
+        "mortality",
+        "the placebo group",
+        "tumour growth",
+        "blood pressure",
+        "the randomized trial",
+        "insulin resistance",
+        "viral load",
+        "the cohort study",
+        "gene expression",
+        "adverse events",
+    ],
+    [
+        "Does the abstract show that treatment lowered {x}?",
+        "What did the study find about {x} in patients?",
+        "Is {x} reported as significant in the trial?",
+        "Summarize the finding on {x} for clinicians.",
+    ],
+)
 
 
 def domain_records(words, forms, n, seed):
     rng = random.Random(seed)
-    return [{"instruction": rng.choice(forms).format(x=rng.choice(words)),
-             "input": f"The report on {rng.choice(words)} and {rng.choice(words)} was published.", "output": "yes"}
-            for _ in range(n)]
+    return [
+        {
+            "instruction": rng.choice(forms).format(x=rng.choice(words)),
+            "input": f"The report on {rng.choice(words)} and {rng.choice(words)} was published.",
+            "output": "yes",
+        }
+        for _ in range(n)
+    ]
 
 
-def make_run(folder: Path, domain: str, model_dir: Path, records: list[dict], seed: int = 0, adapter: bool = True,
-             model: str | None = None) -> Path:
+def make_run(
+    folder: Path,
+    domain: str,
+    model_dir: Path,
+    records: list[dict],
+    seed: int = 0,
+    adapter: bool = True,
+    model: str | None = None,
+) -> Path:
     """A finished run folder as the pipeline leaves it: run.json, config.json, respond/data.jsonl, train/adapter."""
     from peft import LoraConfig, get_peft_model
 
@@ -51,16 +95,19 @@ def make_run(folder: Path, domain: str, model_dir: Path, records: list[dict], se
         lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         target = folder / "train" / "adapter"
         get_peft_model(load_model(ModelRef("tiny", str(model_dir))), lora).save_pretrained(target)
-        (target / "selfspec_training.json").write_text(json.dumps(
-            {"model": "tiny", "data_file": "respond/data.jsonl", "prompt_template": asdict(TRAIN_TEMPLATE)}))
+        (target / "selfspec_training.json").write_text(
+            json.dumps({"model": "tiny", "data_file": "respond/data.jsonl", "prompt_template": asdict(TRAIN_TEMPLATE)})
+        )
     return folder
 
 
 @pytest.fixture(scope="module")
 def two_runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    return (make_run(root / "finance-quick", "finance", tiny_model_dir, domain_records(*_FINANCE, 60, 1), seed=1),
-            make_run(root / "biomed-quick", "biomed", tiny_model_dir, domain_records(*_BIOMED, 60, 2), seed=2))
+    return (
+        make_run(root / "finance-quick", "finance", tiny_model_dir, domain_records(*_FINANCE, 60, 1), seed=1),
+        make_run(root / "biomed-quick", "biomed", tiny_model_dir, domain_records(*_BIOMED, 60, 2), seed=2),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +131,8 @@ def test_general_prompts_are_many_and_varied():
 def test_installed_domains_add_their_seeds(two_runs, tmp_path):
     """An installed domain's human seeds train the router beside the run's records (never held back);
     a domain no plugin provides has none."""
-    from selfspec_core.compose import domain_seed_records
-    from selfspec_core.pipeline import domain_seeds
+    from selfspec_core.compose.experts import domain_seed_records
+    from selfspec_core.run.pipeline import domain_seeds
 
     assert [s["id"] for s in domain_seed_records("biomed")] == [s.id for s in domain_seeds("biomed")]
     assert domain_seed_records("legal") == []
@@ -142,7 +189,9 @@ def test_bad_runs_fail_in_one_line_with_exit_2(problem, two_runs, tiny_model_dir
         other = make_run(tmp_path / "finance-2", "finance", tiny_model_dir, domain_records(*_FINANCE, 30, 3))
         runs, expected = [finance, other], "both runs of domain 'finance'"
     elif problem == "other_base":
-        other = make_run(tmp_path / "legal", "legal", tiny_model_dir, domain_records(*_FINANCE, 30, 3), model="gemma3-270m")
+        other = make_run(
+            tmp_path / "legal", "legal", tiny_model_dir, domain_records(*_FINANCE, 30, 3), model="gemma3-270m"
+        )
         runs, expected = [finance, other], "different base models"
     elif problem == "no_adapter":
         other = make_run(tmp_path / "legal", "legal", tiny_model_dir, domain_records(*_FINANCE, 30, 3), adapter=False)
@@ -164,12 +213,18 @@ def test_bad_runs_fail_in_one_line_with_exit_2(problem, two_runs, tiny_model_dir
 def test_evaluation_scores_every_model_and_routes_benchmark_items(composed, tmp_path, monkeypatch):
     """On the biomed plugin's shipped PubMedQA: base, both specialists, both merges, the multi-task
     adapter and the composed model, each with its interval; the report has the table and the plot."""
-    from selfspec_core.compose_eval import evaluate_composed
+    from selfspec_core.compose.evaluate import evaluate_composed
 
     out, _ = composed
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "cache"))
-    settings = load_settings("tiny", overrides={"evaluate": {"max_items": 12, "tasks": "pubmedqa", "cache_base_scores": False},
-                                                "train": {"max_steps": 2, "epochs": 0}, "dtype": "float32"})
+    settings = load_settings(
+        "tiny",
+        overrides={
+            "evaluate": {"max_items": 12, "tasks": "pubmedqa", "cache_base_scores": False},
+            "train": {"max_steps": 2, "epochs": 0},
+            "dtype": "float32",
+        },
+    )
     result = evaluate_composed(out, settings, log=lambda line: None)
     task = result["tasks"]["biomed/pubmedqa"]
     assert set(task["models"]) == {BASE, "finance", "biomed", "merged-linear", "merged-ties", "multitask", "composed"}
@@ -188,29 +243,42 @@ def test_evaluation_scores_every_model_and_routes_benchmark_items(composed, tmp_
 def test_serve_routes_each_request_and_serves_each_expert_by_name(composed, tiny_model_dir):
     """The composed model behind the API: a request to the composed name is routed and says which expert
     answered; `<name>:<expert>` asks for one, and gets what that adapter alone would write."""
-    from selfspec_core.generation import HFGenerator
-    from selfspec_core.serve import ServerThread, create_app
+    from selfspec_core.models.generator import HFGenerator
+    from selfspec_core.serve.app import ServerThread, create_app
     from tests.test_serve import post
 
     out, _ = composed
     experts = ComposedModel(out, dtype="float32")
     app = create_app(HFGenerator(experts.model, experts.tokenizer, 8), "tiny+composed", experts=experts)
-    finance = "Did quarterly earnings rise or fall in the quarter?\n\nThe report on revenue and cash flow was published."
+    finance = (
+        "Did quarterly earnings rise or fall in the quarter?\n\nThe report on revenue and cash flow was published."
+    )
     biomed = "Does the abstract show that treatment lowered mortality?\n\nThe report on viral load and adverse events was published."
     with ServerThread(app) as server:
         with urllib.request.urlopen(f"{server.url}/models", timeout=30) as reply:
             names = [m["id"] for m in json.loads(reply.read())["data"]]
         assert names == ["tiny+composed", "tiny+composed:base", "tiny+composed:finance", "tiny+composed:biomed"]
-        status, body = post(f"{server.url}/completions", {"model": "tiny+composed", "prompt": [finance, biomed],
-                                                          "max_tokens": 6, "temperature": 0})
+        status, body = post(
+            f"{server.url}/completions",
+            {"model": "tiny+composed", "prompt": [finance, biomed], "max_tokens": 6, "temperature": 0},
+        )
         assert status == 200
         assert [c["expert"] for c in json.loads(body)["choices"]] == ["finance", "biomed"]
-        status, body = post(f"{server.url}/completions", {"model": "tiny+composed:biomed", "prompt": finance,
-                                                          "max_tokens": 6, "temperature": 0})
+        status, body = post(
+            f"{server.url}/completions",
+            {"model": "tiny+composed:biomed", "prompt": finance, "max_tokens": 6, "temperature": 0},
+        )
         reply = json.loads(body)
         assert status == 200 and reply["choices"][0]["expert"] == "biomed" and reply["model"] == "tiny+composed:biomed"
-        alone = HFGenerator(load_model(ModelRef("tiny", str(tiny_model_dir)), adapter=two_runs_adapter(out, "biomed")),
-                            experts.tokenizer, 8).generate([finance], max_new_tokens=6)[0].text
+        alone = (
+            HFGenerator(
+                load_model(ModelRef("tiny", str(tiny_model_dir)), adapter=two_runs_adapter(out, "biomed")),
+                experts.tokenizer,
+                8,
+            )
+            .generate([finance], max_new_tokens=6)[0]
+            .text
+        )
         assert reply["choices"][0]["text"] == alone
         status, body = post(f"{server.url}/completions", {"model": "tiny+composed:legal", "prompt": finance})
         assert status == 404 and "tiny+composed:finance" in body

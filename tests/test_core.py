@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from selfspec_core import plugins
 from selfspec_core.config import Settings, apply, load_settings
+from selfspec_core.data.seeds import load_seeds
 from selfspec_core.errors import SelfspecError
 from selfspec_core.hookspecs import hookimpl
+from selfspec_core.plugins import manager as plugins
 from selfspec_core.records import Domain
-from selfspec_core.rundir import RecordLog, RunDir, read_jsonl, safe_name
-from selfspec_core.seeds import load_seeds
+from selfspec_core.run.rundir import RecordLog, RunDir, read_jsonl, safe_name
 from selfspec_core.templates import PromptTemplate, fill
 
 SEED = {"id": "a", "task_type": "qa", "instruction": "Q?", "input": "", "output": "A."}
@@ -34,15 +34,18 @@ def test_config_hash_tracks_only_relevant_sections():
     assert a.section_hash("train") != b.section_hash("train")
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"genrate": {}}, "did you mean generate"),
-    ({"train": {"lora_rr": 4}}, "did you mean train.lora_r"),
-    ({"train": {"lora_r": "x"}}, "expected an integer"),
-    ({"generate": {"top_p": 1.5}}, "between"),
-    ({"train": {"quant": "int8"}}, "expected one of"),
-    ({"respond": {"retrieval": "maybe"}}, "true or false"),
-    ({"train": 3}, "expected a section"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"genrate": {}}, "did you mean generate"),
+        ({"train": {"lora_rr": 4}}, "did you mean train.lora_r"),
+        ({"train": {"lora_r": "x"}}, "expected an integer"),
+        ({"generate": {"top_p": 1.5}}, "between"),
+        ({"train": {"quant": "int8"}}, "expected one of"),
+        ({"respond": {"retrieval": "maybe"}}, "true or false"),
+        ({"train": 3}, "expected a section"),
+    ],
+)
 def test_bad_settings_name_key(values, message):
     with pytest.raises(SelfspecError, match=message):
         apply(Settings(), values, source="my.toml")
@@ -72,16 +75,22 @@ def test_load_seeds_jsonl_and_yaml(tmp_path):
     assert load_seeds(yaml_file)[0].input == ""
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "empty"),
-    (b'{"id": "a"\n', ":1: not valid JSON"),
-    (json.dumps({**SEED, "output": ""}).encode() + b"\n", ":1: field 'output' is empty"),
-    (json.dumps({k: v for k, v in SEED.items() if k != "instruction"}).encode() + b"\n", "field 'instruction' is missing"),
-    (json.dumps({**SEED, "output": 3}).encode() + b"\n", "field 'output': expected a string"),
-    ((json.dumps(SEED) + "\n" + json.dumps(SEED) + "\n").encode(), ":2: field 'id': duplicate id"),
-    (b'{"id": "\xff"}\n', ":1: not UTF-8"),
-    (json.dumps({**SEED, "input": "x" * 300_000}).encode() + b"\n", "over the 200 kB limit"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "empty"),
+        (b'{"id": "a"\n', ":1: not valid JSON"),
+        (json.dumps({**SEED, "output": ""}).encode() + b"\n", ":1: field 'output' is empty"),
+        (
+            json.dumps({k: v for k, v in SEED.items() if k != "instruction"}).encode() + b"\n",
+            "field 'instruction' is missing",
+        ),
+        (json.dumps({**SEED, "output": 3}).encode() + b"\n", "field 'output': expected a string"),
+        ((json.dumps(SEED) + "\n" + json.dumps(SEED) + "\n").encode(), ":2: field 'id': duplicate id"),
+        (b'{"id": "\xff"}\n', ":1: not UTF-8"),
+        (json.dumps({**SEED, "input": "x" * 300_000}).encode() + b"\n", "over the 200 kB limit"),
+    ],
+)
 def test_bad_seed_files_name_line_and_field(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
@@ -148,7 +157,7 @@ def test_plugin_overrides_and_wrong_types_name_the_plugin():
 DISK_FULL_SCRIPT = """
 import resource, signal, sys
 from selfspec_core.errors import SelfspecError
-from selfspec_core.rundir import RecordLog, RunDir
+from selfspec_core.run.rundir import RecordLog, RunDir
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail with an error instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 run = RunDir(sys.argv[1], "finance").open()
@@ -168,7 +177,9 @@ def test_disk_full_fails_cleanly_and_keeps_finished_stages(tmp_path):
     (run.partial_dir("generate") / "instructions.jsonl").write_text('{"id": 1}\n')
     run.finish("generate", {"config_hash": "c", "input_hash": "i"})
     before = (run.stage_dir("generate") / "instructions.jsonl").read_bytes()
-    result = subprocess.run([sys.executable, "-c", DISK_FULL_SCRIPT, str(run.path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", DISK_FULL_SCRIPT, str(run.path)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2, result.stderr
     assert "could not write" in result.stdout and "rerun to resume" in result.stdout
     assert (run.stage_dir("generate") / "instructions.jsonl").read_bytes() == before

@@ -8,21 +8,38 @@ import sys
 import pytest
 import torch
 
-from selfspec_core import distributed, plugins, training
 from selfspec_core.config import load_settings
 from selfspec_core.errors import SelfspecError
-from selfspec_core.models import ModelRef, load_tokenizer
-from selfspec_core.pipeline import Pipeline, StageContext
-from selfspec_core.rundir import RunDir, read_jsonl, write_jsonl
+from selfspec_core.models.loading import ModelRef, load_tokenizer
+from selfspec_core.plugins import manager as plugins
+from selfspec_core.run.context import StageContext
+from selfspec_core.run.pipeline import Pipeline
+from selfspec_core.run.rundir import RunDir, read_jsonl, write_jsonl
+from selfspec_core.runtime import distributed
+from selfspec_core.stages import train as training
 
 DOMAIN = "finance"  # an installed domain, so the command line can open the run
-TEXTS = ["The company reported higher quarterly revenue and raised its outlook.",
-         "Patients receiving the treatment showed lower mortality than controls.",
-         "The company reported higher quarterly revenue.", "Patients receiving the treatment."]
-RECORDS = [{"instruction": "Classify the sentiment as positive, negative, or neutral.", "input": text, "output": label}
-           for text in TEXTS for label in ("positive", "negative")]
-TRAIN = {"epochs": 6.0, "batch_size": 2, "learning_rate": 1e-2, "warmup_ratio": 0.0, "max_length": 40,
-         "lora_dropout": 0.0, "quant": "none", "save_steps": 100}
+TEXTS = [
+    "The company reported higher quarterly revenue and raised its outlook.",
+    "Patients receiving the treatment showed lower mortality than controls.",
+    "The company reported higher quarterly revenue.",
+    "Patients receiving the treatment.",
+]
+RECORDS = [
+    {"instruction": "Classify the sentiment as positive, negative, or neutral.", "input": text, "output": label}
+    for text in TEXTS
+    for label in ("positive", "negative")
+]
+TRAIN = {
+    "epochs": 6.0,
+    "batch_size": 2,
+    "learning_rate": 1e-2,
+    "warmup_ratio": 0.0,
+    "max_length": 40,
+    "lora_dropout": 0.0,
+    "quant": "none",
+    "save_steps": 100,
+}
 
 
 def responded_run(path) -> RunDir:
@@ -42,9 +59,29 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, sharp_model_dir):
     config = tmp_path / "train.toml"
     config.write_text("[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in TRAIN.items()))
     result = subprocess.run(
-        [sys.executable, "-m", "selfspec_core", "--domain", DOMAIN, "--profile", "tiny", "--config", str(config),
-         "--model", str(sharp_model_dir), "--out", str(run.path), "train", "--num-processes", "2"],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "selfspec_core",
+            "--domain",
+            DOMAIN,
+            "--profile",
+            "tiny",
+            "--config",
+            str(config),
+            "--model",
+            str(sharp_model_dir),
+            "--out",
+            str(run.path),
+            "train",
+            "--num-processes",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr  # torchrun fails the command if any rank fails
     assert result.stdout.count("[train] done") == 1  # rank 1 logs nothing
 
@@ -54,8 +91,10 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, sharp_model_dir):
     settings = load_settings("tiny", overrides={"train": TRAIN})
     ctx = StageContext(settings, plugins.get_domain(DOMAIN), run, [], ModelRef("sharp", str(sharp_model_dir)), run.path)
     tokenizer = load_tokenizer(ctx.model)
-    encoded = [training.encode_example(r, ctx.template("train"), tokenizer, TRAIN["max_length"], ctx.template_context)
-               for r in RECORDS]
+    encoded = [
+        training.encode_example(r, ctx.template("train"), tokenizer, TRAIN["max_length"], ctx.template_context)
+        for r in RECORDS
+    ]
     assert manifest["tokens"] == 6 * sum(len(e.input_ids) for e in encoded)
 
     losses = [s["loss"] for s in read_jsonl(run.stage_dir("train") / "train_log.jsonl")]
@@ -64,7 +103,14 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, sharp_model_dir):
     adapter = run.stage_dir("train") / "adapter"
     assert [p.parent for p in tmp_path.rglob("adapter_config.json")] == [adapter]
     # the lock file stays (removing it would race a process opening it); its holder record goes with the run
-    assert sorted(p.name for p in run.path.iterdir()) == [".lock", "config.json", "respond", "run.json", "selfspec.log", "train"]
+    assert sorted(p.name for p in run.path.iterdir()) == [
+        ".lock",
+        "config.json",
+        "respond",
+        "run.json",
+        "selfspec.log",
+        "train",
+    ]
     assert not (run.stage_dir("train") / "checkpoints").exists()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -121,7 +167,9 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
 
 def test_bad_arguments_fail_once_before_any_process_starts():
     def train(*args):
-        return subprocess.run([sys.executable, "-m", "selfspec_core", *args], capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "selfspec_core", *args], capture_output=True, text=True, timeout=120
+        )
 
     below_1 = train("--domain", DOMAIN, "train", "--num-processes", "0")
     assert below_1.returncode == 2 and "--num-processes" in below_1.stderr and "0 is not in the range" in below_1.stderr

@@ -2,11 +2,11 @@
 
 import pytest
 
-from selfspec_core.documents import read_document
+from selfspec_core.data.documents import read_document
+from selfspec_core.data.retrieval import BM25Index, load_corpus, resolve_corpus
 from selfspec_core.errors import SelfspecError
-from selfspec_core.report import retrieval_section, samples_section
-from selfspec_core.retrieval import BM25Index, load_corpus, resolve_corpus
-from selfspec_core.rundir import RunDir, atomic_write_json, write_jsonl
+from selfspec_core.run.rundir import RunDir, atomic_write_json, write_jsonl
+from selfspec_core.stages.report import retrieval_section, samples_section
 
 
 def write_pdf(path, pages, password=None):
@@ -15,16 +15,22 @@ def write_pdf(path, pages, password=None):
     from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
     writer = PdfWriter()
-    font = DictionaryObject({NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
-                             NameObject("/BaseFont"): NameObject("/Helvetica")})
+    font = DictionaryObject(
+        {
+            NameObject("/Type"): NameObject("/Font"),
+            NameObject("/Subtype"): NameObject("/Type1"),
+            NameObject("/BaseFont"): NameObject("/Helvetica"),
+        }
+    )
     for text in pages:
         page = writer.add_blank_page(612, 792)
         stream = DecodedStreamObject()
         escaped = text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
         stream.set_data(f"BT /F1 12 Tf 72 720 Td ({escaped}) Tj ET".encode("latin-1") if text else b"")
         page[NameObject("/Contents")] = writer._add_object(stream)
-        page[NameObject("/Resources")] = DictionaryObject({NameObject("/Font"): DictionaryObject(
-            {NameObject("/F1"): writer._add_object(font)})})
+        page[NameObject("/Resources")] = DictionaryObject(
+            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): writer._add_object(font)})}
+        )
     if password:
         writer.encrypt(user_password=password, algorithm="RC4-128")
     with open(path, "wb") as handle:
@@ -88,7 +94,8 @@ def test_pdf_pages_become_passages_with_their_page(tmp_path):
     passages = load_corpus([tmp_path / "guide.pdf"], warn=warnings.append)
     assert [(p.id, p.text, p.source) for p in passages] == [
         ("guide.pdf#0", "Aspirin inhibits platelet aggregation.", "guide.pdf, page 1"),
-        ("guide.pdf#1", "Warfarin needs INR checks.", "guide.pdf, page 3")]
+        ("guide.pdf#1", "Warfarin needs INR checks.", "guide.pdf, page 3"),
+    ]
     assert warnings == [f"{tmp_path / 'guide.pdf'}: no text on page(s) 2 (scanned?); used the other 2"]
 
 
@@ -96,10 +103,17 @@ def test_docx_sections_follow_the_headings(tmp_path):
     passages = load_corpus([write_docx(tmp_path / "dosing.docx")])
     assert [(p.source, p.title, p.text) for p in passages] == [
         ("dosing.docx, § Dosing guide", "Dosing guide", "Read this before prescribing."),
-        ("dosing.docx, § Dosing guide > Metformin", "Dosing guide > Metformin",
-         "Metformin lowers hepatic glucose output in type 2 diabetes."),
-        ("dosing.docx, § Dosing guide > Metformin > Renal limits", "Dosing guide > Metformin > Renal limits",
-         "Stop metformin when eGFR falls below 30.\neGFR | dose\n30-45 | halve")]
+        (
+            "dosing.docx, § Dosing guide > Metformin",
+            "Dosing guide > Metformin",
+            "Metformin lowers hepatic glucose output in type 2 diabetes.",
+        ),
+        (
+            "dosing.docx, § Dosing guide > Metformin > Renal limits",
+            "Dosing guide > Metformin > Renal limits",
+            "Stop metformin when eGFR falls below 30.\neGFR | dose\n30-45 | halve",
+        ),
+    ]
     assert [p.id for p in passages] == ["dosing.docx#0", "dosing.docx#1", "dosing.docx#2"]
 
 
@@ -108,8 +122,12 @@ def test_html_keeps_the_text_and_drops_scripts_navigation_and_comments(tmp_path)
     passages = load_corpus([tmp_path / "bonds.html"])
     assert [(p.source, p.text) for p in passages] == [
         ("bonds.html, § Bond basics", "Introductory words about fixed income."),
-        ("bonds.html, § Bond basics > Coupons", "A bond pays fixed coupons until maturity.\nCoupons are paid twice a year."),
-        ("bonds.html, § Bond basics > Coupons > Prices", "Bond prices fall when rates rise.\nrate | price\n5% | 98")]
+        (
+            "bonds.html, § Bond basics > Coupons",
+            "A bond pays fixed coupons until maturity.\nCoupons are paid twice a year.",
+        ),
+        ("bonds.html, § Bond basics > Coupons > Prices", "Bond prices fall when rates rise.\nrate | price\n5% | 98"),
+    ]
     text = " ".join(p.text for p in passages)
     for boilerplate in ("bondscript", "navigationlink", "footertext", "comment", "color"):
         assert boilerplate not in text
@@ -121,8 +139,11 @@ def test_markdown_sections_lose_their_markup(tmp_path):
     assert [(p.source, p.text) for p in passages] == [
         ("curves.md, opening text", "Opening paragraph about yield curves."),
         ("curves.md, § Yield curves", "An inverted yield curve has often preceded a recession."),
-        ("curves.md, § Yield curves > Steepening", "When long rates rise faster, the curve steepens.\nterm | yield\n"
-                                                    "2y | 4.1\ncode stays")]
+        (
+            "curves.md, § Yield curves > Steepening",
+            "When long rates rise faster, the curve steepens.\nterm | yield\n2y | 4.1\ncode stays",
+        ),
+    ]
 
 
 def test_long_sections_are_windowed_and_numbered_across_the_document(tmp_path):
@@ -134,15 +155,26 @@ def test_long_sections_are_windowed_and_numbered_across_the_document(tmp_path):
     assert all(len(p.text.split()) <= 200 for p in passages)
 
 
-@pytest.mark.parametrize("name, write, reason", [
-    ("scan.pdf", lambda path: write_pdf(path, ["", ""]), "no text layer on any of its 2 page(s) (a scanned PDF?)"),
-    ("locked.pdf", lambda path: write_pdf(path, ["Secret text."], password="secret"), "encrypted PDF with a password"),
-    ("broken.pdf", lambda path: path.write_bytes(b"%PDF-1.4\nthis is not a pdf body"), "corrupt or not a PDF"),
-    ("locked.docx", lambda path: path.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\0" * 504), "password-protected DOCX"),
-    ("broken.docx", lambda path: path.write_bytes(b"PK\x03\x04 truncated zip"), "corrupt or not a DOCX"),
-    ("latin1.md", lambda path: path.write_bytes("caf\xe9 notes".encode("latin-1")), "not UTF-8 text"),
-    ("empty.html", lambda path: path.write_text("<html><script>x()</script></html>"), "no text in this HTML file"),
-])
+@pytest.mark.parametrize(
+    "name, write, reason",
+    [
+        ("scan.pdf", lambda path: write_pdf(path, ["", ""]), "no text layer on any of its 2 page(s) (a scanned PDF?)"),
+        (
+            "locked.pdf",
+            lambda path: write_pdf(path, ["Secret text."], password="secret"),
+            "encrypted PDF with a password",
+        ),
+        ("broken.pdf", lambda path: path.write_bytes(b"%PDF-1.4\nthis is not a pdf body"), "corrupt or not a PDF"),
+        (
+            "locked.docx",
+            lambda path: path.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\0" * 504),
+            "password-protected DOCX",
+        ),
+        ("broken.docx", lambda path: path.write_bytes(b"PK\x03\x04 truncated zip"), "corrupt or not a DOCX"),
+        ("latin1.md", lambda path: path.write_bytes("caf\xe9 notes".encode("latin-1")), "not UTF-8 text"),
+        ("empty.html", lambda path: path.write_text("<html><script>x()</script></html>"), "no text in this HTML file"),
+    ],
+)
 def test_a_bad_document_is_skipped_with_one_line_naming_it(tmp_path, name, write, reason):
     (tmp_path / "good.md").write_text("Metformin lowers glucose.\n", encoding="utf-8")
     write(tmp_path / name)
@@ -175,12 +207,21 @@ def test_search_finds_a_document_passage_and_the_report_names_its_page(tmp_path)
     assert hit.passage.source == "guide.pdf, page 2"
 
     run = RunDir(tmp_path / "run", "biomed").open()
-    record = {"id": "r1", "instruction": "How is warfarin monitored?", "input": "", "output": "By INR.",
-              "retrieved": [{"doc_id": hit.passage.id, "score": 1.2, "source": hit.passage.source},
-                            {"doc_id": "plain-row-7", "score": 0.4}]}
+    record = {
+        "id": "r1",
+        "instruction": "How is warfarin monitored?",
+        "input": "",
+        "output": "By INR.",
+        "retrieved": [
+            {"doc_id": hit.passage.id, "score": 1.2, "source": hit.passage.source},
+            {"doc_id": "plain-row-7", "score": 0.4},
+        ],
+    }
     write_jsonl(run.stage_dir("respond") / "data.jsonl", [record])
-    atomic_write_json(run.stage_dir("respond") / "manifest.json",
-                      {"retrieval": {"passages": 3, "document_warnings": ["scan.pdf: skipped: no text layer"]}})
+    atomic_write_json(
+        run.stage_dir("respond") / "manifest.json",
+        {"retrieval": {"passages": 3, "document_warnings": ["scan.pdf: skipped: no text layer"]}},
+    )
     table = samples_section(run, 5, 0).blocks[1]
     assert table.headers[-1] == "grounded in" and table.rows[0][-1] == "guide.pdf, page 2\nplain-row-7"
     retrieval = retrieval_section(run)
@@ -189,7 +230,7 @@ def test_search_finds_a_document_passage_and_the_report_names_its_page(tmp_path)
 
 def test_check_plugin_names_a_shipped_document_it_cannot_read(plugin, tmp_path):
     from selfspec_core import api
-    from selfspec_core.plugincheck import check_plugin
+    from selfspec_core.authoring.check import check_plugin
     from selfspec_core.records import Domain
 
     (tmp_path / "corpus").mkdir()
@@ -207,7 +248,9 @@ def test_check_plugin_names_a_shipped_document_it_cannot_read(plugin, tmp_path):
 
     plugin(DocumentPlugin(), "documentplugin")
     result = check_plugin("docs")
-    assert result.problems == [f"plugin 'documentplugin': hook retrieval_corpus (domain docs): "
-                               f"{tmp_path / 'corpus' / 'scan.pdf'}: skipped: no text layer on any of its 1 page(s) "
-                               "(a scanned PDF?); add one with OCR (e.g. ocrmypdf) to use it"]
+    assert result.problems == [
+        f"plugin 'documentplugin': hook retrieval_corpus (domain docs): "
+        f"{tmp_path / 'corpus' / 'scan.pdf'}: skipped: no text layer on any of its 1 page(s) "
+        "(a scanned PDF?); add one with OCR (e.g. ocrmypdf) to use it"
+    ]
     assert "retrieval_corpus (domain docs): 1 passages" in result.notes

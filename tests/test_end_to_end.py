@@ -21,8 +21,14 @@ CONFIG = "[train]\nmax_steps = 6\nsave_steps = 2\n[evaluate]\ncross_domain = fal
 
 
 def selfspec(args, cwd, env=None):
-    return subprocess.Popen([sys.executable, "-m", "selfspec_core", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "selfspec_core", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def finish(process, timeout=1200):
@@ -40,7 +46,10 @@ def test_every_stage_on_the_embedded_model(tmp_path):
         assert json.loads((run / stage / "manifest.json").read_text())["stage"] == stage
     for stage in ("generate", "respond", "train", "evaluate"):  # the stages that run the model
         speed = json.loads((run / stage / "manifest.json").read_text())["throughput"]
-        assert speed["prompt_tokens"] > 0 and 0 < speed["tokens_per_second"] < speed["ceiling_tokens_per_second"], (stage, speed)
+        assert speed["prompt_tokens"] > 0 and 0 < speed["tokens_per_second"] < speed["ceiling_tokens_per_second"], (
+            stage,
+            speed,
+        )
     records = [json.loads(line) for line in (run / "respond" / "data.jsonl").read_text().splitlines()]
     assert records and all(r["instruction"] and r["output"] for r in records)
     assert (run / "train" / "adapter" / "adapter_model.safetensors").exists()
@@ -76,6 +85,7 @@ def lines(path: Path) -> int:
 def test_killed_runs_resume_to_the_same_result(tmp_path):
     (tmp_path / "c.toml").write_text(CONFIG)
     env = {"SELFSPEC_DATA": ""}  # only the shipped data: this test is about the generated data and the adapter
+
     def args(out):
         return ["--domain", "finance", "--profile", "tiny", "--config", "c.toml", "--out", out, "run"]
 
@@ -84,8 +94,13 @@ def test_killed_runs_resume_to_the_same_result(tmp_path):
     killed = tmp_path / "killed"
     kill_points = [
         ("generation", lambda: lines(killed / "generate.partial" / "instructions.jsonl") >= 1),
-        ("responses", lambda: lines(killed / "respond.partial" / "responses.jsonl") >= 1
-         or lines(killed / "respond.partial" / "data.jsonl") >= 1),
+        (
+            "responses",
+            lambda: (
+                lines(killed / "respond.partial" / "responses.jsonl") >= 1
+                or lines(killed / "respond.partial" / "data.jsonl") >= 1
+            ),
+        ),
         ("training", lambda: any((killed / "train.partial" / "checkpoints").glob("checkpoint-*/trainer_state.json"))),
     ]
     for what, condition in kill_points:

@@ -4,25 +4,43 @@ from pathlib import Path
 
 import pytest
 
-from selfspec_core import plugins
 from selfspec_core.config import load_settings
-from selfspec_core.defaults import TRAIN_TEMPLATE
+from selfspec_core.data.tasks import EvalItem, EvalTask
 from selfspec_core.errors import SelfspecError
-from selfspec_core.evaluation import (
-    answer_stops, check_contamination, collect_tasks, drop_overlapping, evaluate_file, find_overlaps, item_texts, load_tasks, ngram_overlap,
-    read_items, render_prompt, score_model, split_items)
 from selfspec_core.hookspecs import hookimpl
-from selfspec_core.models import ModelRef
-from selfspec_core.pipeline import Pipeline
+from selfspec_core.models.loading import ModelRef
+from selfspec_core.plugins import manager as plugins
+from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
 from selfspec_core.records import Domain
-from selfspec_core.rundir import RecordLog, RunDir, read_jsonl, write_jsonl
-from selfspec_core.tasks import EvalItem, EvalTask
+from selfspec_core.run.pipeline import Pipeline
+from selfspec_core.run.rundir import RecordLog, RunDir, read_jsonl, write_jsonl
+from selfspec_core.stages.evaluate import (
+    answer_stops,
+    check_contamination,
+    collect_tasks,
+    drop_overlapping,
+    evaluate_file,
+    find_overlaps,
+    item_texts,
+    load_tasks,
+    ngram_overlap,
+    read_items,
+    render_prompt,
+    score_model,
+    split_items,
+)
 
 SENTENCES = [
-    ("Quarterly operating income at the Lisbon packaging unit climbed to EUR 21.4 million from EUR 15.2 million a year earlier", "positive"),
+    (
+        "Quarterly operating income at the Lisbon packaging unit climbed to EUR 21.4 million from EUR 15.2 million a year earlier",
+        "positive",
+    ),
     ("The company said that its net sales in the first quarter fell by a quarter compared with last year", "negative"),
     ("The annual general meeting of the shareholders will be held in Helsinki on the first of April", "neutral"),
-    ("Pre-tax earnings at the ferry operator slid to EUR 4.1 million, far below the EUR 19.6 million of the prior year", "negative"),
+    (
+        "Pre-tax earnings at the ferry operator slid to EUR 4.1 million, far below the EUR 19.6 million of the prior year",
+        "negative",
+    ),
     ("Revenue grew on the back of higher freight volumes and two new warehouse contracts", "positive"),
     ("The contract covers the installation of cables in the new office building", "neutral"),
     ("Premium income in the insurance arm nearly tripled to EUR 9.3 million from EUR 3.4 million", "positive"),
@@ -39,8 +57,15 @@ def load_sentences(path: Path) -> list[EvalItem]:
     items = []
     for number, line in enumerate(path.read_text().splitlines()):
         sentence, label = line.rsplit("@", 1)
-        items.append(EvalItem(str(number), "Classify the sentiment of the sentence as positive, negative or neutral.",
-                              sentence, label, ("positive", "negative", "neutral")))
+        items.append(
+            EvalItem(
+                str(number),
+                "Classify the sentiment of the sentence as positive, negative or neutral.",
+                sentence,
+                label,
+                ("positive", "negative", "neutral"),
+            )
+        )
     return items
 
 
@@ -59,10 +84,19 @@ class TinyTasks:
     @hookimpl
     def evaluation_tasks(self, domain):
         if domain == "tinydom":
-            return [EvalTask("sentiment", "tinydom", "tiny/sentences.txt", load_sentences),
-                    EvalTask("numbers", "tinydom", "tiny/numbers.jsonl", load_questions, mode="generate",
-                             metric="numeric", max_new_tokens=4),
-                    EvalTask("absent", "tinydom", "tiny/not_there.json", load_questions)]
+            return [
+                EvalTask("sentiment", "tinydom", "tiny/sentences.txt", load_sentences),
+                EvalTask(
+                    "numbers",
+                    "tinydom",
+                    "tiny/numbers.jsonl",
+                    load_questions,
+                    mode="generate",
+                    metric="numeric",
+                    max_new_tokens=4,
+                ),
+                EvalTask("absent", "tinydom", "tiny/not_there.json", load_questions),
+            ]
         if domain == "otherdom":
             return [EvalTask("other_qa", "otherdom", "other/qa.jsonl", load_questions, mode="generate", metric="f1")]
         return None
@@ -82,16 +116,26 @@ def data_dir(tmp_path):
     (root / "tiny").mkdir(parents=True)
     (root / "other").mkdir()
     (root / "tiny" / "sentences.txt").write_text("\n".join(f"{s}@{label}" for s, label in SENTENCES) + "\n")
-    write_jsonl(root / "tiny" / "numbers.jsonl",
-                [{"qid": f"n{i}", "question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(5)])
-    write_jsonl(root / "other" / "qa.jsonl",
-                [{"qid": f"q{i}", "question": f"Name test entity number {i}.", "answer": f"entity {i}"} for i in range(4)])
+    write_jsonl(
+        root / "tiny" / "numbers.jsonl",
+        [{"qid": f"n{i}", "question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(5)],
+    )
+    write_jsonl(
+        root / "other" / "qa.jsonl",
+        [{"qid": f"q{i}", "question": f"Name test entity number {i}.", "answer": f"entity {i}"} for i in range(4)],
+    )
     return root
 
 
 def _settings(tiny_model_dir, data_dir, **evaluate):
-    return load_settings("tiny", overrides={"model": str(tiny_model_dir), "data_dir": str(data_dir),
-                                            "evaluate": {"bootstrap_samples": 100, **evaluate}})
+    return load_settings(
+        "tiny",
+        overrides={
+            "model": str(tiny_model_dir),
+            "data_dir": str(data_dir),
+            "evaluate": {"bootstrap_samples": 100, **evaluate},
+        },
+    )
 
 
 def _make_adapter(tiny_model_dir, folder: Path) -> Path:
@@ -99,17 +143,21 @@ def _make_adapter(tiny_model_dir, folder: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from selfspec_core.models import load_model
+    from selfspec_core.models.loading import load_model
 
     torch.manual_seed(1)
-    model = get_peft_model(load_model(ModelRef("tiny", str(tiny_model_dir))),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        load_model(ModelRef("tiny", str(tiny_model_dir))),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     model.save_pretrained(folder)
     return folder
 
 
 def test_tasks_can_be_chosen_by_name_and_by_scoring_mode(tiny_plugin):
-    names = lambda tasks: sorted(t.name for t in tasks if t.domain in ("tinydom", "otherdom"))  # not the installed plugins'
+    names = lambda tasks: sorted(
+        t.name for t in tasks if t.domain in ("tinydom", "otherdom")
+    )  # not the installed plugins'
     own, others = collect_tasks("tinydom")
     assert names(own) == ["absent", "numbers", "sentiment"] and names(others) == ["other_qa"]
     own, others = collect_tasks("tinydom", modes="loglikelihood")
@@ -172,10 +220,24 @@ def test_contamination_finds_planted_overlap():
     texts = item_texts(items)
     assert all("Classify the sentiment" not in t for t in texts)  # shared task wording is not content
     records = [
-        {"id": "clean", "instruction": "Summarize the text.", "input": "Profits were flat this year.", "output": "Flat."},
-        {"id": "leak", "instruction": "What is the sentiment?", "input": f"News: {LEAKED.upper()}!", "output": "positive"},
-        {"id": "wording", "instruction": "Classify the sentiment of the sentence as positive, negative or neutral.",
-         "input": "", "output": "neutral"},
+        {
+            "id": "clean",
+            "instruction": "Summarize the text.",
+            "input": "Profits were flat this year.",
+            "output": "Flat.",
+        },
+        {
+            "id": "leak",
+            "instruction": "What is the sentiment?",
+            "input": f"News: {LEAKED.upper()}!",
+            "output": "positive",
+        },
+        {
+            "id": "wording",
+            "instruction": "Classify the sentiment of the sentence as positive, negative or neutral.",
+            "input": "",
+            "output": "neutral",
+        },
     ]
     assert find_overlaps([r["instruction"] + " " + r["input"] for r in records], texts, 13) == {1: {0}}
     kept, dropped = drop_overlapping(records, texts, 13)
@@ -197,8 +259,16 @@ def test_contamination_finds_planted_overlap():
 
 
 def load_sentences_from(pairs):
-    return [EvalItem(str(i), "Classify the sentiment of the sentence as positive, negative or neutral.", s, label,
-                     ("positive", "negative", "neutral")) for i, (s, label) in enumerate(pairs)]
+    return [
+        EvalItem(
+            str(i),
+            "Classify the sentiment of the sentence as positive, negative or neutral.",
+            s,
+            label,
+            ("positive", "negative", "neutral"),
+        )
+        for i, (s, label) in enumerate(pairs)
+    ]
 
 
 def test_scores_cached_for_a_model_are_not_recomputed(tmp_path, tiny_model_dir, data_dir):
@@ -206,20 +276,34 @@ def test_scores_cached_for_a_model_are_not_recomputed(tmp_path, tiny_model_dir, 
     task = EvalTask("sentiment", "tinydom", "tiny/sentences.txt", load_sentences)
     loaded = [split_items(task, read_items(task, data_dir), 0, 4, 0)]
     cache = RecordLog(tmp_path / "scored.jsonl")
-    first = score_model("base", settings, ModelRef("tiny", str(tiny_model_dir)), None, loaded, TRAIN_TEMPLATE, {}, print, cache)
+    first = score_model(
+        "base", settings, ModelRef("tiny", str(tiny_model_dir)), None, loaded, TRAIN_TEMPLATE, {}, print, cache
+    )
     # a model that cannot be loaded proves the second call reads the cache instead of scoring again
-    again = score_model("base", settings, ModelRef("gone", str(tmp_path / "gone")), None, loaded, TRAIN_TEMPLATE, {}, print,
-                        RecordLog(tmp_path / "scored.jsonl"))
+    again = score_model(
+        "base",
+        settings,
+        ModelRef("gone", str(tmp_path / "gone")),
+        None,
+        loaded,
+        TRAIN_TEMPLATE,
+        {},
+        print,
+        RecordLog(tmp_path / "scored.jsonl"),
+    )
     assert again == first
 
 
 def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plugin, capsys):
     settings = _settings(tiny_model_dir, data_dir, cross_domain_max_items=3)
     run = RunDir(tmp_path / "run", "tinydom").open()
-    write_jsonl(run.partial_dir("respond") / "data.jsonl", [
-        {"id": "r1", "instruction": "Explain the result.", "input": LEAKED, "output": "Profit rose."},
-        {"id": "r2", "instruction": "Define EBITDA.", "input": "", "output": "Earnings before interest."},
-    ])
+    write_jsonl(
+        run.partial_dir("respond") / "data.jsonl",
+        [
+            {"id": "r1", "instruction": "Explain the result.", "input": LEAKED, "output": "Profit rose."},
+            {"id": "r2", "instruction": "Define EBITDA.", "input": "", "output": "Earnings before interest."},
+        ],
+    )
     run.finish("respond", {"funnel": {"generated": 2, "kept": 2, "dropped": {}}})
     _make_adapter(tiny_model_dir, run.partial_dir("train") / "adapter")
     run.finish("train", {})
@@ -229,12 +313,17 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     folder = run.stage_dir("evaluate")
     report = json.loads((folder / "eval.json").read_text())
     sentiment = report["sentiment"]
-    assert sentiment["metric"] == "accuracy" and sentiment["mode"] == "loglikelihood" and sentiment["domain"] == "tinydom"
+    assert (
+        sentiment["metric"] == "accuracy" and sentiment["mode"] == "loglikelihood" and sentiment["domain"] == "tinydom"
+    )
     assert sentiment["n"] == 8  # the tiny profile's max_items
     assert sentiment["delta"] == pytest.approx(sentiment["specialized"] - sentiment["base"], abs=1e-6)
     assert sentiment["ci"][0] <= sentiment["delta"] <= sentiment["ci"][1]
     gold = sentiment["answers"]["gold"]
-    assert sum(gold.values()) == 8 and sentiment["majority"] == {"answer": max(gold, key=gold.get), "share": max(gold.values()) / 8}
+    assert sum(gold.values()) == 8 and sentiment["majority"] == {
+        "answer": max(gold, key=gold.get),
+        "share": max(gold.values()) / 8,
+    }
     assert sum(sentiment["answers"]["specialized"].values()) == sum(sentiment["answers"]["base"].values()) == 8
     f1 = sentiment["macro_f1"]
     assert set(f1) == {"base", "specialized", "majority", "delta", "ci"} and 0 <= f1["majority"] <= 1 / 2
@@ -266,11 +355,19 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert not (folder / "scored.jsonl").exists()
 
     # the report reads what the stage wrote
-    from selfspec_core import report
-    from selfspec_core.pipeline import StageContext
+    from selfspec_core.run.context import StageContext
+    from selfspec_core.stages import report
 
-    report.run_stage(StageContext(settings, plugins.get_domain("tinydom"), run, [], ModelRef("tiny", str(tiny_model_dir)),
-                                  run.partial_dir("report")))
+    report.run_stage(
+        StageContext(
+            settings,
+            plugins.get_domain("tinydom"),
+            run,
+            [],
+            ModelRef("tiny", str(tiny_model_dir)),
+            run.partial_dir("report"),
+        )
+    )
     markdown = (run.partial_dir("report") / "report.md").read_text()
     assert f"| sentiment | tinydom | accuracy | loglikelihood | 8 | {sentiment['base']:.3f} |" in markdown
     assert "| other_qa | otherdom | f1 | generate | 3 |" in markdown
@@ -280,7 +377,10 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
 def test_edited_benchmark_data_makes_the_evaluation_stale(tmp_path, tiny_model_dir, data_dir, tiny_plugin):
     settings = _settings(tiny_model_dir, data_dir)
     run = RunDir(tmp_path / "run", "tinydom").open()
-    write_jsonl(run.partial_dir("respond") / "data.jsonl", [{"id": "r1", "instruction": "Define EBITDA.", "input": "", "output": "x"}])
+    write_jsonl(
+        run.partial_dir("respond") / "data.jsonl",
+        [{"id": "r1", "instruction": "Define EBITDA.", "input": "", "output": "x"}],
+    )
     run.finish("respond", {})
     _make_adapter(tiny_model_dir, run.partial_dir("train") / "adapter")
     run.finish("train", {})
@@ -297,11 +397,17 @@ def test_evaluate_stage_without_an_adapter_says_what_to_do(tmp_path, tiny_model_
     write_jsonl(run.partial_dir("respond") / "data.jsonl", [])
     run.finish("respond", {})
     settings = _settings(tiny_model_dir, data_dir, adapter=str(tmp_path / "nowhere"))
-    from selfspec_core import evaluation
-    from selfspec_core.pipeline import StageContext
+    from selfspec_core.run.context import StageContext
+    from selfspec_core.stages import evaluate as evaluation
 
-    ctx = StageContext(settings, plugins.get_domain("tinydom"), run, [], ModelRef("tiny", str(tiny_model_dir)),
-                       run.partial_dir("evaluate"))
+    ctx = StageContext(
+        settings,
+        plugins.get_domain("tinydom"),
+        run,
+        [],
+        ModelRef("tiny", str(tiny_model_dir)),
+        run.partial_dir("evaluate"),
+    )
     with pytest.raises(SelfspecError, match="adapter folder not found"):
         evaluation.run_stage(ctx)
     settings.evaluate.adapter = ""  # the run's own adapter, not trained yet
@@ -316,15 +422,22 @@ def _write_rows(path: Path, rows: list) -> Path:
 
 def test_evaluate_file_with_and_without_choices(tmp_path, tiny_model_dir, data_dir):
     settings = _settings(tiny_model_dir, data_dir, max_items=0)
-    rows = [{"instruction": "Sentiment?", "input": s, "output": label, "choices": ["positive", "negative", "neutral"]}
-            for s, label in SENTENCES[:4]]
+    rows = [
+        {"instruction": "Sentiment?", "input": s, "output": label, "choices": ["positive", "negative", "neutral"]}
+        for s, label in SENTENCES[:4]
+    ]
     rows += [{"instruction": f"What is {i} plus {i}?", "output": str(2 * i)} for i in range(3)]
     eval_file = _write_rows(tmp_path / "mine.jsonl", rows)
     adapter = _make_adapter(tiny_model_dir, tmp_path / "adapter")
 
     alone = evaluate_file(settings, eval_file, metric="numeric")
     assert set(alone) == {"mine:choices", "mine:generate"}
-    assert alone["mine:choices"] == {"metric": "accuracy", "mode": "loglikelihood", "n": 4, "value": alone["mine:choices"]["value"]}
+    assert alone["mine:choices"] == {
+        "metric": "accuracy",
+        "mode": "loglikelihood",
+        "n": 4,
+        "value": alone["mine:choices"]["value"],
+    }
     assert alone["mine:generate"]["metric"] == "numeric" and alone["mine:generate"]["n"] == 3
 
     output = tmp_path / "out" / "result.json"
@@ -339,15 +452,27 @@ def test_evaluate_file_with_and_without_choices(tmp_path, tiny_model_dir, data_d
     assert list(single) == ["free"] and single["free"]["metric"] == "rouge_l"
 
 
-@pytest.mark.parametrize("row, message", [
-    ('{"instruction": "x", "output": ', r"bad.jsonl:2: not valid JSON"),
-    ({"instruction": "x"}, r"bad.jsonl:2: field 'output': missing or empty"),
-    ({"instruction": "", "output": "y"}, r"bad.jsonl:2: field 'instruction'"),
-    ({"instruction": "x", "input": 3, "output": "y"}, r"bad.jsonl:2: field 'input': expected a string"),
-    ({"instruction": "x", "output": "maybe", "choices": ["yes", "no"]}, r"bad.jsonl:2: field 'output': 'maybe' is not one of"),
-    ({"instruction": "x", "output": "yes", "choices": ["yes"]}, r"bad.jsonl:2: field 'choices': needs at least two"),
-    ({"instruction": "x", "output": "yes", "choice": ["yes", "no"]}, r"bad.jsonl:2: field 'choice': unknown field \(did you mean 'choices'\?\)"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ('{"instruction": "x", "output": ', r"bad.jsonl:2: not valid JSON"),
+        ({"instruction": "x"}, r"bad.jsonl:2: field 'output': missing or empty"),
+        ({"instruction": "", "output": "y"}, r"bad.jsonl:2: field 'instruction'"),
+        ({"instruction": "x", "input": 3, "output": "y"}, r"bad.jsonl:2: field 'input': expected a string"),
+        (
+            {"instruction": "x", "output": "maybe", "choices": ["yes", "no"]},
+            r"bad.jsonl:2: field 'output': 'maybe' is not one of",
+        ),
+        (
+            {"instruction": "x", "output": "yes", "choices": ["yes"]},
+            r"bad.jsonl:2: field 'choices': needs at least two",
+        ),
+        (
+            {"instruction": "x", "output": "yes", "choice": ["yes", "no"]},
+            r"bad.jsonl:2: field 'choice': unknown field \(did you mean 'choices'\?\)",
+        ),
+    ],
+)
 def test_evaluate_file_bad_rows_name_file_line_and_field(tmp_path, tiny_model_dir, data_dir, row, message):
     bad = _write_rows(tmp_path / "bad.jsonl", [{"instruction": "ok", "output": "fine"}, row])
     with pytest.raises(SelfspecError, match=message):
@@ -355,8 +480,9 @@ def test_evaluate_file_bad_rows_name_file_line_and_field(tmp_path, tiny_model_di
 
 
 def test_base_scores_are_reused_across_runs_until_anything_that_could_change_them_changes(
-        tmp_path, tiny_model_dir, data_dir, monkeypatch):
-    from selfspec_core import evaluation
+    tmp_path, tiny_model_dir, data_dir, monkeypatch
+):
+    from selfspec_core.stages import evaluate as evaluation
 
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "cache"))
     settings = _settings(tiny_model_dir, data_dir)
@@ -377,12 +503,23 @@ def test_base_scores_are_reused_across_runs_until_anything_that_could_change_the
     template = dataclasses.replace(TRAIN_TEMPLATE, header="You answer questions about {description}.")
     score_model("base", settings, ref, None, loaded, template, other_prompt, print)
     assert loads == [1]  # another prompt misses
-    score_model("base", _settings(tiny_model_dir, data_dir, length_normalize=True), ref, None, loaded, TRAIN_TEMPLATE, {}, print)
+    score_model(
+        "base", _settings(tiny_model_dir, data_dir, length_normalize=True), ref, None, loaded, TRAIN_TEMPLATE, {}, print
+    )
     assert loads == [1, 1]  # another scoring setting misses
     fewer = [split_items(task, read_items(task, data_dir), 0, 3, 0)]
     score_model("base", settings, ref, None, fewer, TRAIN_TEMPLATE, {}, print)
     assert loads == [1, 1, 1]  # other items miss
-    score_model("base", _settings(tiny_model_dir, data_dir, cache_base_scores=False), ref, None, loaded, TRAIN_TEMPLATE, {}, print)
+    score_model(
+        "base",
+        _settings(tiny_model_dir, data_dir, cache_base_scores=False),
+        ref,
+        None,
+        loaded,
+        TRAIN_TEMPLATE,
+        {},
+        print,
+    )
     assert loads == [1, 1, 1, 1]  # --no-cache recomputes
     adapter = _make_adapter(tiny_model_dir, tmp_path / "adapter")
     score_model("specialized", settings, ref, adapter, loaded, TRAIN_TEMPLATE, {}, print)
@@ -394,15 +531,18 @@ def test_base_scores_are_reused_across_runs_until_anything_that_could_change_the
 
 def _trained_run(tmp_path, tiny_model_dir, records) -> Path:
     """Another run's train/adapter with the training record the train stage writes beside it."""
-    from selfspec_core.rundir import file_hash
-    from selfspec_core.training import TRAINING_INFO
+    from selfspec_core.run.adapter import TRAINING_INFO
+    from selfspec_core.run.rundir import file_hash
 
     other = RunDir(tmp_path / "other", "tinydom").open()
     write_jsonl(other.partial_dir("respond") / "data.jsonl", records)
     other.finish("respond", {})
     adapter = _make_adapter(tiny_model_dir, other.partial_dir("train") / "adapter")
-    (adapter / TRAINING_INFO).write_text(json.dumps({"data_file": "respond/data.jsonl",
-                                                     "data_hash": file_hash(other.stage_dir("respond") / "data.jsonl")}))
+    (adapter / TRAINING_INFO).write_text(
+        json.dumps(
+            {"data_file": "respond/data.jsonl", "data_hash": file_hash(other.stage_dir("respond") / "data.jsonl")}
+        )
+    )
     other.finish("train", {})
     return other.stage_dir("train") / "adapter"
 
@@ -410,7 +550,9 @@ def _trained_run(tmp_path, tiny_model_dir, records) -> Path:
 def test_an_adapter_from_elsewhere_is_evaluated_on_an_empty_run(tmp_path, tiny_model_dir, data_dir, tiny_plugin):
     import shutil
 
-    adapter = _trained_run(tmp_path, tiny_model_dir, [{"id": "r1", "instruction": "Explain.", "input": LEAKED, "output": "Up."}])
+    adapter = _trained_run(
+        tmp_path, tiny_model_dir, [{"id": "r1", "instruction": "Explain.", "input": LEAKED, "output": "Up."}]
+    )
     settings = _settings(tiny_model_dir, data_dir, adapter=str(adapter), tasks="sentiment", cross_domain=False)
     fresh = RunDir(tmp_path / "fresh", "tinydom").open()
     Pipeline(settings, plugins.get_domain("tinydom"), fresh, seeds=[]).run_stages(["evaluate"])
@@ -427,13 +569,13 @@ def test_an_adapter_from_elsewhere_is_evaluated_on_an_empty_run(tmp_path, tiny_m
     contamination = json.loads((alone.stage_dir("evaluate") / "contamination.json").read_text())
     assert contamination["status"] == "unknown" and "training data of" in contamination["reason"]
 
-    from selfspec_core.report import contamination_section
+    from selfspec_core.stages.report import contamination_section
 
     assert "Contamination unknown: the training data of" in contamination_section(alone).blocks[0]
 
 
 def test_an_adapters_training_data_counts_only_while_unchanged(tmp_path, tiny_model_dir):
-    from selfspec_core.evaluation import adapter_training_data
+    from selfspec_core.run.adapter import adapter_training_data
 
     adapter = _trained_run(tmp_path, tiny_model_dir, [{"id": "r1", "instruction": "a", "input": "", "output": "b"}])
     data = adapter.parents[1] / "respond" / "data.jsonl"

@@ -1,16 +1,23 @@
-import os
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 from rouge_score import rouge_scorer
 
+from selfspec_core.data.seeds import load_seeds
 from selfspec_core.errors import SelfspecError
-from selfspec_core.filters import (InstructionFilter, RougeLDeduplicator, blacklist_pattern, length_reason,
-                                   missing_input_reason, non_text_reason, plugin_reason)
 from selfspec_core.hookspecs import hookimpl
-from selfspec_core.seeds import load_seeds
+from selfspec_core.stages.filter import (
+    InstructionFilter,
+    RougeLDeduplicator,
+    blacklist_pattern,
+    length_reason,
+    missing_input_reason,
+    non_text_reason,
+    plugin_reason,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SELFSPEC_DATA") or REPO / ".." / "shared" / "data")
@@ -21,8 +28,6 @@ def reference_f(target: str, prediction: str) -> float:
     return SCORER.score(target, prediction)["rougeL"].fmeasure
 
 
-
-
 def test_length_reasons():
     assert length_reason("   ", 3, 10) == "empty"
     assert length_reason("Summarize this.", 3, 10) == "too_short"
@@ -30,27 +35,40 @@ def test_length_reasons():
     assert length_reason("Summarize the following abstract.", 3, 10) is None
 
 
-@pytest.mark.parametrize("instruction, input_text, reason", [
-    ("## sentiment\ufffdany erart :", "", "invalid_chars"),
-    ("Classify the sentence.", "Profit \x1b[0m rose.", "invalid_chars"),
-    ("Write a function that adds numbers.", "def add(a, b):\n    return a + b", "code"),
-    ("Explain this snippet.", "```python\nprint(1)\n```", "code"),
-    ("Fix the markup.", "<div class='x'><span>revenue</span></div>", "code"),
-    ("Parse it.", "{a: 1; b: {c: 2; d: {e: 3;}}} <x> <y>", "code"),
-    ("the the the the the", "", "repetition"),
-    ("Classify the sentiment of the sentence.", "rose by five percent rose by five percent rose by five percent", "repetition"),
-    ("List risk factors. " + "revenue growth margin " * 12, "", "repetition"),
-    ("1234 5678 9012 +-*/ 3456 7890 !!", "", "non_letters"),
-])
+@pytest.mark.parametrize(
+    "instruction, input_text, reason",
+    [
+        ("## sentiment\ufffdany erart :", "", "invalid_chars"),
+        ("Classify the sentence.", "Profit \x1b[0m rose.", "invalid_chars"),
+        ("Write a function that adds numbers.", "def add(a, b):\n    return a + b", "code"),
+        ("Explain this snippet.", "```python\nprint(1)\n```", "code"),
+        ("Fix the markup.", "<div class='x'><span>revenue</span></div>", "code"),
+        ("Parse it.", "{a: 1; b: {c: 2; d: {e: 3;}}} <x> <y>", "code"),
+        ("the the the the the", "", "repetition"),
+        (
+            "Classify the sentiment of the sentence.",
+            "rose by five percent rose by five percent rose by five percent",
+            "repetition",
+        ),
+        ("List risk factors. " + "revenue growth margin " * 12, "", "repetition"),
+        ("1234 5678 9012 +-*/ 3456 7890 !!", "", "non_letters"),
+    ],
+)
 def test_non_text_is_dropped(instruction, input_text, reason):
     assert non_text_reason(instruction, input_text) == reason
 
 
-@pytest.mark.parametrize("instruction, input_text", [
-    ("Compute 12.5% of 1,200.", ""),
-    ("What was the change in revenue between the two years?", "Revenue | 2019 | 2018 | 2019 | 2018\n1,200 | 1,100 | 900 | 850"),
-    ("Is the effect significant?", "The treatment lowered mortality (p < 0.05; n = 30)."),
-])
+@pytest.mark.parametrize(
+    "instruction, input_text",
+    [
+        ("Compute 12.5% of 1,200.", ""),
+        (
+            "What was the change in revenue between the two years?",
+            "Revenue | 2019 | 2018 | 2019 | 2018\n1,200 | 1,100 | 900 | 850",
+        ),
+        ("Is the effect significant?", "The treatment lowered mortality (p < 0.05; n = 30)."),
+    ],
+)
 def test_prose_with_figures_is_kept(instruction, input_text):
     assert non_text_reason(instruction, input_text) is None
 
@@ -66,15 +84,18 @@ def test_every_seed_passes_the_cheap_filters(domain):
             assert missing_input_reason(seed.instruction, "") == "missing_input", seed.id
 
 
-@pytest.mark.parametrize("instruction, input_text, reason", [
-    ("Summarize the following passage in one sentence.", "", "missing_input"),
-    ("Classify the sentiment of these two headlines.", "", "missing_input"),
-    ("Compute the margin from the data provided.", "", "missing_input"),
-    ("Summarize the following passage in one sentence.", "Revenue rose 5%.", None),
-    ("Which of these drugs is a beta blocker: A) metoprolol B) insulin?", "", None),
-    ("Does this study show a benefit of the drug? Answer yes or no.", "", "missing_input"),
-    ("Explain what a basis point is.", "", None),
-])
+@pytest.mark.parametrize(
+    "instruction, input_text, reason",
+    [
+        ("Summarize the following passage in one sentence.", "", "missing_input"),
+        ("Classify the sentiment of these two headlines.", "", "missing_input"),
+        ("Compute the margin from the data provided.", "", "missing_input"),
+        ("Summarize the following passage in one sentence.", "Revenue rose 5%.", None),
+        ("Which of these drugs is a beta blocker: A) metoprolol B) insulin?", "", None),
+        ("Does this study show a benefit of the drug? Answer yes or no.", "", "missing_input"),
+        ("Explain what a basis point is.", "", None),
+    ],
+)
 def test_an_instruction_pointing_at_a_missing_input_is_dropped(instruction, input_text, reason):
     assert missing_input_reason(instruction, input_text) == reason
 
@@ -101,7 +122,10 @@ def test_plugin_filter_reason_names_the_plugin(plugin):
             return "ticker" if "$" in record["instruction"] else None
 
     plugin(NoTickers(), "no-tickers")
-    assert plugin_reason("finance", "instruction", {"instruction": "Is $ABC a buy?", "input": ""}) == "plugin:no-tickers:ticker"
+    assert (
+        plugin_reason("finance", "instruction", {"instruction": "Is $ABC a buy?", "input": ""})
+        == "plugin:no-tickers:ticker"
+    )
     assert plugin_reason("finance", "instruction", {"instruction": "Define EBITDA.", "input": ""}) is None
 
 
@@ -126,14 +150,40 @@ def test_instruction_filter_checks_in_order_and_dedups_against_accepted():
     checks.accept(record)
     assert checks.reason({"instruction": "Explain what a bond's yield to maturity means.", "input": ""}) == "duplicate"
     # the input counts: the same instruction with a new input is a new task
-    seeded = {"instruction": "Define the term EBITDA for an investor.", "input": "A retail investor reading a 10-K asks about margins."}
+    seeded = {
+        "instruction": "Define the term EBITDA for an investor.",
+        "input": "A retail investor reading a 10-K asks about margins.",
+    }
     assert checks.reason(seeded) is None
 
 
 def _synthetic_texts(count: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    vocabulary = ["the", "revenue", "Rose", "fell", "by", "5%", "in", "Q3", "net", "income", "café", "co-op",
-                  "patients", "trial", "ratio", "of", "and", "2019", "EBITDA", "!!", "—", "A", "a"]
+    vocabulary = [
+        "the",
+        "revenue",
+        "Rose",
+        "fell",
+        "by",
+        "5%",
+        "in",
+        "Q3",
+        "net",
+        "income",
+        "café",
+        "co-op",
+        "patients",
+        "trial",
+        "ratio",
+        "of",
+        "and",
+        "2019",
+        "EBITDA",
+        "!!",
+        "—",
+        "A",
+        "a",
+    ]
     return [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(0, 14))) for _ in range(count)]
 
 
@@ -149,7 +199,9 @@ def _words(count: int, prefix: str) -> list[str]:
     return [f"{prefix}{i}" for i in range(count)]
 
 
-@pytest.mark.parametrize("target_len, prediction_len, lcs", [(10, 10, 7), (20, 20, 14), (23, 37, 21), (17, 23, 14), (7, 13, 7)])
+@pytest.mark.parametrize(
+    "target_len, prediction_len, lcs", [(10, 10, 7), (20, 20, 14), (23, 37, 21), (17, 23, 14), (7, 13, 7)]
+)
 def test_decisions_at_the_threshold_follow_rouge_score_floats(target_len, prediction_len, lcs):
     """F is exactly 0.7 on paper; rouge-score's 2*p*r/(p+r) rounds some to just under (23/37/21)."""
     shared = _words(lcs, "w")
@@ -177,7 +229,9 @@ def _real_texts() -> list[str]:
     if not (pubmedqa.exists() and phrasebank.exists()):
         pytest.skip(f"benchmark data not found under {DATA}")
     questions = [item["QUESTION"] for item in json.loads(pubmedqa.read_text(encoding="utf-8")).values()]
-    sentences = [line.rsplit("@", 1)[0] for line in phrasebank.read_text(encoding="latin-1").splitlines() if "@" in line]
+    sentences = [
+        line.rsplit("@", 1)[0] for line in phrasebank.read_text(encoding="latin-1").splitlines() if "@" in line
+    ]
     return questions[:400] + sentences[:400]
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from selfspec_core.generation import GENERATE_TOP_K, HFGenerator, cut_at_stop, token_batches
-from selfspec_core.models import ModelRef, load_model, load_tokenizer
+from selfspec_core.models.generator import GENERATE_TOP_K, HFGenerator, cut_at_stop, token_batches
+from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
 
 PROMPTS = ["The company reported", "Patients receiving the treatment", "Instruction: Classify", "0 1 2"]
 
@@ -31,11 +31,11 @@ def test_greedy_equals_transformers_generate_while_rows_leave_the_batch(parts):
     encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         output = model.generate(**encoded, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    expected = [tokenizer.decode(row[encoded.input_ids.shape[1]:], skip_special_tokens=True) for row in output]
+    expected = [tokenizer.decode(row[encoded.input_ids.shape[1] :], skip_special_tokens=True) for row in output]
     assert [c.text for c in free] == expected
     # a stop string from the middle of the longest completion ends that row, the others run on
     longest = max(range(len(free)), key=lambda i: len(free[i].text))
-    stop = free[longest].text[len(free[longest].text) // 2:][:3]
+    stop = free[longest].text[len(free[longest].text) // 2 :][:3]
     stopped = generator.generate(PROMPTS, max_new_tokens=12, stop=[stop])
     assert [c.text for c in stopped] == [cut_at_stop(text, [stop])[0] for text in expected]
     assert stopped[longest].finished and stopped[longest].num_tokens < free[longest].num_tokens
@@ -81,8 +81,14 @@ def test_sampling_is_seeded(parts):
 def test_loglikelihood_matches_a_manual_forward_pass(parts):
     model, tokenizer = parts
     # "The answer is" has continuations of 1 to 4 tokens: scored on its cached keys and values
-    requests = [("The answer is", " yes"), ("The answer is", " no"), ("The answer is", " no maybe"),
-                ("The answer is", " perhaps not at all"), ("Other", "x"), ("Other", "y")]
+    requests = [
+        ("The answer is", " yes"),
+        ("The answer is", " no"),
+        ("The answer is", " no maybe"),
+        ("The answer is", " perhaps not at all"),
+        ("Other", "x"),
+        ("Other", "y"),
+    ]
     scores = HFGenerator(model, tokenizer, batch_size=3).loglikelihood(requests)
     for (context, continuation), (score, count) in zip(requests, scores):
         a = tokenizer(context, add_special_tokens=False).input_ids
@@ -99,8 +105,13 @@ def test_cut_at_stop_takes_the_earliest():
 
 def test_single_token_scoring_is_the_same_in_any_batch_of_left_padded_contexts(parts):
     model, tokenizer = parts
-    contexts = ["Hi", "The company reported a rise in", "Patients receiving the treatment showed no change in blood",
-                "0 1 2 3", "Instruction: Classify the sentiment of the sentence below. Sentence:"]
+    contexts = [
+        "Hi",
+        "The company reported a rise in",
+        "Patients receiving the treatment showed no change in blood",
+        "0 1 2 3",
+        "Instruction: Classify the sentiment of the sentence below. Sentence:",
+    ]
     requests = [(c, label) for c in contexts for label in (" yes", " no")]
     one_at_a_time = HFGenerator(model, tokenizer, batch_tokens=1).loglikelihood(requests)
     together = HFGenerator(model, tokenizer, batch_tokens=10_000).loglikelihood(requests)
@@ -138,7 +149,7 @@ def test_token_batches_fill_a_padded_token_budget_longest_first():
 
 
 def test_model_calls_are_metered_with_a_ceiling_above_the_measured_rate(parts):
-    from selfspec_core import throughput
+    from selfspec_core.runtime import throughput
 
     model, tokenizer = parts
     with throughput.metered() as meter:
@@ -146,7 +157,9 @@ def test_model_calls_are_metered_with_a_ceiling_above_the_measured_rate(parts):
         HFGenerator(model, tokenizer).loglikelihood([("The answer is", " yes"), ("The answer is", " no maybe")])
     prompt_tokens = sum(len(tokenizer(p, add_special_tokens=False).input_ids) for p in PROMPTS)
     context = len(tokenizer("The answer is", add_special_tokens=False).input_ids)
-    continuation = len(tokenizer(" yes", add_special_tokens=False).input_ids) + len(tokenizer(" no maybe", add_special_tokens=False).input_ids)
+    continuation = len(tokenizer(" yes", add_special_tokens=False).input_ids) + len(
+        tokenizer(" no maybe", add_special_tokens=False).input_ids
+    )
     assert meter.prompt_tokens == prompt_tokens + context + continuation
     assert 0 < meter.generated_tokens <= 3 * len(PROMPTS) and meter.seconds > 0
     assert meter.parameters == sum(p.numel() for p in model.parameters())
@@ -154,7 +167,9 @@ def test_model_calls_are_metered_with_a_ceiling_above_the_measured_rate(parts):
     assert figures["ceiling_tokens_per_second"] > 0 and figures["tokens_per_second"] > 0
     with throughput.metered() as training:
         throughput.record(10, 0, 1.0, meter.parameters, passes=3.0)  # a training call: three passes' work a token
-    assert training.figures("float32")["ceiling_tokens_per_second"] == pytest.approx(figures["ceiling_tokens_per_second"] / 3, rel=0.01)
+    assert training.figures("float32")["ceiling_tokens_per_second"] == pytest.approx(
+        figures["ceiling_tokens_per_second"] / 3, rel=0.01
+    )
     with throughput.metered() as outside:
         pass
     assert outside.prompt_tokens == 0 and "tokens_per_second" not in outside.figures("float32")

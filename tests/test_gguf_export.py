@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from selfspec_core.cli import main
+from selfspec_core.cli.main import main
 from selfspec_core.errors import SelfspecError
-from selfspec_core.gguf_export import export_gguf, write_gguf
-from selfspec_core.models import ModelRef, load_model
+from selfspec_core.export.gguf import export_gguf, write_gguf
+from selfspec_core.models.loading import ModelRef, load_model
 
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3}
 TEXT = "The company reported higher quarterly revenue, 2024: yes 42%."
@@ -26,8 +26,10 @@ def random_adapter(model_dir: Path, folder: Path) -> Path:
 
     torch.manual_seed(3)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(load_model(ModelRef("m", str(model_dir))),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    peft_model = get_peft_model(
+        load_model(ModelRef("m", str(model_dir))),
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
+    )
     peft_model.save_pretrained(folder)
     return folder
 
@@ -75,10 +77,19 @@ def test_gemma3_round_trip(tiny_model_dir, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
-                              max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=8,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = Gemma3ForCausalLM(config)
     with torch.no_grad():  # norms start at zero (scale 1 + w): make them matter, so a missing +1 shows
         for name, parameter in model.named_parameters():
@@ -99,13 +110,20 @@ def test_the_base_gguf_tokenizer_is_copied_as_is(tmp_path):
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from selfspec_core.models import _embedded_gguf
+    from selfspec_core.models.loading import _embedded_gguf
 
     source = _embedded_gguf("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     folder = tmp_path / "smol-vocab"
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -116,7 +134,9 @@ def test_the_base_gguf_tokenizer_is_copied_as_is(tmp_path):
     assert "tokenizer.ggml.pre" in tokenizer_keys and written["tokenizer.ggml.pre"].contents() == "smollm"
     for key in tokenizer_keys:
         assert written[key].contents() == original[key].contents(), key
-    assert "output.weight" not in {tensor.name for tensor in gguf.GGUFReader(out).tensors}  # tied: llama.cpp reuses token_embd
+    assert "output.weight" not in {
+        tensor.name for tensor in gguf.GGUFReader(out).tensors
+    }  # tied: llama.cpp reuses token_embd
 
 
 def run(args, capsys):

@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from selfspec_core import instructions
 from selfspec_core.config import load_settings
-from selfspec_core.defaults import INSTRUCTION_TEMPLATE
+from selfspec_core.data.seeds import load_seeds
 from selfspec_core.errors import SelfspecError
-from selfspec_core.generation import Completion
 from selfspec_core.hookspecs import hookimpl
-from selfspec_core.instructions import ExamplePool, TaskFormat, choose_task_types, run_stage
-from selfspec_core.models import ModelRef
-from selfspec_core.pipeline import StageContext
-from selfspec_core.plugins import get_plugin_manager
+from selfspec_core.models.generator import Completion
+from selfspec_core.models.loading import ModelRef
+from selfspec_core.plugins.defaults import INSTRUCTION_TEMPLATE
+from selfspec_core.plugins.manager import get_plugin_manager
 from selfspec_core.records import Domain
-from selfspec_core.rundir import RunDir, read_jsonl
-from selfspec_core.seeds import load_seeds
+from selfspec_core.run.context import StageContext
+from selfspec_core.run.rundir import RunDir, read_jsonl
+from selfspec_core.stages import generate as instructions
+from selfspec_core.stages.generate import ExamplePool, TaskFormat, choose_task_types, run_stage
 from selfspec_core.templates import PromptTemplate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,15 +36,21 @@ def done(text: str) -> Completion:
     return Completion(text, True, 10)
 
 
-@pytest.mark.parametrize("text, expected", [
-    (" Classify the sentiment of the sentence.\nInput: Profit rose 5%.", ("Classify the sentiment of the sentence.", "Profit rose 5%.")),
-    (" Define the term EBITDA.", ("Define the term EBITDA.", "")),
-    (" Define the term EBITDA.\nInput: <noinput>", ("Define the term EBITDA.", "")),
-    ("Define EBITDA.\n\nInput:   A 10-K excerpt.\n\n", ("Define EBITDA.", "A 10-K excerpt.")),
-    (" Define EBITDA.\nInput: x\nType: sentiment\nInstruction: More.", ("Define EBITDA.", "x")),
-    (" Define EBITDA.\nAnswer: Earnings before interest.", ("Define EBITDA.", "")),
-    (" Define EBITDA.\n\n###\n\nType: ner", ("Define EBITDA.", "")),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            " Classify the sentiment of the sentence.\nInput: Profit rose 5%.",
+            ("Classify the sentiment of the sentence.", "Profit rose 5%."),
+        ),
+        (" Define the term EBITDA.", ("Define the term EBITDA.", "")),
+        (" Define the term EBITDA.\nInput: <noinput>", ("Define the term EBITDA.", "")),
+        ("Define EBITDA.\n\nInput:   A 10-K excerpt.\n\n", ("Define EBITDA.", "A 10-K excerpt.")),
+        (" Define EBITDA.\nInput: x\nType: sentiment\nInstruction: More.", ("Define EBITDA.", "x")),
+        (" Define EBITDA.\nAnswer: Earnings before interest.", ("Define EBITDA.", "")),
+        (" Define EBITDA.\n\n###\n\nType: ner", ("Define EBITDA.", "")),
+    ],
+)
 def test_parse_well_formed_completions(text, expected):
     task, reason = FORMAT.read("definition", done(text))
     assert reason is None
@@ -65,7 +71,9 @@ def test_parse_garbage_and_cut_off_text():
 
 
 def test_parse_follows_a_plugin_template():
-    template = PromptTemplate(example="Kind: {task_type}\nTask: {instruction}[[\nContext: {input}]]", query="Kind: {task_type}\nTask:")
+    template = PromptTemplate(
+        example="Kind: {task_type}\nTask: {instruction}[[\nContext: {input}]]", query="Kind: {task_type}\nTask:"
+    )
     task_format = TaskFormat(template, CONTEXT)
     assert "\nKind:" in task_format.stops and "\nAnswer:" in task_format.stops
     task, _ = task_format.read("ner", done(" List the firms.\nContext: Acme bought Beta."))
@@ -104,11 +112,28 @@ class ScriptedGenerator:
     Each text depends only on the prompt and the seed, as with a seeded model.
     """
 
-    SUBJECTS = ["quarterly revenue", "net margin", "the bond yield", "a merger", "the dividend", "cash flow",
-                "the audit opinion", "credit risk", "the share buyback", "inventory turnover", "a rate cut"]
+    SUBJECTS = [
+        "quarterly revenue",
+        "net margin",
+        "the bond yield",
+        "a merger",
+        "the dividend",
+        "cash flow",
+        "the audit opinion",
+        "credit risk",
+        "the share buyback",
+        "inventory turnover",
+        "a rate cut",
+    ]
     VERBS = ["Explain", "Assess", "Summarize", "Classify", "Describe", "Evaluate", "Compare", "Identify"]
-    GARBAGE = ["", " ok", " ; ; ; {x} <y> ; ; {z} <w> ;;", " loop loop loop loop loop", " Draw a picture of the revenue trend.",
-               " 12 34 56 78 90 12 34"]
+    GARBAGE = [
+        "",
+        " ok",
+        " ; ; ; {x} <y> ; ; {z} <w> ;;",
+        " loop loop loop loop loop",
+        " Draw a picture of the revenue trend.",
+        " 12 34 56 78 90 12 34",
+    ]
 
     def __init__(self):
         self.calls = 0
@@ -123,13 +148,16 @@ class ScriptedGenerator:
                 continue
             if prompt.endswith("\nInput:"):  # an input under a seed's instruction
                 words = rng.sample(self.SUBJECTS, 2)
-                texts.append(f" Company {rng.randint(1, 999)} reported that {words[0]} moved with {words[1]}."
-                             "\nAnswer: positive")
+                texts.append(
+                    f" Company {rng.randint(1, 999)} reported that {words[0]} moved with {words[1]}.\nAnswer: positive"
+                )
                 continue
             task_type = re.search(r"Type: (.*)\nInstruction:$", prompt).group(1)
             words = rng.sample(self.SUBJECTS, 3)
-            texts.append(f" {rng.choice(self.VERBS)} how {words[0]} relates to {words[1]} for {task_type.replace('_', ' ')}."
-                         f"\nInput: A note on {words[2]} number {rng.randint(1, 999)}.\nAnswer: ignored")
+            texts.append(
+                f" {rng.choice(self.VERBS)} how {words[0]} relates to {words[1]} for {task_type.replace('_', ' ')}."
+                f"\nInput: A note on {words[2]} number {rng.randint(1, 999)}.\nAnswer: ignored"
+            )
         return [Completion(text, True, 20) for text in texts]
 
 
@@ -145,7 +173,10 @@ class KilledAfter(ScriptedGenerator):
 
 
 def make_context(tmp_path, name="run", seed=42, model=ModelRef("scripted", "unused"), domain=DOMAIN, **generate):
-    settings = load_settings("tiny", overrides={"seed": seed, "generate": {"num_instructions": 12, "batch_size": 4, "max_rounds": 10, **generate}})
+    settings = load_settings(
+        "tiny",
+        overrides={"seed": seed, "generate": {"num_instructions": 12, "batch_size": 4, "max_rounds": 10, **generate}},
+    )
     run = RunDir(tmp_path / name, domain.name).open()
     logged = []
     ctx = StageContext(settings, domain, run, SEEDS, model, run.partial_dir("generate"), logged.append)
@@ -163,7 +194,9 @@ def test_stage_writes_balanced_filtered_records(tmp_path, monkeypatch):
     records = read_jsonl(ctx.work / "instructions.jsonl")
     assert len(records) == 12 == counts["funnel"]["kept"]
     assert [r["id"] for r in records] == [f"testfin-gen-{n:05d}" for n in range(1, 13)]
-    assert all(set(r) == {"id", "instruction", "input", "task_type", "mode", "seed_ids", "round", "source"} for r in records)
+    assert all(
+        set(r) == {"id", "instruction", "input", "task_type", "mode", "seed_ids", "round", "source"} for r in records
+    )
     assert {r["source"] for r in records} == {"generated"}
     assert {r["mode"] for r in records} == {"task"}  # the domain names no input task types
     assert all(r["seed_ids"] and set(r["seed_ids"]) <= {s.id for s in SEEDS} for r in records)
@@ -185,7 +218,9 @@ def test_input_batches_write_new_inputs_under_seed_instructions(tmp_path, monkey
     counts = run_with(ctx, ScriptedGenerator(), monkeypatch)
     records = read_jsonl(ctx.work / "instructions.jsonl")
     state = json.loads((ctx.work / "state.json").read_text())
-    assert state["input_batches"] == state["batches"] // 2 + state["batches"] % 2  # every other batch, first one included
+    assert (
+        state["input_batches"] == state["batches"] // 2 + state["batches"] % 2
+    )  # every other batch, first one included
     written = [r for r in records if r["mode"] == "input"]
     assert written and len(written) < len(records)
     seeds = {s.id: s for s in SEEDS}
@@ -206,11 +241,16 @@ def test_input_share_zero_or_no_input_types_writes_whole_tasks_only(tmp_path, mo
 
 
 def test_an_input_copied_from_a_seed_is_a_duplicate(tmp_path):
-    from selfspec_core.filters import InstructionFilter, dedup_text
+    from selfspec_core.stages.filter import InstructionFilter, dedup_text
+
     seed = next(s for s in SEEDS if s.task_type == "sentiment")
     checks = InstructionFilter("testfin", 3, 150, 0.7, pool=[dedup_text(seed.to_dict())])
     copied = {"instruction": seed.instruction, "input": seed.input, "mode": "input"}
-    fresh = {"instruction": seed.instruction, "input": "Orvik Shipping ordered four new vessels for its Baltic routes.", "mode": "input"}
+    fresh = {
+        "instruction": seed.instruction,
+        "input": "Orvik Shipping ordered four new vessels for its Baltic routes.",
+        "mode": "input",
+    }
     assert checks.reason(copied) == "duplicate" and checks.reason(fresh) is None
     assert checks.reason({**fresh, "input": "Too short"}) == "too_short"
 
@@ -304,7 +344,9 @@ def test_rounds_that_keep_nothing_stop_the_stage_with_what_it_has(tmp_path, monk
 
 def test_real_tiny_model_garbage_is_dropped_not_crashing(tmp_path, tiny_model_dir):
     ctx, _ = make_context(tmp_path, model=ModelRef("tiny", str(tiny_model_dir)), num_instructions=4, max_rounds=1)
-    with pytest.raises(SelfspecError, match="no generated instruction passed the filters.*Try: the model does not follow"):
+    with pytest.raises(
+        SelfspecError, match="no generated instruction passed the filters.*Try: the model does not follow"
+    ):
         run_stage(ctx)
     state = json.loads((ctx.work / "state.json").read_text())
     assert state["funnel"]["kept"] == 0 and state["funnel"]["generated"] == sum(state["funnel"]["dropped"].values()) > 0

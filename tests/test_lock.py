@@ -7,11 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-from selfspec_core.rundir import RunDir
+from selfspec_core.run.rundir import RunDir
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from selfspec_core.rundir import RunDir
+    from selfspec_core.run.rundir import RunDir
     with RunDir(sys.argv[1], "finance").open().locked():
         print("locked", flush=True)
         time.sleep(120)
@@ -19,8 +19,9 @@ HOLD = textwrap.dedent("""
 
 
 def selfspec(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "selfspec_core", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "selfspec_core", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def hold(run):
@@ -64,7 +65,6 @@ def test_a_second_lock_in_the_same_process_is_refused_too(tmp_path):
     from selfspec_core.errors import SelfspecError
 
     run = RunDir(tmp_path / "run", "finance").open()
-    with run.locked():
-        with pytest.raises(SelfspecError, match=f"in use by process {os.getpid()}"):
-            with RunDir(tmp_path / "run", "finance").locked():
-                pass
+    with run.locked(), pytest.raises(SelfspecError, match=f"in use by process {os.getpid()}"):
+        with RunDir(tmp_path / "run", "finance").locked():
+            pass

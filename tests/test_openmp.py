@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from selfspec_core import openmp
+from selfspec_core.runtime import openmp
 
 
 def stat_file(tmp_path, busy: int, idle: int):
@@ -40,7 +40,9 @@ POLICY = "import os, {}selfspec_core; print(os.environ.get('OMP_WAIT_POLICY'), o
 def policy_in_new_process(env: dict, torch_first: bool = False) -> str:
     env = {**{k: v for k, v in os.environ.items() if k not in openmp.USER_SETTINGS}, **env}
     code = POLICY.format("torch, " if torch_first else "")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_a_policy_the_user_set_is_kept():

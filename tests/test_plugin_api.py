@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from selfspec_core import api
-from selfspec_core.plugincheck import check_plugin
+from selfspec_core.authoring.check import check_plugin
 from selfspec_core.records import Domain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +28,18 @@ def core_imports(path: Path) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            modules = [node.module] if node.module != "selfspec_core" else [f"selfspec_core.{a.name}" for a in node.names]
+            modules = (
+                [node.module] if node.module != "selfspec_core" else [f"selfspec_core.{a.name}" for a in node.names]
+            )
         elif isinstance(node, ast.Import):
             modules = [alias.name for alias in node.names]
         else:
             continue
-        found += [f"{path}:{node.lineno}: {m}" for m in modules
-                  if (m == "selfspec_core" or m.startswith("selfspec_core.")) and m != "selfspec_core.api"]
+        found += [
+            f"{path}:{node.lineno}: {m}"
+            for m in modules
+            if (m == "selfspec_core" or m.startswith("selfspec_core.")) and m != "selfspec_core.api"
+        ]
     return found
 
 
@@ -51,14 +56,19 @@ def test_bundled_plugins_import_only_the_public_api(plugin):
 
 def test_the_import_check_catches_private_imports(tmp_path):
     sample = tmp_path / "plugin.py"
-    sample.write_text("from selfspec_core.api import hookimpl\nfrom selfspec_core import defaults\n"
-                      "import selfspec_core.retrieval\nfrom selfspec_core.tasks import EvalTask\n")
+    sample.write_text(
+        "from selfspec_core.api import hookimpl\nfrom selfspec_core import config\n"
+        "import selfspec_core.data.retrieval\nfrom selfspec_core.data.tasks import EvalTask\n"
+    )
     assert [line.split(": ")[1] for line in core_imports(sample)] == [
-        "selfspec_core.defaults", "selfspec_core.retrieval", "selfspec_core.tasks"]
+        "selfspec_core.config",
+        "selfspec_core.data.retrieval",
+        "selfspec_core.data.tasks",
+    ]
 
 
 def test_scaffold_imports_only_the_public_api(tmp_path):
-    from selfspec_core.scaffold import scaffold_domain
+    from selfspec_core.authoring.scaffold import scaffold_domain
 
     folder = scaffold_domain("harbour-law", tmp_path)
     files = python_files(folder)
@@ -77,8 +87,13 @@ def test_every_public_name_resolves():
 
 
 def selfspec(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "selfspec_core", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "selfspec_core", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def test_plugins_lists_each_plugin_with_version_domains_and_hooks():
@@ -88,9 +103,17 @@ def test_plugins_lists_each_plugin_with_version_domains_and_hooks():
     assert "core" not in by_name
     assert by_name["finance"]["package"] == "selfspec-finance" and by_name["finance"]["version"] == "0.1.0"
     assert by_name["finance"]["domains"] == ["finance"]
-    assert by_name["biomed"]["hooks"] == ["blacklist_words", "corpus_sources", "evaluation_tasks", "filter_record",
-                                          "prompt_template", "register_domains", "retrieval_corpus", "seed_provider",
-                                          "task_miners"]
+    assert by_name["biomed"]["hooks"] == [
+        "blacklist_words",
+        "corpus_sources",
+        "evaluation_tasks",
+        "filter_record",
+        "prompt_template",
+        "register_domains",
+        "retrieval_corpus",
+        "seed_provider",
+        "task_miners",
+    ]
     text = selfspec("plugins", "--all")
     assert text.returncode == 0
     assert "core  (selfspec 0.1.0)\n  domains: -\n  hooks: blacklist_words, prompt_template\n" in text.stdout
@@ -98,13 +121,19 @@ def test_plugins_lists_each_plugin_with_version_domains_and_hooks():
 
 
 def test_a_plugin_registered_without_a_package_is_listed_with_its_hooks(plugin, tmp_path):
-    from selfspec_core.plugins import installed_plugins
+    from selfspec_core.plugins.manager import installed_plugins
 
     plugin(BrokenPlugin(tmp_path), "brokenplugin")
     listed = {p.name: p for p in installed_plugins()}["brokenplugin"]
     assert (listed.package, listed.version, listed.domains) == ("", "", ("broken",))
-    assert listed.hooks == ("blacklist_words", "evaluation_tasks", "prompt_template", "register_domains",
-                            "retrieval_corpus", "seed_provider")
+    assert listed.hooks == (
+        "blacklist_words",
+        "evaluation_tasks",
+        "prompt_template",
+        "register_domains",
+        "retrieval_corpus",
+        "seed_provider",
+    )
 
 
 # ------------------------------------------------------------------------------------ check-plugin
@@ -122,8 +151,10 @@ class BrokenPlugin:
 
     def __init__(self, tmp_path: Path):
         self.tmp_path = tmp_path
-        (tmp_path / "seeds.jsonl").write_text('{"id": "1", "task_type": "qa", "instruction": "Say hi.", "output": "hi"}\n'
-                                              '{"id": "2", "task_type": "qa", "instruction": "", "output": "x"}\n')
+        (tmp_path / "seeds.jsonl").write_text(
+            '{"id": "1", "task_type": "qa", "instruction": "Say hi.", "output": "hi"}\n'
+            '{"id": "2", "task_type": "qa", "instruction": "", "output": "x"}\n'
+        )
 
     @api.hookimpl
     def register_domains(self, register):
@@ -151,8 +182,9 @@ class BrokenPlugin:
     def evaluation_tasks(self, domain):
         if domain != "broken":
             return None
-        missing = api.EvalTask(name="shipped", domain="broken", data_file=str(self.tmp_path / "none.jsonl"),
-                               load=api.read_eval_file)
+        missing = api.EvalTask(
+            name="shipped", domain="broken", data_file=str(self.tmp_path / "none.jsonl"), load=api.read_eval_file
+        )
         other = api.EvalTask(name="elsewhere", domain="finance", data_file="x.jsonl", load=api.read_eval_file)
         return [missing, other]
 

@@ -2,17 +2,22 @@
 
 import pytest
 
-from selfspec_core.backends import RayGenerator
 from selfspec_core.config import load_settings
 from selfspec_core.errors import SelfspecError
-from selfspec_core.generation import HFGenerator, make_generator
-from selfspec_core.models import ModelRef, load_model, load_tokenizer
+from selfspec_core.models.backends import RayGenerator, make_generator
+from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own settings
 
-PROMPTS = ["The company reported higher", "0 1", "Patients receiving the treatment showed lower",
-           "Instruction: Classify the sentiment as positive", "### Response:"]
+PROMPTS = [
+    "The company reported higher",
+    "0 1",
+    "Patients receiving the treatment showed lower",
+    "Instruction: Classify the sentiment as positive",
+    "### Response:",
+]
 PAIRS = [("The company reported", " higher quarterly revenue"), ("Answer:", " neutral"), ("0 1 2", " 3 4")]
 
 
@@ -31,8 +36,12 @@ def test_ray_executor_matches_local(local_ray, tiny_model_dir):
     assert isinstance(distributed, RayGenerator)
     local = HFGenerator(load_model(ref), load_tokenizer(ref), batch_size=2)
     # Three batches of the longest-first order, so a mix-up of batches or rows would show.
-    assert distributed.generate(PROMPTS, max_new_tokens=8, stop=["e"]) == local.generate(PROMPTS, max_new_tokens=8, stop=["e"])
-    for (ray_sum, ray_count), (local_sum, local_count) in zip(distributed.loglikelihood(PAIRS), local.loglikelihood(PAIRS)):
+    assert distributed.generate(PROMPTS, max_new_tokens=8, stop=["e"]) == local.generate(
+        PROMPTS, max_new_tokens=8, stop=["e"]
+    )
+    for (ray_sum, ray_count), (local_sum, local_count) in zip(
+        distributed.loglikelihood(PAIRS), local.loglikelihood(PAIRS)
+    ):
         assert ray_count == local_count and ray_sum == pytest.approx(local_sum, abs=1e-5)
 
 

@@ -1,63 +1,155 @@
 import base64
 import re
 
-from selfspec_core import report
 from selfspec_core.config import load_settings
-from selfspec_core.models import ModelRef
-from selfspec_core.pipeline import StageContext
+from selfspec_core.models.loading import ModelRef
 from selfspec_core.records import Domain, Seed
-from selfspec_core.rundir import RunDir, atomic_write_json, write_jsonl
+from selfspec_core.run.context import StageContext
+from selfspec_core.run.rundir import RunDir, atomic_write_json, write_jsonl
+from selfspec_core.stages import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _context(run: RunDir, seeds=()):
     settings = load_settings("tiny")
-    return StageContext(settings, Domain("finance", "financial analysis"), run, list(seeds),
-                        ModelRef("smollm2-135m", "/nowhere"), run.partial_dir("report"), log=lambda _: None)
+    return StageContext(
+        settings,
+        Domain("finance", "financial analysis"),
+        run,
+        list(seeds),
+        ModelRef("smollm2-135m", "/nowhere"),
+        run.partial_dir("report"),
+        log=lambda _: None,
+    )
 
 
 def _synthetic_run(path) -> RunDir:
     """A finished run written by hand: manifests, training log, evaluation and contamination files."""
     run = RunDir(path, "finance").open()
-    atomic_write_json(run.stage_dir("generate") / "manifest.json", {
-        "stage": "generate", "seconds": 12.5, "peak_rss_mb": 900.0,
-        "funnel": {"generated": 120, "kept": 80, "dropped": {"rouge_duplicate": 30, "blacklist": 10}}})
-    atomic_write_json(run.stage_dir("respond") / "manifest.json", {
-        "stage": "respond", "seconds": 30.0,
-        "funnel": {"generated": 80, "kept": 70, "dropped": {"empty_output": 4, "judge": 6}},
-        "retrieval": {"corpus_passages": 4740, "mean_top_score": 7.25, "records_with_passages": 66},
-        "judge_scores": [0.1, 0.4, 0.8, 0.9, 0.95, 0.7]})
-    write_jsonl(run.stage_dir("respond") / "data.jsonl", [
-        {"id": f"r{i}", "instruction": f"Explain the ratio number {i}.", "input": "a | b", "output": f"Answer {i}."}
-        for i in range(12)])
-    atomic_write_json(run.stage_dir("train") / "manifest.json", {"stage": "train", "seconds": 60.0, "train_records": 70,
-                                                                 "final_loss": 1.234})
-    write_jsonl(run.stage_dir("train") / "train_log.jsonl",
-                [{"step": s, "loss": 3.0 - 0.1 * s, "learning_rate": 3e-4 * (1 - s / 20)} for s in range(1, 20)])
-    atomic_write_json(run.stage_dir("evaluate") / "manifest.json", {
-        "stage": "evaluate", "seconds": 40.0, "throughput": {"prompt_tokens": 41000, "generated_tokens": 0,
-                                                             "tokens_per_second": 1025.0, "ceiling_tokens_per_second": 4100.0}})
-    atomic_write_json(run.stage_dir("evaluate") / "eval.json", {
-        "phrasebank": {"metric": "accuracy", "mode": "loglikelihood", "base": 0.55, "specialized": 0.68,
-                       "delta": 0.13, "ci": [0.08, 0.18], "n": 500, "domain": "finance",
-                       "majority": {"answer": "neutral", "share": 0.6},
-                       "macro_f1": {"base": 0.15, "specialized": 0.31, "majority": 0.25, "delta": 0.16,
-                                    "ci": [0.09, 0.22]},
-                       "answers": {"gold": {"neutral": 300, "positive": 120, "negative": 80},
-                                   "base": {"positive": 499, "negative": 1}, "specialized": {"neutral": 480, "positive": 20}}},
-        "tatqa": {"metric": "numeric", "mode": "generate", "base": 0.10, "specialized": 0.09,
-                  "delta": -0.01, "ci": [-0.04, 0.02], "n": 300, "domain": "finance"},
-        "finqa": {"metric": "numeric", "mode": "generate", "domain": "finance", "n": 0,
-                  "skipped": "task finqa (finance) skipped: /data/finqa/test.json not found; put finqa/test.json under /data"},
-        "cross_domain": {"pubmedqa": {"metric": "accuracy", "mode": "loglikelihood", "base": 0.5, "specialized": 0.44,
-                                      "delta": -0.06, "ci": [-0.1, -0.02], "n": 200, "domain": "biomed"}},
-    })
-    atomic_write_json(run.stage_dir("evaluate") / "contamination.json", {
-        "ngram": 13, "training_records": 70,
-        "overlapping_records": [{"id": "r3", "items": ["finance/phrasebank:17"], "example": "quarterly operating income at the lisbon packaging unit climbed"}],
-        "tasks": {"finance/phrasebank": {"domain": "finance", "items": 500, "items_touched": 1, "share": 0.002,
-                                         "scored_items_touched": 1, "too_short": 3, "training_records": ["r3"]}}})
+    atomic_write_json(
+        run.stage_dir("generate") / "manifest.json",
+        {
+            "stage": "generate",
+            "seconds": 12.5,
+            "peak_rss_mb": 900.0,
+            "funnel": {"generated": 120, "kept": 80, "dropped": {"rouge_duplicate": 30, "blacklist": 10}},
+        },
+    )
+    atomic_write_json(
+        run.stage_dir("respond") / "manifest.json",
+        {
+            "stage": "respond",
+            "seconds": 30.0,
+            "funnel": {"generated": 80, "kept": 70, "dropped": {"empty_output": 4, "judge": 6}},
+            "retrieval": {"corpus_passages": 4740, "mean_top_score": 7.25, "records_with_passages": 66},
+            "judge_scores": [0.1, 0.4, 0.8, 0.9, 0.95, 0.7],
+        },
+    )
+    write_jsonl(
+        run.stage_dir("respond") / "data.jsonl",
+        [
+            {"id": f"r{i}", "instruction": f"Explain the ratio number {i}.", "input": "a | b", "output": f"Answer {i}."}
+            for i in range(12)
+        ],
+    )
+    atomic_write_json(
+        run.stage_dir("train") / "manifest.json",
+        {"stage": "train", "seconds": 60.0, "train_records": 70, "final_loss": 1.234},
+    )
+    write_jsonl(
+        run.stage_dir("train") / "train_log.jsonl",
+        [{"step": s, "loss": 3.0 - 0.1 * s, "learning_rate": 3e-4 * (1 - s / 20)} for s in range(1, 20)],
+    )
+    atomic_write_json(
+        run.stage_dir("evaluate") / "manifest.json",
+        {
+            "stage": "evaluate",
+            "seconds": 40.0,
+            "throughput": {
+                "prompt_tokens": 41000,
+                "generated_tokens": 0,
+                "tokens_per_second": 1025.0,
+                "ceiling_tokens_per_second": 4100.0,
+            },
+        },
+    )
+    atomic_write_json(
+        run.stage_dir("evaluate") / "eval.json",
+        {
+            "phrasebank": {
+                "metric": "accuracy",
+                "mode": "loglikelihood",
+                "base": 0.55,
+                "specialized": 0.68,
+                "delta": 0.13,
+                "ci": [0.08, 0.18],
+                "n": 500,
+                "domain": "finance",
+                "majority": {"answer": "neutral", "share": 0.6},
+                "macro_f1": {"base": 0.15, "specialized": 0.31, "majority": 0.25, "delta": 0.16, "ci": [0.09, 0.22]},
+                "answers": {
+                    "gold": {"neutral": 300, "positive": 120, "negative": 80},
+                    "base": {"positive": 499, "negative": 1},
+                    "specialized": {"neutral": 480, "positive": 20},
+                },
+            },
+            "tatqa": {
+                "metric": "numeric",
+                "mode": "generate",
+                "base": 0.10,
+                "specialized": 0.09,
+                "delta": -0.01,
+                "ci": [-0.04, 0.02],
+                "n": 300,
+                "domain": "finance",
+            },
+            "finqa": {
+                "metric": "numeric",
+                "mode": "generate",
+                "domain": "finance",
+                "n": 0,
+                "skipped": "task finqa (finance) skipped: /data/finqa/test.json not found; put finqa/test.json under /data",
+            },
+            "cross_domain": {
+                "pubmedqa": {
+                    "metric": "accuracy",
+                    "mode": "loglikelihood",
+                    "base": 0.5,
+                    "specialized": 0.44,
+                    "delta": -0.06,
+                    "ci": [-0.1, -0.02],
+                    "n": 200,
+                    "domain": "biomed",
+                }
+            },
+        },
+    )
+    atomic_write_json(
+        run.stage_dir("evaluate") / "contamination.json",
+        {
+            "ngram": 13,
+            "training_records": 70,
+            "overlapping_records": [
+                {
+                    "id": "r3",
+                    "items": ["finance/phrasebank:17"],
+                    "example": "quarterly operating income at the lisbon packaging unit climbed",
+                }
+            ],
+            "tasks": {
+                "finance/phrasebank": {
+                    "domain": "finance",
+                    "items": 500,
+                    "items_touched": 1,
+                    "share": 0.002,
+                    "scored_items_touched": 1,
+                    "too_short": 3,
+                    "training_records": ["r3"],
+                }
+            },
+        },
+    )
     return run
 
 
@@ -68,8 +160,17 @@ def test_report_has_every_section_with_plots(tmp_path):
     folder = run.partial_dir("report")
     page = (folder / "report.html").read_text()
     markdown = (folder / "report.md").read_text()
-    for title in ("Run", "Pipeline funnel", "Retrieval", "Training", "Base vs specialized", "Cross-domain cost",
-                  "Contamination", "Judge scores", "Sample generated records"):
+    for title in (
+        "Run",
+        "Pipeline funnel",
+        "Retrieval",
+        "Training",
+        "Base vs specialized",
+        "Cross-domain cost",
+        "Contamination",
+        "Judge scores",
+        "Sample generated records",
+    ):
         assert f"<h2>{title}</h2>" in page and f"## {title}\n" in markdown
     assert counts == {"sections": 9, "figures": 5}
 
@@ -78,8 +179,14 @@ def test_report_has_every_section_with_plots(tmp_path):
     assert "| seeds | 10 |" in markdown and "| dropped: rouge_duplicate | 30 |" in markdown
     assert "| training records kept | 70 |" in markdown
     # evaluation with intervals, skipped task with its message, cross-domain separately
-    assert "| phrasebank | finance | accuracy | loglikelihood | 500 | 0.550 | 0.680 | +0.130 | [+0.080, +0.180] | 0.600 (neutral) |" in markdown
-    assert "| phrasebank | neutral 300, positive 120, negative 80 | positive 499, negative 1 | neutral 480, positive 20 |" in markdown
+    assert (
+        "| phrasebank | finance | accuracy | loglikelihood | 500 | 0.550 | 0.680 | +0.130 | [+0.080, +0.180] | 0.600 (neutral) |"
+        in markdown
+    )
+    assert (
+        "| phrasebank | neutral 300, positive 120, negative 80 | positive 499, negative 1 | neutral 480, positive 20 |"
+        in markdown
+    )
     assert "| phrasebank | 0.150 | 0.310 | +0.160 | [+0.090, +0.220] | 0.250 |" in markdown
     assert "| tatqa | finance | numeric | generate | 300 | 0.100 | 0.090 | -0.010 | [-0.040, +0.020] |  |" in markdown
     assert "| finqa | finance | task finqa (finance) skipped: /data/finqa/test.json not found" in markdown

@@ -6,29 +6,54 @@ from pathlib import Path
 import datasets
 import pytest
 
-from selfspec_core import responses
 from selfspec_core.config import load_settings
-from selfspec_core.defaults import RESPONSE_TEMPLATE
+from selfspec_core.data.seeds import load_seeds
 from selfspec_core.errors import SelfspecError
-from selfspec_core.generation import HFGenerator
-from selfspec_core.models import ModelRef
-from selfspec_core.pipeline import Pipeline, StageContext
+from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.loading import ModelRef
+from selfspec_core.plugins.defaults import RESPONSE_TEMPLATE
 from selfspec_core.records import Domain
-from selfspec_core.rundir import RunDir, read_jsonl, write_jsonl
-from selfspec_core.seeds import load_seeds
+from selfspec_core.run.context import StageContext
+from selfspec_core.run.pipeline import Pipeline
+from selfspec_core.run.rundir import RunDir, read_jsonl, write_jsonl
+from selfspec_core.stages import respond as responses
 
 SEEDS = load_seeds(Path(__file__).resolve().parents[1] / "seeds" / "finance" / "seeds.jsonl")
 DOMAIN = Domain("respond-test", "finance")  # no plugin serves it: the core's templates, no corpus hook
 INSTRUCTIONS = [
-    ("sentiment", "Classify the sentiment of this sentence as positive, negative, or neutral.", "Quarterly profit doubled."),
-    ("sentiment", "Is this sentence positive, negative, or neutral for shareholders?", "The retailer will cut 1,200 jobs."),
+    (
+        "sentiment",
+        "Classify the sentiment of this sentence as positive, negative, or neutral.",
+        "Quarterly profit doubled.",
+    ),
+    (
+        "sentiment",
+        "Is this sentence positive, negative, or neutral for shareholders?",
+        "The retailer will cut 1,200 jobs.",
+    ),
     ("sentiment", "Label the sentiment: positive, negative, or neutral.", "The head office is in Lyon."),
-    ("sentiment", "What is the sentiment? Choose one of: positive, negative, neutral.", "Revenue rose 9% on higher prices."),
-    ("causal_detection", "Does the sentence express cause and effect? Answer yes or no.", "Margins fell because costs rose."),
-    ("causal_detection", "Does the sentence express cause and effect? Answer yes or no.", "The bank has 6,500 employees."),
+    (
+        "sentiment",
+        "What is the sentiment? Choose one of: positive, negative, neutral.",
+        "Revenue rose 9% on higher prices.",
+    ),
+    (
+        "causal_detection",
+        "Does the sentence express cause and effect? Answer yes or no.",
+        "Margins fell because costs rose.",
+    ),
+    (
+        "causal_detection",
+        "Does the sentence express cause and effect? Answer yes or no.",
+        "The bank has 6,500 employees.",
+    ),
     ("definition", "Explain the following finance term in one sentence.", "EBITDA"),
     ("definition", "Explain the following finance term in one sentence.", "dividend"),
-    ("summarization", "Summarize the paragraph in one sentence.", "Revenue rose 9% to USD 1.4 billion as prices recovered."),
+    (
+        "summarization",
+        "Summarize the paragraph in one sentence.",
+        "Revenue rose 9% to USD 1.4 billion as prices recovered.",
+    ),
     ("definition", "Explain what a bond coupon is.", ""),
 ]
 CORPUS = [
@@ -43,8 +68,17 @@ CORPUS = [
 
 def make_run(tmp_path: Path, name: str = "run") -> RunDir:
     run = RunDir(tmp_path / name, DOMAIN.name).open()
-    records = [{"id": f"gen-{n:03d}", "instruction": instruction, "input": text, "task_type": kind,
-                "seed_ids": ["fin-001"], "round": 1} for n, (kind, instruction, text) in enumerate(INSTRUCTIONS)]
+    records = [
+        {
+            "id": f"gen-{n:03d}",
+            "instruction": instruction,
+            "input": text,
+            "task_type": kind,
+            "seed_ids": ["fin-001"],
+            "round": 1,
+        }
+        for n, (kind, instruction, text) in enumerate(INSTRUCTIONS)
+    ]
     write_jsonl(run.partial_dir("generate") / "instructions.jsonl", records)
     write_jsonl(run.partial_dir("generate") / "mined.jsonl", [])
     run.finish("generate", {"config_hash": "test", "input_hash": "test"})
@@ -120,7 +154,13 @@ def test_prompts_demos_passages_and_stops(tmp_path, tiny_model_dir):
     assert "\nInput:" not in no_input.prompts[0].rsplit("###", 1)[1]
     assert plans[0].options.keys == ("positive", "negative", "neutral") and plans[6].options is None
     assert responses._plans(ctx, records, hits, None)[0].prompts == plans[0].prompts  # deterministic
-    assert responses.response_stops(RESPONSE_TEMPLATE) == ["\n###", "\nInstruction:", "\nInput:", "\nAnswer:", "\nBackground:"]
+    assert responses.response_stops(RESPONSE_TEMPLATE) == [
+        "\n###",
+        "\nInstruction:",
+        "\nInput:",
+        "\nAnswer:",
+        "\nBackground:",
+    ]
 
 
 def test_a_document_corpus_names_sections_and_skipped_files(tmp_path, tiny_model_dir):
@@ -130,11 +170,20 @@ def test_a_document_corpus_names_sections_and_skipped_files(tmp_path, tiny_model
     (tmp_path / "documents").mkdir()
     (tmp_path / "documents" / "terms.md").write_text(
         "# Bonds\n\nA bond coupon is the annual interest payment on a bond.\n\n"
-        "# Profits\n\nEBITDA is earnings before interest, taxes, depreciation and amortization.\n", encoding="utf-8")
+        "# Profits\n\nEBITDA is earnings before interest, taxes, depreciation and amortization.\n",
+        encoding="utf-8",
+    )
     (tmp_path / "documents" / "broken.pdf").write_bytes(b"%PDF-1.4 not really a PDF")
     logged = []
-    ctx = StageContext(settings, DOMAIN, run, SEEDS, ModelRef("tiny", str(tiny_model_dir)), run.partial_dir("respond"),
-                       log=logged.append)
+    ctx = StageContext(
+        settings,
+        DOMAIN,
+        run,
+        SEEDS,
+        ModelRef("tiny", str(tiny_model_dir)),
+        run.partial_dir("respond"),
+        log=logged.append,
+    )
     records = read_jsonl(run.stage_dir("generate") / "instructions.jsonl")
     hits, stats = responses._retrieve(ctx, records)
     ebitda = responses._plans(ctx, records, hits, tokenizer=None)[6]
@@ -147,7 +196,9 @@ def test_a_document_corpus_names_sections_and_skipped_files(tmp_path, tiny_model
 
 def test_retrieval_off_rationale_and_no_corpus(tmp_path, tiny_model_dir):
     run = make_run(tmp_path)
-    manifest = run_respond(run, make_settings(tmp_path, tiny_model_dir, retrieval="off", response_checks="", rationale="on"))
+    manifest = run_respond(
+        run, make_settings(tmp_path, tiny_model_dir, retrieval="off", response_checks="", rationale="on")
+    )
     data = read_jsonl(run.stage_dir("respond") / "data.jsonl")
     assert manifest["retrieval"] == {} and all(r["retrieved"] == [] for r in data)
     labelled = [r for r in data if r["answer"] == "options"]
@@ -164,8 +215,18 @@ def test_retrieval_off_rationale_and_no_corpus(tmp_path, tiny_model_dir):
 
 def test_quality_checks_in_the_stage(tmp_path, tiny_model_dir):
     run = make_run(tmp_path)
-    manifest = run_respond(run, make_settings(tmp_path, tiny_model_dir, consistency_samples=2, judge="on",
-                                              judge_keep_fraction=0.5, min_relevance=0.01, max_label_share=1.0))
+    manifest = run_respond(
+        run,
+        make_settings(
+            tmp_path,
+            tiny_model_dir,
+            consistency_samples=2,
+            judge="on",
+            judge_keep_fraction=0.5,
+            min_relevance=0.01,
+            max_label_share=1.0,
+        ),
+    )
     data = read_jsonl(run.stage_dir("respond") / "data.jsonl")
     dropped = manifest["funnel"]["dropped"]
     assert dropped["off_domain"] == 1  # "Label the sentiment ... The head office is in Lyon." shares no corpus word

@@ -7,11 +7,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selfspec_core import plugins
+from selfspec_core.data.retrieval import (
+    MAX_PASSAGE_WORDS,
+    BM25Index,
+    Passage,
+    _tokenize,
+    corpus_hash,
+    index_cache_dir,
+    load_corpus,
+    resolve_corpus,
+    split_document,
+    truncate_passage,
+)
 from selfspec_core.errors import SelfspecError
 from selfspec_core.hookspecs import hookimpl
-from selfspec_core.retrieval import (MAX_PASSAGE_WORDS, BM25Index, Passage, _tokenize, corpus_hash, index_cache_dir,
-                                     load_corpus, resolve_corpus, split_document, truncate_passage)
+from selfspec_core.plugins import manager as plugins
 
 DOCS = {
     "ebitda": "EBITDA means earnings before interest, taxes, depreciation and amortization.",
@@ -22,18 +32,26 @@ DOCS = {
 
 
 def test_each_format_and_a_folder(tmp_path):
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"id": k, "text": v, "title": k.upper()}) for k, v in DOCS.items()) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps({"id": k, "text": v, "title": k.upper()}) for k, v in DOCS.items()) + "\n"
+    )
     (tmp_path / "b.txt").write_text("Bonds pay fixed coupons.\nTheir prices fall when rates rise.\n")
-    (tmp_path / "c.csv").write_text('Index; Text; Gold\n1; "Revenue rose 9%; margins held."; 0\n2; Shares fell after the warning.; 1\n')
+    (tmp_path / "c.csv").write_text(
+        'Index; Text; Gold\n1; "Revenue rose 9%; margins held."; 0\n2; Shares fell after the warning.; 1\n'
+    )
     pq.write_table(pa.table({"doc_id": ["p1"], "Abstract": ["Metformin lowers glucose."]}), tmp_path / "d.parquet")
     (tmp_path / "notes.xlsx").write_text("ignored: not a corpus format")
 
     jsonl = load_corpus([tmp_path / "a.jsonl"])
     assert [p.id for p in jsonl] == list(DOCS) and jsonl[0].title == "EBITDA"
-    assert load_corpus([tmp_path / "b.txt"]) == [Passage("b.txt", "Bonds pay fixed coupons.\nTheir prices fall when rates rise.")]
+    assert load_corpus([tmp_path / "b.txt"]) == [
+        Passage("b.txt", "Bonds pay fixed coupons.\nTheir prices fall when rates rise.")
+    ]
     csv_passages = load_corpus([tmp_path / "c.csv"])  # ';'-separated, spaces after separators, quoted ';'
-    assert [(p.id, p.text) for p in csv_passages] == [("c.csv:2", "Revenue rose 9%; margins held."),
-                                                       ("c.csv:3", "Shares fell after the warning.")]
+    assert [(p.id, p.text) for p in csv_passages] == [
+        ("c.csv:2", "Revenue rose 9%; margins held."),
+        ("c.csv:3", "Shares fell after the warning."),
+    ]
     assert load_corpus([tmp_path / "d.parquet"]) == [Passage("p1", "Metformin lowers glucose.")]
     folder = load_corpus([tmp_path])
     assert len(folder) == len(DOCS) + 1 + 2 + 1
@@ -53,15 +71,18 @@ def test_long_documents_become_windows_with_stable_ids():
     assert split_document("table", table) == [Passage("table", "Revenue | 2019 | 2018\nSales | 10 | 9\nCosts | 4 | 3")]
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", '{"text": "ok"}\n{"text": broken}\n', "bad.jsonl:2: not valid JSON"),
-    ("list.jsonl", '["a", "b"]\n', "list.jsonl:1: expected a JSON object"),
-    ("notext.jsonl", '{"id": 1, "count": 3}\n', "notext.jsonl:1: no text field"),
-    ("latin.txt", b"caf\xe9 prices", "latin.txt:1: not UTF-8"),
-    ("broken.parquet", b"PAR1 this is not parquet", "broken.parquet: corrupt or unreadable corpus file"),
-    ("empty.csv", "", "empty.csv: empty CSV file"),
-    ("table.xlsx", "x", "unsupported corpus file type .xlsx"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl", '{"text": "ok"}\n{"text": broken}\n', "bad.jsonl:2: not valid JSON"),
+        ("list.jsonl", '["a", "b"]\n', "list.jsonl:1: expected a JSON object"),
+        ("notext.jsonl", '{"id": 1, "count": 3}\n', "notext.jsonl:1: no text field"),
+        ("latin.txt", b"caf\xe9 prices", "latin.txt:1: not UTF-8"),
+        ("broken.parquet", b"PAR1 this is not parquet", "broken.parquet: corrupt or unreadable corpus file"),
+        ("empty.csv", "", "empty.csv: empty CSV file"),
+        ("table.xlsx", "x", "unsupported corpus file type .xlsx"),
+    ],
+)
 def test_bad_corpus_files_are_named(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -73,7 +94,9 @@ def test_missing_paths_empty_folders_and_duplicate_ids(tmp_path):
     with pytest.raises(SelfspecError, match="not found"):
         load_corpus([tmp_path / "nowhere"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SelfspecError, match="no .jsonl, .txt, .parquet, .csv, .pdf, .docx, .html, .htm, .md, .markdown files"):
+    with pytest.raises(
+        SelfspecError, match="no .jsonl, .txt, .parquet, .csv, .pdf, .docx, .html, .htm, .md, .markdown files"
+    ):
         load_corpus([tmp_path / "empty"])
     (tmp_path / "dup.jsonl").write_text('{"id": "x", "text": "a"}\n{"id": "x", "text": "b"}\n')
     with pytest.raises(SelfspecError, match="passage id 'x' also occurs"):
@@ -83,8 +106,13 @@ def test_missing_paths_empty_folders_and_duplicate_ids(tmp_path):
 def test_search_finds_the_known_passage_and_matches_bm25s():
     passages = [Passage(k, v) for k, v in DOCS.items()]
     index = BM25Index.build(passages)
-    queries = ["What does EBITDA stand for?", "Which enzyme do statins inhibit?", "store closures and job cuts",
-               "the of and", ""]
+    queries = [
+        "What does EBITDA stand for?",
+        "Which enzyme do statins inhibit?",
+        "store closures and job cuts",
+        "the of and",
+        "",
+    ]
     hits = index.search(queries, top_k=2)
     assert [h[0].passage.id for h in hits[:3]] == ["ebitda", "statin", "layoffs"]
     assert hits[3] == [] and hits[4] == []  # stopwords only, or nothing: no passage shares a term

@@ -4,13 +4,28 @@ import numpy as np
 import pytest
 import torch
 
+from selfspec_core.data.tasks import EvalItem
 from selfspec_core.errors import SelfspecError
-from selfspec_core.generation import HFGenerator
-from selfspec_core.models import ModelRef, load_model, load_tokenizer
-from selfspec_core.scoring import (
-    accuracy, choice_request, compare, compare_macro_f1, exact_match, macro_f1, metric_score, normalize_answer,
-    numeric_match, paired_bootstrap, parse_number, parsed_label, rouge_l, score_generation, score_loglikelihood, token_f1)
-from selfspec_core.tasks import EvalItem
+from selfspec_core.eval.scoring import (
+    accuracy,
+    choice_request,
+    compare,
+    compare_macro_f1,
+    exact_match,
+    macro_f1,
+    metric_score,
+    normalize_answer,
+    numeric_match,
+    paired_bootstrap,
+    parse_number,
+    parsed_label,
+    rouge_l,
+    score_generation,
+    score_loglikelihood,
+    token_f1,
+)
+from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +56,19 @@ def test_rouge_l_matches_hand_computation():
     assert rouge_l("a b c", "a c") == pytest.approx(0.8)
 
 
-@pytest.mark.parametrize("text, value, percent", [
-    ("(1,234.5)", -1234.5, False),
-    ("12.5%", 12.5, True),
-    ("a loss of -3 million", -3.0, False),
-    ("revenue of $1,200 million in 2019", 1200.0, False),
-    ("Q3 rose 7", 7.0, False),
-    ("about .5", 0.5, False),
-    ("pre-2019 levels", 2019.0, False),
-    ("(4.2%)", -4.2, True),
-])
+@pytest.mark.parametrize(
+    "text, value, percent",
+    [
+        ("(1,234.5)", -1234.5, False),
+        ("12.5%", 12.5, True),
+        ("a loss of -3 million", -3.0, False),
+        ("revenue of $1,200 million in 2019", 1200.0, False),
+        ("Q3 rose 7", 7.0, False),
+        ("about .5", 0.5, False),
+        ("pre-2019 levels", 2019.0, False),
+        ("(4.2%)", -4.2, True),
+    ],
+)
 def test_parse_number(text, value, percent):
     parsed = parse_number(text)
     assert parsed.value == pytest.approx(value) and parsed.percent == percent
@@ -103,8 +121,10 @@ def _manual_logprob(model, tokenizer, context, continuation):
 def test_loglikelihood_scoring_matches_a_manual_forward_pass(tiny):
     model, tokenizer = tiny
     generator = HFGenerator(model, tokenizer, batch_size=3)
-    items = [EvalItem("a", "Is it good?", "", "yes", ("yes", "no", "maybe positive negative neutral")),
-             EvalItem("b", "Sentiment?", "Revenue rose.", "positive", ("positive", "negative", "neutral"))]
+    items = [
+        EvalItem("a", "Is it good?", "", "yes", ("yes", "no", "maybe positive negative neutral")),
+        EvalItem("b", "Sentiment?", "Revenue rose.", "positive", ("positive", "negative", "neutral")),
+    ]
     prompts = ["Question: is it good?\nAnswer:", "### Response:\n"]
     for normalize in (False, True):
         scores = score_loglikelihood(generator, prompts, items, metric="accuracy", length_normalize=normalize)
@@ -125,7 +145,7 @@ def test_generation_scoring_matches_greedy_decoding(tiny):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        manual.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        manual.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     items = [EvalItem("a", "", "", manual[0]), EvalItem("b", "", "", "zzz unrelated")]
     scores = score_generation(generator, prompts, items, metric="f1", max_new_tokens=6)
     assert [s.prediction for s in scores] == manual

@@ -14,14 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from selfspec_core.backends import OpenAIGenerator
-from selfspec_core.generation import HFGenerator
-from selfspec_core.models import ModelRef, load_model, load_tokenizer
-from selfspec_core.serve import ServerThread, create_app
+from selfspec_core.models.backends import OpenAIGenerator
+from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
+from selfspec_core.serve.app import ServerThread, create_app
 
 # Runs `selfspec serve` whether or not the CLI already registers the command.
-LAUNCH = ("import sys; from selfspec_core import cli, serve; "
-          "cli.cli.commands.setdefault('serve', serve.command); cli.main(sys.argv[1:])")
+LAUNCH = (
+    "import sys; from selfspec_core.cli import main as cli; from selfspec_core.serve import app as serve; "
+    "cli.cli.commands.setdefault('serve', serve.command); cli.main(sys.argv[1:])"
+)
 PROMPTS = ["The company reported", "Patients receiving", "Instruction: Classify", "0 1 2", "### Input:"]
 
 
@@ -46,8 +48,10 @@ def chat_model_dir(tiny_model_dir, tmp_path_factory):
     for item in Path(tiny_model_dir).iterdir():
         (folder / item.name).write_bytes(item.read_bytes())
     tokenizer = load_tokenizer(ModelRef("tiny", str(folder)))
-    tokenizer.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}### assistant:{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}### assistant:{% endif %}"
+    )
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -71,9 +75,25 @@ def test_serve_command_serves_the_adapter(tiny_model_dir, tmp_path):
     log = tmp_path / "serve.log"
     with log.open("w") as output:
         # float32 as the local generator compared with below (auto is bfloat16 on a CPU with AVX512-BF16)
-        server = subprocess.Popen([sys.executable, "-c", LAUNCH, "--model", str(tiny_model_dir), "--dtype", "float32", "serve",
-                                   "--adapter", str(adapter), "--port", str(port)],
-                                  stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                LAUNCH,
+                "--model",
+                str(tiny_model_dir),
+                "--dtype",
+                "float32",
+                "serve",
+                "--adapter",
+                str(adapter),
+                "--port",
+                str(port),
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
     try:
         url = f"http://127.0.0.1:{port}/v1"
         deadline = time.monotonic() + 90
@@ -99,8 +119,10 @@ def test_serve_command_serves_the_adapter(tiny_model_dir, tmp_path):
 
 def test_echo_logprobs_score_the_prompt_like_loglikelihood(served, chat_model_dir):
     server, _ = served
-    status, text = post(server.url + "/completions", {"model": "tiny-chat", "prompt": "Answer: positive",
-                                                      "max_tokens": 0, "echo": True, "logprobs": 2})
+    status, text = post(
+        server.url + "/completions",
+        {"model": "tiny-chat", "prompt": "Answer: positive", "max_tokens": 0, "echo": True, "logprobs": 2},
+    )
     assert status == 200, text
     choice = json.loads(text)["choices"][0]
     scores = choice["logprobs"]
@@ -109,7 +131,9 @@ def test_echo_logprobs_score_the_prompt_like_loglikelihood(served, chat_model_di
     assert all(len(top) == 2 for top in scores["top_logprobs"][1:])
     assert scores["text_offset"] == sorted(scores["text_offset"]) and scores["text_offset"][0] == 0
     local_sum, count = generator_for(chat_model_dir).loglikelihood([("Answer:", " positive")])[0]
-    continuation = [v for t, o, v in zip(scores["tokens"], scores["text_offset"], scores["token_logprobs"]) if o + len(t) > 7]
+    continuation = [
+        v for t, o, v in zip(scores["tokens"], scores["text_offset"], scores["token_logprobs"]) if o + len(t) > 7
+    ]
     assert len(continuation) == count and sum(continuation) == pytest.approx(local_sum, abs=1e-4)
 
 
@@ -138,8 +162,11 @@ def test_concurrent_greedy_requests_share_a_batch(served, chat_model_dir):
     server, app = served
     app.state.worker.batch_sizes.clear()
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        replies = list(pool.map(lambda p: post(server.url + "/completions", {"prompt": p, "max_tokens": 8, "temperature": 0}),
-                                PROMPTS))
+        replies = list(
+            pool.map(
+                lambda p: post(server.url + "/completions", {"prompt": p, "max_tokens": 8, "temperature": 0}), PROMPTS
+            )
+        )
     assert sum(app.state.worker.batch_sizes.values()) < len(PROMPTS)  # some requests shared a batch
     texts = [json.loads(text)["choices"][0]["text"] for _, text in replies]
     assert texts == [c.text for c in generator_for(chat_model_dir).generate(PROMPTS, max_new_tokens=8)]
@@ -156,8 +183,9 @@ def test_chat_completions_use_the_chat_template(served, chat_model_dir, tiny_mod
     prompt = local.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt.startswith("### user: Classify")
     assert reply.choices[0].message.content == local.generate([prompt], max_new_tokens=6)[0].text
-    chunks = list(client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=6, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=6, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
 
     with ServerThread(create_app(generator_for(tiny_model_dir), "plain")) as plain:
@@ -174,8 +202,11 @@ KEY = "secret-key"
 def call(url, body=None, key=KEY, raw=None, headers=None):
     """(status, parsed JSON body) of a request; ``raw`` bytes are sent as they are."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
-                                                **(headers or {})})
+    request = urllib.request.Request(
+        url,
+        data,
+        {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -200,7 +231,7 @@ class GatedGenerator(HFGenerator):
 
 
 def gated_server(model_dir, **limits):
-    from selfspec_core.serve import ServeLimits
+    from selfspec_core.serve.app import ServeLimits
 
     ref = ModelRef("tiny", str(model_dir))
     generator = GatedGenerator(load_model(ref), load_tokenizer(ref), 8)
@@ -219,13 +250,22 @@ def test_api_key_is_checked_on_every_request(chat_model_dir):
     generator, server = gated_server(chat_model_dir)
     generator.gate.set()
     with server:
-        for path, body in (("/models", None), ("/completions", {"prompt": "x"}), ("/chat/completions", {"messages": []})):
+        for path, body in (
+            ("/models", None),
+            ("/completions", {"prompt": "x"}),
+            ("/chat/completions", {"messages": []}),
+        ):
             for key in (None, "wrong", KEY[:-1]):
                 status, error = error_of(call(server.url + path, body, key=key))
                 assert status == 401 and error["code"] == "invalid_api_key"
         assert call(server.url + "/models")[0] == 200
-        assert OpenAI(base_url=server.url, api_key=KEY, max_retries=0).completions.create(
-            model="tiny", prompt="The company", max_tokens=3).choices[0].text is not None
+        assert (
+            OpenAI(base_url=server.url, api_key=KEY, max_retries=0)
+            .completions.create(model="tiny", prompt="The company", max_tokens=3)
+            .choices[0]
+            .text
+            is not None
+        )
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=server.url, api_key="nope", max_retries=0).models.list()
 
@@ -247,21 +287,24 @@ def test_limits_answer_4xx_in_openai_shape(chat_model_dir):
         assert status == 400 and error["code"] == "empty_prompt"
         status, error = error_of(call(url, {"prompt": "x", "max_tokens": 4, "seed": -1}))
         assert status == 400
-        status, error = error_of(call(server.url + "/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                                         "n": 5}))
+        status, error = error_of(
+            call(server.url + "/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 5})
+        )
         assert status == 400
         assert call(url, {"prompt": ["a", "b"], "n": 2, "max_tokens": 2})[0] == 200  # at the limits is fine
 
 
 def test_prompt_longer_than_the_context_is_refused(tiny_model_dir):
-    from selfspec_core.serve import ServeLimits
+    from selfspec_core.serve.app import ServeLimits
 
     ref = ModelRef("tiny", str(tiny_model_dir))
     model = load_model(ref)
     model.config.max_position_embeddings = 64
     app = create_app(HFGenerator(model, load_tokenizer(ref), 8), "tiny", limits=ServeLimits(max_tokens=64))
     with ServerThread(app) as server:
-        status, error = error_of(call(server.url + "/completions", {"prompt": "0 1 2 3 4 5 6 7 8 9 " * 8, "max_tokens": 4}, key=None))
+        status, error = error_of(
+            call(server.url + "/completions", {"prompt": "0 1 2 3 4 5 6 7 8 9 " * 8, "max_tokens": 4}, key=None)
+        )
         assert status == 400 and error["code"] == "context_length_exceeded" and "64 tokens" in error["message"]
         status, error = error_of(call(server.url + "/completions", {"prompt": "0 1", "max_tokens": 63}, key=None))
         assert status == 400 and error["code"] == "context_length_exceeded"
@@ -307,7 +350,7 @@ def test_shutdown_finishes_requests_in_flight(chat_model_dir):
 
 
 def test_queued_jobs_fail_cleanly_when_the_worker_closes(tiny_model_dir):
-    from selfspec_core.serve import ModelWorker, ServerClosing
+    from selfspec_core.serve.app import ModelWorker, ServerClosing
 
     ref = ModelRef("tiny", str(tiny_model_dir))
     generator = GatedGenerator(load_model(ref), load_tokenizer(ref), 8)
@@ -331,7 +374,7 @@ def test_load_32_clients_no_5xx_no_lost_request():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from serve_load import run_load, serve_tiny
 
-    from selfspec_core.serve import ServeLimits
+    from selfspec_core.serve.app import ServeLimits
 
     limits = ServeLimits(api_key="load-test-key", max_tokens=64)
     with tempfile.TemporaryDirectory() as folder, serve_tiny(Path(folder), limits) as server:

@@ -6,28 +6,38 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selfspec_core import training
 from selfspec_core.config import load_settings
-from selfspec_core.defaults import TRAIN_TEMPLATE
 from selfspec_core.errors import SelfspecError
-from selfspec_core.models import ModelRef, load_model, load_tokenizer
-from selfspec_core.pipeline import Pipeline, StageContext
+from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
+from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
 from selfspec_core.records import Domain
-from selfspec_core.rundir import RunDir, file_hash, read_jsonl, write_jsonl
+from selfspec_core.run.context import StageContext
+from selfspec_core.run.pipeline import Pipeline
+from selfspec_core.run.rundir import RunDir, file_hash, read_jsonl, write_jsonl
+from selfspec_core.stages import train as training
+from selfspec_core.stages.train import IGNORE, ResponseBatches, encode_example, export_merged, response_loss
 from selfspec_core.testing import build_tiny_model
-from selfspec_core.training import IGNORE, ResponseBatches, encode_example, export_merged, response_loss
 
 DOMAIN = Domain("trainingtest", "testing")
 RECORDS = [
-    {"instruction": "Classify the sentiment as positive, negative, or neutral.",
-     "input": "The company reported higher quarterly revenue and raised its outlook.", "output": "positive"},
-    {"instruction": "Classify the sentiment as positive, negative, or neutral.",
-     "input": "Patients receiving the treatment showed lower mortality than controls.", "output": "neutral"},
+    {
+        "instruction": "Classify the sentiment as positive, negative, or neutral.",
+        "input": "The company reported higher quarterly revenue and raised its outlook.",
+        "output": "positive",
+    },
+    {
+        "instruction": "Classify the sentiment as positive, negative, or neutral.",
+        "input": "Patients receiving the treatment showed lower mortality than controls.",
+        "output": "neutral",
+    },
     {"instruction": "Answer yes, no, or maybe.", "input": "", "output": "maybe"},
     {"instruction": "Give the number.", "input": "0 1 2 3 4 5 6 7 8 9", "output": "9"},
     {"instruction": "Below is an instruction that describes a task.", "input": "", "output": "yes no maybe positive"},
-    {"instruction": "Classify the sentiment as positive, negative, or neutral.",
-     "input": "The company reported higher quarterly revenue.", "output": "negative"},
+    {
+        "instruction": "Classify the sentiment as positive, negative, or neutral.",
+        "input": "The company reported higher quarterly revenue.",
+        "output": "negative",
+    },
     {"instruction": "Answer yes or no.", "input": "Patients receiving the treatment.", "output": "no"},
     {"instruction": "Write the response.", "input": "", "output": "The company raised its outlook."},
 ]
@@ -55,8 +65,12 @@ def make_ctx(tmp_path, model_dir, records=RECORDS, run=None, dtype="float32", **
         run = RunDir(tmp_path / "run", DOMAIN.name).open()
         write_jsonl(run.partial_dir("respond") / "data.jsonl", records)
         run.finish("respond", {})
-    settings = load_settings("tiny", overrides={"dtype": dtype, "train": {"quant": "none", "lora_dropout": 0.0, **train}})
-    return StageContext(settings, DOMAIN, run, [], ModelRef("tiny", str(model_dir)), run.partial_dir("train"), log=lambda _: None)
+    settings = load_settings(
+        "tiny", overrides={"dtype": dtype, "train": {"quant": "none", "lora_dropout": 0.0, **train}}
+    )
+    return StageContext(
+        settings, DOMAIN, run, [], ModelRef("tiny", str(model_dir)), run.partial_dir("train"), log=lambda _: None
+    )
 
 
 def logits_of(model, text, tokenizer):
@@ -102,23 +116,32 @@ def test_labels_mask_the_prompt_and_padding(tokenizer):
     assert not example.truncated
 
     short = encode_example(RECORDS[2], TRAIN_TEMPLATE, tokenizer, max_length=256)
-    batch = ResponseBatches(tokenizer, packing=False)([{"input_ids": example.input_ids, "labels": example.labels},
-                                                        {"input_ids": short.input_ids, "labels": short.labels}])
+    batch = ResponseBatches(tokenizer, packing=False)(
+        [
+            {"input_ids": example.input_ids, "labels": example.labels},
+            {"input_ids": short.input_ids, "labels": short.labels},
+        ]
+    )
     padding = len(example.input_ids) - len(short.input_ids)
     assert batch["labels"][1, -padding:].tolist() == [IGNORE] * padding
     assert batch["attention_mask"][1].sum() == len(short.input_ids)
     # logits are kept exactly at the positions that predict a response token
-    assert batch["logits_to_keep"][0].nonzero().flatten().tolist() == list(range(len(prompt) - 1, len(example.input_ids) - 1))
+    assert batch["logits_to_keep"][0].nonzero().flatten().tolist() == list(
+        range(len(prompt) - 1, len(example.input_ids) - 1)
+    )
 
 
 def test_long_input_is_cut_and_the_response_kept(tokenizer):
-    record = {"instruction": "Classify the sentiment.", "input": " ".join(["The company reported higher revenue."] * 40),
-              "output": "positive"}
+    record = {
+        "instruction": "Classify the sentiment.",
+        "input": " ".join(["The company reported higher revenue."] * 40),
+        "output": "positive",
+    }
     example = encode_example(record, TRAIN_TEMPLATE, tokenizer, max_length=96)
     response = tokenizer("positive", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     assert example.truncated and not example.response_cut
     assert len(example.input_ids) <= 96
-    assert example.labels[-len(response):] == response
+    assert example.labels[-len(response) :] == response
     text = tokenizer.decode(example.input_ids)
     assert text.startswith("Below is an instruction") and "Classify the sentiment." in text
     assert "### Input:\nThe company reported" in text and "### Response:\npositive" in text
@@ -142,7 +165,9 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer, 
     inputs = {k: v for k, v in packed.items() if k not in ("labels", "logits_to_keep")}
     with torch.no_grad():
         together = model(**inputs, use_cache=False).logits[0]
-        alone = [model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in (first, second, third)]
+        alone = [
+            model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in (first, second, third)
+        ]
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-4)
 
 
@@ -162,7 +187,9 @@ def test_response_loss_equals_the_models_own_loss(tiny_model_dir, tokenizer, pac
 
 
 def test_stage_trains_only_lora_and_saves_a_reloadable_adapter(tmp_path, sharp_model_dir, tokenizer):
-    ctx = make_ctx(tmp_path, sharp_model_dir, epochs=6.0, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, max_length=40)
+    ctx = make_ctx(
+        tmp_path, sharp_model_dir, epochs=6.0, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, max_length=40
+    )
     snapshot = Snapshot(tokenizer)
     stats = training.run_stage(ctx, callbacks=[snapshot])
 
@@ -189,6 +216,7 @@ def test_stage_trains_only_lora_and_saves_a_reloadable_adapter(tmp_path, sharp_m
     assert not torch.allclose(logits_of(load_model(ref), PROBE, tokenizer), snapshot.logits, atol=1e-3)
 
     from transformers import AutoModelForCausalLM
+
     merged = AutoModelForCausalLM.from_pretrained(export_merged(ref, adapter, tmp_path / "merged"))
     torch.testing.assert_close(logits_of(merged, PROBE, tokenizer), snapshot.logits, atol=1e-4, rtol=1e-4)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
@@ -205,7 +233,10 @@ def test_resume_after_a_kill_continues_the_step_count(tmp_path, tiny_model_dir, 
     with pytest.raises(KeyboardInterrupt):
         training.run_stage(interrupted, callbacks=[StopAt(5)])
     assert [s["step"] for s in read_jsonl(interrupted.work / "train_log.jsonl")] == [1, 2, 3, 4, 5]
-    assert sorted(p.name for p in (interrupted.work / "checkpoints").iterdir()) == ["checkpoint-4", training.PROCESSES_FILE]
+    assert sorted(p.name for p in (interrupted.work / "checkpoints").iterdir()) == [
+        "checkpoint-4",
+        training.PROCESSES_FILE,
+    ]
 
     resumed = training.run_stage(make_ctx(tmp_path / "a", tiny_model_dir, run=interrupted.run, **settings))
     assert [s["step"] for s in read_jsonl(interrupted.work / "train_log.jsonl")] == list(range(1, 13))
@@ -260,7 +291,9 @@ def test_pipeline_seals_the_stage_with_its_stats(tmp_path, tiny_model_dir):
 
 def test_unusable_data_is_reported(tmp_path, tiny_model_dir):
     with pytest.raises(SelfspecError, match="record 2 has no 'output'"):
-        training.run_stage(make_ctx(tmp_path / "a", tiny_model_dir, records=[RECORDS[0], {"instruction": "x", "input": ""}]))
+        training.run_stage(
+            make_ctx(tmp_path / "a", tiny_model_dir, records=[RECORDS[0], {"instruction": "x", "input": ""}])
+        )
     with pytest.raises(SelfspecError, match="epochs and train.max_steps are both 0"):
         training.run_stage(make_ctx(tmp_path / "b", tiny_model_dir, epochs=0.0))
     ctx = make_ctx(tmp_path / "c", tiny_model_dir)

@@ -18,8 +18,18 @@ from . import corpus, mining, tasks
 DOMAIN = Domain(
     name="biomed",
     description="biomedicine and clinical research",
-    task_families=("yesno_qa", "factoid_qa", "list_qa", "ner", "relation_extraction", "document_classification",
-                   "sentence_similarity", "nli", "multiple_choice", "summarization"),
+    task_families=(
+        "yesno_qa",
+        "factoid_qa",
+        "list_qa",
+        "ner",
+        "relation_extraction",
+        "document_classification",
+        "sentence_similarity",
+        "nli",
+        "multiple_choice",
+        "summarization",
+    ),
     # Their seed instructions fit any sentence or premise-hypothesis pair.
     input_task_types=("document_classification", "nli"),
 )
@@ -28,13 +38,15 @@ TEMPLATES = {
     "instruction": replace(
         default_template("instruction"),
         header="Tasks for an assistant in {description}. Each task has a type, an instruction, and an input "
-               "when the instruction needs one: an abstract, a sentence from a paper or a clinical note. The "
-               "tasks test biomedical knowledge and reading of research, not advice about one person's health. "
-               "Every task is new and different from the others."),
+        "when the instruction needs one: an abstract, a sentence from a paper or a clinical note. The "
+        "tasks test biomedical knowledge and reading of research, not advice about one person's health. "
+        "Every task is new and different from the others.",
+    ),
     "response": replace(
         default_template("response"),
         query="[[Background from medical abstracts (use it only where it is relevant):\n{passages}\n\n]]"
-              "Instruction: {instruction}[[\nInput: {input}]]\nAnswer:"),
+        "Instruction: {instruction}[[\nInput: {input}]]\nAnswer:",
+    ),
 }
 
 # First-person requests for advice about one's own (or a relative's) health: a tuned model should
@@ -46,12 +58,12 @@ _PERSONAL_ADVICE = re.compile(
     r"my (?:doctor|physician|gp|nurse|symptoms?|medications?|medicines?|pills?|prescriptions?|diagnosis|"
     r"test results?|lab results?|blood (?:test|pressure|sugar)|pain|child|son|daughter|baby|wife|husband|"
     r"mother|father|mom|dad|partner))\b",
-    re.I)
+    re.I,
+)
 
 # Instructions that ask the model to look at something only an image carries (the core adds
 # image, picture, graph, ...).
-BLACKLIST = ["micrograph", "micrographs", "radiograph", "radiographs", "histology slide", "ecg tracing",
-             "ekg tracing"]
+BLACKLIST = ["micrograph", "micrographs", "radiograph", "radiographs", "histology slide", "ecg tracing", "ekg tracing"]
 
 
 @hookimpl

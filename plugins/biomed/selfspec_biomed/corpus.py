@@ -19,8 +19,16 @@ import io
 import re
 from pathlib import Path
 
-from selfspec_core.api import (DataSource, HubDataset, Passage, SelfspecError, data_root, find_data, package_file,
-                               read_text)
+from selfspec_core.api import (
+    DataSource,
+    HubDataset,
+    Passage,
+    SelfspecError,
+    data_root,
+    find_data,
+    package_file,
+    read_text,
+)
 
 CORPUS_FOLDER = "biomed_corpus"
 ABSTRACT_LABELS_CSV = "medical_tc_labels.csv"  # beside the abstracts
@@ -28,13 +36,19 @@ HALLMARKS_TEXT = "hallmarks_of_cancer/text"
 SHIPPED = package_file(__package__, "data", "medical_abstracts_tc")
 
 MEDICAL_ABSTRACTS = DataSource(
-    name="Medical Abstracts TC corpus (test split)", path=f"{CORPUS_FOLDER}/medical_abstracts_tc/medical_tc_test.csv",
-    licence="CC BY-SA 3.0 (Schopf et al. 2022)", origin="github.com/sebischair/Medical-Abstracts-TC-Corpus",
+    name="Medical Abstracts TC corpus (test split)",
+    path=f"{CORPUS_FOLDER}/medical_abstracts_tc/medical_tc_test.csv",
+    licence="CC BY-SA 3.0 (Schopf et al. 2022)",
+    origin="github.com/sebischair/Medical-Abstracts-TC-Corpus",
     shipped=SHIPPED / "medical_tc_test.csv.gz",
-    hub=HubDataset("TimSchopf/medical_abstracts", split="test"))
+    hub=HubDataset("TimSchopf/medical_abstracts", split="test"),
+)
 HALLMARKS = DataSource(
-    name="Hallmarks of Cancer abstracts", path=f"{CORPUS_FOLDER}/{HALLMARKS_TEXT}",
-    licence="GPL-3.0 (Baker et al. 2016)", origin="github.com/sb895/Hallmarks-of-Cancer, text/*.txt")
+    name="Hallmarks of Cancer abstracts",
+    path=f"{CORPUS_FOLDER}/{HALLMARKS_TEXT}",
+    licence="GPL-3.0 (Baker et al. 2016)",
+    origin="github.com/sb895/Hallmarks-of-Cancer, text/*.txt",
+)
 SOURCES = [MEDICAL_ABSTRACTS, HALLMARKS]
 
 # Undo the corpus's tokenisation: "ligand ( GHS-R ) , found" -> "ligand (GHS-R), found".
@@ -55,8 +69,9 @@ def medical_abstracts(path: Path) -> list[Passage]:
     """The abstracts of ``medical_tc_test.csv`` (or its ``.gz``), titled by the label file beside it."""
     reader = csv.DictReader(io.StringIO(read_text(path)))
     if not {"condition_label", "medical_abstract"} <= set(reader.fieldnames or ()):
-        raise SelfspecError(f"{path}: expected columns condition_label,medical_abstract; "
-                            f"found {','.join(reader.fieldnames or ())}")
+        raise SelfspecError(
+            f"{path}: expected columns condition_label,medical_abstract; found {','.join(reader.fieldnames or ())}"
+        )
     rows = [{**row, "line": number} for number, row in enumerate(reader, start=2)]
     return medical_abstract_rows(rows, _condition_names(path.parent / ABSTRACT_LABELS_CSV))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from selfspec_core.api import Miner, Passage, pick_phrasing, sentences
 
@@ -32,15 +32,23 @@ NEGATED = re.compile(
     r"different|effective|superior|predictive|improved|reduced|increased)|(?:did|does|do) not (?:significantly )?"
     r"(?:improve|reduce|increase|decrease|affect|differ|change|predict|influence|alter|prevent|correlate|show|lead|result|"
     r"support|provide|confer)|no (?:evidence|association|effect|benefit|advantage|improvement|correlation|relationship|"
-    r"difference)s? (?:of|for|between|in|on|with|was|were)|failed to (?:show|demonstrate|improve|reduce|detect|find))\b", re.I)
-OPEN = re.compile(r"\b(?:remains? (?:unclear|uncertain|controversial|unknown|to be (?:determined|established|elucidated|"
-                  r"clarified))|(?:is|are) (?:still )?(?:unclear|uncertain|inconclusive|controversial)|inconclusive|"
-                  r"may or may not)\b", re.I)
-POSITIVE = re.compile(r"\b(?:significantly (?:improved|increased|reduced|decreased|higher|lower|better|associated|correlated|"
-                      r"greater|shorter|longer|more|less|enhanced|predicted)|(?:was|were|is|are) (?:significantly |"
-                      r"independently |strongly |positively |negatively )?(?:associated|correlated) with|(?:is|was|are|were)"
-                      r" (?:an? )?(?:safe|effective|feasible|useful|reliable|accurate|valid|superior)|(?:improves|reduces|"
-                      r"increases|predicts|prevents) )", re.I)
+    r"difference)s? (?:of|for|between|in|on|with|was|were)|failed to (?:show|demonstrate|improve|reduce|detect|find))\b",
+    re.I,
+)
+OPEN = re.compile(
+    r"\b(?:remains? (?:unclear|uncertain|controversial|unknown|to be (?:determined|established|elucidated|"
+    r"clarified))|(?:is|are) (?:still )?(?:unclear|uncertain|inconclusive|controversial)|inconclusive|"
+    r"may or may not)\b",
+    re.I,
+)
+POSITIVE = re.compile(
+    r"\b(?:significantly (?:improved|increased|reduced|decreased|higher|lower|better|associated|correlated|"
+    r"greater|shorter|longer|more|less|enhanced|predicted)|(?:was|were|is|are) (?:significantly |"
+    r"independently |strongly |positively |negatively )?(?:associated|correlated) with|(?:is|was|are|were)"
+    r" (?:an? )?(?:safe|effective|feasible|useful|reliable|accurate|valid|superior)|(?:improves|reduces|"
+    r"increases|predicts|prevents) )",
+    re.I,
+)
 ANY_NEGATION = re.compile(r"\b(?:no|not|neither|nor|without|never|unlikely|fail\w*|lack\w*|little)\b", re.I)
 HEDGE = re.compile(r"\b(?:may|might|could|possibly|perhaps|unclear|uncertain)\b", re.I)
 
@@ -49,10 +57,18 @@ _UNNEGATE = (
     (re.compile(r"\bno (statistically )?significant\b", re.I), r"a \1significant"),
     (re.compile(r"\b(was|were|is|are) not\b", re.I), r"\1"),
     (re.compile(r"\b(did|does|do) not\b", re.I), r"\1"),
-    (re.compile(r"\bno (evidence|association|effect|benefit|advantage|improvement|correlation|relationship|difference)",
-                re.I), r"an \1"),
+    (
+        re.compile(
+            r"\bno (evidence|association|effect|benefit|advantage|improvement|correlation|relationship|difference)",
+            re.I,
+        ),
+        r"an \1",
+    ),
     (re.compile(r"\bfailed to\b", re.I), "managed to"),
-    (re.compile(r"\b(remains?|is|are) (?:still )?(?:unclear|uncertain|inconclusive|controversial|unknown)\b", re.I), r"\1 established"),
+    (
+        re.compile(r"\b(remains?|is|are) (?:still )?(?:unclear|uncertain|inconclusive|controversial|unknown)\b", re.I),
+        r"\1 established",
+    ),
     (re.compile(r"\bremains? to be (?:determined|established|elucidated|clarified)\b", re.I), "is established"),
     (re.compile(r"\ban (evidence|advantage|improvement)", re.I), r"\1"),
 )
@@ -69,7 +85,13 @@ def finding_label(sentence: str) -> str | None:
     negated, open_, positive = NEGATED.search(sentence), OPEN.search(sentence), POSITIVE.search(sentence)
     if open_ and not negated and not positive:
         return "maybe"
-    if negated and not positive and not open_ and len(ANY_NEGATION.findall(sentence)) == 1 and not HEDGE.search(sentence):
+    if (
+        negated
+        and not positive
+        and not open_
+        and len(ANY_NEGATION.findall(sentence)) == 1
+        and not HEDGE.search(sentence)
+    ):
         return "no"
     if positive and not ANY_NEGATION.search(sentence) and not open_ and not HEDGE.search(sentence):
         return "yes"
@@ -81,9 +103,15 @@ def claim_of(sentence: str) -> str:
     claim = sentence.strip().rstrip(".")
     for pattern, replacement in _UNNEGATE:
         claim = pattern.sub(replacement, claim)
-    claim = re.sub(r"^(?:in conclusion|in summary|overall|thus|therefore|conclusions?|results?)[,:]?\s+", "", claim, flags=re.I)
-    claim = re.sub(r"^(?:we (?:found|conclude|observed|showed) that|this study (?:shows|showed|demonstrates) that)\s+",
-                   "", claim, flags=re.I)
+    claim = re.sub(
+        r"^(?:in conclusion|in summary|overall|thus|therefore|conclusions?|results?)[,:]?\s+", "", claim, flags=re.I
+    )
+    claim = re.sub(
+        r"^(?:we (?:found|conclude|observed|showed) that|this study (?:shows|showed|demonstrates) that)\s+",
+        "",
+        claim,
+        flags=re.I,
+    )
     return claim[:1].lower() + claim[1:] if claim[1:2].islower() else claim
 
 
@@ -100,14 +128,23 @@ def _findings(docs: Sequence[Passage]):
 
 
 def _question(rng: random.Random, doc: Passage, finding: str, label: str, context: str) -> dict:
-    return {"instruction": pick_phrasing(rng, QUESTION_PHRASINGS, claim=claim_of(finding)), "input": context,
-            "output": label, "label": label, "options": LABELS, "task_type": "yesno_qa", "doc_id": doc.id}
+    return {
+        "instruction": pick_phrasing(rng, QUESTION_PHRASINGS, claim=claim_of(finding)),
+        "input": context,
+        "output": label,
+        "label": label,
+        "options": LABELS,
+        "task_type": "yesno_qa",
+        "doc_id": doc.id,
+    }
 
 
 def mine_findings(docs: Sequence[Passage], rng: random.Random) -> list[dict]:
     """PubMedQA's form: the question states the finding, the input is the abstract before it."""
-    return [_question(rng, doc, parts[position], label, " ".join(parts[:position]))
-            for doc, parts, position, label in _findings(docs)]
+    return [
+        _question(rng, doc, parts[position], label, " ".join(parts[:position]))
+        for doc, parts, position, label in _findings(docs)
+    ]
 
 
 def window_ending_with(parts: Sequence[str], max_words: int) -> str:
@@ -130,8 +167,10 @@ def mine_findings_in_context(docs: Sequence[Passage], rng: random.Random) -> lis
     become PubMedQA-form questions (the finding left out); on PubMedQA dev that mix did no worse than
     inputs short enough to keep every finding (120 words), see ``MINERS``.
     """
-    return [_question(rng, doc, parts[position], label, window_ending_with(parts[:position + 1], CONTEXT_WORDS))
-            for doc, parts, position, label in _findings(docs)]
+    return [
+        _question(rng, doc, parts[position], label, window_ending_with(parts[: position + 1], CONTEXT_WORDS))
+        for doc, parts, position, label in _findings(docs)
+    ]
 
 
 # finding_question's registered precision is the labeller's agreement with PubMedQA dev's gold answers
@@ -153,8 +192,17 @@ def mine_findings_in_context(docs: Sequence[Passage], rng: random.Random) -> lis
 # AUC 0.583; square roots 0.560, 0.331, 0.585; as found (187 / 105 / 8) 0.557, 0.355, 0.587. All within
 # noise of each other; square roots for the best accuracy without following an extreme corpus all the way.
 MINERS = [
-    Miner("finding_question", mine_findings, precision=0.560,
-          description="yes/no/maybe question from an abstract's finding, answered by its cues"),
-    Miner("finding_in_context", mine_findings_in_context, precision=0.950, label_prior=0.5,
-          description="the finding question with the finding kept at the end of the input (reading comprehension)"),
+    Miner(
+        "finding_question",
+        mine_findings,
+        precision=0.560,
+        description="yes/no/maybe question from an abstract's finding, answered by its cues",
+    ),
+    Miner(
+        "finding_in_context",
+        mine_findings_in_context,
+        precision=0.950,
+        label_prior=0.5,
+        description="the finding question with the finding kept at the end of the input (reading comprehension)",
+    ),
 ]

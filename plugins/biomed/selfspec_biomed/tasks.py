@@ -27,9 +27,12 @@ SHIPPED = package_file(__package__, "data", "pubmedqa")
 LABELS = ("yes", "no", "maybe")
 LICENCE = "MIT (PubMedQA, Jin et al. 2019)"
 ORIGIN = "github.com/pubmedqa/pubmedqa, data/ori_pqal.json and data/test_ground_truth.json"
-HUB = HubDataset("qiaojin/PubMedQA", config="pqa_labeled", split="train",
-                 columns={"id": "pubid", "question": "question", "contexts": "context.contexts",
-                          "answer": "final_decision"})
+HUB = HubDataset(
+    "qiaojin/PubMedQA",
+    config="pqa_labeled",
+    split="train",
+    columns={"id": "pubid", "question": "question", "contexts": "context.contexts", "answer": "final_decision"},
+)
 
 
 def pubmedqa_instruction(question: str) -> str:
@@ -39,8 +42,10 @@ def pubmedqa_instruction(question: str) -> str:
 def load_pubmedqa(path: Path, split: str) -> list[EvalItem]:
     """The questions of ``split`` ("test": the official 500, "dev": the other 500) of ``ori_pqal.json``."""
     records = _read_json(path)
-    rows = [{"id": pmid, "question": r["QUESTION"], "contexts": r["CONTEXTS"], "answer": r.get("final_decision", "")}
-            for pmid, r in records.items()]
+    rows = [
+        {"id": pmid, "question": r["QUESTION"], "contexts": r["CONTEXTS"], "answer": r.get("final_decision", "")}
+        for pmid, r in records.items()
+    ]
     return pubmedqa_items(rows, split, set(_read_json(path.parent / TEST_IDS_FILE)), str(path))
 
 
@@ -53,23 +58,36 @@ def load_pubmedqa_rows(rows: list[dict], split: str) -> list[EvalItem]:
 def pubmedqa_items(rows: list[dict], split: str, test_ids: set[str], origin: str) -> list[EvalItem]:
     missing = sorted(test_ids - {row["id"] for row in rows})
     if missing:
-        raise SelfspecError(f"{origin}: test id {missing[0]} of {TEST_IDS_FILE} is not in this file; "
-                            "use the ori_pqal.json and test_ground_truth.json of the same PubMedQA release")
+        raise SelfspecError(
+            f"{origin}: test id {missing[0]} of {TEST_IDS_FILE} is not in this file; "
+            "use the ori_pqal.json and test_ground_truth.json of the same PubMedQA release"
+        )
     items = []
     for row in rows:
         if (row["id"] in test_ids) != (split == "test"):
             continue
         answer = str(row["answer"]).strip().lower()
         if answer not in LABELS:
-            raise SelfspecError(f"{origin}: question {row['id']}: final_decision {answer!r} is not one of {', '.join(LABELS)}")
-        items.append(EvalItem(id=row["id"], instruction=pubmedqa_instruction(row["question"]),
-                              input=" ".join(c.strip() for c in row["contexts"]), answer=answer, choices=LABELS))
+            raise SelfspecError(
+                f"{origin}: question {row['id']}: final_decision {answer!r} is not one of {', '.join(LABELS)}"
+            )
+        items.append(
+            EvalItem(
+                id=row["id"],
+                instruction=pubmedqa_instruction(row["question"]),
+                input=" ".join(c.strip() for c in row["contexts"]),
+                answer=answer,
+                choices=LABELS,
+            )
+        )
     return items
 
 
 def _read_json(path: Path):
     if not path.is_file():
-        raise SelfspecError(f"{path}: not found; put PubMedQA's {path.name} there (github.com/pubmedqa/pubmedqa, data/)")
+        raise SelfspecError(
+            f"{path}: not found; put PubMedQA's {path.name} there (github.com/pubmedqa/pubmedqa, data/)"
+        )
     try:
         return json.loads(read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
@@ -77,18 +95,43 @@ def _read_json(path: Path):
 
 
 def _task(name: str, split: str, mode: str, description: str, **options) -> EvalTask:
-    return EvalTask(name=name, domain="biomed", data_file=PUBMEDQA_FILE, load=partial(load_pubmedqa, split=split),
-                    mode=mode, metric="accuracy", description=description, licence=LICENCE,
-                    extra={"split": split}, origin=ORIGIN, shipped=SHIPPED / "ori_pqal.json.gz",
-                    hub=HUB, load_rows=partial(load_pubmedqa_rows, split=split), **options)
+    return EvalTask(
+        name=name,
+        domain="biomed",
+        data_file=PUBMEDQA_FILE,
+        load=partial(load_pubmedqa, split=split),
+        mode=mode,
+        metric="accuracy",
+        description=description,
+        licence=LICENCE,
+        extra={"split": split},
+        origin=ORIGIN,
+        shipped=SHIPPED / "ori_pqal.json.gz",
+        hub=HUB,
+        load_rows=partial(load_pubmedqa_rows, split=split),
+        **options,
+    )
 
 
 def evaluation_tasks() -> list[EvalTask]:
     return [
-        _task("pubmedqa", "test", "loglikelihood",
-              "PubMedQA expert-labelled test split (500): yes/no/maybe by the likeliest answer"),
-        _task("pubmedqa_dev", "dev", "loglikelihood",
-              "PubMedQA expert-labelled questions outside the test split (500), for development"),
-        _task("pubmedqa_gen", "test", "generate",
-              "PubMedQA test split (500): yes/no/maybe read from the generated answer", max_new_tokens=8),
+        _task(
+            "pubmedqa",
+            "test",
+            "loglikelihood",
+            "PubMedQA expert-labelled test split (500): yes/no/maybe by the likeliest answer",
+        ),
+        _task(
+            "pubmedqa_dev",
+            "dev",
+            "loglikelihood",
+            "PubMedQA expert-labelled questions outside the test split (500), for development",
+        ),
+        _task(
+            "pubmedqa_gen",
+            "test",
+            "generate",
+            "PubMedQA test split (500): yes/no/maybe read from the generated answer",
+            max_new_tokens=8,
+        ),
     ]

@@ -14,12 +14,27 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from selfspec_biomed import corpus, tasks
-from selfspec_core.api import (Passage, PromptTemplate, SelfspecError, blacklist_pattern, default_template,
-                               domain_seeds, domain_tasks, domain_template, filter_reason, find_data,
-                               installed_domains, item_texts, ngram_overlap, record_text, task_items,
-                               use_hub_mirror, write_hub_dataset)
+
+from selfspec_core.api import (
+    Passage,
+    PromptTemplate,
+    SelfspecError,
+    blacklist_pattern,
+    default_template,
+    domain_seeds,
+    domain_tasks,
+    domain_template,
+    filter_reason,
+    find_data,
+    installed_domains,
+    item_texts,
+    ngram_overlap,
+    record_text,
+    task_items,
+    use_hub_mirror,
+    write_hub_dataset,
+)
 
 DOMAIN = "biomed"
 REPO = Path(__file__).resolve().parents[3]
@@ -89,7 +104,9 @@ def test_instruction_template_frames_the_domain():
     instruction = template("instruction")
     assert instruction != default_template("instruction")
     seeds = [s.to_dict() for s in domain_seeds(DOMAIN)[:3]] + [domain_seeds(DOMAIN)[21].to_dict()]
-    prompt = instruction.render(seeds, {"task_type": "nli"}, domain=DOMAIN, description="biomedicine and clinical research")
+    prompt = instruction.render(
+        seeds, {"task_type": "nli"}, domain=DOMAIN, description="biomedicine and clinical research"
+    )
     assert prompt.startswith("Tasks for an assistant in biomedicine and clinical research.")
     assert "not advice about one person's health" in prompt
     assert prompt.count("\nInput: ") == 3  # the factoid seed has no input, and no empty Input line
@@ -114,25 +131,31 @@ def test_train_and_judge_templates_stay_the_core_ones():
 # ---------------------------------------------------------------------------------------- filters
 
 
-@pytest.mark.parametrize("instruction", [
-    "Should I take ibuprofen or paracetamol for my headache?",
-    "My doctor prescribed metformin; is that the right drug?",
-    "Given my symptoms of chest pain and fatigue, what do I have?",
-    "I was diagnosed with type 2 diabetes last year. What diet is best?",
-    "Can I take aspirin while breastfeeding?",
-    "What should my daughter do about her asthma?",
-])
+@pytest.mark.parametrize(
+    "instruction",
+    [
+        "Should I take ibuprofen or paracetamol for my headache?",
+        "My doctor prescribed metformin; is that the right drug?",
+        "Given my symptoms of chest pain and fatigue, what do I have?",
+        "I was diagnosed with type 2 diabetes last year. What diet is best?",
+        "Can I take aspirin while breastfeeding?",
+        "What should my daughter do about her asthma?",
+    ],
+)
 def test_personal_medical_advice_is_dropped(instruction):
     record = {"instruction": instruction, "input": ""}
     assert filter_reason(DOMAIN, "instruction", record) == "plugin:biomed:personal_medical_advice"
 
 
-@pytest.mark.parametrize("instruction", [
-    "Which enzyme do statins inhibit to lower cholesterol synthesis?",
-    "Classify the patient question below as urgent or not urgent.",  # the input may quote a patient
-    "Should clinicians screen adults over 50 for colorectal cancer? Answer yes, no, or maybe.",
-    "Summarize the case report of a 67-year-old man with chest pain.",
-])
+@pytest.mark.parametrize(
+    "instruction",
+    [
+        "Which enzyme do statins inhibit to lower cholesterol synthesis?",
+        "Classify the patient question below as urgent or not urgent.",  # the input may quote a patient
+        "Should clinicians screen adults over 50 for colorectal cancer? Answer yes, no, or maybe.",
+        "Summarize the case report of a 67-year-old man with chest pain.",
+    ],
+)
 def test_research_and_clinical_questions_are_kept(instruction):
     record = {"instruction": instruction, "input": "Should I take my pills with food? My doctor did not say."}
     assert filter_reason(DOMAIN, "instruction", record) is None
@@ -170,7 +193,10 @@ def test_tasks_declare_licence_mode_and_split():
     assert all(task.licence.startswith("MIT") and task.data_file == "pubmedqa/ori_pqal.json" for task in found.values())
     assert (found["pubmedqa"].mode, found["pubmedqa_gen"].mode) == ("loglikelihood", "generate")
     assert {task.name: task.extra["split"] for task in found.values()} == {
-        "pubmedqa": "test", "pubmedqa_dev": "dev", "pubmedqa_gen": "test"}
+        "pubmedqa": "test",
+        "pubmedqa_dev": "dev",
+        "pubmedqa_gen": "test",
+    }
 
 
 def test_pubmedqa_splits_are_the_official_500_and_the_other_500():
@@ -190,7 +216,9 @@ def test_pubmedqa_splits_are_the_official_500_and_the_other_500():
 
 
 def test_pubmedqa_loader_names_the_broken_file(tmp_path):
-    (tmp_path / "ori_pqal.json").write_text(json.dumps({"1": {"QUESTION": "Q?", "CONTEXTS": ["c"], "final_decision": "perhaps"}}))
+    (tmp_path / "ori_pqal.json").write_text(
+        json.dumps({"1": {"QUESTION": "Q?", "CONTEXTS": ["c"], "final_decision": "perhaps"}})
+    )
     (tmp_path / "test_ground_truth.json").write_text(json.dumps({"1": "yes"}))
     with pytest.raises(SelfspecError, match=r"ori_pqal.json: question 1: final_decision 'perhaps'"):
         tasks.load_pubmedqa(tmp_path / "ori_pqal.json", "test")
@@ -234,7 +262,9 @@ def test_corpus_follows_selfspec_data_and_falls_back_to_the_shipped_abstracts(mo
     hallmarks.mkdir(parents=True)
     (hallmarks / "123.txt").write_text("Ghrelin binds GHS-R ( the receptor ) .\nIt is found in hepatoma cells .\n")
     monkeypatch.setenv("SELFSPEC_DATA", str(tmp_path))
-    assert corpus.passages(None) == shipped + [Passage("pmid:123", "Ghrelin binds GHS-R (the receptor). It is found in hepatoma cells.")]
+    assert corpus.passages(None) == shipped + [
+        Passage("pmid:123", "Ghrelin binds GHS-R (the receptor). It is found in hepatoma cells.")
+    ]
     monkeypatch.setattr(corpus, "MEDICAL_ABSTRACTS", replace(corpus.MEDICAL_ABSTRACTS, shipped=None, hub=None))
     monkeypatch.delenv("SELFSPEC_DATA")
     assert corpus.passages(None) is None  # nothing anywhere: retrieval off
@@ -262,17 +292,30 @@ def test_shipped_pubmedqa_and_abstracts_are_found_with_no_data_dir(monkeypatch):
     passages = corpus.passages(None)
     assert len({p.id for p in passages}) == len(passages) == 2888
     assert passages[0].id == "medical_abstracts_tc:2" and passages[0].title == "nervous system diseases"
-    assert {p.title for p in passages} == {"neoplasms", "digestive system diseases", "nervous system diseases",
-                                           "cardiovascular diseases", "general pathological conditions"}
+    assert {p.title for p in passages} == {
+        "neoplasms",
+        "digestive system diseases",
+        "nervous system diseases",
+        "cardiovascular diseases",
+        "general pathological conditions",
+    }
     evaluation = [item.input for item in test + dev]
     assert ngram_overlap([p.text for p in passages], evaluation, 13) == set()  # never retrieve an evaluation item
 
 
 def test_shipped_files_are_the_originals_with_their_licences():
-    assert sorted(p.name for p in tasks.SHIPPED.iterdir()) == ["LICENSE", "SOURCE.md", "ori_pqal.json.gz",
-                                                               "test_ground_truth.json"]
-    assert sorted(p.name for p in corpus.SHIPPED.iterdir()) == ["LICENSE", "SOURCE.md", "medical_tc_labels.csv",
-                                                                "medical_tc_test.csv.gz"]
+    assert sorted(p.name for p in tasks.SHIPPED.iterdir()) == [
+        "LICENSE",
+        "SOURCE.md",
+        "ori_pqal.json.gz",
+        "test_ground_truth.json",
+    ]
+    assert sorted(p.name for p in corpus.SHIPPED.iterdir()) == [
+        "LICENSE",
+        "SOURCE.md",
+        "medical_tc_labels.csv",
+        "medical_tc_test.csv.gz",
+    ]
     assert (tasks.SHIPPED / "LICENSE").read_text().startswith("MIT License")
     assert "Attribution-ShareAlike 3.0 Unported" in (corpus.SHIPPED / "LICENSE").read_text()
     assert "CC BY-SA 3.0" in (corpus.SHIPPED / "SOURCE.md").read_text()
@@ -289,15 +332,29 @@ def test_pubmedqa_from_its_hub_layout_gives_the_shipped_items(tmp_path, monkeypa
 
     records = json.loads(gzip.decompress((tasks.SHIPPED / "ori_pqal.json.gz").read_bytes()))
     strings = datasets.List(datasets.Value("string"))
-    features = datasets.Features({
-        "pubid": datasets.Value("int32"), "question": datasets.Value("string"),
-        "context": {"contexts": strings, "labels": strings, "meshes": strings},
-        "long_answer": datasets.Value("string"), "final_decision": datasets.Value("string")})
-    rows = [{"pubid": int(pmid), "question": r["QUESTION"],
-             "context": {"contexts": r["CONTEXTS"], "labels": r["LABELS"], "meshes": r["MESHES"]},
-             "long_answer": r["LONG_ANSWER"], "final_decision": r["final_decision"]} for pmid, r in records.items()]
-    write_hub_dataset(tmp_path / "hub" / tasks.HUB.repo,
-                      {"pqa_labeled": {"train": datasets.Dataset.from_list(rows, features=features)}})
+    features = datasets.Features(
+        {
+            "pubid": datasets.Value("int32"),
+            "question": datasets.Value("string"),
+            "context": {"contexts": strings, "labels": strings, "meshes": strings},
+            "long_answer": datasets.Value("string"),
+            "final_decision": datasets.Value("string"),
+        }
+    )
+    rows = [
+        {
+            "pubid": int(pmid),
+            "question": r["QUESTION"],
+            "context": {"contexts": r["CONTEXTS"], "labels": r["LABELS"], "meshes": r["MESHES"]},
+            "long_answer": r["LONG_ANSWER"],
+            "final_decision": r["final_decision"],
+        }
+        for pmid, r in records.items()
+    ]
+    write_hub_dataset(
+        tmp_path / "hub" / tasks.HUB.repo,
+        {"pqa_labeled": {"train": datasets.Dataset.from_list(rows, features=features)}},
+    )
     use_hub_mirror(monkeypatch, tmp_path / "hub")
     for name, task in tasks_by_name().items():
         from_hub = replace(task, shipped=None)
@@ -310,10 +367,13 @@ def test_abstracts_from_their_hub_layout_give_the_shipped_passages(tmp_path, mon
     import datasets
 
     text = gzip.decompress((corpus.SHIPPED / "medical_tc_test.csv.gz").read_bytes()).decode()
-    rows = [{"condition_label": int(row["condition_label"]), "medical_abstract": row["medical_abstract"]}
-            for row in csv.DictReader(io.StringIO(text, newline=""))]
-    write_hub_dataset(tmp_path / "hub" / corpus.MEDICAL_ABSTRACTS.hub.repo,
-                      {None: {"test": datasets.Dataset.from_list(rows)}})
+    rows = [
+        {"condition_label": int(row["condition_label"]), "medical_abstract": row["medical_abstract"]}
+        for row in csv.DictReader(io.StringIO(text, newline=""))
+    ]
+    write_hub_dataset(
+        tmp_path / "hub" / corpus.MEDICAL_ABSTRACTS.hub.repo, {None: {"test": datasets.Dataset.from_list(rows)}}
+    )
     use_hub_mirror(monkeypatch, tmp_path / "hub")
     monkeypatch.delenv("SELFSPEC_DATA", raising=False)
     shipped = corpus.passages(None)

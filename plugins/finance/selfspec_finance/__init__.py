@@ -18,8 +18,17 @@ from . import corpus, mining, tasks
 DOMAIN = Domain(
     name="finance",
     description="finance and financial analysis",
-    task_families=("sentiment", "headline_sentiment", "aspect_sentiment", "ner", "numerical_reasoning",
-                   "causal_detection", "filing_classification", "definition", "summarization"),
+    task_families=(
+        "sentiment",
+        "headline_sentiment",
+        "aspect_sentiment",
+        "ner",
+        "numerical_reasoning",
+        "causal_detection",
+        "filing_classification",
+        "definition",
+        "summarization",
+    ),
     # Their seed instructions fit any sentence or passage; sentiment is what Financial PhraseBank tests.
     input_task_types=("sentiment", "headline_sentiment", "causal_detection", "filing_classification"),
 )
@@ -28,22 +37,30 @@ TEMPLATES = {
     "instruction": replace(
         default_template("instruction"),
         header="Tasks for an assistant in {description}. Each task has a type, an instruction, and an input "
-               "when the instruction needs one: a news sentence, a passage of an annual report, or a small "
-               "table. Every task can be answered from its input or from general financial knowledge, "
-               "without live market data. Every task is new and different from the others."),
+        "when the instruction needs one: a news sentence, a passage of an annual report, or a small "
+        "table. Every task can be answered from its input or from general financial knowledge, "
+        "without live market data. Every task is new and different from the others.",
+    ),
     "response": replace(
         default_template("response"),
         query="[[Background from financial news and annual reports (use it only where it is relevant):\n"
-              "{passages}\n\n]]Instruction: {instruction}[[\nInput: {input}]]\nAnswer:"),
+        "{passages}\n\n]]Instruction: {instruction}[[\nInput: {input}]]\nAnswer:",
+    ),
 }
 
 # A text model cannot know today's market: instructions that need the moment are dropped.
-_NEEDS_NOW = re.compile(r"\b(?:today|tonight|right now|at the moment|this morning|as of now|"
-                        r"real[- ]time|live (?:price|quote|market|data)|currently trading)\b", re.I)
+_NEEDS_NOW = re.compile(
+    r"\b(?:today|tonight|right now|at the moment|this morning|as of now|"
+    r"real[- ]time|live (?:price|quote|market|data)|currently trading)\b",
+    re.I,
+)
 # "the current price" is answerable only when the input gives it (e.g. "Price: 48.20"); "current
 # ratio" and "current assets" are accounting terms and never match.
-_CURRENT_QUOTE = re.compile(r"\b(?:current|latest)\s+(?:(?:stock|share|market|trading)\s+)?"
-                            r"(?:price|quote|exchange rate|interest rate|valuation|market cap)s?\b", re.I)
+_CURRENT_QUOTE = re.compile(
+    r"\b(?:current|latest)\s+(?:(?:stock|share|market|trading)\s+)?"
+    r"(?:price|quote|exchange rate|interest rate|valuation|market cap)s?\b",
+    re.I,
+)
 _NUMBER = re.compile(r"\d")
 
 # Instructions that ask the model to read a picture of prices (the core adds graph, image, ...).

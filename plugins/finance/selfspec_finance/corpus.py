@@ -24,14 +24,19 @@ FINCAUSAL_FOLDER = "fincausal2020"
 OVERLAP_WORDS = 13
 
 TATQA_CORPUS = DataSource(
-    name="TAT-QA test annual reports", path=f"{CORPUS_FOLDER}/tatqa/tatqa_dataset_test_gold.json",
-    licence=TATQA_LICENCE, origin=TATQA_ORIGIN,
+    name="TAT-QA test annual reports",
+    path=f"{CORPUS_FOLDER}/tatqa/tatqa_dataset_test_gold.json",
+    licence=TATQA_LICENCE,
+    origin=TATQA_ORIGIN,
     shipped=SHIPPED / "tatqa_corpus" / "tatqa_dataset_test_gold.json.gz",
-    hub=HubDataset("next-tat/TAT-QA", data_files="tatqa_dataset_test_gold.json"))
+    hub=HubDataset("next-tat/TAT-QA", data_files="tatqa_dataset_test_gold.json"),
+)
 FINCAUSAL = DataSource(
-    name="FinCausal 2020 news sections", path=f"{CORPUS_FOLDER}/{FINCAUSAL_FOLDER}",
+    name="FinCausal 2020 news sections",
+    path=f"{CORPUS_FOLDER}/{FINCAUSAL_FOLDER}",
     licence="none stated (research use only; never shipped)",
-    origin="github.com/yseop/YseopLab, FNP_2020_FinCausal/data/*/*.csv")
+    origin="github.com/yseop/YseopLab, FNP_2020_FinCausal/data/*/*.csv",
+)
 SOURCES = [TATQA_CORPUS, FINCAUSAL]
 
 
@@ -40,7 +45,9 @@ def passages(data_dir: str | Path | None) -> list[Passage] | None:
     root = data_root(data_dir)
     sections = fincausal_sections(root / FINCAUSAL.path) if root else []
     found = find_data(TATQA_CORPUS, data_dir)
-    reports = [] if isinstance(found, str) else tatqa_passages(found.read(read_tatqa, list), _evaluation_contexts(data_dir))
+    reports = (
+        [] if isinstance(found, str) else tatqa_passages(found.read(read_tatqa, list), _evaluation_contexts(data_dir))
+    )
     return (sections + reports) or None
 
 
@@ -55,7 +62,9 @@ def fincausal_sections(folder: Path) -> list[Passage]:
     for path in sorted(folder.glob("*.csv")):
         lines = path.read_text(encoding="utf-8-sig").splitlines()
         if not lines or [c.strip().lower() for c in lines[0].split(";")] != ["index", "text", "gold"]:
-            raise SelfspecError(f"{path}:1: expected FinCausal's header 'Index; Text; Gold'; keep only FinCausal 2020 CSV files in {folder}")
+            raise SelfspecError(
+                f"{path}:1: expected FinCausal's header 'Index; Text; Gold'; keep only FinCausal 2020 CSV files in {folder}"
+            )
         for number, line in enumerate(lines[1:], start=2):
             index, _, rest = line.partition(";")
             text = rest.rpartition(";")[0].strip()  # the text itself may contain ';'
@@ -71,8 +80,9 @@ def tatqa_passages(contexts: list[dict], exclude: list[dict]) -> list[Passage]:
     for context in contexts:
         uid = context["table"]["uid"]
         found.append(Passage(f"tatqa:{uid}:table", table_text(context["table"]["table"]), "annual report table"))
-        found += [Passage(f"tatqa:{uid}:p{p['order']}", p["text"].strip(), "annual report")
-                  for p in context["paragraphs"]]
+        found += [
+            Passage(f"tatqa:{uid}:p{p['order']}", p["text"].strip(), "annual report") for p in context["paragraphs"]
+        ]
     found = [p for p in found if p.text]
     if not exclude:
         return found

@@ -17,7 +17,7 @@ import random
 import re
 import warnings
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from selfspec_core.api import Miner, Passage, pick_phrasing, sentences
 
@@ -25,13 +25,19 @@ SENTIMENTS = ("positive", "negative", "neutral")
 MIN_WORDS, MAX_WORDS = 6, 60
 
 # A financial figure, a few words at most, then the direction it moved.
-_METRIC = (r"(?:net sales|sales|revenues?|turnover|(?:net |operating |pre-tax |pretax |gross )?(?:profit|income|earnings|margin)s?|"
-           r"ebitda|ebit|eps|earnings per share|orders?|order intake|order book|order backlog|market share|dividend|"
-           r"cash flow|result|share price|shares|deliveries|production|volumes?)")
-_UP = (r"(?:rose|risen|rise|rises|increased?|increases|increasing|grew|grown|grows|growing|climbed|jumped|surged|"
-       r"improved?|improves|soared|doubled|up|gained|advanced|strengthened)")
-_DOWN = (r"(?:fell|fallen|falls?|decreased?|decreases|declined?|declines|dropped|drops?|slumped|plunged|sank|tumbled|"
-         r"down|weakened|slid|shrank|contracted|lower)")
+_METRIC = (
+    r"(?:net sales|sales|revenues?|turnover|(?:net |operating |pre-tax |pretax |gross )?(?:profit|income|earnings|margin)s?|"
+    r"ebitda|ebit|eps|earnings per share|orders?|order intake|order book|order backlog|market share|dividend|"
+    r"cash flow|result|share price|shares|deliveries|production|volumes?)"
+)
+_UP = (
+    r"(?:rose|risen|rise|rises|increased?|increases|increasing|grew|grown|grows|growing|climbed|jumped|surged|"
+    r"improved?|improves|soared|doubled|up|gained|advanced|strengthened)"
+)
+_DOWN = (
+    r"(?:fell|fallen|falls?|decreased?|decreases|declined?|declines|dropped|drops?|slumped|plunged|sank|tumbled|"
+    r"down|weakened|slid|shrank|contracted|lower)"
+)
 _LOSS = r"(?:(?:net |operating |pre-tax |pretax )?loss(?:es)?)"
 _GAP = r"(?:\s+\S+){0,5}?\s+"
 POSITIVE_CUES = (
@@ -62,7 +68,9 @@ EVALUATIVE = re.compile(
     r"impress\w*|confiden\w*|terminat\w*|approv\w*|advanced|modern|safe\w*|convenien\w*|beautiful\w*|clearly|well|"
     r"negotiat\w*|realign\w*|bold|reliab\w*|excellen\w*|great\w*|poor\w*|solid|robust|disappoint\w*|upbeat|"
     r"optimis\w*|pessimis\w*|outstanding|favou?rabl\w*|unfavou?rabl\w*|\w+(?<!inter)(?<!t)(?<!w)(?<!ques)(?<!inv)est|percent|pct|per cent)\b"
-    r"|[%$€£]|``|''|\"|\b(?:we|our|us|i|am)\b", re.I)
+    r"|[%$€£]|``|''|\"|\b(?:we|our|us|i|am)\b",
+    re.I,
+)
 
 SENTIMENT_PHRASINGS = (
     "Classify the sentiment of this financial news sentence as positive, negative, or neutral.",
@@ -95,8 +103,17 @@ def mine_sentiment(docs: Sequence[Passage], rng: random.Random) -> list[dict]:
                 continue
             label = sentiment_of(sentence)
             if label is not None:
-                tasks.append({"instruction": pick_phrasing(rng, SENTIMENT_PHRASINGS), "input": sentence, "output": label,
-                              "task_type": "sentiment", "label": label, "options": SENTIMENTS, "doc_id": doc.id})
+                tasks.append(
+                    {
+                        "instruction": pick_phrasing(rng, SENTIMENT_PHRASINGS),
+                        "input": sentence,
+                        "output": label,
+                        "task_type": "sentiment",
+                        "label": label,
+                        "options": SENTIMENTS,
+                        "doc_id": doc.id,
+                    }
+                )
     return tasks
 
 
@@ -160,7 +177,7 @@ def table_facts(text: str) -> list[dict]:
     by_year = sorted(years.items(), key=lambda item: item[1])
     facts = []
     labels = Counter(row[0].rstrip(":") for row in rows if row)
-    for row in rows[header_row + 1:]:
+    for row in rows[header_row + 1 :]:
         label = row[0] if row else ""
         if not re.search(r"[A-Za-z]{3}", label) or labels[label.rstrip(":")] > 1:
             continue
@@ -169,7 +186,9 @@ def table_facts(text: str) -> list[dict]:
                 continue
             before, after = cell_number(row[early_col]), cell_number(row[late_col])
             if before is not None and after is not None and before != after and min(before, after) >= 0:
-                facts.append({"row": label.rstrip(":"), "first": early, "second": late, "before": before, "after": after})
+                facts.append(
+                    {"row": label.rstrip(":"), "first": early, "second": late, "before": before, "after": after}
+                )
     return facts
 
 
@@ -184,17 +203,33 @@ def mine_table_changes(docs: Sequence[Passage], rng: random.Random) -> list[dict
         for fact in facts:
             rose = fact["after"] > fact["before"]
             change = fact["after"] - fact["before"]
-            tasks.append({"instruction": pick_phrasing(rng, RISE_PHRASINGS, **fact), "input": doc.text,
-                          "output": "yes" if rose else "no", "label": "yes" if rose else "no", "options": ("yes", "no"),
-                          "task_type": "numerical_reasoning", "doc_id": doc.id})
-            tasks.append({"instruction": pick_phrasing(rng, CHANGE_PHRASINGS, **fact), "input": doc.text,
-                          "output": f"It {'rose' if rose else 'fell'} by {number_text(abs(change))}, from "
-                                    f"{number_text(fact['before'])} in {fact['first']} to {number_text(fact['after'])} "
-                                    f"in {fact['second']}. The answer is {number_text(change)}.",
-                          "task_type": "numerical_reasoning", "doc_id": doc.id})
+            tasks.append(
+                {
+                    "instruction": pick_phrasing(rng, RISE_PHRASINGS, **fact),
+                    "input": doc.text,
+                    "output": "yes" if rose else "no",
+                    "label": "yes" if rose else "no",
+                    "options": ("yes", "no"),
+                    "task_type": "numerical_reasoning",
+                    "doc_id": doc.id,
+                }
+            )
+            tasks.append(
+                {
+                    "instruction": pick_phrasing(rng, CHANGE_PHRASINGS, **fact),
+                    "input": doc.text,
+                    "output": f"It {'rose' if rose else 'fell'} by {number_text(abs(change))}, from "
+                    f"{number_text(fact['before'])} in {fact['first']} to {number_text(fact['after'])} "
+                    f"in {fact['second']}. The answer is {number_text(change)}.",
+                    "task_type": "numerical_reasoning",
+                    "doc_id": doc.id,
+                }
+            )
     if unusable:
-        warnings.warn(f"{len(unusable)} tables have no row with numbers under two year columns and were skipped "
-                      f"(e.g. {unusable[0]})")
+        warnings.warn(
+            f"{len(unusable)} tables have no row with numbers under two year columns and were skipped "
+            f"(e.g. {unusable[0]})"
+        )
     return tasks
 
 
@@ -205,8 +240,17 @@ def mine_table_changes(docs: Sequence[Passage], rng: random.Random) -> list[dict
 # runs, 300 items, seeds 0 and 1) 75 lexicon records left the tuned model answering 90% neutral or 83%
 # positive (macro-F1 0.30, 0.27); 240 gave 0.62 and 0.65 with every label answered.
 MINERS = [
-    Miner("sentiment_lexicon", mine_sentiment, precision=0.953, weight=3.0,
-          description="news/report sentences whose sentiment a financial lexicon decides"),
-    Miner("table_change", mine_table_changes, precision=0.999,
-          description="did a table row rise between two years, and by how much, computed from the cells"),
+    Miner(
+        "sentiment_lexicon",
+        mine_sentiment,
+        precision=0.953,
+        weight=3.0,
+        description="news/report sentences whose sentiment a financial lexicon decides",
+    ),
+    Miner(
+        "table_change",
+        mine_table_changes,
+        precision=0.999,
+        description="did a table row rise between two years, and by how much, computed from the cells",
+    ),
 ]

@@ -34,16 +34,21 @@ FPB_LICENCE = "CC BY-NC-SA 3.0 (Financial PhraseBank, Malo et al. 2014): non-com
 FPB_ORIGIN = "Financial PhraseBank v1.0 from its authors (Malo et al. 2014), FinancialPhraseBank-v1.0/"
 
 TATQA_FILE = "tatqa/tatqa_dev/tatqa_dataset_dev.json"
-TATQA_INSTRUCTION = ("Use the table and text below to answer the question. "
-                     "Show your arithmetic and end with 'The answer is ...'.")
+TATQA_INSTRUCTION = (
+    "Use the table and text below to answer the question. Show your arithmetic and end with 'The answer is ...'."
+)
 TATQA_LICENCE = "CC BY 4.0 (TAT-QA, Zhu et al. 2021)"
 TATQA_ORIGIN = "github.com/NExTplusplus/TAT-QA, dataset_raw/"
 SHIPPED = package_file(__package__, "data")
 # The evaluation set, as a data source: the task reads it, and the corpus leaves out what overlaps it.
 TATQA_DEV = DataSource(
-    name="TAT-QA dev", path=TATQA_FILE, licence=TATQA_LICENCE, origin=TATQA_ORIGIN,
+    name="TAT-QA dev",
+    path=TATQA_FILE,
+    licence=TATQA_LICENCE,
+    origin=TATQA_ORIGIN,
     shipped=SHIPPED / "tatqa_dev" / "tatqa_dataset_dev.json.gz",
-    hub=HubDataset("next-tat/TAT-QA", data_files="tatqa_dataset_dev.json"))
+    hub=HubDataset("next-tat/TAT-QA", data_files="tatqa_dataset_dev.json"),
+)
 MAX_CONTEXT_CHARS = 2000
 
 
@@ -54,8 +59,9 @@ MAX_CONTEXT_CHARS = 2000
 def fpb_level() -> str:
     level = os.environ.get(FPB_LEVEL_ENV, DEFAULT_FPB_LEVEL)
     if level not in FPB_LEVELS:
-        raise SelfspecError(f"{FPB_LEVEL_ENV}={level!r}: not a Financial PhraseBank agreement level; "
-                            f"use one of {', '.join(FPB_LEVELS)}")
+        raise SelfspecError(
+            f"{FPB_LEVEL_ENV}={level!r}: not a Financial PhraseBank agreement level; use one of {', '.join(FPB_LEVELS)}"
+        )
     return level
 
 
@@ -75,8 +81,9 @@ def read_fpb(path: Path) -> list[tuple[int, str, str]]:
         sentence, at, label = line.rpartition("@")
         label = label.strip().lower()
         if not at or not sentence.strip() or label not in SENTIMENTS:
-            raise SelfspecError(f"{path}:{number}: expected 'sentence@label' with label "
-                                f"{', '.join(SENTIMENTS)}; got {line[:80]!r}")
+            raise SelfspecError(
+                f"{path}:{number}: expected 'sentence@label' with label {', '.join(SENTIMENTS)}; got {line[:80]!r}"
+            )
         rows.append((number, sentence.strip(), label))
     return rows
 
@@ -87,13 +94,17 @@ def load_fpb(path: Path, split: str) -> list[EvalItem]:
 
 def load_fpb_rows(rows: list[dict], split: str) -> list[EvalItem]:
     """The Hub's ``{sentence, label}`` rows, in file order (a row's number is its line's)."""
-    return fpb_items([(number, row["sentence"].strip(), row["label"]) for number, row in enumerate(rows, start=1)], split)
+    return fpb_items(
+        [(number, row["sentence"].strip(), row["label"]) for number, row in enumerate(rows, start=1)], split
+    )
 
 
 def fpb_items(rows: list[tuple[int, str, str]], split: str) -> list[EvalItem]:
-    return [EvalItem(id=f"fpb:{number}", instruction=FPB_INSTRUCTION, input=sentence, answer=label,
-                     choices=SENTIMENTS)
-            for number, sentence, label in rows if in_fpb_test_split(sentence) == (split == "test")]
+    return [
+        EvalItem(id=f"fpb:{number}", instruction=FPB_INSTRUCTION, input=sentence, answer=label, choices=SENTIMENTS)
+        for number, sentence, label in rows
+        if in_fpb_test_split(sentence) == (split == "test")
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,10 +161,20 @@ def tatqa_items(contexts: list[dict]) -> list[EvalItem]:
     for context in contexts:
         for question in context["questions"]:
             answer = question.get("answer")
-            if question.get("answer_type") != "arithmetic" or isinstance(answer, bool) or not isinstance(answer, (int, float)):
+            if (
+                question.get("answer_type") != "arithmetic"
+                or isinstance(answer, bool)
+                or not isinstance(answer, (int, float))
+            ):
                 continue
-            items.append(EvalItem(id=question["uid"], instruction=TATQA_INSTRUCTION,
-                                  input=tatqa_input(context, question), answer=number_text(answer)))
+            items.append(
+                EvalItem(
+                    id=question["uid"],
+                    instruction=TATQA_INSTRUCTION,
+                    input=tatqa_input(context, question),
+                    answer=number_text(answer),
+                )
+            )
     return items
 
 
@@ -172,23 +193,52 @@ def evaluation_tasks() -> list[EvalTask]:
     fpb_file = f"financial_phrasebank/Sentences_{level}.txt"
     extra = {"agreement": level}
 
-    hub = HubDataset("takala/financial_phrasebank", config=f"sentences_{level.lower()}",
-                     revision="refs/convert/parquet")
+    hub = HubDataset(
+        "takala/financial_phrasebank", config=f"sentences_{level.lower()}", revision="refs/convert/parquet"
+    )
 
     def fpb(name: str, split: str, mode: str, description: str, **options) -> EvalTask:
-        return EvalTask(name=name, domain="finance", data_file=fpb_file, load=partial(load_fpb, split=split),
-                        mode=mode, metric="accuracy", description=f"{description} ({level})",
-                        licence=FPB_LICENCE, extra={**extra, "split": split}, origin=FPB_ORIGIN, hub=hub,
-                        load_rows=partial(load_fpb_rows, split=split), **options)
+        return EvalTask(
+            name=name,
+            domain="finance",
+            data_file=fpb_file,
+            load=partial(load_fpb, split=split),
+            mode=mode,
+            metric="accuracy",
+            description=f"{description} ({level})",
+            licence=FPB_LICENCE,
+            extra={**extra, "split": split},
+            origin=FPB_ORIGIN,
+            hub=hub,
+            load_rows=partial(load_fpb_rows, split=split),
+            **options,
+        )
 
     return [
         fpb("fpb", "test", "loglikelihood", "Financial PhraseBank test fifth: sentiment by the likeliest label"),
         fpb("fpb_dev", "dev", "loglikelihood", "Financial PhraseBank outside the test fifth, for development"),
-        fpb("fpb_gen", "test", "generate", "Financial PhraseBank test fifth: sentiment read from the generated answer",
-            max_new_tokens=8),
-        EvalTask(name="tatqa", domain="finance", data_file=TATQA_FILE, load=load_tatqa, mode="generate",
-                 metric="numeric", tolerance=0.01, max_new_tokens=96, licence=TATQA_LICENCE,
-                 description="TAT-QA dev arithmetic questions over annual-report tables and text: final number "
-                             "within 1%", extra={"split": "test"}, origin=TATQA_ORIGIN,
-                 shipped=TATQA_DEV.shipped, hub=TATQA_DEV.hub, load_rows=tatqa_items),
+        fpb(
+            "fpb_gen",
+            "test",
+            "generate",
+            "Financial PhraseBank test fifth: sentiment read from the generated answer",
+            max_new_tokens=8,
+        ),
+        EvalTask(
+            name="tatqa",
+            domain="finance",
+            data_file=TATQA_FILE,
+            load=load_tatqa,
+            mode="generate",
+            metric="numeric",
+            tolerance=0.01,
+            max_new_tokens=96,
+            licence=TATQA_LICENCE,
+            description="TAT-QA dev arithmetic questions over annual-report tables and text: final number within 1%",
+            extra={"split": "test"},
+            origin=TATQA_ORIGIN,
+            shipped=TATQA_DEV.shipped,
+            hub=TATQA_DEV.hub,
+            load_rows=tatqa_items,
+        ),
     ]

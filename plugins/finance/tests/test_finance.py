@@ -12,12 +12,27 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from selfspec_core.api import (Passage, PromptTemplate, SelfspecError, blacklist_pattern, default_template,
-                               domain_seeds, domain_tasks, domain_template, filter_reason, find_data,
-                               installed_domains, item_texts, ngram_overlap, record_text, task_items,
-                               use_hub_mirror, write_hub_dataset)
 from selfspec_finance import corpus, tasks
+
+from selfspec_core.api import (
+    Passage,
+    PromptTemplate,
+    SelfspecError,
+    blacklist_pattern,
+    default_template,
+    domain_seeds,
+    domain_tasks,
+    domain_template,
+    filter_reason,
+    find_data,
+    installed_domains,
+    item_texts,
+    ngram_overlap,
+    record_text,
+    task_items,
+    use_hub_mirror,
+    write_hub_dataset,
+)
 
 DOMAIN = "finance"
 REPO = Path(__file__).resolve().parents[3]
@@ -102,10 +117,15 @@ def test_response_template_frames_background_passages():
     response = template("response")
     query = {"instruction": "What is EBITDA?", "input": ""}
     grounded = response.render([], {**query, "passages": "[1] EBITDA excludes depreciation."}, description="x")
-    assert "Background from financial news and annual reports (use it only where it is relevant):\n[1] EBITDA" in grounded
+    assert (
+        "Background from financial news and annual reports (use it only where it is relevant):\n[1] EBITDA" in grounded
+    )
     assert grounded.endswith("Instruction: What is EBITDA?\nAnswer:")
     plain = response.render([], {**query, "passages": ""}, description="x")
-    assert plain == "An expert in x answers each instruction correctly and concisely.\n\n###\n\nInstruction: What is EBITDA?\nAnswer:"
+    assert (
+        plain
+        == "An expert in x answers each instruction correctly and concisely.\n\n###\n\nInstruction: What is EBITDA?\nAnswer:"
+    )
 
 
 def test_train_and_judge_templates_stay_the_core_ones():
@@ -116,26 +136,34 @@ def test_train_and_judge_templates_stay_the_core_ones():
 # ---------------------------------------------------------------------------------------- filters
 
 
-@pytest.mark.parametrize("instruction,input_text", [
-    ("What is the current price of Tesla stock?", ""),
-    ("Give the latest stock price for Apple.", "Apple Inc. (AAPL)"),
-    ("How is the S&P 500 doing today?", ""),
-    ("Should I buy Nvidia shares right now?", ""),
-    ("Report the real-time exchange rate between the euro and the dollar.", ""),
-    ("Summarize this morning's moves in European bank stocks.", ""),
-])
+@pytest.mark.parametrize(
+    "instruction,input_text",
+    [
+        ("What is the current price of Tesla stock?", ""),
+        ("Give the latest stock price for Apple.", "Apple Inc. (AAPL)"),
+        ("How is the S&P 500 doing today?", ""),
+        ("Should I buy Nvidia shares right now?", ""),
+        ("Report the real-time exchange rate between the euro and the dollar.", ""),
+        ("Summarize this morning's moves in European bank stocks.", ""),
+    ],
+)
 def test_instructions_needing_live_data_are_dropped(instruction, input_text):
     record = {"instruction": instruction, "input": input_text}
     assert filter_reason(DOMAIN, "instruction", record) == "plugin:finance:needs_live_data"
 
 
-@pytest.mark.parametrize("instruction,input_text", [
-    ("Compute the P/E ratio at the current share price.", "Current share price: 48.20. EPS: 3.10."),
-    ("What was the current ratio at year end?", ""),
-    ("Explain the difference between current assets and current liabilities.", ""),
-    ("Classify the sentiment of this financial news sentence as positive, negative, or neutral.",
-     "Shares of Orion rose 4% today after the results."),
-])
+@pytest.mark.parametrize(
+    "instruction,input_text",
+    [
+        ("Compute the P/E ratio at the current share price.", "Current share price: 48.20. EPS: 3.10."),
+        ("What was the current ratio at year end?", ""),
+        ("Explain the difference between current assets and current liabilities.", ""),
+        (
+            "Classify the sentiment of this financial news sentence as positive, negative, or neutral.",
+            "Shares of Orion rose 4% today after the results.",
+        ),
+    ],
+)
 def test_answerable_instructions_are_kept(instruction, input_text):
     assert filter_reason(DOMAIN, "instruction", {"instruction": instruction, "input": input_text}) is None
 
@@ -169,7 +197,10 @@ def test_tasks_declare_licence_mode_and_agreement(monkeypatch):
     monkeypatch.delenv(tasks.FPB_LEVEL_ENV, raising=False)
     found = tasks_by_name()
     assert set(found) == {"fpb", "fpb_dev", "fpb_gen", "tatqa"}
-    assert all("CC BY-NC-SA" in found[name].licence and found[name].data_file == FPB_50 for name in ("fpb", "fpb_dev", "fpb_gen"))
+    assert all(
+        "CC BY-NC-SA" in found[name].licence and found[name].data_file == FPB_50
+        for name in ("fpb", "fpb_dev", "fpb_gen")
+    )
     assert found["fpb"].extra == {"agreement": "50Agree", "split": "test"} and found["fpb_dev"].extra["split"] == "dev"
     assert (found["fpb_gen"].mode, found["tatqa"].mode, found["tatqa"].metric) == ("generate", "generate", "numeric")
     assert found["tatqa"].licence.startswith("CC BY 4.0")
@@ -189,7 +220,9 @@ def test_fpb_split_is_a_fixed_fifth_stable_across_agreement_levels(monkeypatch):
     assert not {item.id for item in test} & {item.id for item in dev}
     assert not {item.input for item in test} & {item.input for item in dev}  # duplicates stay in one split
     item = test[0]
-    assert item.instruction == "Classify the sentiment of this financial news sentence as positive, negative, or neutral."
+    assert (
+        item.instruction == "Classify the sentiment of this financial news sentence as positive, negative, or neutral."
+    )
     assert item.choices == ("positive", "negative", "neutral") and item.answer in item.choices
     assert task_items(found["fpb_gen"], DATA) == test
     strict_test = tasks.load_fpb(data_path("financial_phrasebank/Sentences_AllAgree.txt"), "test")
@@ -259,7 +292,9 @@ def test_corpus_reads_fincausal_and_tatqa_test_without_the_evaluation_reports():
 
 def test_fincausal_shares_nothing_with_financial_phrasebank():
     data_path(corpus.CORPUS_FOLDER)
-    sentences = [item.input for item in tasks.load_fpb(data_path(FPB_50), "test") + tasks.load_fpb(DATA / FPB_50, "dev")]
+    sentences = [
+        item.input for item in tasks.load_fpb(data_path(FPB_50), "test") + tasks.load_fpb(DATA / FPB_50, "dev")
+    ]
     fincausal = corpus.fincausal_sections(DATA / corpus.CORPUS_FOLDER / corpus.FINCAUSAL_FOLDER)
     assert ngram_overlap([p.text for p in fincausal], sentences, 13) == set()
 
@@ -271,8 +306,9 @@ def test_corpus_follows_selfspec_data_and_falls_back_to_the_shipped_reports(monk
     assert corpus.passages(tmp_path) == shipped  # a data dir without the corpus: the shipped reports
     folder = tmp_path / corpus.CORPUS_FOLDER / corpus.FINCAUSAL_FOLDER
     folder.mkdir(parents=True)
-    (folder / "news.csv").write_text("Index; Text; Gold\n0001.00001; Costs rose; margins fell.; 1\n"
-                                     "0001.00002; Costs rose; margins fell.; 1\n")
+    (folder / "news.csv").write_text(
+        "Index; Text; Gold\n0001.00001; Costs rose; margins fell.; 1\n0001.00002; Costs rose; margins fell.; 1\n"
+    )
     monkeypatch.setenv("SELFSPEC_DATA", str(tmp_path))
     assert corpus.passages(None) == [Passage("news:0001.00001", "Costs rose; margins fell.")] + shipped
     (folder / "bad.csv").write_text("id,text\n1,x\n")
@@ -300,10 +336,17 @@ def test_shipped_tatqa_is_found_with_no_data_dir_and_the_corpus_leaves_it_out(mo
 
 def test_only_data_whose_licence_allows_it_ships():
     shipped = sorted(str(p.relative_to(tasks.SHIPPED)) for p in tasks.SHIPPED.rglob("*") if p.is_file())
-    assert shipped == ["tatqa_corpus/SOURCE.md", "tatqa_corpus/tatqa_dataset_test_gold.json.gz",
-                       "tatqa_dev/SOURCE.md", "tatqa_dev/tatqa_dataset_dev.json.gz"]  # no FPB, no FinCausal
+    assert shipped == [
+        "tatqa_corpus/SOURCE.md",
+        "tatqa_corpus/tatqa_dataset_test_gold.json.gz",
+        "tatqa_dev/SOURCE.md",
+        "tatqa_dev/tatqa_dataset_dev.json.gz",
+    ]  # no FPB, no FinCausal
     for folder in ("tatqa_corpus", "tatqa_dev"):
-        assert "Creative Commons Attribution 4.0 International (CC BY 4.0)" in (tasks.SHIPPED / folder / "SOURCE.md").read_text()
+        assert (
+            "Creative Commons Attribution 4.0 International (CC BY 4.0)"
+            in (tasks.SHIPPED / folder / "SOURCE.md").read_text()
+        )
     fpb = tasks_by_name()["fpb"]
     assert fpb.shipped is None and fpb.hub.repo == "takala/financial_phrasebank" and "CC BY-NC-SA" in fpb.licence
     assert corpus.FINCAUSAL.shipped is None and corpus.FINCAUSAL.hub is None
@@ -332,17 +375,21 @@ def _fpb_hub_repo(folder: Path, rows: list[tuple[str, str]], level: str = "50Agr
     """``takala/financial_phrasebank``'s layout: config ``sentences_<level>``, split train, label a ClassLabel."""
     import datasets
 
-    features = datasets.Features({"sentence": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["negative", "neutral", "positive"])})
-    dataset = datasets.Dataset.from_dict({"sentence": [s for s, _ in rows], "label": [label for _, label in rows]},
-                                         features=features)
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "neutral", "positive"])}
+    )
+    dataset = datasets.Dataset.from_dict(
+        {"sentence": [s for s, _ in rows], "label": [label for _, label in rows]}, features=features
+    )
     write_hub_dataset(folder / "takala" / "financial_phrasebank", {f"sentences_{level.lower()}": {"train": dataset}})
 
 
 def test_fpb_from_its_hub_layout_is_split_and_labelled_like_the_file(tmp_path, monkeypatch):
     monkeypatch.delenv(tasks.FPB_LEVEL_ENV, raising=False)
     monkeypatch.delenv("SELFSPEC_DATA", raising=False)
-    rows = [(f"Operating profit changed by {n} percent .", ("positive", "negative", "neutral")[n % 3]) for n in range(60)]
+    rows = [
+        (f"Operating profit changed by {n} percent .", ("positive", "negative", "neutral")[n % 3]) for n in range(60)
+    ]
     _fpb_hub_repo(tmp_path / "hub", rows)
     use_hub_mirror(monkeypatch, tmp_path / "hub")
     local = tmp_path / "data" / FPB_50

@@ -1,0 +1,1 @@
+"""Tools for plugin authors: check-plugin and the new-domain scaffold."""

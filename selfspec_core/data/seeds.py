@@ -1,0 +1,107 @@
+"""Reading and validating seed files (JSONL or YAML), with errors that name file, line and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from selfspec_core.errors import SelfspecError
+from selfspec_core.records import SEED_FIELDS, Seed
+
+MAX_LINE_BYTES = 200_000
+OPTIONAL_EMPTY = {"input"}
+
+
+def load_seeds(path: str | Path) -> list[Seed]:
+    """Read seeds from ``path`` (``.jsonl``/``.json`` one object a line, or ``.yaml``/``.yml`` list)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelfspecError(f"{path}: seed file not found")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise SelfspecError(
+            f"{path}: seed file is empty; add one JSON object per line with fields {', '.join(SEED_FIELDS)}"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SelfspecError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#x}); save the file as UTF-8") from None
+    if path.suffix in (".yaml", ".yml"):
+        rows = _yaml_rows(path, text)
+    else:
+        rows = _jsonl_rows(path, text)
+    seeds, seen = [], {}
+    for line, row in rows:
+        seed = _validate(path, line, row)
+        if seed.id in seen:
+            raise SelfspecError(
+                f"{path}:{line}: field 'id': duplicate id {seed.id!r} (first on line {seen[seed.id]}); ids must be unique"
+            )
+        seen[seed.id] = line
+        seeds.append(seed)
+    if not seeds:
+        raise SelfspecError(f"{path}: no seeds found")
+    return seeds
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[int, object]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if len(line.encode()) > MAX_LINE_BYTES:
+            raise SelfspecError(
+                f"{path}:{number}: line is {len(line.encode()) / 1e6:.1f} MB, over the {MAX_LINE_BYTES // 1000} kB limit for one seed; "
+                "seeds are short examples: shorten it"
+            )
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise SelfspecError(
+                f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
+            ) from None
+    return rows
+
+
+def _yaml_rows(path: Path, text: str) -> list[tuple[int, object]]:
+    try:
+        nodes = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SelfspecError(
+            f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); write a list of seed mappings"
+        ) from None
+    if not isinstance(data, list):
+        raise SelfspecError(f"{path}:1: expected a YAML list of seeds (- id: ...), got {type(data).__name__}")
+    return [(node.start_mark.line + 1, row) for node, row in zip(nodes.value, data)]
+
+
+def _validate(path: Path, line: int, row: object) -> Seed:
+    if not isinstance(row, dict):
+        raise SelfspecError(
+            f"{path}:{line}: expected an object with fields {', '.join(SEED_FIELDS)}, got {type(row).__name__}"
+        )
+    unknown = sorted(set(row) - set(SEED_FIELDS))
+    if unknown:
+        raise SelfspecError(f"{path}:{line}: field {unknown[0]!r}: unknown field; seeds have {', '.join(SEED_FIELDS)}")
+    values = {}
+    for name in SEED_FIELDS:
+        if name not in row:
+            if name in OPTIONAL_EMPTY:
+                values[name] = ""
+                continue
+            raise SelfspecError(f"{path}:{line}: field {name!r} is missing; add it as a string")
+        value = row[name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "id":
+            value = str(value)
+        if not isinstance(value, str):
+            raise SelfspecError(f"{path}:{line}: field {name!r}: expected a string, got {type(value).__name__}")
+        if not value.strip() and name not in OPTIONAL_EMPTY:
+            raise SelfspecError(f"{path}:{line}: field {name!r} is empty; write the seed's {name}")
+        values[name] = value.strip()
+    return Seed(**values)

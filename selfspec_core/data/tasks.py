@@ -1,0 +1,78 @@
+"""Evaluation tasks as plugins describe them (see the ``evaluation_tasks`` hook)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+# DATA_ENV and data_root live with the rest of data location; plugins import them from here too.
+from selfspec_core.data.datasources import DATA_ENV, DataSource, HubDataset, data_root  # noqa: F401
+
+SCORING_MODES = ("loglikelihood", "generate")
+METRICS = ("accuracy", "exact_match", "f1", "rouge_l", "numeric")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One benchmark question in instruction form; ``choices`` set for log-likelihood scoring."""
+
+    id: str
+    instruction: str
+    input: str
+    answer: str
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """A benchmark: where its file lives, how to read it, how to score it.
+
+    ``data_file`` is relative to the data directory, or absolute for a file the plugin ships itself
+    (``str(package_file(__name__, "eval.jsonl"))``); ``load`` reads that file in the benchmark's
+    own format and returns :class:`EvalItem` s. A benchmark that users may also keep in their data
+    directory gives a relative ``data_file`` and its ``shipped`` copy instead (the data directory's
+    file wins), and ``hub``: the dataset on the Hub, whose rows ``load_rows`` reads (see
+    :mod:`selfspec_core.data.datasources`). ``origin`` says where to download the file by hand. Items are
+    posed to both models in the training template's format, zero-shot unless ``evaluate.shots``
+    says otherwise.
+    """
+
+    name: str
+    domain: str
+    data_file: str
+    load: Callable[[Path], list[EvalItem]]
+    mode: str = "loglikelihood"
+    metric: str = "accuracy"
+    description: str = ""
+    licence: str = ""
+    tolerance: float = 0.01  # relative, for the ``numeric`` metric
+    max_new_tokens: int | None = None  # generation length for this task; None: ``evaluate.max_new_tokens``
+    extra: dict = field(default_factory=dict)
+    origin: str = ""
+    shipped: Path | None = None
+    hub: HubDataset | None = None
+    load_rows: Callable[[list[dict]], list[EvalItem]] | None = None
+
+    def __post_init__(self):
+        if self.mode not in SCORING_MODES:
+            raise ValueError(f"task {self.name}: mode must be one of {SCORING_MODES}")
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name}: metric must be one of {METRICS}")
+        if (self.hub is None) != (self.load_rows is None):
+            raise ValueError(f"task {self.name}: hub and load_rows go together")
+
+    @property
+    def source(self) -> DataSource:
+        return DataSource(
+            f"task {self.name} ({self.domain})", self.data_file, self.licence, self.origin, self.shipped, self.hub
+        )
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """A file or folder shipped inside the installed ``package``, as a path: ``package_file(__name__, "seeds.jsonl")``."""
+    found = files(package)
+    for part in parts:
+        found = found / part
+    return Path(str(found))

@@ -1,0 +1,113 @@
+"""How fast a stage ran its model, beside what this machine could do at most.
+
+Every in-process model call (generation and scoring) adds the tokens it ran and the seconds it took
+to the meters open around it; the pipeline opens one per stage and writes the figures into the
+stage's manifest, and the report shows them. The ceiling is this machine's measured matrix-product
+rate divided by the model's floating-point operations per token (two per parameter, attention
+aside): no implementation can pass it, so the ratio says how much is left to win.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+
+
+@dataclass
+class TokenMeter:
+    """Tokens the model read (prompts, scored contexts) and wrote, and the seconds spent on them."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    parameters: int = 0  # of the largest model that ran
+    device: str = "cpu"
+    passes: float = 1.0  # forward-pass equivalents per token: training (forward and backward) about 3
+
+    def figures(self, dtype: str) -> dict:
+        """Manifest figures, the ceiling divided by the work each token took (``passes``)."""
+        tokens = self.prompt_tokens + self.generated_tokens
+        figures = {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "model_seconds": round(self.seconds, 2),
+        }
+        if tokens and self.seconds > 0:
+            figures["tokens_per_second"] = round(tokens / self.seconds, 1)
+        if self.parameters:
+            ceiling = ceiling_tokens_per_second(self.parameters, dtype, self.device)
+            figures["ceiling_tokens_per_second"] = round(ceiling / self.passes, 1)
+        return figures
+
+
+_open_meters: list[TokenMeter] = []
+
+
+@contextmanager
+def metered() -> Iterator[TokenMeter]:
+    """Count every model call made inside the block."""
+    meter = TokenMeter()
+    _open_meters.append(meter)
+    try:
+        yield meter
+    finally:
+        _open_meters.remove(meter)
+
+
+def record(
+    prompt_tokens: int, generated_tokens: int, seconds: float, parameters: int, device: str = "cpu", passes: float = 1.0
+) -> None:
+    """Add one model call (``passes`` forward-pass equivalents per token) to every open meter."""
+    for meter in _open_meters:
+        meter.prompt_tokens += prompt_tokens
+        meter.generated_tokens += generated_tokens
+        meter.seconds += seconds
+        meter.parameters = max(meter.parameters, parameters)
+        meter.device = device
+        meter.passes = max(meter.passes, passes)
+
+
+@contextmanager
+def timed_call(model, prompt_tokens: int) -> Iterator[list[int]]:
+    """Time a model call; the caller appends the tokens it generated to the yielded list."""
+    generated: list[int] = []
+    started = time.perf_counter()
+    yield generated
+    record_model(model, prompt_tokens, sum(generated), time.perf_counter() - started)
+
+
+def record_model(model, prompt_tokens: int, generated_tokens: int, seconds: float, passes: float = 1.0) -> None:
+    """:func:`record` with the parameter count and device read off ``model``."""
+    parameters = list(model.parameters())
+    record(
+        prompt_tokens,
+        generated_tokens,
+        seconds,
+        sum(p.numel() for p in parameters),
+        parameters[0].device.type if parameters else "cpu",
+        passes,
+    )
+
+
+@cache
+def matmul_gflops(dtype: str = "float32", device: str = "cpu", size: int = 1024, seconds: float = 0.3) -> float:
+    """This machine's measured dense matrix-product rate in ``dtype`` on ``device`` (GFLOP/s)."""
+    import torch
+
+    a, b = (torch.randn(size, size, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    a @ b  # warm-up
+    runs, started = 0, time.perf_counter()
+    while runs < 2 or time.perf_counter() - started < seconds:
+        a @ b
+        runs += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * runs / (time.perf_counter() - started) / 1e9
+
+
+def ceiling_tokens_per_second(parameters: int, dtype: str = "float32", device: str = "cpu") -> float:
+    """Tokens per second a model of ``parameters`` could run here at the measured matrix-product rate."""
+    return matmul_gflops(dtype, device) * 1e9 / (2 * parameters)

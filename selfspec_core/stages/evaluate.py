@@ -1,0 +1,715 @@
+"""Stage 4: the base and the specialized model on the same benchmark items, side by side.
+
+Tasks come from the ``evaluation_tasks`` hook of the run's domain and, with ``cross_domain``, of
+every other installed domain (what specializing costs elsewhere). Items are posed in the training
+template's format, the format the adapter was tuned on, zero-shot unless ``shots`` is set. Each
+task's difference gets a paired bootstrap interval (:mod:`selfspec_core.eval.scoring`).
+
+The stage also checks contamination: generated training records that share a 13-gram with an
+evaluation item (GPT-3's decontamination test) would make a gain on that item meaningless.
+
+Outputs: ``eval.json`` ({task: {metric, mode, base, specialized, delta, ci, n, domain}}, other
+domains under ``cross_domain``), ``predictions.jsonl`` and ``contamination.json``. A task whose
+data is missing (see :mod:`selfspec_core.data.datasources`) is skipped with one line saying where to put
+it, and recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from selfspec_core.data import datasources
+from selfspec_core.data.tasks import METRICS, EvalItem, EvalTask, data_root
+from selfspec_core.errors import SelfspecError
+from selfspec_core.eval.scorecache import ScoreCache, score_key
+from selfspec_core.eval.scoring import (
+    ItemScore,
+    compare,
+    compare_macro_f1,
+    parsed_label,
+    score_generation,
+    score_loglikelihood,
+)
+from selfspec_core.models.backends import make_generator
+from selfspec_core.models.loading import check_adapter
+from selfspec_core.plugins import manager as plugins
+from selfspec_core.run.adapter import adapter_training_data, stage_adapter
+from selfspec_core.run.rundir import RecordLog, atomic_write_json, read_jsonl, stage_command, write_jsonl
+from selfspec_core.templates import PromptTemplate, fill
+
+_WORD = re.compile(r"\w+")
+
+
+@dataclass
+class LoadedTask:
+    """A task with its items read: the demonstrations (k-shot) and the items both models answer."""
+
+    task: EvalTask
+    items: list[EvalItem]
+    demos: list[EvalItem]
+    scored: list[EvalItem]
+
+    @property
+    def key(self) -> str:
+        return f"{self.task.domain}/{self.task.name}"
+
+
+# ----------------------------------------------------------------------------------------- tasks
+
+
+def resolve_data_dir(settings) -> Path | None:
+    """``settings.data_dir``, else ``$SELFSPEC_DATA``; None when neither is set."""
+    return data_root(settings.data_dir)
+
+
+def collect_tasks(
+    domain: str, cross_domain: bool = True, wanted: str = "", modes: str = ""
+) -> tuple[list[EvalTask], list[EvalTask]]:
+    """The tasks of ``domain`` and, with ``cross_domain``, those of every other installed domain.
+
+    ``wanted`` names tasks (comma-separated); empty keeps all but development splits
+    (``extra["split"] == "dev"``), which are for tuning defaults, not for reporting. ``modes``
+    (comma-separated scoring modes) keeps only tasks scored that way; empty keeps every mode.
+    """
+    kept_modes = {mode.strip() for mode in modes.split(",") if mode.strip()}
+    asked = [domain] + ([name for name in plugins.domains() if name != domain] if cross_domain else [])
+    found: dict[tuple[str, str], tuple[str, EvalTask]] = {}
+    for name in asked:
+        for plugin, tasks in plugins.results("evaluation_tasks", domain=name):
+            plugins.check_type(plugin, "evaluation_tasks", tasks, list)
+            for task in tasks:
+                plugins.check_type(plugin, "evaluation_tasks", task, EvalTask)
+                key = (task.domain, task.name)
+                if key in found and found[key][0] != plugin:
+                    raise SelfspecError(
+                        f"evaluation task {task.name!r} of domain {task.domain!r} is provided by both "
+                        f"{found[key][0]!r} and {plugin!r}; uninstall one"
+                    )
+                found.setdefault(key, (plugin, task))
+    names = {name.strip() for name in wanted.split(",") if name.strip()}
+    tasks = [
+        task
+        for _, task in found.values()
+        if (task.name in names if names else task.extra.get("split") != "dev")
+        and (task.mode in kept_modes or not kept_modes)
+    ]
+    own = [t for t in tasks if t.domain == domain]
+    others = [t for t in tasks if t.domain != domain] if cross_domain else []
+    return own, others
+
+
+def read_items(task: EvalTask, root: Path | None, log: Callable[[str], None] = print) -> list[EvalItem] | str:
+    """Every item of ``task``'s data (data directory, shipped copy or Hub), or why the task is skipped."""
+    label = f"task {task.name} ({task.domain})"
+    shipped = Path(task.data_file)
+    if shipped.is_absolute() and not shipped.is_file():  # a file only the plugin ships: it must be there
+        raise SelfspecError(
+            f"{label}: {shipped} not found; the plugin's package lacks its evaluation file "
+            "(add it to [tool.setuptools.package-data] and reinstall the plugin)"
+        )
+    found = datasources.find(task.source, root, log)
+    if isinstance(found, str):
+        return f"{label} skipped: {found}"
+    try:
+        items = found.read(task.load, task.load_rows)
+    except SelfspecError:
+        raise
+    except Exception as exc:  # a loader meeting a file in another format must say which file
+        raise SelfspecError(
+            f"{label}: could not read {found.detail} ({type(exc).__name__}: {exc}); "
+            "is it the benchmark's original file?"
+        ) from exc
+    if not isinstance(items, list):
+        raise SelfspecError(f"{label}: its loader returned {type(items).__name__}, expected a list of EvalItem")
+    for item in items:
+        if not isinstance(item, EvalItem):
+            raise SelfspecError(f"{label}: its loader returned a {type(item).__name__}, expected EvalItem")
+        if task.mode == "loglikelihood" and (
+            len(item.choices) < 2 or item.answer.strip() not in [c.strip() for c in item.choices]
+        ):
+            raise SelfspecError(
+                f"{label}: item {item.id!r} is scored by log-likelihood but its answer "
+                f"{item.answer!r} is not one of at least two choices {list(item.choices)}"
+            )
+    if not items:
+        return f"{label} skipped: {found.detail} holds no items"
+    return items
+
+
+def split_items(task: EvalTask, items: list[EvalItem], shots: int, max_items: int, seed: int) -> LoadedTask:
+    """Hold out ``shots`` demonstrations, then score all the rest or a fixed seeded ``max_items`` subset."""
+    order = list(range(len(items)))
+    random.Random(f"{seed}:{task.domain}/{task.name}").shuffle(order)
+    demos = [items[i] for i in order[:shots]]
+    rest = order[shots:]
+    chosen = sorted(rest[:max_items] if max_items else rest)
+    return LoadedTask(task, items, demos, [items[i] for i in chosen])
+
+
+def load_tasks(
+    tasks: Iterable[EvalTask], settings, log: Callable[[str], None], max_items: int | None = None
+) -> tuple[list[LoadedTask], dict[str, str]]:
+    """Read and split every task whose data is present; the others by key with the reason they were skipped.
+
+    ``max_items`` overrides ``evaluate.max_items`` (the seeded subset is a prefix of the same order,
+    so fewer items are a subset of more).
+    """
+    root, evaluate = resolve_data_dir(settings), settings.evaluate
+    max_items = evaluate.max_items if max_items is None else max_items
+    loaded, skipped = [], {}
+    for task in tasks:
+        items = read_items(task, root, log)
+        if isinstance(items, list):
+            prepared = split_items(task, items, evaluate.shots, max_items, settings.seed)
+            if prepared.scored:
+                loaded.append(prepared)
+                continue
+            items = (
+                f"task {task.name} ({task.domain}) skipped: {len(items)} items, none left after {evaluate.shots} shots"
+            )
+        skipped[f"{task.domain}/{task.name}"] = items
+        log(f"[evaluate] {items}")
+    return loaded, skipped
+
+
+# --------------------------------------------------------------------------------------- scoring
+
+
+def render_prompt(template: PromptTemplate, item: EvalItem, demos: Sequence[EvalItem], context: dict) -> str:
+    """The item in the training template's format, after any demonstrations answered the same way."""
+
+    def ask(example: EvalItem) -> str:
+        return template.render([], {"instruction": example.instruction, "input": example.input}, **context)
+
+    shots = [ask(demo) + demo.answer for demo in demos]
+    return (template.separator or "\n\n").join(shots + [ask(item)])
+
+
+def answer_stops(template: PromptTemplate, metric: str) -> list[str]:
+    """Where a greedy answer ends: a new template section, the next query, or (short answers) a blank line.
+
+    Free text (``rouge_l``) and worked arithmetic (``numeric``) may run over paragraphs, so they keep going.
+    """
+    opening = fill(template.query, {}).strip().splitlines()
+    stops = list(template.stop) + ["\n###"]
+    if opening and opening[0][:24].strip():
+        stops.append("\n" + opening[0][:24].strip())
+    if metric in ("accuracy", "exact_match", "f1"):
+        stops.append("\n\n")
+    return stops
+
+
+def scoring_options(task: EvalTask, template: PromptTemplate, evaluate) -> dict:
+    """How ``task``'s items are scored, besides the prompts: part of a cached score's key."""
+    if task.mode == "loglikelihood":
+        return {
+            "mode": task.mode,
+            "metric": task.metric,
+            "length_normalize": evaluate.length_normalize,
+            "tolerance": task.tolerance,
+        }
+    return {
+        "mode": task.mode,
+        "metric": task.metric,
+        "tolerance": task.tolerance,
+        "max_new_tokens": task.max_new_tokens or evaluate.max_new_tokens,
+        "stop": answer_stops(template, task.metric),
+    }
+
+
+def score_task(generator, loaded: LoadedTask, prompts: Sequence[str], options: dict, seed: int) -> list[ItemScore]:
+    if options["mode"] == "loglikelihood":
+        return score_loglikelihood(
+            generator,
+            prompts,
+            loaded.scored,
+            metric=options["metric"],
+            length_normalize=options["length_normalize"],
+            tolerance=options["tolerance"],
+        )
+    return score_generation(
+        generator,
+        prompts,
+        loaded.scored,
+        metric=options["metric"],
+        max_new_tokens=options["max_new_tokens"],
+        stop=options["stop"],
+        tolerance=options["tolerance"],
+        seed=seed,
+    )
+
+
+def score_model(
+    label: str,
+    settings,
+    model_ref,
+    adapter: Path | None,
+    loaded: Sequence[LoadedTask],
+    template: PromptTemplate,
+    context: dict,
+    log: Callable[[str], None],
+    cache: RecordLog | None = None,
+) -> dict[str, list[ItemScore]]:
+    """Every task's item scores for one model; tasks already in ``cache`` (a killed run) are not redone,
+    nor, for the base model, tasks scored the same way by any earlier run (``evaluate.cache_base_scores``,
+    kept under ``$SELFSPEC_CACHE/scores``).
+
+    The model is loaded only when some task still needs it, and freed when this returns.
+    """
+    done = {row["task"]: row["items"] for row in (cache.records if cache else []) if row["model"] == label}
+    stored = ScoreCache() if adapter is None and settings.evaluate.cache_base_scores else None
+    results, generator = {}, None
+    for task in loaded:
+        ids = [item.id for item in task.scored]
+        rows = done.get(task.key)
+        if rows is not None and [row["id"] for row in rows] == ids:
+            results[task.key] = [ItemScore.from_dict(r) for r in rows]
+            continue
+        prompts = [render_prompt(template, item, task.demos, context) for item in task.scored]
+        options = scoring_options(task.task, template, settings.evaluate)
+        key = score_key(settings, model_ref, task.key, prompts, task.scored, options) if stored else ""
+        started = time.time()
+        scores = stored.get(key, ids) if stored else None
+        if scores is None:
+            if generator is None:
+                generator = make_generator(
+                    settings, model_ref, adapter=adapter, batch_size=settings.evaluate.batch_size
+                )
+            scores = score_task(generator, task, prompts, options, settings.seed)
+            if stored:
+                stored.put(key, scores)
+            source = f"{time.time() - started:.0f}s"
+        else:
+            source = f"cached in {stored.root}"
+        mean = sum(s.score for s in scores) / len(scores)
+        log(f"[evaluate] {label} {task.key}: {task.task.metric} {mean:.3f} on {len(scores)} items ({source})")
+        if cache is not None:
+            cache.append([{"model": label, "task": task.key, "items": [asdict(s) for s in scores]}])
+        results[task.key] = scores
+    return results
+
+
+def chosen_labels(items: Sequence[EvalItem], scores: Sequence[ItemScore]) -> list[str]:
+    """The choice each answer gives: the scored choice, or the first choice word in generated text ("" if none)."""
+    return [(parsed_label(score.prediction, item.choices) or "").strip() for item, score in zip(items, scores)]
+
+
+def task_summary(
+    loaded: LoadedTask, base: Sequence[ItemScore], specialized: Sequence[ItemScore], evaluate, seed: int
+) -> dict:
+    """Both models' scores with the paired interval; for a task with fixed choices also the
+    always-the-most-common-answer baseline, macro-F1 of the three (with the paired interval of its
+    difference) and how often each model gave each answer, since a small model's "gain" in accuracy
+    is often only a move to the majority label, which macro-F1 does not reward."""
+    task = loaded.task
+    summary = {
+        "metric": task.metric,
+        "mode": task.mode,
+        "domain": task.domain,
+        **compare([s.score for s in base], [s.score for s in specialized], evaluate.bootstrap_samples, seed),
+    }
+    if not (loaded.scored and all(item.choices for item in loaded.scored)):
+        return summary
+    gold = [item.answer.strip() for item in loaded.scored]
+    answers = Counter(gold)
+    ((answer, count),) = answers.most_common(1)
+    summary["majority"] = {"answer": answer, "share": round(count / len(gold), 6)}
+    summary["macro_f1"] = compare_macro_f1(
+        gold,
+        chosen_labels(loaded.scored, base),
+        chosen_labels(loaded.scored, specialized),
+        evaluate.bootstrap_samples,
+        seed,
+    )
+    if task.mode == "loglikelihood":  # generated answers are free text
+        summary["answers"] = {
+            "gold": dict(answers.most_common()),
+            "base": dict(Counter(s.prediction for s in base).most_common()),
+            "specialized": dict(Counter(s.prediction for s in specialized).most_common()),
+        }
+    return summary
+
+
+# --------------------------------------------------------------------------------- contamination
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Lowercased ``\\w+`` word n-grams of ``text`` (none when it has fewer than ``n`` words)."""
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def ngram_overlap(texts_a: Iterable[str], texts_b: Iterable[str], n: int = 13) -> set[str]:
+    """The word n-grams that occur in both collections, as space-joined strings (empty: no overlap)."""
+    grams_a = set().union(*(ngrams(t, n) for t in texts_a))
+    grams_b = set().union(*(ngrams(t, n) for t in texts_b))
+    return {" ".join(gram) for gram in grams_a & grams_b}
+
+
+def find_overlaps(train_texts: Sequence[str], eval_texts: Sequence[str], n: int = 13) -> dict[int, set[int]]:
+    """``{training index: {evaluation indices it shares an n-gram with}}``, only for overlapping ones."""
+    index: dict[tuple[str, ...], list[int]] = {}
+    for position, text in enumerate(eval_texts):
+        for gram in ngrams(text, n):
+            index.setdefault(gram, []).append(position)
+    overlaps: dict[int, set[int]] = {}
+    for position, text in enumerate(train_texts):
+        touched = {hit for gram in ngrams(text, n) for hit in index.get(gram, ())}
+        if touched:
+            overlaps[position] = touched
+    return overlaps
+
+
+def record_text(record: dict) -> str:
+    """What a generated training record teaches: instruction, input and output."""
+    return "\n".join(str(record.get(name) or "") for name in ("instruction", "input", "output"))
+
+
+def drop_overlapping(records: Sequence[dict], eval_texts: Sequence[str], n: int = 13) -> tuple[list[dict], list[dict]]:
+    """Split training ``records`` into (kept, dropped): dropped ones share an n-gram with an evaluation text."""
+    overlapping = find_overlaps([record_text(r) for r in records], eval_texts, n)
+    kept = [r for i, r in enumerate(records) if i not in overlapping]
+    dropped = [r for i, r in enumerate(records) if i in overlapping]
+    return kept, dropped
+
+
+def item_texts(items: Sequence[EvalItem]) -> list[str]:
+    """Each item's benchmark content: input and answer, and the instruction unless items share it.
+
+    An instruction repeated across items is the task's wording ("Classify the sentiment ..."), which
+    seeds and generated instructions may echo; it says nothing about having seen the test item.
+    """
+    repeated = {text for text, count in Counter(item.instruction for item in items).items() if count > 1}
+    return [
+        "\n".join(
+            part for part in ("" if item.instruction in repeated else item.instruction, item.input, item.answer) if part
+        )
+        for item in items
+    ]
+
+
+def evaluation_texts(settings, domain: str, log: Callable[[str], None] = print) -> list[str]:
+    """The content of every installed domain's evaluation items present in the data directory.
+
+    For dropping contaminated training records (``evaluate.drop_contaminated``) before tuning.
+    """
+    own, others = collect_tasks(domain, cross_domain=True)
+    texts = []
+    for task in own + others:
+        items = read_items(task, resolve_data_dir(settings), log)
+        if isinstance(items, str):
+            log(f"[contamination] {items}")
+            continue
+        texts += item_texts(items)
+    return texts
+
+
+def unknown_contamination(adapter: Path, n: int) -> dict:
+    """The contamination report of an adapter whose training data cannot be found."""
+    return {
+        "ngram": n,
+        "status": "unknown",
+        "training_records": None,
+        "overlapping_records": [],
+        "tasks": {},
+        "reason": f"the training data of {adapter} was not found (it is not a selfspec run's train/adapter "
+        "whose respond/data.jsonl is unchanged since training)",
+    }
+
+
+def check_contamination(
+    records: Sequence[dict], loaded: Sequence[LoadedTask], n: int
+) -> tuple[dict, set[tuple[str, str]]]:
+    """The contamination report, and the ``(task key, item id)`` pairs a training record touches."""
+    owners, texts = [], []
+    for task in loaded:
+        owners += [(task, item) for item in task.items]
+        texts += item_texts(task.items)
+    overlaps = find_overlaps([record_text(r) for r in records], texts, n)
+    touched: set[tuple[str, str]] = set()
+    by_task: dict[str, set[str]] = {task.key: set() for task in loaded}
+    overlapping_records = []
+    for record_index, hits in sorted(overlaps.items()):
+        record = records[record_index]
+        record_id = str(record.get("id", record_index))
+        for hit in hits:
+            task, item = owners[hit]
+            touched.add((task.key, item.id))
+            by_task[task.key].add(record_id)
+        first = min(hits)
+        overlapping_records.append(
+            {
+                "id": record_id,
+                "items": sorted(f"{owners[h][0].key}:{owners[h][1].id}" for h in hits),
+                "example": min(ngram_overlap([record_text(record)], [texts[first]], n)),
+            }
+        )
+    tasks = {}
+    for task in loaded:
+        hit_items = {item_id for key, item_id in touched if key == task.key}
+        tasks[task.key] = {
+            "domain": task.task.domain,
+            "items": len(task.items),
+            "items_touched": len(hit_items),
+            "share": round(len(hit_items) / len(task.items), 6),
+            "scored_items_touched": sum(item.id in hit_items for item in task.scored),
+            "too_short": sum(len(_WORD.findall(t.lower())) < n for t in item_texts(task.items)),
+            "training_records": sorted(by_task[task.key]),
+        }
+    report = {
+        "ngram": n,
+        "status": "checked",
+        "training_records": len(records),
+        "overlapping_records": overlapping_records,
+        "tasks": tasks,
+    }
+    return report, touched
+
+
+# ------------------------------------------------------------------------------------------ stage
+
+
+def stage_tasks(
+    settings, domain: str, log: Callable[[str], None]
+) -> tuple[list[EvalTask], list[LoadedTask], dict[str, str]]:
+    """The stage's tasks: all of them, those loaded (other domains' capped at
+    ``cross_domain_max_items``), and the skipped ones with their reasons."""
+    evaluate = settings.evaluate
+    own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes)
+    if not own:
+        log(f"[evaluate] domain {domain!r} registers no evaluation tasks (hook evaluation_tasks)")
+    loaded, skipped = load_tasks(own, settings, log)
+    loaded_others, skipped_others = load_tasks(others, settings, log, evaluate.cross_domain_max_items)
+    return own + others, loaded + loaded_others, {**skipped, **skipped_others}
+
+
+def outside_inputs_hash(settings, domain: str) -> str:
+    """Hash of the benchmark items the stage would score: edited benchmark files (or another
+    ``SELFSPEC_FPB_LEVEL``-style choice a loader makes) make an earlier evaluation stale."""
+    _, loaded, _ = stage_tasks(settings, domain, _data_lines_only)
+    payload = [[task.key, [asdict(item) for item in task.demos + task.scored]] for task in loaded]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _data_lines_only(line: str) -> None:
+    """Say what is fetched from the Hub (and under which licence), the first time it is; drop the
+    rest: the stage itself reports skipped tasks when it runs."""
+    if line.startswith("[data]"):
+        print(line)
+
+
+def run_stage(ctx) -> dict:
+    settings, evaluate = ctx.settings, ctx.settings.evaluate
+    adapter = stage_adapter(settings, ctx.run)
+    if not adapter.is_dir():
+        raise SelfspecError(
+            f"{adapter}: no adapter to evaluate; run `{stage_command(ctx.domain.name, 'train', ctx.run.path)}` "
+            "or set evaluate.adapter to an adapter folder"
+        )
+    check_adapter(adapter)
+    tasks, loaded, skipped = stage_tasks(settings, ctx.domain.name, ctx.log)
+
+    template, context = ctx.template("train"), ctx.template_context
+    cache = RecordLog(ctx.work / "scored.jsonl")
+    base = score_model("base", settings, ctx.model, None, loaded, template, context, ctx.log, cache)
+    specialized = score_model("specialized", settings, ctx.model, adapter, loaded, template, context, ctx.log, cache)
+
+    training_data = adapter_training_data(adapter) if evaluate.adapter else ctx.run.require("respond", "data.jsonl")
+    if training_data is None:
+        contamination, touched = unknown_contamination(adapter, evaluate.ngram), set()
+        ctx.log(f"[evaluate] contamination unknown: {contamination['reason']}")
+    else:
+        try:
+            records = read_jsonl(training_data)
+        except ValueError as exc:
+            raise SelfspecError(
+                f"{training_data}: corrupt training data ({exc}); the contamination check needs it"
+            ) from None
+        contamination, touched = check_contamination(records, loaded, evaluate.ngram)
+        contamination["training_data"] = str(training_data)
+
+    report: dict = {"cross_domain": {}}
+    predictions = []
+    for task in loaded:
+        section = report if task.task.domain == ctx.domain.name else report["cross_domain"]
+        section[task.task.name] = summary = task_summary(
+            task, base[task.key], specialized[task.key], evaluate, settings.seed
+        )
+        ctx.log(
+            f"[evaluate] {task.key}: base {summary['base']:.3f} -> specialized {summary['specialized']:.3f} "
+            f"(delta {summary['delta']:+.3f}, 95% CI [{summary['ci'][0]:+.3f}, {summary['ci'][1]:+.3f}], n={summary['n']})"
+        )
+        for item, b, s in zip(task.scored, base[task.key], specialized[task.key]):
+            predictions.append(
+                {
+                    "task": task.task.name,
+                    "domain": task.task.domain,
+                    "id": item.id,
+                    "answer": item.answer,
+                    "contaminated": (task.key, item.id) in touched,
+                    "base_prediction": b.prediction,
+                    "base_score": b.score,
+                    "base_logprobs": list(b.logprobs),
+                    "specialized_prediction": s.prediction,
+                    "specialized_score": s.score,
+                    "specialized_logprobs": list(s.logprobs),
+                }
+            )
+    for task in tasks:
+        key = f"{task.domain}/{task.name}"
+        if key in skipped:
+            section = report if task.domain == ctx.domain.name else report["cross_domain"]
+            section[task.name] = {
+                "metric": task.metric,
+                "mode": task.mode,
+                "domain": task.domain,
+                "n": 0,
+                "skipped": skipped[key],
+            }
+
+    atomic_write_json(ctx.work / "eval.json", report)
+    atomic_write_json(ctx.work / "contamination.json", contamination)
+    write_jsonl(ctx.work / "predictions.jsonl", predictions)
+    (ctx.work / "scored.jsonl").unlink(missing_ok=True)  # predictions.jsonl holds the same, paired
+    return {
+        "tasks": len(loaded),
+        "skipped": len(skipped),
+        "items": len(predictions),
+        "contaminated_items": len(touched),
+        "contaminating_records": len(contamination["overlapping_records"]),
+    }
+
+
+# ---------------------------------------------------------------------------- user evaluation files
+
+EVAL_FILE_FIELDS = ("id", "instruction", "input", "output", "choices")
+
+
+def read_eval_file(path: Path) -> list[EvalItem]:
+    """Rows ``{instruction, input, output, choices?}`` of a JSONL file, with errors naming file:line:field."""
+    if not path.is_file():
+        raise SelfspecError(f"{path}: evaluation file not found")
+    items = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise SelfspecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SelfspecError(
+                f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise SelfspecError(f"{where}: expected an object with fields instruction, input, output, choices")
+        for name in row:
+            close = difflib.get_close_matches(name, EVAL_FILE_FIELDS, n=1, cutoff=0.75)
+            if name not in EVAL_FILE_FIELDS and close:
+                raise SelfspecError(f"{where}: field {name!r}: unknown field (did you mean {close[0]!r}?)")
+        for name in ("instruction", "output"):
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise SelfspecError(f"{where}: field {name!r}: missing or empty; write it as a non-empty string")
+        if not isinstance(row.get("input", ""), str):
+            raise SelfspecError(f"{where}: field 'input': expected a string, got {type(row['input']).__name__}")
+        choices = row.get("choices") or []
+        if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise SelfspecError(f"{where}: field 'choices': expected a list of non-empty strings")
+        choices = [c.strip() for c in choices]
+        if choices and (len(choices) < 2 or len(set(choices)) != len(choices)):
+            raise SelfspecError(f"{where}: field 'choices': needs at least two different choices, got {choices}")
+        if choices and row["output"].strip() not in choices:
+            raise SelfspecError(f"{where}: field 'output': {row['output']!r} is not one of the choices {choices}")
+        items.append(
+            EvalItem(
+                str(row.get("id", number)),
+                row["instruction"].strip(),
+                row.get("input", "").strip(),
+                row["output"].strip(),
+                tuple(choices),
+            )
+        )
+    if not items:
+        raise SelfspecError(
+            f"{path}: no rows; write one JSON object per line with instruction, input, output (and choices)"
+        )
+    return items
+
+
+def evaluate_file(
+    settings,
+    eval_file: str | Path,
+    metric: str | None = None,
+    adapter: str | Path | None = None,
+    output: str | Path | None = None,
+    domain: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Score a user's JSONL file: rows with ``choices`` by log-likelihood (accuracy), the others by
+    greedy generation and ``metric`` (default ``rouge_l``). With an ``adapter``, the base model is
+    scored too and each task gets the delta and its 95% paired bootstrap interval.
+
+    Returns ``{task: {metric, mode, n, value[, base, delta, ci]}}``, also written to ``output``.
+    """
+    from selfspec_core.models.loading import resolve_model
+
+    path = Path(eval_file)
+    metric = metric or "rouge_l"
+    if metric not in METRICS:
+        raise SelfspecError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
+    items = read_eval_file(path)
+    groups = {"loglikelihood": [i for i in items if i.choices], "generate": [i for i in items if not i.choices]}
+    groups = {mode: rows for mode, rows in groups.items() if rows}
+    loaded = []
+    for mode, rows in groups.items():
+        name = path.stem if len(groups) == 1 else f"{path.stem}:{'choices' if mode == 'loglikelihood' else 'generate'}"
+        task = EvalTask(
+            name,
+            domain or "user",
+            str(path),
+            load=read_eval_file,
+            mode=mode,
+            metric="accuracy" if mode == "loglikelihood" else metric,
+        )
+        loaded.append(split_items(task, rows, settings.evaluate.shots, settings.evaluate.max_items, settings.seed))
+        if not loaded[-1].scored:
+            raise SelfspecError(
+                f"{path}: {len(rows)} {mode} rows, none left to score after {settings.evaluate.shots} shots; lower evaluate.shots"
+            )
+    _, template = plugins.first_result("prompt_template", PromptTemplate, domain=domain or "", stage="train")
+    description = plugins.get_domain(domain).description if domain else ""
+    context = {"domain": domain or "", "description": description or domain or ""}
+    model_ref = resolve_model(settings.model)
+    adapter = Path(adapter) if adapter else None
+    scored = score_model(
+        "specialized" if adapter else "base", settings, model_ref, adapter, loaded, template, context, log
+    )
+    base = score_model("base", settings, model_ref, None, loaded, template, context, log) if adapter else None
+    results = {}
+    for task in loaded:
+        scores = scored[task.key]
+        entry = {
+            "metric": task.task.metric,
+            "mode": task.task.mode,
+            "n": len(scores),
+            "value": round(sum(s.score for s in scores) / len(scores), 6),
+        }
+        if base is not None:
+            summary = task_summary(task, base[task.key], scores, settings.evaluate, settings.seed)
+            entry.update(base=summary["base"], delta=summary["delta"], ci=summary["ci"])
+        results[task.task.name] = entry
+    if output is not None:
+        atomic_write_json(Path(output), results)
+    return results
