@@ -3,8 +3,8 @@
 Every name in ``__all__`` keeps its meaning across minor releases; the rest of ``selfspec_core`` is
 private and may change in any release. The guide is docs/plugins.md.
 
-* Writing hooks: ``hookimpl``, ``Domain``, ``Seed``, ``PromptTemplate`` and ``default_template``,
-  ``EvalTask``, ``EvalItem``, ``Passage``, ``SelfspecError``.
+* Writing hooks: ``hookimpl``, ``Domain``, ``Seed`` (its fields: ``SEED_FIELDS``), ``PromptTemplate`` and
+  ``default_template``, ``EvalTask``, ``EvalItem``, ``Passage``, ``SelfspecError``.
 * Mining tasks from a corpus (the ``task_miners`` hook): ``Miner``, ``sentences`` (a text cut into
   sentences), ``pick_phrasing`` (one of several wordings of an instruction).
 * Reading data: ``data_root`` (the user's data directory), ``package_file`` (files the plugin ships),
@@ -51,7 +51,7 @@ _LAZY = {
     "domain_seeds": ("run.pipeline", "domain_seeds"),
     "filter_reason": ("stages.filter", "plugin_reason"),
     "blacklist_pattern": ("stages.filter", "blacklist_pattern"),
-    "check_plugin": ("plugins.check", "check_plugin"),
+    "check_plugin": ("authoring.check", "check_plugin"),
     "build_tiny_model": ("testing", "build_tiny_model"),
     "write_hub_dataset": ("testing", "write_hub_dataset"),
     "use_hub_mirror": ("testing", "use_hub_mirror"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 SEED_FIELDS = ("id", "task_type", "instruction", "input", "output")
+"""The fields every seed record has (``input`` may be empty); a seed file with any other field is refused."""
 
 
 @dataclass(frozen=True)
