@@ -170,9 +170,9 @@ def parse_command_line(line: str):
 
 
 def _session_option_objects():
-    from selfspec_core.cli.main import _session_options
+    from selfspec_core.cli.session import session_options
 
-    return _session_options()
+    return session_options()
 
 
 def option_values():
@@ -329,7 +329,8 @@ def test_stage_command_hints_parse_for_every_stage(tmp_path):
 
 
 def test_third_party_warnings_go_to_the_log_file_not_the_console(tmp_path):
-    """Library warnings (bitsandbytes' missing CPU kernel, transformers' FutureWarnings) are the run's log's, not the user's."""
+    """Library warnings (bitsandbytes' missing CPU kernel, transformers' FutureWarnings) are the run's log's,
+    not the user's."""
     script = (
         "import logging, sys, warnings\n"
         "from selfspec_core.runtime import logs\n"
