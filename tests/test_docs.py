@@ -171,6 +171,35 @@ def test_every_relative_link_resolves(page):
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
 
 
+def resolve(dotted: str):
+    """The module, or attribute of a module, that a dotted name such as ``selfspec_core.api.Passage`` names."""
+    parts = dotted.split(".")
+    value = importlib.import_module(parts[0])
+    for number, part in enumerate(parts[1:], start=2):
+        try:
+            value = importlib.import_module(".".join(parts[:number]))
+        except ModuleNotFoundError:
+            value = getattr(value, part, None)
+            if value is None:
+                return None
+    return value
+
+
+def test_every_module_and_file_of_the_core_the_docs_name_exists():
+    """A path such as ``selfspec_core/stages/mine.py`` or a name such as ``selfspec_core.api.Passage`` in
+    prose still names something after the core's modules move."""
+    missing = []
+    for page in PAGES:
+        text = page.read_text()
+        for path in set(re.findall(r"selfspec_core(?:/\w+)+\.\w+", text)):
+            if not (ROOT / path).is_file():
+                missing.append(f"{page.name}: {path}")
+        for dotted in set(re.findall(r"selfspec_core(?:\.\w+)+", text)):
+            if resolve(dotted) is None:
+                missing.append(f"{page.name}: {dotted}")
+    assert not missing, "the docs name what is not in the code: " + "; ".join(sorted(missing))
+
+
 def test_the_results_page_shows_both_plots():
     results = (ROOT / "docs" / "results.md").read_text()
     for plot in sorted((ROOT / "docs").glob("results-*.png")):
