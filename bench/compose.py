@@ -43,7 +43,8 @@ def main() -> None:
     for run in (args.finance, args.biomed):
         if not (Path(run) / "train" / "adapter").is_dir():
             sys.exit(
-                f"{run}: no finished run; make it with `python bench/quality.py --domain {Path(run).name.split('-')[1]}`"
+                f"{run}: no finished run; make it with "
+                f"`python bench/quality.py --domain {Path(run).name.split('-')[1]}`"
             )
     command = [
         sys.executable,

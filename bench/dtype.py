@@ -24,7 +24,7 @@ from selfspec_core.eval.scoring import score_loglikelihood
 from selfspec_core.models.generator import HFGenerator
 from selfspec_core.models.loading import load_model, load_tokenizer, resolve_dtype, resolve_model
 from selfspec_core.plugins import manager as plugins
-from selfspec_core.stages.evaluate import load_tasks, render_prompt
+from selfspec_core.stages.evaluate import evaluation_prompts, load_tasks, render_prompt
 from selfspec_core.templates import PromptTemplate
 
 DEV_TASK = {"finance": "fpb_dev", "biomed": "pubmedqa_dev"}
@@ -46,7 +46,8 @@ def dev_prompts(domain: str, settings) -> tuple[list[str], list]:
     _, template = plugins.first_result("prompt_template", PromptTemplate, domain=domain, stage="train")
     context = {"domain": info.name, "description": info.description or info.name}
     items = loaded[0].scored
-    return [render_prompt(template, item, [], context) for item in items], items
+    prompts = evaluation_prompts(settings, resolve_model(settings.model), None, template, context)
+    return [render_prompt(prompts, item, []) for item in items], items
 
 
 def main() -> None:
@@ -75,7 +76,7 @@ def main() -> None:
     for dtype in ("float32", "bfloat16"):
         generator = HFGenerator(load_model(ref, dtype=dtype), tokenizer, args.batch_size)
         started = time.perf_counter()
-        scores = score_loglikelihood(generator, prompts, items, metric="accuracy", length_normalize=False)
+        scores = score_loglikelihood(generator, prompts, items, metric="accuracy")
         seconds[dtype] = time.perf_counter() - started
         choices[dtype] = [s.prediction for s in scores]
         accuracy = sum(s.score for s in scores) / len(scores)
@@ -87,7 +88,8 @@ def main() -> None:
     agreement = sum(a == b for a, b in zip(choices["float32"], choices["bfloat16"])) / len(prompts)
     print(
         f"speedup={seconds['float32'] / seconds['bfloat16']:.2f} agreement={agreement:.3f} n={len(prompts)} "
-        f"auto={resolve_dtype('auto')} f32_tok_s={tokens / seconds['float32']:.0f} bf16_tok_s={tokens / seconds['bfloat16']:.0f}"
+        f"auto={resolve_dtype('auto')} f32_tok_s={tokens / seconds['float32']:.0f} "
+        f"bf16_tok_s={tokens / seconds['bfloat16']:.0f}"
     )
 
 

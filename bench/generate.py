@@ -66,7 +66,8 @@ def main() -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (0: torch's default); on a CPU shared with other jobs, 1 avoids threads waiting on each other",
+        help="torch CPU threads (0: torch's default); "
+        "on a CPU shared with other jobs, 1 avoids threads waiting on each other",
     )
     args = parser.parse_args()
     if args.threads:
@@ -92,15 +93,18 @@ def main() -> None:
     sequential_rate, batched_rate = sequential_tokens / sequential_s, batched_tokens / batched_s
     mean_prompt = sum(len(tokenizer(p).input_ids) for p in prompts) / len(prompts)
     print(
-        f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, max_new_tokens {max_new_tokens}"
+        f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, "
+        f"max_new_tokens {max_new_tokens}"
         f"{' (stop strings on)' if args.stop else ''}, "
         f"{model.dtype}, {torch.get_num_threads()} torch threads"
     )
     print(
-        f"one at a time: {sequential_tokens} tokens in {sequential_s:.1f}s; batched: {batched_tokens} tokens in {batched_s:.1f}s"
+        f"one at a time: {sequential_tokens} tokens in {sequential_s:.1f}s; "
+        f"batched: {batched_tokens} tokens in {batched_s:.1f}s"
     )
     print(
-        f"speedup={batched_rate / sequential_rate:.2f} batched_tok_s={batched_rate:.1f} sequential_tok_s={sequential_rate:.1f}"
+        f"speedup={batched_rate / sequential_rate:.2f} batched_tok_s={batched_rate:.1f} "
+        f"sequential_tok_s={sequential_rate:.1f}"
     )
 
 

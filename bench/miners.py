@@ -219,7 +219,8 @@ def main() -> None:
     )
     judged_precision, judged, same = finding_judged_precision(biomed_docs, biomed_mining.mine_findings)
     print(
-        f"finding_question: {judged_precision:.3f} of {same} hand-judged tasks right ({judged} judged, {same} still mined "
+        f"finding_question: {judged_precision:.3f} of {same} hand-judged tasks right "
+        f"({judged} judged, {same} still mined "
         "with the judged label)"
     )
     figures.update(finding_question_judged_precision=judged_precision, finding_question_judged_n=same)

@@ -78,7 +78,8 @@ def main() -> None:
     contamination = json.loads((run.stage_dir("evaluate") / "contamination.json").read_text())
     for key, row in contamination.get("tasks", {}).items():
         print(
-            f"contamination {key}: {row['items_touched']}/{row['items']} items share a {contamination['ngram']}-gram with the training data"
+            f"contamination {key}: {row['items_touched']}/{row['items']} items share a "
+            f"{contamination['ngram']}-gram with the training data"
         )
     for scope, rows in (
         ("own", {k: v for k, v in results.items() if k != "cross_domain"}),
@@ -89,7 +90,8 @@ def main() -> None:
                 print(f"{scope} {name}: skipped ({row['skipped']})")
                 continue
             print(
-                f"{scope} {name} ({row['metric']}, n={row['n']}): base={row['base']:.3f} specialized={row['specialized']:.3f} "
+                f"{scope} {name} ({row['metric']}, n={row['n']}): "
+                f"base={row['base']:.3f} specialized={row['specialized']:.3f} "
                 f"delta={row['delta']:+.3f} ci=[{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}]"
             )
             if "macro_f1" in row:
@@ -116,7 +118,8 @@ def main() -> None:
     )
     print(
         f"task={MAIN_TASK[args.domain]} base={main_row['base']:.3f} specialized={main_row['specialized']:.3f} "
-        f"delta={main_row['delta']:.3f} ci_low={main_row['ci'][0]:.3f} ci_high={main_row['ci'][1]:.3f}{majority}{macro} "
+        f"delta={main_row['delta']:.3f} ci_low={main_row['ci'][0]:.3f} ci_high={main_row['ci'][1]:.3f}"
+        f"{majority}{macro} "
         f"minutes={minutes:.1f}"
     )
 

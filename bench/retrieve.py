@@ -54,7 +54,8 @@ def main() -> None:
     words = sum(len(p.text.split()) for p in passages)
     print(
         f"corpus: {len(real)} real passages from {len(CORPORA)} corpora (read in {load_s:.1f}s), "
-        f"plus {copies} copies with suffixed ids -> {len(passages)} passages, {words / len(passages):.0f} words each on average"
+        f"plus {copies} copies with suffixed ids -> {len(passages)} passages, "
+        f"{words / len(passages):.0f} words each on average"
     )
 
     started = time.perf_counter()

@@ -135,7 +135,8 @@ def main() -> None:
         figures = run_load(server.url, limits, args.requests, args.clients)
         seconds = time.perf_counter() - started
     print(
-        f"clients={args.clients} seconds={seconds:.1f} (wrong_status: answers whose success or failure was not the expected one)"
+        f"clients={args.clients} seconds={seconds:.1f} "
+        "(wrong_status: answers whose success or failure was not the expected one)"
     )
     print(" ".join(f"{key}={value}" for key, value in figures.items()))
 

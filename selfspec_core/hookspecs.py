@@ -77,7 +77,8 @@ def evaluation_tasks(domain):
 
     Each task names its data file (relative to the data dir), a loader for the benchmark's own file
     format, its prompt, scoring mode and metric, and optionally a copy shipped with the plugin and
-    the dataset on the Hub with a reader for its rows (see :mod:`selfspec_core.data.datasources`). Tasks of every installed domain are collected, so
+    the dataset on the Hub with a reader for its rows (see :mod:`selfspec_core.data.datasources`). Tasks
+    of every installed domain are collected, so
     evaluation can also report the cross-domain cost of specializing.
     """
 
@@ -95,7 +96,8 @@ def retrieval_corpus(domain, data_dir):
 
 @hookspec
 def corpus_sources(domain):
-    """Return the parts of ``domain``'s default retrieval corpus as :class:`selfspec_core.data.datasources.DataSource` s.
+    """Return the parts of ``domain``'s default retrieval corpus as
+    :class:`selfspec_core.data.datasources.DataSource` s.
 
     Where each part is looked for (data directory, shipped copy, Hub) and under which licence, so
     ``selfspec data`` can list and fetch them; reading them stays ``retrieval_corpus``'s job.

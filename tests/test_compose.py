@@ -253,7 +253,10 @@ def test_serve_routes_each_request_and_serves_each_expert_by_name(composed, tiny
     finance = (
         "Did quarterly earnings rise or fall in the quarter?\n\nThe report on revenue and cash flow was published."
     )
-    biomed = "Does the abstract show that treatment lowered mortality?\n\nThe report on viral load and adverse events was published."
+    biomed = (
+        "Does the abstract show that treatment lowered mortality?\n\n"
+        "The report on viral load and adverse events was published."
+    )
     with ServerThread(app) as server:
         with urllib.request.urlopen(f"{server.url}/models", timeout=30) as reply:
             names = [m["id"] for m in json.loads(reply.read())["data"]]

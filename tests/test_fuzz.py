@@ -233,7 +233,10 @@ def test_config_files(tmp_path):
     from selfspec_core.config import load_settings
 
     rng = random.Random(3)
-    valid = b'seed = 7\n[generate]\nnum_instructions = 20\n[train]\nlora_r = 8\nquant = "none"\n[respond]\nretrieval = false\n'
+    valid = (
+        b'seed = 7\n[generate]\nnum_instructions = 20\n[train]\nlora_r = 8\nquant = "none"\n'
+        b"[respond]\nretrieval = false\n"
+    )
     cases = [
         (f"toml-{name}", content, ".toml") for name, content in truncations(valid, rng, 6) + encodings(valid.decode())
     ]

@@ -172,7 +172,10 @@ class KilledAfter(ScriptedGenerator):
         return super().generate(prompts, **options)
 
 
-def make_context(tmp_path, name="run", seed=42, model=ModelRef("scripted", "unused"), domain=DOMAIN, **generate):
+SCRIPTED_MODEL = ModelRef("scripted", "unused")
+
+
+def make_context(tmp_path, name="run", seed=42, model=SCRIPTED_MODEL, domain=DOMAIN, **generate):
     settings = load_settings(
         "tiny",
         overrides={"seed": seed, "generate": {"num_instructions": 12, "batch_size": 4, "max_rounds": 10, **generate}},

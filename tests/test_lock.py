@@ -65,6 +65,9 @@ def test_a_second_lock_in_the_same_process_is_refused_too(tmp_path):
     from selfspec_core.errors import SelfspecError
 
     run = RunDir(tmp_path / "run", "finance").open()
-    with run.locked(), pytest.raises(SelfspecError, match=f"in use by process {os.getpid()}"):
-        with RunDir(tmp_path / "run", "finance").locked():
-            pass
+    with (
+        run.locked(),
+        pytest.raises(SelfspecError, match=f"in use by process {os.getpid()}"),
+        RunDir(tmp_path / "run", "finance").locked(),
+    ):
+        pass

@@ -77,7 +77,41 @@ class Scripted:
     def __init__(self):
         self.calls = 0
 
-    WORDS = ["accrual", "deferral", "goodwill", "leverage", "liquidity", "solvency", "coupon", "yield", "duration", "hedge", "swap", "option", "future", "dividend", "buyback", "margin", "turnover", "inventory", "receivable", "payable", "depreciation", "amortization", "impairment", "provision", "reserve", "equity", "debt", "covenant", "rating", "spread", "basis", "arbitrage", "collateral"]
+    WORDS = [
+        "accrual",
+        "deferral",
+        "goodwill",
+        "leverage",
+        "liquidity",
+        "solvency",
+        "coupon",
+        "yield",
+        "duration",
+        "hedge",
+        "swap",
+        "option",
+        "future",
+        "dividend",
+        "buyback",
+        "margin",
+        "turnover",
+        "inventory",
+        "receivable",
+        "payable",
+        "depreciation",
+        "amortization",
+        "impairment",
+        "provision",
+        "reserve",
+        "equity",
+        "debt",
+        "covenant",
+        "rating",
+        "spread",
+        "basis",
+        "arbitrage",
+        "collateral",
+    ]
 
     def generate(self, prompts, *, seed=0, **options):
         self.calls += 1
@@ -215,7 +249,7 @@ def test_a_failing_or_warning_miner_is_named_and_the_others_go_on(tmp_path, monk
         raise ValueError("bad regex")
 
     def sloppy(docs, rng):
-        warnings.warn("3 tables had no numbers and were skipped (e.g. doc1)")
+        warnings.warn("3 tables had no numbers and were skipped (e.g. doc1)", stacklevel=2)
         return [{"instruction": "Q?", "input": "x", "output": "", "task_type": "t"}] + label_miner(docs, rng)[:2]
 
     plugin(
@@ -378,7 +412,8 @@ def test_check_plugin_checks_the_miners(plugin):
     [
         (
             {"weight": 0},
-            "weight 0 gets it no records: a weight is its share beside the domain's other miners, so it must be positive",
+            "weight 0 gets it no records: a weight is its share beside the domain's other miners, "
+            "so it must be positive",
         ),
         (
             {"label_prior": 2.0},

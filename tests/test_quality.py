@@ -58,11 +58,13 @@ SENTIMENT = ("positive", "negative", "neutral")
         ("Is the statement true/false?", ("true", "false")),
         ('Reply with either "up" or "down".', ("up", "down")),
         (
-            "Classify this passage into one of these sections: risk factors, liquidity and capital resources, legal proceedings.",
+            "Classify this passage into one of these sections: "
+            "risk factors, liquidity and capital resources, legal proceedings.",
             ("risk factors", "liquidity and capital resources", "legal proceedings"),
         ),
         (
-            "Classify the interaction. Options: mechanism (pharmacokinetic), effect (pharmacodynamic), advice, none. Answer with one option.",
+            "Classify the interaction. Options: mechanism (pharmacokinetic), effect (pharmacodynamic), advice, none. "
+            "Answer with one option.",
             ("mechanism", "effect", "advice", "none"),
         ),
         (
@@ -94,7 +96,8 @@ def test_options_stated_in_the_instruction(instruction, expected):
 def test_lettered_choices_in_the_input_and_task_type_labels():
     lines = extract_options(
         "Answer the multiple-choice question.",
-        "Question: First-line treatment for anaphylaxis?\nA) Oral antihistamine\nB) Intramuscular epinephrine\nC) Steroids",
+        "Question: First-line treatment for anaphylaxis?\n"
+        "A) Oral antihistamine\nB) Intramuscular epinephrine\nC) Steroids",
     )
     assert (
         lines.kind == "choices" and lines.keys == ("A", "B", "C") and lines.texts[1] == "B) Intramuscular epinephrine"

@@ -109,7 +109,8 @@ def _synthetic_run(path) -> RunDir:
                 "mode": "generate",
                 "domain": "finance",
                 "n": 0,
-                "skipped": "task finqa (finance) skipped: /data/finqa/test.json not found; put finqa/test.json under /data",
+                "skipped": "task finqa (finance) skipped: /data/finqa/test.json not found; "
+                "put finqa/test.json under /data",
             },
             "cross_domain": {
                 "pubmedqa": {
@@ -180,8 +181,8 @@ def test_report_has_every_section_with_plots(tmp_path):
     assert "| training records kept | 70 |" in markdown
     # evaluation with intervals, skipped task with its message, cross-domain separately
     assert (
-        "| phrasebank | finance | accuracy | loglikelihood | 500 | 0.550 | 0.680 | +0.130 | [+0.080, +0.180] | 0.600 (neutral) |"
-        in markdown
+        "| phrasebank | finance | accuracy | loglikelihood | 500 | 0.550 | 0.680 | +0.130 | [+0.080, +0.180] "
+        "| 0.600 (neutral) |" in markdown
     )
     assert (
         "| phrasebank | neutral 300, positive 120, negative 80 | positive 499, negative 1 | neutral 480, positive 20 |"
@@ -214,3 +215,75 @@ def test_report_of_an_empty_run_says_not_available(tmp_path):
     assert markdown.count(report.NOT_AVAILABLE) >= 8
     assert "![" not in markdown  # no plots without data
     assert "<h2>Base vs specialized</h2>" in (run.partial_dir("report") / "report.html").read_text()
+
+
+def _variant(base, specialized, answers_base, answers_specialized):
+    return {
+        "base": base,
+        "specialized": specialized,
+        "delta": round(specialized - base, 6),
+        "ci": [round(specialized - base - 0.05, 6), round(specialized - base + 0.05, 6)],
+        "n": 10,
+        "macro_f1": {"base": 0.2, "specialized": 0.3, "majority": 0.25, "delta": 0.1, "ci": [0.0, 0.2]},
+        "answers": {"base": answers_base, "specialized": answers_specialized},
+    }
+
+
+def _clause_task(headline: str) -> dict:
+    """A law author's 3-way clause task: by summed log-probability both models answer "payment" to all."""
+    variants = {
+        "acc": _variant(0.4, 0.4, {"payment": 10}, {"payment": 10}),
+        "acc_per_token": _variant(0.3, 0.3, {"confidentiality": 9, "payment": 1}, {"confidentiality": 10}),
+        "acc_norm": _variant(0.5, 0.6, {"payment": 6, "termination": 4}, {"payment": 5, "termination": 5}),
+        "acc_calibrated": _variant(
+            0.6, 0.7, {"termination": 4, "payment": 3, "confidentiality": 3}, {"payment": 8, "termination": 2}
+        ),
+    }
+    chosen = variants[headline]
+    return {
+        "metric": "accuracy",
+        "mode": "loglikelihood",
+        "domain": "law",
+        **{key: chosen[key] for key in ("base", "specialized", "delta", "ci", "n", "macro_f1")},
+        "majority": {"answer": "payment", "share": 0.4},
+        "answers": {"gold": {"payment": 4, "termination": 3, "confidentiality": 3}, **chosen["answers"]},
+        "headline": headline,
+        "variants": variants,
+    }
+
+
+def test_choice_tasks_show_every_way_of_picking_and_flag_a_label_prior():
+    section = report.comparison_section("Base vs specialized", {"clauses": _clause_task("acc")}, "e.png", "none")
+    markdown = report.render_markdown("r", [section])
+    assert (
+        "| clauses | acc (headline) | 0.400 | 0.400 | +0.000 | [-0.050, +0.050] | 0.200 | 0.300 "
+        "| +0.100 [+0.000, +0.200] | 0.400 / 0.250 | payment 100% / payment 100% |" in markdown
+    )
+    assert (
+        "| clauses | acc_per_token | 0.300 | 0.300 |" in markdown
+        and "confidentiality 90% / confidentiality 100%" in markdown
+    )
+    assert "| clauses | acc_calibrated | 0.600 | 0.700 |" in markdown
+    assert (
+        "Warning: clauses: the base model answers payment 100% of the items and the specialized model answers "
+        "payment 100% of the items: this score measures a label prior, not reading (headline acc). "
+        "Picked by acc_norm or acc_calibrated, neither model does." in markdown
+    )  # acc_calibrated's specialized answers are 80% payment: not more than 80%
+
+    calibrated = report.comparison_section("x", {"clauses": _clause_task("acc_norm")}, "e.png", "none")
+    assert "| clauses | acc_norm (headline) |" in report.render_markdown("r", [calibrated])
+    assert not any("label prior" in str(block) for block in calibrated.blocks)
+    generated = {"clauses_gen": {**_clause_task("acc"), "mode": "generate"}}
+    generated["clauses_gen"].pop("variants")
+    plain = report.render_markdown("r", [report.comparison_section("x", generated, "e.png", "none")])
+    assert "answer picked by" not in plain
+
+
+def test_a_score_without_contaminated_items_is_shown_beside_the_full_one():
+    entry = {
+        **_clause_task("acc_norm"),
+        "contaminated_dropped": 2,
+        "full": {"base": 0.55, "specialized": 0.75, "delta": 0.2, "ci": [0.1, 0.3], "n": 12},
+    }
+    markdown = report.render_markdown("r", [report.comparison_section("x", {"clauses": entry}, "e.png", "none")])
+    assert "| clauses | 2 | 10 | +0.100 | 12 | 0.550 | 0.750 | +0.200 |" in markdown

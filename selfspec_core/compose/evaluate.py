@@ -4,8 +4,8 @@ Baselines, as in Self-MoE: the experts' adapters merged into one by weights (PEF
 ``add_weighted_adapter``: ``linear``, an equal-weight average, and ``ties``, TIES-merging with
 density 0.5) and one adapter tuned on all the domains' data together (``multitask``, the runs'
 training settings). Every model answers the same prompts: a task is posed in the training template
-of the expert of its domain (the first expert's for a domain without one), as the single-run
-evaluation poses every task in its run's template.
+and prompt format of the expert of its domain (the first expert's for a domain without one), as the
+single-run evaluation poses every task in its adapter's form.
 
 The composed model routes each item's prompt and answers with the chosen expert, so its item scores
 are the chosen model's; each score gets the paired bootstrap interval of its difference from the base
@@ -21,17 +21,18 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from selfspec_core.compose.experts import BASE, Expert, read_composed, route_texts, template_context, with_experts
 from selfspec_core.errors import SelfspecError
 from selfspec_core.eval.scoring import compare, macro_f1
 from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer, resolve_dtype, resolve_model
+from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.run.rundir import RecordLog, atomic_write_json, file_hash, iter_jsonl, write_jsonl
 from selfspec_core.stages.evaluate import LoadedTask, collect_tasks, load_tasks, render_prompt, score_model
 from selfspec_core.stages.report import Figure, Section, Table, _new_figure, _png, write_report
-from selfspec_core.templates import PromptTemplate
 
 MERGES = {"merged-linear": {"combination_type": "linear"}, "merged-ties": {"combination_type": "ties", "density": 0.5}}
 MULTITASK = "multitask"
@@ -75,16 +76,16 @@ def train_multitask(ref: ModelRef, experts: Sequence[Expert], settings, out: Pat
     tokenizer = load_tokenizer(ref)
     examples = []
     for expert in experts:
-        context = template_context(expert.name)
+        prompts = expert.prompts(tokenizer)
         examples += [
-            encode_example(record, expert.prompt_template(), tokenizer, settings.train.max_length, context)
-            for record in iter_jsonl(Path(expert.data))
+            encode_example(record, prompts, settings.train.max_length) for record in iter_jsonl(Path(expert.data))
         ]
     log(f"[compose] {MULTITASK}: tuning one adapter on {len(examples)} records of {len(experts)} domains")
     info = {
         "data_file": [expert.data for expert in experts],
         "data_hash": data_hash,
         "prompt_template": [expert.template for expert in experts],
+        "prompt_format": [expert.prompt_format for expert in experts],
     }
     train_adapter(
         ref, tokenizer, examples, settings.train, out, settings.seed, resolve_dtype(settings.dtype), info, log
@@ -92,10 +93,10 @@ def train_multitask(ref: ModelRef, experts: Sequence[Expert], settings, out: Pat
     return adapter
 
 
-def task_prompt(domain: str, experts: Sequence[Expert]) -> tuple[PromptTemplate, dict]:
-    """The template a task of ``domain`` is posed in, and its context."""
+def task_prompt(domain: str, experts: Sequence[Expert], tokenizer) -> PromptFormat:
+    """The form a task of ``domain`` is posed in: its expert's template and format, in the domain's context."""
     owner = next((expert for expert in experts if expert.name == domain), experts[0])
-    return owner.prompt_template(), template_context(domain)
+    return replace(owner.prompts(tokenizer), context=template_context(domain))
 
 
 def evaluate_composed(folder: Path, settings, log: Callable[[str], None] = print, baselines: bool = True) -> dict:
@@ -120,15 +121,16 @@ def evaluate_composed(folder: Path, settings, log: Callable[[str], None] = print
     cache = RecordLog(work / "scored.jsonl")
     scores: dict[str, dict] = {label: {} for label in models}
     prompts: dict[str, list[str]] = {}
+    tokenizer = load_tokenizer(ref)
     for domain in dict.fromkeys(task.task.domain for task in loaded):  # one template per domain: one model load
         group = [task for task in loaded if task.task.domain == domain]
-        template, context = task_prompt(domain, experts)
+        posed = task_prompt(domain, experts, tokenizer)
         for task in group:
-            prompts[task.key] = [render_prompt(template, item, task.demos, context) for item in task.scored]
+            prompts[task.key] = [render_prompt(posed, item, task.demos) for item in task.scored]
         for label, adapter in models.items():
-            scores[label].update(score_model(label, settings, ref, adapter, group, template, context, log, cache))
+            scores[label].update(score_model(label, settings, ref, adapter, group, posed, log, cache))
 
-    base_model, tokenizer = load_model(ref, dtype=settings.dtype), load_tokenizer(ref)
+    base_model = load_model(ref, dtype=settings.dtype)
     routes = {task.key: route_texts(base_model, tokenizer, router, prompts[task.key]) for task in loaded}
     del base_model
     expert_names = {expert.name for expert in experts}
@@ -226,7 +228,8 @@ def composition_section(result: dict) -> Section:
     return Section(
         "Composed experts",
         [
-            f"Experts: {', '.join(result['experts'])}. Each cell: score (difference from the base, 95% paired interval); "
+            f"Experts: {', '.join(result['experts'])}. "
+            "Each cell: score (difference from the base, 95% paired interval); "
             f"F1: macro-F1 for choice tasks. Routing accuracy on benchmark items (own expert, or the base for a domain "
             f"without one): {accuracy}.",
             Table(headers, rows),

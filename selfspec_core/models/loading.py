@@ -72,7 +72,8 @@ def resolve_model(spec: str | None) -> ModelRef:
             raise SelfspecError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
         if not any(path.glob("*.safetensors")):
             raise SelfspecError(
-                f"model folder {path} has no .safetensors weights; selfspec loads only safetensors (convert the checkpoint first)"
+                f"model folder {path} has no .safetensors weights; "
+                "selfspec loads only safetensors (convert the checkpoint first)"
             )
         return ModelRef(path.name, str(path))
     if spec.count("/") == 1 and not path.exists() and not spec.startswith((".", "/")):
@@ -129,7 +130,8 @@ def _cached_gguf(name: str, gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:
         raise SelfspecError(
-            f"{gguf}: could not read the GGUF model ({type(exc).__name__}: {exc}); `pip install gguf` or pass another --model"
+            f"{gguf}: could not read the GGUF model ({type(exc).__name__}: {exc}); "
+            "`pip install gguf` or pass another --model"
         ) from exc
     # The dequantized weights are plain float tensors; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None

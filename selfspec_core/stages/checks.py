@@ -108,7 +108,30 @@ _ASKS_TO_CHOOSE = re.compile(
     r"determine|tag|rate|which|whether|is\s+(?:it|this|the))",
     re.I,
 )
-_NOT_A_LABEL_START = frozenset(["in", "a", "an", "the", "one", "two", "three", "four", "five", "with", "by", "to", "for", "of", "on", "at", "more", "less", "your", "my"])
+_NOT_A_LABEL_START = frozenset(
+    [
+        "in",
+        "a",
+        "an",
+        "the",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "with",
+        "by",
+        "to",
+        "for",
+        "of",
+        "on",
+        "at",
+        "more",
+        "less",
+        "your",
+        "my",
+    ]
+)
 _ANY_OR_LIST = re.compile(r"(?P<list>" + _OR_LIST + r")", re.I)
 _SCALE = re.compile(r"\bscale\s+(?:of|from)\s+(\d{1,2})\b[^.\n]{0,40}?\bto\s+(\d{1,2})\b", re.I)
 _CHOICE_LINE = re.compile(r"(?m)^[ \t]*\(?([A-Ha-h])[).:][ \t]+(\S.*?)[ \t]*$")

@@ -405,12 +405,16 @@ def run_stage(ctx) -> dict:
                 completed=funnel.kept,
                 description=f"round {state.round} | generated {funnel.generated} | dropped: {_drops(funnel)}",
             )
-    summary = f"{funnel.kept} of {settings.num_instructions} instructions after {state.round} rounds ({funnel.generated} generated; dropped: {_drops(funnel)})"
+    summary = (
+        f"{funnel.kept} of {settings.num_instructions} instructions after {state.round} rounds "
+        f"({funnel.generated} generated; dropped: {_drops(funnel)})"
+    )
     if not log.records and not mined:
         raise SelfspecError(f"no generated instruction passed the filters: {summary}. Try: {_advice(funnel)}")
     if state.stopped == "no_progress":
         ctx.log(
-            f"[generate] stopped early: {EMPTY_ROUNDS_TO_STOP} rounds in a row kept nothing; {summary}. To get more, {_advice(funnel)}"
+            f"[generate] stopped early: {EMPTY_ROUNDS_TO_STOP} rounds in a row kept nothing; {summary}. "
+            f"To get more, {_advice(funnel)}"
         )
     elif state.stopped == "max_rounds":
         ctx.log(f"[generate] stopped at generate.max_rounds = {settings.max_rounds}: {summary}")

@@ -22,6 +22,8 @@ from typing import Any
 from selfspec_core.run.rundir import atomic_write_text, read_jsonl
 
 NOT_AVAILABLE = "not available"
+# A model giving one label to more than this share of a task's items is not reading the items.
+LABEL_PRIOR_SHARE = 0.8
 _BOOKKEEPING = {"stage", "finished_at", "config_hash", "input_hash"}
 
 
@@ -386,6 +388,10 @@ def comparison_section(title: str, entries: dict, figure_name: str, empty: str) 
                     ],
                 )
             )
+        section.blocks += _variant_blocks(scored)
+        cleaned = [(name, e) for name, e in scored if _mapping(e.get("full"))]
+        if cleaned:  # evaluate.drop_contaminated: the scores above leave out items the training data overlaps
+            section.blocks.append(_clean_table(cleaned))
         answered = [(name, _mapping(e.get("answers"))) for name, e in scored if _mapping(e.get("answers"))]
         if answered:
             section.blocks.append(
@@ -409,6 +415,118 @@ def comparison_section(title: str, entries: dict, figure_name: str, empty: str) 
             Table(["skipped task", "domain", "why"], [[name, e.get("domain", ""), e["skipped"]] for name, e in skipped])
         )
     return section
+
+
+def _variant_blocks(scored: list[tuple[str, dict]]) -> list[str | Table]:
+    """Each log-likelihood task scored every way of picking its answers, side by side (the headline
+    marked), and a warning for each task whose headline answers are mostly one label."""
+    rows, warnings = [], []
+    for name, entry in scored:
+        variants = {how: _mapping(v) for how, v in _mapping(entry.get("variants")).items()}
+        if not variants:
+            continue
+        majority = _mapping(entry.get("majority")).get("share")
+        for how, variant in variants.items():
+            f1 = _mapping(variant.get("macro_f1"))
+            answers = _mapping(variant.get("answers"))
+            rows.append(
+                [
+                    name,
+                    f"{how} (headline)" if how == entry.get("headline") else how,
+                    _fmt(variant.get("base")),
+                    _fmt(variant.get("specialized")),
+                    _fmt(variant.get("delta"), signed=True),
+                    _interval(variant.get("ci")),
+                    _fmt(f1.get("base")),
+                    _fmt(f1.get("specialized")),
+                    f"{_fmt(f1.get('delta'), signed=True)} {_interval(f1.get('ci'))}",
+                    f"{_fmt(majority)} / {_fmt(f1.get('majority'))}",
+                    " / ".join(_top_answer(answers.get(model)) for model in ("base", "specialized")),
+                ]
+            )
+        warning = _label_prior_warning(name, entry, variants)
+        if warning:
+            warnings.append(warning)
+    if not rows:
+        return []
+    table = Table(
+        [
+            "task",
+            "answer picked by",
+            "base",
+            "specialized",
+            "delta",
+            "95% CI",
+            "macro-F1: base",
+            "specialized",
+            "delta [95% CI]",
+            "majority: accuracy / macro-F1",
+            "most frequent answer: base / specialized",
+        ],
+        rows,
+    )
+    return [
+        "Every log-likelihood task scored each way of picking its answer from the same log-probabilities: "
+        "acc by the summed log-probability (favours choices of few tokens), acc_per_token and acc_norm per "
+        "token and per byte of the choice (lm-evaluation-harness's acc_norm), acc_calibrated minus each "
+        "choice's log-probability after the item's content-free prompt (a model's favourite label taken out).",
+        table,
+        *warnings,
+    ]
+
+
+def _clean_table(cleaned: list[tuple[str, dict]]) -> Table:
+    """Scores without the contaminated items beside those on every item."""
+    rows = []
+    for name, entry in cleaned:
+        full = _mapping(entry["full"])
+        rows.append(
+            [
+                name,
+                _fmt(entry.get("contaminated_dropped")),
+                _fmt(entry.get("n")),
+                _fmt(entry["delta"], signed=True),
+                _fmt(full.get("n")),
+                _fmt(full.get("base")),
+                _fmt(full.get("specialized")),
+                _fmt(full.get("delta"), signed=True),
+            ]
+        )
+    headers = ["task", "contaminated items dropped", "clean n", "clean delta", "all items: n", "base", "specialized"]
+    return Table([*headers, "delta"], rows)
+
+
+def _top_answer(counts) -> str:
+    """The most frequent answer with its share: ``yes 92%``."""
+    counts = {label: _number(count) or 0 for label, count in _mapping(counts).items()}
+    total = sum(counts.values())
+    if not total:
+        return "-"
+    label = max(counts, key=lambda key: (counts[key], key))
+    return f"{label} {counts[label] / total:.0%}"
+
+
+def _label_prior_warning(name: str, entry: dict, variants: dict[str, dict]) -> str:
+    """The warning for a task whose headline answers are more than LABEL_PRIOR_SHARE one label, naming
+    any way of picking under which neither model's answers are."""
+
+    def skewed(answers) -> list[str]:
+        found = []
+        for model in ("base", "specialized"):
+            counts = [_number(count) or 0 for count in _mapping(_mapping(answers).get(model)).values()]
+            if sum(counts) and max(counts) / sum(counts) > LABEL_PRIOR_SHARE:
+                found.append(f"the {model} model answers {_top_answer(_mapping(answers)[model])} of the items")
+        return found
+
+    found = skewed(entry.get("answers"))
+    if not found:
+        return ""
+    alternatives = [how for how, variant in variants.items() if not skewed(variant.get("answers"))]
+    better = f" Picked by {' or '.join(alternatives)}, neither model does." if alternatives else ""
+    return (
+        f"Warning: {name}: {' and '.join(found)}: this score measures a label prior, not reading "
+        f"(headline {entry.get('headline', 'acc')}).{better}"
+    )
 
 
 def _interval(ci) -> str:
@@ -548,7 +666,8 @@ def build_sections(run, seeds: int | None, model: str, samples: int = 5, seed: i
 # -------------------------------------------------------------------------------------- rendering
 
 _CSS = """
-body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; }
 h1 { border-bottom: 2px solid #2c7fb8; padding-bottom: .3em; }
 h2 { margin-top: 2em; color: #2c7fb8; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }

@@ -27,12 +27,14 @@ MIN_CONTEXT_WORDS = 40
 CONTEXT_WORDS = 200  # what PubMedQA dev was tuned with (see MINERS)
 
 NEGATED = re.compile(
-    r"\b(?:no (?:statistically )?significant (?:difference|change|effect|association|correlation|relationship|improvement|"
-    r"benefit|increase|reduction|decrease)s?|(?:was|were|is|are) not (?:significantly )?(?:associated|correlated|related|"
-    r"different|effective|superior|predictive|improved|reduced|increased)|(?:did|does|do) not (?:significantly )?"
+    r"\b(?:no (?:statistically )?significant (?:difference|change|effect|association|correlation|relationship|"
+    r"improvement|benefit|increase|reduction|decrease)s?|(?:was|were|is|are) not (?:significantly )?"
+    r"(?:associated|correlated|related|different|effective|superior|predictive|improved|reduced|increased)|"
+    r"(?:did|does|do) not (?:significantly )?"
     r"(?:improve|reduce|increase|decrease|affect|differ|change|predict|influence|alter|prevent|correlate|show|lead|result|"
-    r"support|provide|confer)|no (?:evidence|association|effect|benefit|advantage|improvement|correlation|relationship|"
-    r"difference)s? (?:of|for|between|in|on|with|was|were)|failed to (?:show|demonstrate|improve|reduce|detect|find))\b",
+    r"support|provide|confer)|no (?:evidence|association|effect|benefit|advantage|improvement|correlation|"
+    r"relationship|difference)s? (?:of|for|between|in|on|with|was|were)|"
+    r"failed to (?:show|demonstrate|improve|reduce|detect|find))\b",
     re.I,
 )
 OPEN = re.compile(

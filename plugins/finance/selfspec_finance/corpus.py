@@ -63,7 +63,8 @@ def fincausal_sections(folder: Path) -> list[Passage]:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
         if not lines or [c.strip().lower() for c in lines[0].split(";")] != ["index", "text", "gold"]:
             raise SelfspecError(
-                f"{path}:1: expected FinCausal's header 'Index; Text; Gold'; keep only FinCausal 2020 CSV files in {folder}"
+                f"{path}:1: expected FinCausal's header 'Index; Text; Gold'; "
+                f"keep only FinCausal 2020 CSV files in {folder}"
             )
         for number, line in enumerate(lines[1:], start=2):
             index, _, rest = line.partition(";")

@@ -26,7 +26,8 @@ MIN_WORDS, MAX_WORDS = 6, 60
 
 # A financial figure, a few words at most, then the direction it moved.
 _METRIC = (
-    r"(?:net sales|sales|revenues?|turnover|(?:net |operating |pre-tax |pretax |gross )?(?:profit|income|earnings|margin)s?|"
+    r"(?:net sales|sales|revenues?|turnover|"
+    r"(?:net |operating |pre-tax |pretax |gross )?(?:profit|income|earnings|margin)s?|"
     r"ebitda|ebit|eps|earnings per share|orders?|order intake|order book|order backlog|market share|dividend|"
     r"cash flow|result|share price|shares|deliveries|production|volumes?)"
 )
@@ -67,7 +68,8 @@ EVALUATIVE = re.compile(
     r"compensat\w*|excess|support\w*|help\w*|continu\w*|already|now|first|top|major|key|increasingly|most|ideal\w*|"
     r"impress\w*|confiden\w*|terminat\w*|approv\w*|advanced|modern|safe\w*|convenien\w*|beautiful\w*|clearly|well|"
     r"negotiat\w*|realign\w*|bold|reliab\w*|excellen\w*|great\w*|poor\w*|solid|robust|disappoint\w*|upbeat|"
-    r"optimis\w*|pessimis\w*|outstanding|favou?rabl\w*|unfavou?rabl\w*|\w+(?<!inter)(?<!t)(?<!w)(?<!ques)(?<!inv)est|percent|pct|per cent)\b"
+    r"optimis\w*|pessimis\w*|outstanding|favou?rabl\w*|unfavou?rabl\w*|"
+    r"\w+(?<!inter)(?<!t)(?<!w)(?<!ques)(?<!inv)est|percent|pct|per cent)\b"
     r"|[%$€£]|``|''|\"|\b(?:we|our|us|i|am)\b",
     re.I,
 )
@@ -228,7 +230,8 @@ def mine_table_changes(docs: Sequence[Passage], rng: random.Random) -> list[dict
     if unusable:
         warnings.warn(
             f"{len(unusable)} tables have no row with numbers under two year columns and were skipped "
-            f"(e.g. {unusable[0]})"
+            f"(e.g. {unusable[0]})",
+            stacklevel=2,
         )
     return tasks
 

@@ -2,7 +2,8 @@
 
 * Financial PhraseBank v1.0 (Malo et al. 2014, CC BY-NC-SA 3.0: never shipped; read from the data
   directory, else fetched from the Hub's ``takala/financial_phrasebank`` on the user's machine):
-  ``financial_phrasebank/Sentences_<level>.txt``, one latin-1 ``sentence@label`` a line. The agreement level is ``$SELFSPEC_FPB_LEVEL`` (default 50Agree, the full 4,846 sentences).
+  ``financial_phrasebank/Sentences_<level>.txt``, one latin-1 ``sentence@label`` a line. The agreement
+  level is ``$SELFSPEC_FPB_LEVEL`` (default 50Agree, the full 4,846 sentences).
   The test split is a fixed fifth of the sentences chosen by a salted hash of the sentence text, so a
   sentence is in the same split at every agreement level and in every file order; ``fpb_dev`` is the
   rest.

@@ -123,8 +123,8 @@ def test_response_template_frames_background_passages():
     assert grounded.endswith("Instruction: What is EBITDA?\nAnswer:")
     plain = response.render([], {**query, "passages": ""}, description="x")
     assert (
-        plain
-        == "An expert in x answers each instruction correctly and concisely.\n\n###\n\nInstruction: What is EBITDA?\nAnswer:"
+        plain == "An expert in x answers each instruction correctly and concisely.\n\n###\n\n"
+        "Instruction: What is EBITDA?\nAnswer:"
     )
 
 

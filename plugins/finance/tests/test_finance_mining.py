@@ -46,7 +46,8 @@ def test_sentiment_tasks_use_the_fpb_label_set_and_varied_phrasings():
     docs = [
         Passage(
             f"d{n}",
-            "Net sales increased by 9 percent. The firm is based in Turku. Operating profit fell sharply in the quarter.",
+            "Net sales increased by 9 percent. The firm is based in Turku. "
+            "Operating profit fell sharply in the quarter.",
         )
         for n in range(12)
     ]
