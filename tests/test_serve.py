@@ -17,7 +17,7 @@ import pytest
 from selfspec_core.models.backends import OpenAIGenerator
 from selfspec_core.models.generator import HFGenerator
 from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
-from selfspec_core.serve.app import ServerThread, create_app
+from selfspec_core.serve.app import ServeLimits, ServerThread, create_app
 
 # Runs `selfspec serve` whether or not the CLI already registers the command.
 LAUNCH = (
@@ -137,7 +137,7 @@ def test_echo_logprobs_score_the_prompt_like_loglikelihood(served, chat_model_di
     assert len(continuation) == count and sum(continuation) == pytest.approx(local_sum, abs=1e-4)
 
 
-def test_stop_seed_and_errors(served):
+def test_stop_seed_and_errors(served, chat_model_dir):
     server, _ = served
     request = {"model": "tiny-chat", "prompt": PROMPTS[:3], "max_tokens": 12, "temperature": 0}
     status, text = post(server.url + "/completions", request)
@@ -151,6 +151,9 @@ def test_stop_seed_and_errors(served):
     first, again = (json.loads(post(server.url + "/completions", sampled)[1])["choices"] for _ in range(2))
     other = json.loads(post(server.url + "/completions", {**sampled, "seed": 6})[1])["choices"]
     assert first == again and first != other
+    # the seed fixes the text as a local seeded call does, batched or not
+    local = generator_for(chat_model_dir).generate([PROMPTS[0]], max_new_tokens=12, temperature=1.0, seed=5)
+    assert first[0]["text"] == local[0].text
 
     status, text = post(server.url + "/completions", {**request, "model": "gpt-4"})
     assert status == 404 and "serves 'tiny-chat'" in json.loads(text)["error"]["message"]
@@ -160,14 +163,14 @@ def test_stop_seed_and_errors(served):
 
 def test_concurrent_greedy_requests_share_a_batch(served, chat_model_dir):
     server, app = served
-    app.state.worker.batch_sizes.clear()
+    app.state.engine.step_sizes.clear()
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         replies = list(
             pool.map(
                 lambda p: post(server.url + "/completions", {"prompt": p, "max_tokens": 8, "temperature": 0}), PROMPTS
             )
         )
-    assert sum(app.state.worker.batch_sizes.values()) < len(PROMPTS)  # some requests shared a batch
+    assert max(app.state.engine.step_sizes) > 1  # requests shared decoding steps
     texts = [json.loads(text)["choices"][0]["text"] for _, text in replies]
     assert texts == [c.text for c in generator_for(chat_model_dir).generate(PROMPTS, max_new_tokens=8)]
 
@@ -193,6 +196,126 @@ def test_chat_completions_use_the_chat_template(served, chat_model_dir, tiny_mod
     assert status == 400 and "no chat template; use /v1/completions" in json.loads(text)["error"]["message"]
 
 
+def sse_events(text: str) -> list:
+    """The JSON payloads of a server-sent event stream; ``[DONE]`` must end it."""
+    payloads = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    assert payloads[-1] == "[DONE]", payloads[-3:]
+    return [json.loads(payload) for payload in payloads[:-1]]
+
+
+@pytest.fixture(scope="module")
+def slow_served(chat_model_dir):
+    """A live server whose model takes 20 ms per forward pass, so decoding visibly takes time."""
+    generator = generator_for(chat_model_dir)
+    gate = Gate(generator.model, delay=0.02, opened=True)
+    app = create_app(generator, "tiny-chat", limits=ServeLimits(max_tokens=2000))
+    with ServerThread(app) as server:
+        yield server, app, gate
+
+
+def test_chat_streams_token_by_token_with_the_openai_sdk(slow_served):
+    from openai import OpenAI
+
+    server, _, gate = slow_served
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "Classify: revenue rose."}]
+    options = dict(model="tiny-chat", messages=messages, max_tokens=24, temperature=0)
+    reply = client.chat.completions.create(**options)
+    arrivals, chunks = [], []
+    for chunk in client.chat.completions.create(**options, stream=True):
+        arrivals.append(time.monotonic())
+        chunks.append(chunk)
+    last_pass = gate.times[-1]  # the forward pass that gave the last token's logits
+    content = [(at, c) for at, c in zip(arrivals, chunks) if c.choices and c.choices[0].delta.content]
+    assert len(content) >= 3 and content[0][0] < last_pass  # text arrives while the model still decodes
+    assert chunks[0].choices[0].delta.role == "assistant" and not chunks[0].choices[0].delta.content
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1]) and all(c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
+
+    with_usage = list(
+        client.chat.completions.create(**options, stream=True, stream_options={"include_usage": True}, n=2)
+    )
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.model_dump() == {
+        **reply.usage.model_dump(),
+        "completion_tokens": 2 * reply.usage.completion_tokens,
+        "total_tokens": reply.usage.prompt_tokens + 2 * reply.usage.completion_tokens,
+    }
+    assert all(c.usage is None for c in with_usage[:-1])
+    assert sorted(c.choices[0].index for c in with_usage if c.choices and c.choices[0].delta.role) == [0, 1]
+
+
+def test_completions_stream_each_row_as_it_decodes(served, chat_model_dir):
+    server, _ = served
+    request = {"model": "tiny-chat", "prompt": PROMPTS[:3], "max_tokens": 10, "temperature": 0}
+    whole = json.loads(post(server.url + "/completions", request)[1])
+    status, text = post(server.url + "/completions", {**request, "stream": True, "logprobs": 1})
+    events = sse_events(text)
+    assert status == 200 and all("usage" not in event for event in events)
+    for choice in whole["choices"]:
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [c["finish_reason"] for c in mine][-1] == choice["finish_reason"]
+        tokens = [t for c in mine if c["logprobs"] for t in c["logprobs"]["tokens"]]
+        assert len(tokens) == whole["usage"]["completion_tokens"] // 3 or choice["finish_reason"] == "stop"
+    order = [e["choices"][0]["index"] for e in events if e["choices"][0]["text"]]
+    assert order != sorted(order)  # the rows' chunks interleave: one batch, streamed per row
+
+
+def test_held_back_text_waits_for_whole_characters_and_stop_strings():
+    from selfspec_core.serve.engine import held_back
+
+    assert held_back("caf\ufffd", ()) == 1  # the first byte of a two-byte character
+    assert held_back("the end of wor", ("world",)) == 3 and held_back("the end", ("world",)) == 0
+    assert held_back("ab##", ("###", "x##!")) == 2 and held_back("abc", ()) == 0
+
+
+def test_a_disconnected_stream_frees_its_row_at_the_next_step(slow_served):
+    import http.client
+    from urllib.parse import urlsplit
+
+    server, app, gate = slow_served
+    engine = app.state.engine
+    address = urlsplit(server.url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    body = {"prompt": "The company", "max_tokens": 1000, "temperature": 0, "stream": True}
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    calls = gate.calls
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    deadline = time.monotonic() + 2
+    while engine.live_rows() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.live_rows() == 0 and gate.calls - calls < 100  # gone long before its 1000 tokens
+    started = time.monotonic()
+    status, text = post(server.url + "/completions", {"prompt": "Patients", "max_tokens": 3, "temperature": 0})
+    assert status == 200 and time.monotonic() - started < 2, text
+
+
+def test_a_request_past_its_timeout_leaves_the_batch(chat_model_dir):
+    gate, server = gated_server(chat_model_dir, delay=0.02, opened=True, request_timeout=1, max_tokens=2000)
+    with server:
+        started = time.monotonic()
+        status, error = error_of(call(server.url + "/completions", {"prompt": "The company", "max_tokens": 1000}))
+        assert status == 503 and error["code"] == "timeout" and time.monotonic() - started < 5
+        calls = gate.calls
+        time.sleep(0.3)
+        assert gate.calls - calls <= 1  # the row left at its next step
+
+
+def test_sampled_requests_batch_and_keep_their_seeds(served):
+    server, app = served
+    bodies = [{"prompt": p, "max_tokens": 10, "temperature": 0.9, "seed": 7} for p in PROMPTS]
+    alone = [json.loads(post(server.url + "/completions", body)[1])["choices"][0]["text"] for body in bodies]
+    app.state.engine.step_sizes.clear()
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda body: post(server.url + "/completions", body), bodies))
+    assert max(app.state.engine.step_sizes) > 1  # sampled requests shared decoding steps
+    assert [json.loads(text)["choices"][0]["text"] for _, text in together] == alone
+
+
 # --------------------------------------------------------------------------------------------------
 # Guards: the API key, limits, the bound on waiting requests, timeouts, shutdown, load
 
@@ -214,28 +337,34 @@ def call(url, body=None, key=KEY, raw=None, headers=None):
         return error.code, json.loads(error.read())
 
 
-class GatedGenerator(HFGenerator):
-    """The tiny model, whose generate calls wait until the test opens the gate: a model that is busy."""
+class Gate:
+    """Holds every forward pass of a model until the test opens it: a model that is busy. It also
+    counts the passes and can slow each one down (``delay`` seconds), so decoding takes a while."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, delay: float = 0.0, opened: bool = False):
         import threading
 
-        self.gate, self.entered, self.calls = threading.Event(), threading.Event(), 0
+        self.event, self.entered, self.delay = threading.Event(), threading.Event(), delay
+        self.calls, self.times = 0, []
+        if opened:
+            self.event.set()
+        model.register_forward_pre_hook(self._hold)
 
-    def generate(self, prompts, **options):
+    def _hold(self, *_):
         self.calls += 1
         self.entered.set()
-        assert self.gate.wait(60)
-        return super().generate(prompts, **options)
+        assert self.event.wait(60)
+        time.sleep(self.delay)
+        self.times.append(time.monotonic())
+
+    def open(self) -> None:
+        self.event.set()
 
 
-def gated_server(model_dir, **limits):
-    from selfspec_core.serve.app import ServeLimits
-
-    ref = ModelRef("tiny", str(model_dir))
-    generator = GatedGenerator(load_model(ref), load_tokenizer(ref), 8)
-    return generator, ServerThread(create_app(generator, "tiny", limits=ServeLimits(api_key=KEY, **limits)))
+def gated_server(model_dir, delay: float = 0.0, opened: bool = False, **limits):
+    generator = generator_for(model_dir)
+    gate = Gate(generator.model, delay, opened)
+    return gate, ServerThread(create_app(generator, "tiny", limits=ServeLimits(api_key=KEY, **limits)))
 
 
 def error_of(reply):
@@ -247,8 +376,7 @@ def error_of(reply):
 def test_api_key_is_checked_on_every_request(chat_model_dir):
     from openai import AuthenticationError, OpenAI
 
-    generator, server = gated_server(chat_model_dir)
-    generator.gate.set()
+    gate, server = gated_server(chat_model_dir, opened=True)
     with server:
         for path, body in (
             ("/models", None),
@@ -271,8 +399,7 @@ def test_api_key_is_checked_on_every_request(chat_model_dir):
 
 
 def test_limits_answer_4xx_in_openai_shape(chat_model_dir):
-    generator, server = gated_server(chat_model_dir, max_tokens=32, max_prompts=4, max_body_bytes=4096)
-    generator.gate.set()
+    gate, server = gated_server(chat_model_dir, opened=True, max_tokens=32, max_prompts=4, max_body_bytes=4096)
     with server:
         url = server.url + "/completions"
         status, error = error_of(call(url, {"prompt": "x", "max_tokens": 33}))
@@ -295,8 +422,6 @@ def test_limits_answer_4xx_in_openai_shape(chat_model_dir):
 
 
 def test_prompt_longer_than_the_context_is_refused(tiny_model_dir):
-    from selfspec_core.serve.app import ServeLimits
-
     ref = ModelRef("tiny", str(tiny_model_dir))
     model = load_model(ref)
     model.config.max_position_embeddings = 64
@@ -312,11 +437,11 @@ def test_prompt_longer_than_the_context_is_refused(tiny_model_dir):
 
 
 def test_full_queue_answers_429_and_a_slow_model_503_then_recovers(chat_model_dir):
-    generator, server = gated_server(chat_model_dir, max_queue=2, request_timeout=2)
+    gate, server = gated_server(chat_model_dir, max_queue=2, request_timeout=2)
     with server, ThreadPoolExecutor(4) as pool:
         body = {"prompt": "The company", "max_tokens": 4, "temperature": 0}
         waiting = [pool.submit(call, server.url + "/completions", body)]
-        assert generator.entered.wait(30)  # the first request holds the model
+        assert gate.entered.wait(30)  # the first request holds the model
         waiting.append(pool.submit(call, server.url + "/completions", body))
         time.sleep(0.5)
         status, error = error_of(call(server.url + "/completions", body))
@@ -324,57 +449,65 @@ def test_full_queue_answers_429_and_a_slow_model_503_then_recovers(chat_model_di
         timed_out = [error_of(future.result(timeout=30)) for future in waiting]
         assert [status for status, _ in timed_out] == [503, 503]
         assert all(error["code"] == "timeout" for _, error in timed_out)
-        calls = generator.calls
-        generator.gate.set()
+        calls = gate.calls
+        gate.open()
         status, reply = call(server.url + "/completions", body)
         assert status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
-        assert generator.calls <= calls + 2  # the timed-out, queued request was dropped, not run
+        # the timed-out rows left (the running one at its next step), the queued one never ran:
+        # the new request's prefill and at most 3 steps, nothing more
+        assert gate.calls <= calls + 4
 
 
 def test_shutdown_finishes_requests_in_flight(chat_model_dir):
-    generator, server = gated_server(chat_model_dir)
+    gate, server = gated_server(chat_model_dir)
     body = {"prompt": "The company", "max_tokens": 4, "temperature": 0}
     with ThreadPoolExecutor(2) as pool:
         server.__enter__()
         running = pool.submit(call, server.url + "/completions", body)
-        assert generator.entered.wait(30)
+        assert gate.entered.wait(30)
         queued = pool.submit(call, server.url + "/completions", {**body, "temperature": 0.5})
         time.sleep(0.3)
         stopping = pool.submit(server.__exit__)
         time.sleep(0.3)
-        generator.gate.set()
+        gate.open()
         stopping.result(timeout=60)
         assert running.result()[0] == 200 and queued.result()[0] == 200
     with pytest.raises(OSError):
         urllib.request.urlopen(server.url + "/models", timeout=5)
 
 
-def test_queued_jobs_fail_cleanly_when_the_worker_closes(tiny_model_dir):
-    from selfspec_core.serve.app import ModelWorker, ServerClosing
+def test_queued_jobs_fail_cleanly_when_the_engine_closes(tiny_model_dir):
+    from queue import SimpleQueue
 
-    ref = ModelRef("tiny", str(tiny_model_dir))
-    generator = GatedGenerator(load_model(ref), load_tokenizer(ref), 8)
-    worker = ModelWorker(generator)
-    options = dict(max_new_tokens=2, temperature=0.5, top_p=1.0, stop=(), seed=1)
-    running = worker.generate("The company", **options)
-    assert generator.entered.wait(30)
-    queued = worker.generate("Patients", **options)
-    closing = ThreadPoolExecutor(1).submit(worker.close, 30)
+    from selfspec_core.serve.engine import DecodeJob, DecodeOptions, DecodingEngine, Finished, ServerClosing
+
+    generator = generator_for(tiny_model_dir)
+    gate = Gate(generator.model)
+    engine = DecodingEngine(generator)
+    options = DecodeOptions(max_new_tokens=2, temperature=0.5, seed=1)
+    running, queued = SimpleQueue(), SimpleQueue()
+    engine.submit(DecodeJob("The company", options, running.put, time.monotonic() + 60))
+    assert gate.entered.wait(30)
+    engine.submit(DecodeJob("Patients", options, queued.put, time.monotonic() + 60))
+    closing = ThreadPoolExecutor(1).submit(engine.close, 30)
     time.sleep(0.2)
     with pytest.raises(ServerClosing):
-        worker.generate("late", **options)
-    generator.gate.set()
+        engine.submit(DecodeJob("late", options, queued.put, time.monotonic() + 60))
+    gate.open()
     closing.result(timeout=60)
-    assert running.result(timeout=5)[0].num_tokens >= 0
-    with pytest.raises(ServerClosing):
-        queued.result(timeout=5)
+
+    def last(events):
+        while not events.empty():
+            event = events.get()
+        return event
+
+    assert isinstance(last(running), Finished | ServerClosing)  # cut at the next step, or done by then
+    assert isinstance(last(queued), ServerClosing)
 
 
 def test_load_32_clients_no_5xx_no_lost_request():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from serve_load import run_load, serve_tiny
-
-    from selfspec_core.serve.app import ServeLimits
 
     limits = ServeLimits(api_key="load-test-key", max_tokens=64)
     with tempfile.TemporaryDirectory() as folder, serve_tiny(Path(folder), limits) as server:

@@ -1,302 +1,45 @@
 """``selfspec serve``: the base model plus a run's adapter behind an OpenAI-compatible HTTP API.
 
 So the specialized model is usable at once from any OpenAI client, chat UI, lm-eval's
-``local-completions``, or selfspec's own ``openai`` backend. FastAPI + uvicorn serve ``/v1/models``,
-``/v1/completions`` (``echo`` + ``logprobs`` for scoring, ``seed``, ``stop``) and
-``/v1/chat/completions`` (the tokenizer's chat template). One worker thread owns the model; requests
-wait in its queue, and greedy requests with the same length and stop strings that arrive together
-run as one batch, so concurrent clients share each forward pass. A sampled request runs alone, so
-its seed always gives the same text (``--batch-sampling`` trades that for speed).
+``local-completions``, or selfspec's own ``openai`` backend. FastAPI + uvicorn serve ``/v1/models``
+(and ``/v1/models/{id}``), ``/v1/completions`` (``echo`` + ``logprobs`` for scoring) and
+``/v1/chat/completions`` (the tokenizer's chat template), both streaming token by token as
+server-sent events; ``/health`` answers without a key. The decoding itself is
+:class:`~selfspec_core.serve.engine.DecodingEngine`: continuous batching, so concurrent requests,
+greedy or sampled, share each forward pass, and a request whose client went away or whose time ran
+out leaves the batch at the next step. A sampled request draws from its own stream seeded by its
+``seed``, so the seed fixes its text whatever it is batched with.
 """
 
-import collections
+import asyncio
 import contextlib
-import functools
 import json
-import queue
 import secrets
 import socket
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import click
 
 from selfspec_core.errors import SelfspecError
-from selfspec_core.models.generator import Completion, HFGenerator, padded
-
-# --------------------------------------------------------------------------------------------------
-# The model worker: one thread, a queue, batches of compatible requests
-
-
-class ServerClosing(SelfspecError):
-    """The server is shutting down: the job was not run (HTTP 503)."""
-
-
-class PromptRejected(SelfspecError):
-    """The prompt cannot be run: empty, or longer than the model's context allows (HTTP 400)."""
-
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class _Job:
-    kind: Literal["generate", "score"]
-    key: tuple | None  # jobs with equal keys may share a batch; None runs alone
-    payload: tuple
-    expert: str | None = None  # with composed experts: the one asked for; None: the router picks
-    future: Future = field(default_factory=Future)
-
-
-@dataclass(frozen=True)
-class TokenScores:
-    """Per-token log-probabilities of ``text`` (the first token has none) with character offsets."""
-
-    tokens: list[str]
-    logprobs: list[float | None]
-    top: list[dict[str, float] | None]
-    offsets: list[int]
-    prompt_tokens: int
-
-
-class ModelWorker:
-    """Runs every model call on one thread; jobs with the same key that arrive together form a batch.
-
-    With ``experts`` (a :class:`selfspec_core.compose.experts.ComposedModel`), a job names its expert or leaves
-    it to the router; a batch is routed at once and runs expert by expert."""
-
-    def __init__(
-        self,
-        generator: HFGenerator,
-        max_batch: int = 8,
-        window: float = 0.05,
-        batch_sampling: bool = False,
-        experts=None,
-    ):
-        self.generator = generator
-        self.experts = experts
-        self.context = model_context(generator)
-        self.closing = False
-        self.max_batch = max(1, max_batch)
-        self.window = window
-        self.batch_sampling = batch_sampling
-        self.batch_sizes: collections.Counter[int] = collections.Counter()  # batch size -> model calls
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._held: collections.deque[_Job | None] = collections.deque()
-        self._thread = threading.Thread(target=self._loop, name="selfspec-model", daemon=True)
-        self._thread.start()
-
-    def generate(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: tuple[str, ...],
-        seed: int,
-        expert: str | None = None,
-    ) -> Future:
-        """Future of ``(Completion, prompt token count, expert that answered)`` (expert ``None`` without experts)."""
-        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
-        if temperature == 0:
-            key = ("generate", max_new_tokens, stop, expert)
-        else:  # batched, a sampled text would depend on its batch mates, not only on its seed
-            key = ("generate", max_new_tokens, stop, temperature, top_p, expert) if self.batch_sampling else None
-        return self._submit(_Job("generate", key, (prompt, options), expert))
-
-    def score(self, prompt: str, completion: str, top_k: int, expert: str | None = None) -> Future:
-        """Future of the :class:`TokenScores` of ``prompt + completion`` (as ``expert``, else as routed)."""
-        return self._submit(_Job("score", ("score", expert), (prompt, completion, top_k), expert))
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop after the running batch; waiting jobs fail with :class:`ServerClosing`."""
-        self.closing = True
-        self._jobs.put(None)
-        self._thread.join(timeout)
-
-    def _submit(self, job: _Job) -> Future:
-        if self.closing or not self._thread.is_alive():
-            raise ServerClosing("the server is shutting down; retry on another instance or after its restart")
-        self._jobs.put(job)
-        return job.future
-
-    def _loop(self) -> None:
-        while not self.closing:
-            first = self._held.popleft() if self._held else self._jobs.get()
-            if first is None:
-                break
-            batch = self._admit(self._gather(first))
-            if not batch:
-                continue
-            try:  # whatever a batch raises, its requests fail and the worker goes on
-                results = self._run(first.kind, batch)
-            except Exception as exc:  # the requests fail, the server stays up
-                for job in batch:
-                    job.future.set_exception(exc)
-            else:
-                for job, result in zip(batch, results):
-                    job.future.set_result(result)
-        for job in [*self._held, *_drain(self._jobs)]:
-            if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(ServerClosing("the server shut down before this request ran; retry"))
-
-    def _admit(self, batch: list[_Job]) -> list[_Job]:
-        """The jobs of ``batch`` to run: not cancelled (their request timed out), with a prompt that fits."""
-        admitted = []
-        for job in batch:
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            problem = self._prompt_problem(job)
-            if problem is None:
-                admitted.append(job)
-            else:
-                job.future.set_exception(problem)
-        return admitted
-
-    def _prompt_problem(self, job: _Job) -> PromptRejected | None:
-        try:
-            return self._context_problem(job)
-        except Exception as exc:  # e.g. a lone surrogate the tokenizer cannot encode
-            return PromptRejected(
-                f"prompt: cannot be tokenized ({type(exc).__name__}); send valid Unicode text", "invalid_prompt"
-            )
-
-    def _context_problem(self, job: _Job) -> PromptRejected | None:
-        tokenizer = self.generator.tokenizer
-        if job.kind == "generate":
-            prompt, options = job.payload
-            count, wanted = len(tokenizer(prompt, add_special_tokens=False).input_ids), options["max_new_tokens"]
-            if count == 0:
-                return PromptRejected("prompt: empty (no tokens); give some text", "empty_prompt")
-        else:
-            prompt, completion, _ = job.payload
-            count, wanted = len(tokenizer(prompt + completion, add_special_tokens=False).input_ids), 0
-        if count + wanted > self.context:
-            return PromptRejected(
-                f"this model's maximum context length is {self.context} tokens; the prompt has "
-                f"{count} tokens and {wanted} were asked for: shorten the prompt or lower max_tokens",
-                "context_length_exceeded",
-            )
-        return None
-
-    def _gather(self, first: _Job) -> list[_Job]:
-        """``first`` plus held jobs with its key and those arriving < ``window`` s apart (up to ``max_batch``)."""
-        batch = [first]
-        if first.key is None:
-            return batch
-        for job in list(self._held):
-            if job is not None and job.key == first.key and len(batch) < self.max_batch:
-                self._held.remove(job)
-                batch.append(job)
-        while len(batch) < self.max_batch:
-            try:
-                job = self._jobs.get(timeout=self.window)
-            except queue.Empty:
-                break
-            if job is not None and job.key == first.key:
-                batch.append(job)
-            else:
-                self._held.append(job)
-                if job is None:
-                    break
-        return batch
-
-    def _run(self, kind: str, batch: list[_Job]) -> list:
-        self.batch_sizes[len(batch)] += 1
-        if self.experts is None:
-            return [(*result, None) if kind == "generate" else result for result in self._run_model(kind, batch)]
-        routed = iter(self.experts.route([job.payload[0] for job in batch if job.expert is None]))
-        chosen = [job.expert or next(routed) for job in batch]
-        results: list = [None] * len(batch)
-        for name in dict.fromkeys(chosen):
-            indices = [i for i, expert in enumerate(chosen) if expert == name]
-            with self.experts.use(name):
-                for i, result in zip(indices, self._run_model(kind, [batch[i] for i in indices])):
-                    results[i] = (*result, name) if kind == "generate" else result
-        return results
-
-    def _run_model(self, kind: str, batch: list[_Job]) -> list:
-        tokenizer = self.generator.tokenizer
-        if kind == "score":
-            return score_tokens(self.generator, [job.payload for job in batch])
-        prompts = [job.payload[0] for job in batch]
-        options = batch[0].payload[1]
-        if options["max_new_tokens"] == 0:  # echo-only requests: nothing to generate
-            completions = [Completion("", False, 0) for _ in prompts]
-        else:
-            completions = self.generator.generate(prompts, **options)
-        counts = [len(tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts]
-        return list(zip(completions, counts))
-
-
-def model_context(generator: HFGenerator) -> int:
-    """How many tokens (prompt and completion together) the model takes."""
-    limit = getattr(generator.model.config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0:
-        limit = generator.tokenizer.model_max_length
-    return int(limit) if 0 < limit < 10_000_000 else 2048
-
-
-def _drain(jobs: queue.Queue):
-    """Everything left in ``jobs``, without waiting."""
-    while True:
-        try:
-            yield jobs.get_nowait()
-        except queue.Empty:
-            return
-
-
-def score_tokens(generator: HFGenerator, items: list[tuple[str, str, int]]) -> list[TokenScores]:
-    """Score each ``(prompt, completion, top_k)``: prompt and completion are tokenized apart, as in
-    :meth:`HFGenerator.loglikelihood`, so an echoed ``context + continuation`` scores the same."""
-    import torch
-
-    tokenizer = generator.tokenizer
-    encoded = []
-    for prompt, completion, _ in items:
-        ids, offsets, ends = [], [], []
-        for start, text in ((0, prompt), (len(prompt), completion)):
-            part = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) if text else None
-            if part is not None:
-                ids += part.input_ids
-                offsets += [start + begin for begin, _ in part.offset_mapping]
-                ends += [start + end for _, end in part.offset_mapping]
-            if start == 0:
-                prompt_count = len(ids)
-        encoded.append((ids, offsets, ends, prompt_count))
-    if not any(ids for ids, *_ in encoded):
-        return [TokenScores([], [], [], [], 0) for _ in items]
-    input_ids, mask = padded([ids for ids, *_ in encoded], tokenizer.pad_token_id)
-    with torch.inference_mode():
-        logits = generator.model(
-            input_ids=input_ids.to(generator.device), attention_mask=mask.to(generator.device)
-        ).logits
-    logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-    results = []
-    for row, ((prompt, completion, top_k), (ids, offsets, ends, prompt_count)) in enumerate(zip(items, encoded)):
-        text = prompt + completion
-        values: list[float | None] = [None]
-        top: list[dict[str, float] | None] = [None]
-        for position in range(1, len(ids)):
-            previous = logprobs[row, position - 1]
-            values.append(previous[ids[position]].item())
-            if top_k:
-                best = torch.topk(previous, top_k)
-                top.append({tokenizer.decode([i]): v for v, i in zip(best.values.tolist(), best.indices.tolist())})
-            else:
-                top.append(None)
-        tokens = [text[begin:end] for begin, end in zip(offsets, ends)]
-        results.append(TokenScores(tokens, values[: len(ids)], top[: len(ids)], offsets, prompt_count))
-    return results
-
+from selfspec_core.models.generator import HFGenerator
+from selfspec_core.serve.engine import (
+    Admitted,
+    DeadlinePassed,
+    DecodeJob,
+    DecodeOptions,
+    DecodingEngine,
+    Delta,
+    Finished,
+    PromptRejected,
+    ScoreJob,
+    ServerClosing,
+    TokenLogprob,
+    TokenScores,
+)
 
 # --------------------------------------------------------------------------------------------------
 # The HTTP API
@@ -311,7 +54,9 @@ class ServeLimits:
     max_prompts: int = 32  # most prompts x n choices in one request
     max_body_bytes: int = 4 << 20
     max_queue: int = 64  # requests waiting or running at once; one more is answered 429
-    request_timeout: float = 300.0  # seconds a request may wait for the model; then 503 and its jobs are dropped
+    request_timeout: float = (
+        300.0  # seconds a request may take; then 503 (or an error event) and its rows leave the batch
+    )
 
 
 def error_body(
@@ -324,12 +69,12 @@ def error_body(
 class RequestGuard:
     """ASGI middleware in front of the API: the API key, the body size and the bound on waiting requests.
 
-    It answers before a request reaches a worker thread, so a flood of requests or a huge body costs
+    It answers before a request reaches the model, so a flood of requests or a huge body costs
     the server nothing but the refusal.
     """
 
-    def __init__(self, app, limits: ServeLimits, worker: ModelWorker):
-        self.app, self.limits, self.worker = app, limits, worker
+    def __init__(self, app, limits: ServeLimits, engine: DecodingEngine):
+        self.app, self.limits, self.engine = app, limits, engine
         self.in_flight = 0
         self.expected = f"Bearer {limits.api_key}".encode() if limits.api_key else None
 
@@ -337,6 +82,8 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        if scope["path"] == "/health":  # for load balancers and probes, which carry no key
+            return await self.app(scope, receive, send)
         if self.expected is not None and not secrets.compare_digest(headers.get(b"authorization", b""), self.expected):
             return await _reply(
                 send,
@@ -350,7 +97,7 @@ class RequestGuard:
             )
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        if self.worker.closing:
+        if self.engine.closing:
             return await _reply(
                 send,
                 503,
@@ -424,12 +171,151 @@ async def _reply(send, status: int, body: dict, headers: dict[str, str] | None =
     await send({"type": "http.response.body", "body": data})
 
 
+class ApiError(Exception):
+    """A request the server answers with an error in OpenAI's shape."""
+
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None, param=None
+    ):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, kind, code, param)
+
+
+def api_error_of(exc: BaseException, limits: ServeLimits) -> ApiError:
+    """The HTTP answer to what the engine delivered instead of tokens."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, DeadlinePassed | TimeoutError):
+        return ApiError(
+            503,
+            f"timed out after {limits.request_timeout:g}s (the server is busy, or max_tokens is large); retry later",
+            "server_error",
+            "timeout",
+        )
+    if isinstance(exc, PromptRejected):
+        return ApiError(400, str(exc), code=exc.code, param="prompt")
+    if isinstance(exc, ServerClosing):
+        return ApiError(503, str(exc), "server_error", "shutting_down")
+    return ApiError(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+
+@dataclass
+class ChoiceResult:
+    """What one row (a prompt, a choice) got so far."""
+
+    prompt_tokens: int = 0
+    expert: str | None = None
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+class Submission:
+    """The rows of one request on the engine, their events merged into one asyncio queue in arrival order.
+
+    The request's deadline, a client that disconnects and an abandoned response all cancel its rows,
+    which leave the batch at the engine's next step."""
+
+    def __init__(self, engine: DecodingEngine, rows: list[tuple[str, DecodeOptions]], expert, limits: ServeLimits):
+        loop = asyncio.get_running_loop()
+        self.engine, self.limits = engine, limits
+        self.deadline = time.monotonic() + limits.request_timeout
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.results = [ChoiceResult() for _ in rows]
+        self.jobs = [
+            DecodeJob(prompt, options, self._sink(loop, index), self.deadline, expert)
+            for index, (prompt, options) in enumerate(rows)
+        ]
+        self._open = len(rows)
+        for job in self.jobs:
+            try:
+                engine.submit(job)
+            except ServerClosing as exc:
+                self.cancel()
+                raise api_error_of(exc, limits) from None
+
+    def _sink(self, loop, index: int):
+        return lambda event: loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancelled = True
+
+    async def next(self) -> tuple[int, Admitted | Delta | Finished] | None:
+        """The next event of any row, recorded in :attr:`results`; None when every row has finished.
+        An error of any row cancels the others and is raised as an :class:`ApiError`."""
+        if self._open == 0:
+            return None
+        try:
+            index, event = await asyncio.wait_for(self.events.get(), max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError as exc:
+            self.cancel()
+            raise api_error_of(exc, self.limits) from None
+        if isinstance(event, BaseException):
+            self.cancel()
+            raise api_error_of(event, self.limits) from event
+        result = self.results[index]
+        if isinstance(event, Admitted):
+            result.prompt_tokens, result.expert = event.prompt_tokens, event.expert
+        elif isinstance(event, Delta):
+            result.text += event.text
+            result.logprobs += event.logprobs
+        else:
+            result.finish_reason, result.completion_tokens = event.reason, event.completion_tokens
+            self._open -= 1
+        return index, event
+
+    async def admitted(self) -> None:
+        """Wait until every row passed its checks (a refused prompt raises here, before any byte is sent)."""
+        waiting = set(range(len(self.jobs)))
+        while waiting:
+            step = await self.next()
+            if step is None:
+                return
+            waiting.discard(step[0])
+
+    async def finished(self) -> list[ChoiceResult]:
+        while await self.next() is not None:
+            pass
+        return self.results
+
+    def score(self, items: list[tuple[str, str, int]], expert: str | None) -> "asyncio.Future[list[TokenScores]]":
+        """Future of the :class:`TokenScores` of ``items``, run on the model thread between two steps."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def settle(result) -> None:
+            if not future.done():
+                (future.set_exception if isinstance(result, BaseException) else future.set_result)(result)
+
+        self.engine.submit(
+            ScoreJob(items, lambda result: loop.call_soon_threadsafe(settle, result), self.deadline, expert)
+        )
+        return future
+
+
+@contextlib.asynccontextmanager
+async def cancelled_on_disconnect(request, submission: Submission):
+    """While the body runs, a client that goes away cancels the submission's rows."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        submission.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
 def create_app(
     generator: HFGenerator,
     model_name: str,
     max_batch: int = 8,
     max_new_tokens: int = 512,
-    batch_sampling: bool = False,
     limits: ServeLimits = ServeLimits(),
     experts=None,
 ):
@@ -438,66 +324,26 @@ def create_app(
     With ``experts`` (a :class:`selfspec_core.compose.experts.ComposedModel` whose model ``generator`` runs),
     ``model_name`` is routed per request and ``<model_name>:<expert>`` (``:base`` too) asks for one;
     every choice says which ``expert`` answered."""
-    import anyio.to_thread
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    worker = ModelWorker(generator, max_batch=max_batch, batch_sampling=batch_sampling, experts=experts)
+    from selfspec_core.serve.params import ChatRequest, CompletionRequest, Sampling, supported
+
+    engine = DecodingEngine(generator, max_batch=max_batch, experts=experts)
     served = {model_name: None, **{f"{model_name}:{name}": name for name in (experts.names if experts else ())}}
     max_new_tokens = min(max_new_tokens, limits.max_tokens)
-
-    class ApiError(Exception):
-        def __init__(
-            self,
-            status: int,
-            message: str,
-            kind: str = "invalid_request_error",
-            code: str | None = None,
-            param: str | None = None,
-        ):
-            super().__init__(message)
-            self.status, self.body = status, error_body(message, kind, code, param)
-
-    class Sampling(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        model: str | None = None
-        temperature: float = Field(1.0, ge=0, le=5)
-        top_p: float = Field(1.0, gt=0, le=1)
-        n: int = Field(1, ge=1, le=16)
-        stop: str | list[str] | None = None
-        seed: int | None = Field(None, ge=0, le=2**31)
-        stream: bool = False
-
-    class CompletionRequest(Sampling):
-        prompt: str | list[str]
-        max_tokens: int | None = Field(16, ge=0)
-        echo: bool = False
-        logprobs: int | None = Field(None, ge=0, le=20)
-
-    class Message(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        role: str
-        content: str | list[dict[str, Any]] | None = None
-
-    class ChatRequest(Sampling):
-        messages: list[Message] = Field(min_length=1)
-        max_tokens: int | None = Field(None, ge=1)
-        max_completion_tokens: int | None = Field(None, ge=1)
+    created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
-        # every admitted request gets a thread to wait in, so the bound on requests is the only queue
-        limiter = anyio.to_thread.current_default_thread_limiter()
-        limiter.total_tokens = max(limiter.total_tokens, limits.max_queue + 8)
         yield
-        worker.close(timeout=limits.request_timeout)
+        engine.close(timeout=limits.request_timeout)
 
     app = FastAPI(title="selfspec", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker = worker
-    app.add_middleware(RequestGuard, limits=limits, worker=worker)
+    app.state.engine = engine
+    app.add_middleware(RequestGuard, limits=limits, engine=engine)
 
     @app.exception_handler(ApiError)
     def api_error(_: Request, exc: ApiError):
@@ -509,8 +355,18 @@ def create_app(
         return JSONResponse(error_body(f"{exc.detail}", kind), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    def invalid_request(_: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in exc.errors())
+    def invalid_request(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        unknown = [str(e["loc"][-1]) for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 2]
+        if unknown:
+            accepted = supported(ChatRequest if request.url.path.endswith("/chat/completions") else CompletionRequest)
+            message = (
+                f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+                f"selfspec serve does not implement {'them' if len(unknown) > 1 else 'it'}; remove "
+                f"{'them' if len(unknown) > 1 else 'it'} (accepted: {', '.join(accepted)})"
+            )
+            return JSONResponse(error_body(message, param=unknown[0], code="unknown_parameter"), status_code=400)
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in errors)
         return JSONResponse(error_body(problems[:2000]), status_code=400)
 
     def check_model(request: Sampling) -> str | None:
@@ -540,195 +396,282 @@ def create_app(
                 param="max_tokens",
             )
 
-    def wait(futures: list[Future], deadline: float) -> list:
-        """The futures' results; on any failure the request's other jobs are dropped and one error answers."""
-        try:
-            return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
-        except FutureTimeout:
-            raise ApiError(
-                503,
-                f"timed out after {limits.request_timeout:g}s waiting for the model (the server is busy); retry later",
-                "server_error",
-                "timeout",
-            ) from None
-        except PromptRejected as exc:
-            raise ApiError(400, str(exc), code=exc.code, param="prompt") from None
-        except ServerClosing as exc:
-            raise ApiError(503, str(exc), "server_error", "shutting_down") from None
-        except Exception as exc:
-            raise ApiError(500, f"{type(exc).__name__}: {exc}", "server_error") from exc
-        finally:
-            for future in futures:
-                future.cancel()  # no-op for finished or running jobs
-
-    def submit(calls) -> list[Future]:
-        try:
-            return [call() for call in calls]
-        except ServerClosing as exc:
-            raise ApiError(503, str(exc), "server_error", "shutting_down") from None
-
-    def sampling(request: Sampling, max_tokens: int) -> list[dict]:
-        """Generation options for each of the ``n`` choices; a missing seed is drawn at random."""
-        stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    def decode_options(request: Sampling, max_tokens: int, logprobs: int | None, schema: str | None = None):
+        """Options for each of the ``n`` choices; choice ``i`` is seeded ``seed + i`` (a missing seed is drawn)."""
         seed = request.seed if request.seed is not None else secrets.randbits(31)
+        bias = tuple((int(token), value) for token, value in (request.logit_bias or {}).items())
+        vocabulary = generator.model.config.vocab_size
+        if any(token >= vocabulary for token, _ in bias):
+            raise ApiError(400, f"logit_bias: token ids run from 0 to {vocabulary - 1}", param="logit_bias")
         return [
-            dict(
+            DecodeOptions(
                 max_new_tokens=max_tokens,
                 temperature=request.temperature,
                 top_p=request.top_p,
-                stop=tuple(s for s in stop if s),
+                stop=request.stops(),
                 seed=seed + choice,
+                logprobs=logprobs,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                logit_bias=bias,
+                json_schema=schema,
             )
             for choice in range(request.n)
         ]
 
-    def envelope(kind: str, choices: list[dict], prompt_tokens: int, completion_tokens: int, model: str | None) -> dict:
+    def model_card(name: str) -> dict:
         return {
-            "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": kind,
-            "created": int(time.time()),
-            "model": model or model_name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "selfspec",
+            "max_model_len": engine.context,
         }
 
-    def stream(chunks: list[dict]):
-        def events():
-            for chunk in chunks:
-                yield f"data: {_json(chunk)}\n\n"
+    def usage(results: list[ChoiceResult], choices: int) -> dict:
+        """Token counts; a prompt asked for ``n`` choices counts once."""
+        prompt = sum(result.prompt_tokens for result in results[::choices])
+        completion = sum(result.completion_tokens for result in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def envelope(kind: str, request: Sampling) -> dict:
+        prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": request.model or model_name,
+        }
+
+    def expert_of(result: ChoiceResult) -> dict:
+        return {"expert": result.expert} if result.expert else {}
+
+    def event_stream(request: Request, submission: Submission, body: Sampling, head: dict, chunks):
+        """Server-sent events: ``chunks(index, event)`` gives the chunks of each engine event; then the
+        usage chunk if asked for, and ``[DONE]``. An error after the first byte is an ``error`` event."""
+        extra = {"usage": None} if body.include_usage() else {}
+
+        async def events():
+            try:
+                async with cancelled_on_disconnect(request, submission):
+                    for chunk in chunks(None, None):
+                        yield f"data: {_json({**head, **chunk, **extra})}\n\n"
+                    while (step := await submission.next()) is not None:
+                        for chunk in chunks(*step):
+                            yield f"data: {_json({**head, **chunk, **extra})}\n\n"
+                    if body.include_usage():
+                        usage_chunk = {**head, "choices": [], "usage": usage(submission.results, body.n)}
+                        yield f"data: {_json(usage_chunk)}\n\n"
+            except ApiError as exc:
+                yield f"data: {_json(exc.body)}\n\n"
+            finally:
+                submission.cancel()  # no-op for finished rows
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    @app.get("/health")
+    def health():
+        if engine.closing:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return {"status": "ok", "model": model_name}
 
     @app.get("/v1/models")
     def models():
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": int(time.time()), "owned_by": "selfspec"} for name in served
-            ],
-        }
+        return {"object": "list", "data": [model_card(name) for name in served]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str):
+        if model_id not in served:
+            raise ApiError(
+                404,
+                f"model {model_id!r} is not served here; this server serves {', '.join(map(repr, served))}",
+                "not_found_error",
+                "model_not_found",
+                "model",
+            )
+        return model_card(model_id)
 
     @app.post("/v1/completions")
-    def completions(request: CompletionRequest):
-        deadline = time.monotonic() + limits.request_timeout
-        expert = check_model(request)
-        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+    async def completions(body: CompletionRequest, request: Request):
+        expert = check_model(body)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ApiError(400, "prompt: give a text or a non-empty list of texts", param="prompt")
-        max_tokens = 16 if request.max_tokens is None else request.max_tokens
-        check_size(len(prompts), request.n, max_tokens)
-        # Submit every job before waiting on any, so the worker can batch them.
-        asked = [(prompt, options) for prompt in prompts for options in sampling(request, max_tokens)]
-        results = wait(
-            submit([functools.partial(worker.generate, prompt, expert=expert, **options) for prompt, options in asked]),
-            deadline,
-        )
-        generated = [(prompt, *result) for (prompt, _), result in zip(asked, results)]
-        scores = (
-            wait(
-                submit(
-                    [
-                        functools.partial(worker.score, prompt, completion.text, request.logprobs, answered)
-                        for prompt, completion, _, answered in generated
-                    ]
-                ),
-                deadline,
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        check_size(len(prompts), body.n, max_tokens)
+        options = decode_options(body, max_tokens, body.logprobs)
+        rows = [(prompt, choice) for prompt in prompts for choice in options]
+        submission = Submission(engine, rows, expert, limits)
+        async with cancelled_on_disconnect(request, submission):
+            await submission.admitted()
+            echoed = await echo_scores(submission, rows, body) if body.echo and body.logprobs is not None else {}
+        head = envelope("text_completion", body)
+
+        shift = {index: len(prompt) if body.echo else 0 for index, (prompt, _) in enumerate(rows)}
+
+        def choice(index: int, text: str, scored: dict | None, finish_reason: str | None) -> dict:
+            result = submission.results[index]
+            return {
+                "index": index,
+                "text": text,
+                "logprobs": scored,
+                "finish_reason": finish_reason,
+                **expert_of(result),
+            }
+
+        if body.stream:
+
+            def chunks(index, event):
+                if index is None:  # the echoed prompts first
+                    echo = [(i, logprobs_field(echoed.get(i), [], 0, body.logprobs)) for i in range(len(rows))]
+                    return [{"choices": [choice(i, rows[i][0], scored, None)]} for i, scored in echo if body.echo]
+                if isinstance(event, Delta):
+                    scored = logprobs_field(None, list(event.logprobs), shift[index], body.logprobs)
+                    return [{"choices": [choice(index, event.text, scored, None)]}]
+                if isinstance(event, Finished):
+                    return [{"choices": [choice(index, "", None, event.reason)]}]
+                return []
+
+            return event_stream(request, submission, body, head, chunks)
+        async with cancelled_on_disconnect(request, submission):
+            results = await submission.finished()
+        choices = [
+            choice(
+                i,
+                (rows[i][0] if body.echo else "") + r.text,
+                logprobs_field(echoed.get(i), r.logprobs, shift[i], body.logprobs),
+                r.finish_reason,
             )
-            if request.logprobs is not None
-            else []
-        )
-        choices = []
-        for index, (prompt, completion, _, answered) in enumerate(generated):
-            choices.append(
-                {
-                    "index": index,
-                    "text": prompt + completion.text if request.echo else completion.text,
-                    "logprobs": logprobs_field(scores[index], request.echo, len(prompt)) if scores else None,
-                    "finish_reason": "stop" if completion.finished else "length",
-                    **({"expert": answered} if answered else {}),
-                }
-            )
-        prompt_tokens = sum(count for index, (_, _, count, _) in enumerate(generated) if index % request.n == 0)
-        body = envelope(
-            "text_completion", choices, prompt_tokens, sum(c.num_tokens for _, c, _, _ in generated), request.model
-        )
-        if request.stream:
-            return stream([{**body, "choices": [choice]} for choice in choices])
-        return body
+            for i, r in enumerate(results)
+        ]
+        return {**head, "choices": choices, "usage": usage(results, body.n)}
+
+    async def echo_scores(submission: Submission, rows, body: CompletionRequest) -> dict[int, TokenScores]:
+        """The echoed prompts' own log-probabilities (scored as the model reads them), by row."""
+        by_expert: dict[str | None, list[int]] = {}
+        for index, result in enumerate(submission.results):
+            by_expert.setdefault(result.expert, []).append(index)
+        scores = {}
+        for expert, indices in by_expert.items():
+            items = [(rows[i][0], "", body.logprobs) for i in indices]
+            for index, scored in zip(indices, await submission.score(items, expert)):
+                scores[index] = scored
+        return scores
 
     @app.post("/v1/chat/completions")
-    def chat(request: ChatRequest):
-        deadline = time.monotonic() + limits.request_timeout
-        expert = check_model(request)
-        messages = [
-            {**message.model_dump(exclude_none=True), "content": _text(message.content)} for message in request.messages
-        ]
+    async def chat(body: ChatRequest, request: Request):
+        expert = check_model(body)
+        if body.unsupported():
+            raise ApiError(
+                400,
+                f"{', '.join(body.unsupported())}: tools and function calling are not supported by selfspec serve; "
+                "send the request without them",
+                param=body.unsupported()[0],
+                code="unsupported_parameter",
+            )
         if not generator.tokenizer.chat_template:
             raise ApiError(400, f"model {model_name!r} has no chat template; use /v1/completions")
-        max_tokens = request.max_completion_tokens or request.max_tokens or max_new_tokens
-        check_size(1, request.n, max_tokens)
+        messages = [
+            {**message.model_dump(exclude_none=True), "content": _text(message.content)} for message in body.messages
+        ]
+        max_tokens = body.max_completion_tokens or body.max_tokens or max_new_tokens
+        check_size(1, body.n, max_tokens)
         try:
             prompt = generator.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:
             raise ApiError(400, f"messages do not fit the model's chat template: {type(exc).__name__}: {exc}") from exc
-        results = wait(
-            submit(
-                [
-                    functools.partial(worker.generate, prompt, expert=expert, **opts)
-                    for opts in sampling(request, max_tokens)
-                ]
-            ),
-            deadline,
-        )
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        schema = body.response_format.schema_text() if body.response_format else None
+        rows = [(prompt, options) for options in decode_options(body, max_tokens, logprobs, schema)]
+        submission = Submission(engine, rows, expert, limits)
+        async with cancelled_on_disconnect(request, submission):
+            await submission.admitted()
+        head = envelope("chat.completion", body)
+
+        def chat_logprobs(entries) -> dict | None:
+            return {"content": [chat_logprob(entry) for entry in entries], "refusal": None} if body.logprobs else None
+
+        if body.stream:
+            head = {**head, "object": "chat.completion.chunk"}
+
+            def chunks(index, event):
+                if index is None:  # every choice opens with its role
+                    return [
+                        {
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        }
+                        for i in range(len(rows))
+                    ]
+                result = submission.results[index]
+                if isinstance(event, Delta):
+                    delta = {
+                        "index": index,
+                        "delta": {"content": event.text},
+                        "logprobs": chat_logprobs(event.logprobs),
+                    }
+                    return [{"choices": [{**delta, "finish_reason": None, **expert_of(result)}]}]
+                if isinstance(event, Finished):
+                    end = {"index": index, "delta": {}, "logprobs": None, "finish_reason": event.reason}
+                    return [{"choices": [{**end, **expert_of(result)}]}]
+                return []
+
+            return event_stream(request, submission, body, head, chunks)
+        async with cancelled_on_disconnect(request, submission):
+            results = await submission.finished()
         choices = [
             {
                 "index": index,
-                "message": {"role": "assistant", "content": completion.text},
-                "finish_reason": "stop" if completion.finished else "length",
-                **({"expert": answered} if answered else {}),
+                "message": {"role": "assistant", "content": result.text},
+                "logprobs": chat_logprobs(result.logprobs),
+                "finish_reason": result.finish_reason,
+                **expert_of(result),
             }
-            for index, (completion, _, answered) in enumerate(results)
+            for index, result in enumerate(results)
         ]
-        body = envelope(
-            "chat.completion", choices, results[0][1], sum(c.num_tokens for c, _, _ in results), request.model
-        )
-        if request.stream:
-            return stream(
-                [
-                    {
-                        **body,
-                        "object": "chat.completion.chunk",
-                        "choices": [
-                            {
-                                "index": c["index"],
-                                "delta": c["message"],
-                                "finish_reason": c["finish_reason"],
-                                **({"expert": c["expert"]} if "expert" in c else {}),
-                            }
-                        ],
-                    }
-                    for c in choices
-                ]
-            )
-        return body
+        return {**head, "choices": choices, "usage": usage(results, body.n)}
 
     return app
 
 
-def logprobs_field(scores: TokenScores, echo: bool, prompt_length: int) -> dict:
-    """The ``logprobs`` object of a completion choice; offsets count from the start of its ``text``."""
-    first, shift = (0, 0) if echo else (scores.prompt_tokens, prompt_length)
-    return {
-        "tokens": scores.tokens[first:],
-        "token_logprobs": scores.logprobs[first:],
-        "top_logprobs": scores.top[first:],
-        "text_offset": [offset - shift for offset in scores.offsets[first:]],
-    }
+def chat_logprob(entry: TokenLogprob) -> dict:
+    """One token of a chat choice's ``logprobs.content``."""
+
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {**token(entry.token, entry.logprob), "top_logprobs": [token(text, value) for text, value in entry.top]}
+
+
+def logprobs_field(
+    echoed: TokenScores | None, generated: list[TokenLogprob], shift: int, top_k: int | None
+) -> dict | None:
+    """The ``logprobs`` object of a completion choice: the echoed prompt's scores (if any), then the
+    generated tokens'; offsets count from the start of the choice's ``text`` (``shift``: echoed characters)."""
+    if top_k is None:
+        return None
+    field_: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if echoed is not None:
+        field_ = {
+            "tokens": echoed.tokens,
+            "token_logprobs": echoed.logprobs,
+            "top_logprobs": echoed.top,
+            "text_offset": echoed.offsets,
+        }
+        field_ = {key: list(value) for key, value in field_.items()}
+    for entry in generated:
+        field_["tokens"].append(entry.token)
+        field_["token_logprobs"].append(entry.logprob)
+        field_["top_logprobs"].append(dict(entry.top) if top_k else None)
+        field_["text_offset"].append(shift + entry.offset)
+    return field_
 
 
 def _json(value) -> str:
@@ -810,7 +753,8 @@ _DEFAULT_LIMITS = ServeLimits()
 @click.option(
     "--batch-sampling",
     is_flag=True,
-    help="Batch sampled requests too: faster, but a seed no longer fixes the text (it depends on the batch).",
+    hidden=True,
+    help="No longer needed: sampled requests always share batches, each drawing from its own seeded stream.",
 )
 @click.option(
     "--api-key",
@@ -903,9 +847,13 @@ def command(
         max_queue=max_queue,
         request_timeout=request_timeout,
     )
-    app = create_app(
-        generator, name, max_batch=batch_size, batch_sampling=batch_sampling, limits=limits, experts=experts
-    )
+    if batch_sampling:
+        click.echo(
+            "note: --batch-sampling is no longer needed: sampled requests always share batches now, "
+            "each drawing from its own stream seeded by its request's seed",
+            err=True,
+        )
+    app = create_app(generator, name, max_batch=batch_size, limits=limits, experts=experts)
     if host not in ("127.0.0.1", "localhost", "::1") and not limits.api_key:
         click.echo(
             f"warning: listening on {host} without authentication: anyone who can reach port {port} "
