@@ -260,6 +260,114 @@ def test_completions_stream_each_row_as_it_decodes(served, chat_model_dir):
         assert len(tokens) == whole["usage"]["completion_tokens"] // 3 or choice["finish_reason"] == "stop"
     order = [e["choices"][0]["index"] for e in events if e["choices"][0]["text"]]
     assert order != sorted(order)  # the rows' chunks interleave: one batch, streamed per row
+    status, text = post(
+        server.url + "/completions", {**request, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    events = sse_events(text)
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    assert all(event["usage"] is None for event in events[:-1])
+
+
+def completion(url, body) -> dict:
+    status, text = post(url + "/completions", body)
+    assert status == 200, text
+    return json.loads(text)["choices"][0]
+
+
+def test_penalties_and_logit_bias_change_the_output(served, chat_model_dir):
+    server, _ = served
+    tokenizer = load_tokenizer(ModelRef("tiny", str(chat_model_dir)))
+    base = {"model": "tiny-chat", "prompt": "The company reported", "max_tokens": 12, "temperature": 0}
+    greedy = completion(server.url, base)["text"]
+    assert len(set(tokenizer(greedy, add_special_tokens=False).input_ids)) < 12  # greedy repeats itself here
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        assert completion(server.url, {**base, penalty: 2.0})["text"] != greedy, penalty
+    positive = tokenizer(" positive", add_special_tokens=False).input_ids[-1]
+    favoured = completion(server.url, {**base, "logit_bias": {str(positive): 100}})["text"]
+    assert favoured == tokenizer.decode([positive] * 12)
+    first = tokenizer(greedy, add_special_tokens=False).input_ids[0]
+    banned = completion(server.url, {**base, "logit_bias": {str(first): -100}})["text"]
+    assert tokenizer(banned, add_special_tokens=False).input_ids[0] != first
+
+
+def test_logprobs_of_generated_tokens(served):
+    from openai import OpenAI
+
+    server, _ = served
+    scored = completion(server.url, {"prompt": "The company", "max_tokens": 6, "temperature": 0, "logprobs": 2})
+    logprobs = scored["logprobs"]
+    assert len(logprobs["tokens"]) == 6 and all(len(top) == 2 for top in logprobs["top_logprobs"])
+    assert all(lp == max(top.values()) for lp, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"]))
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "Classify: revenue rose."}]
+    options = dict(model="tiny-chat", messages=messages, max_tokens=6, temperature=0)
+    assert client.chat.completions.create(**options).choices[0].logprobs is None
+    reply = client.chat.completions.create(**options, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.logprob == t.top_logprobs[0].logprob and t.logprob < 0 for t in content)  # greedy: the likeliest
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+
+
+def test_response_format_constrains_the_answer_to_json(served):
+    from openai import OpenAI
+
+    server, _ = served
+    client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "Is revenue up? Answer in JSON."}]
+    options = dict(model="tiny-chat", messages=messages, max_tokens=40, temperature=0)
+    free = client.chat.completions.create(**options).choices[0].message.content
+    with pytest.raises(ValueError):
+        json.loads(free)
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no", "maybe"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    reply = client.chat.completions.create(**options, response_format=response_format).choices[0]
+    assert reply.finish_reason == "stop" and json.loads(reply.message.content)["answer"] in ("yes", "no", "maybe")
+    anything = client.chat.completions.create(**options, response_format={"type": "json_object"}).choices[0]
+    assert anything.message.content.lstrip().startswith("{") and anything.message.content != free
+
+
+def test_parameters_not_implemented_are_refused_by_name(served):
+    server, _ = served
+    chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [
+        ("/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/chat/completions", {**chat, "tool_choice": "auto"}, "tool_choice"),
+        ("/chat/completions", {**chat, "reasoning_effort": "low"}, "reasoning_effort"),
+        ("/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),
+        ("/chat/completions", {**chat, "response_format": {"type": "json_schema"}}, "json_schema"),
+        ("/chat/completions", {**chat, "stream_options": {"include_usage": True}}, "stream_options"),
+        ("/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+        ("/completions", {"prompt": "x", "best_of": 2}, "best_of"),
+        ("/completions", {"prompt": "x", "logit_bias": {"the": 5}}, "logit_bias"),
+        ("/completions", {"prompt": "x", "logit_bias": {"99999": 5}}, "logit_bias"),
+    ]
+    for path, body, name in cases:
+        status, error = error_of(call(server.url + path, body, key=None))
+        assert status == 400 and name in error["message"], (name, error)
+    # what the OpenAI SDK and llm send by default is accepted
+    llm_default = {**chat, "stream": True, "stream_options": {"include_usage": True}, "user": "someone"}
+    assert post(server.url + "/chat/completions", llm_default)[0] == 200
+
+
+def test_model_retrieval_context_length_and_health(chat_model_dir):
+    from openai import NotFoundError, OpenAI
+
+    _, server = gated_server(chat_model_dir, opened=True)
+    with server:
+        client = OpenAI(base_url=server.url, api_key=KEY, max_retries=0)
+        assert client.models.retrieve("tiny").id == "tiny"
+        assert client.models.list().data[0].model_extra["max_model_len"] == 2048
+        with pytest.raises(NotFoundError):
+            client.models.retrieve("gpt-4")
+        health = server.url.removesuffix("/v1") + "/health"
+        with urllib.request.urlopen(health, timeout=10) as response:  # no key: probes carry none
+            assert response.status == 200 and json.load(response)["status"] == "ok"
 
 
 def test_held_back_text_waits_for_whole_characters_and_stop_strings():

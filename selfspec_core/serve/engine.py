@@ -424,7 +424,7 @@ class DecodingEngine:
             return False
         row.ids.append(token)
         row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-        if options.stop and cut_at_stop(row.text, options.stop)[1]:
+        if (options.stop and cut_at_stop(row.text, options.stop)[1]) or (row.enforcer and _whole_json(row.text)):
             self._finish(row, "stop")
             return False
         if len(row.ids) >= options.max_new_tokens or row.prompt_tokens + len(row.ids) >= self.context:
@@ -511,6 +511,16 @@ def _select(batch: _Batch, keep: list[int]) -> None:
     for layer in batch.cache.layers:
         layer.keys, layer.values = layer.keys[chosen, :, start:], layer.values[chosen, :, start:]
     batch.mask = batch.mask[:, start:]
+
+
+def _whole_json(text: str) -> bool:
+    """Whether ``text`` is one complete JSON value: a constrained row is done then (the grammar would
+    only let whitespace follow, which a small model may pick over the end of sequence for a while)."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return text.rstrip()[-1:] in ("}", "]")
 
 
 def _deliver(job: DecodeJob | ScoreJob, event: Any) -> None:
