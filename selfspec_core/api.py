@@ -104,14 +104,15 @@ def domain_template(domain: str, stage: str) -> PromptTemplate:
     """The template the pipeline uses for ``stage`` of ``domain``: the first plugin's answer, else the core's."""
     from selfspec_core.plugins import manager as plugins
 
-    return plugins.first_result("prompt_template", PromptTemplate, domain=domain, stage=stage)[1]
+    return plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage=stage)
 
 
 def domain_tasks(domain: str) -> dict[str, EvalTask]:
-    """Every evaluation task the installed plugins return for ``domain``, by name (development splits too)."""
-    from selfspec_core.plugins import manager as plugins
+    """Every evaluation task the installed plugins give ``domain`` (hooks and task YAML files), by name
+    (development splits too)."""
+    from selfspec_core.data import catalog
 
-    return {task.name: task for _, found in plugins.results("evaluation_tasks", domain=domain) for task in found}
+    return {task.name: task for _, task in catalog.domain_tasks(domain)}
 
 
 def task_items(task: EvalTask, data_dir: str | Path | None = None) -> list[EvalItem]:

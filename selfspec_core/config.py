@@ -133,6 +133,8 @@ class EvaluateSettings:
     cross_domain_max_items: int | None = None
     # Comma-separated task names to score; empty means every task except development splits.
     tasks: str = ""
+    # A folder of task YAML files (selfspec_core.data.catalog) scored beside the plugins' tasks: --tasks DIR.
+    task_dir: str | None = None
     # Comma-separated scoring modes to run ("loglikelihood", "generate"); empty means both. On a CPU
     # a generation task costs many times a log-likelihood one (every item decodes tokens).
     modes: str = ""

@@ -1,7 +1,9 @@
 """User-facing problems: the one exception type the CLI turns into a one-line message and exit code 2, and
 the one-line warning for a problem a run works around."""
 
+import difflib
 import sys
+from collections.abc import Iterable
 
 
 class SelfspecError(Exception):
@@ -13,3 +15,9 @@ class SelfspecError(Exception):
 def print_warning(message: str) -> None:
     """A problem the run works around (a skipped document, say): one line on stderr."""
     print(f"warning: {message}", file=sys.stderr)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to a misspelled ``word``; "" when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -139,15 +139,16 @@ class _TestPlugin:
             return "not a template"
 
 
-def test_plugin_overrides_and_wrong_types_name_the_plugin():
+def test_plugin_overrides_and_wrong_types_name_the_plugin(capsys):
     manager = plugins.get_plugin_manager()
     manager.register(_TestPlugin(), name="testplugin")
     try:
         assert plugins.domains()["testdomain"].plugin == "testplugin"
-        _, core_template = plugins.first_result("prompt_template", PromptTemplate, domain="testdomain", stage="train")
+        core_template = plugins.first_answer("prompt_template", PromptTemplate, domain="testdomain", stage="train")
         assert isinstance(core_template, PromptTemplate)
-        with pytest.raises(SelfspecError, match="plugin 'testplugin': hook prompt_template returned str"):
-            plugins.first_result("prompt_template", PromptTemplate, domain="testdomain", stage="response")
+        plugins.require("testplugin")  # the plugin of the domain a command works on: its errors stop it
+        with pytest.raises(SelfspecError, match="plugin 'testplugin' is broken: hook prompt_template: returned str"):
+            plugins.first_answer("prompt_template", PromptTemplate, domain="testdomain", stage="response")
     finally:
         manager.unregister(name="testplugin")
     with pytest.raises(SelfspecError, match="unknown domain 'testdomain'"):

@@ -129,14 +129,21 @@ def test_plugin_filter_reason_names_the_plugin(plugin):
     assert plugin_reason("finance", "instruction", {"instruction": "Define EBITDA.", "input": ""}) is None
 
 
-def test_plugin_filter_returning_a_non_string_is_a_clear_error(plugin):
+def test_plugin_filter_returning_a_non_string_is_a_clear_error(plugin, capsys):
+    from selfspec_core.plugins.manager import require
+
     class Broken:
         @hookimpl
         def filter_record(self, record):
             return True
 
     plugin(Broken(), "broken-filter")
-    with pytest.raises(SelfspecError, match="broken-filter.*filter_record.*expected str"):
+    # Another domain's plugin: named in one line and left out, the run goes on unfiltered by it.
+    assert plugin_reason("finance", "instruction", {"instruction": "x", "input": ""}) is None
+    assert "plugin 'broken-filter' is broken: hook filter_record: returned bool, expected str" in capsys.readouterr().err
+    plugin(Broken(), "needed-filter")
+    require("needed-filter")  # the plugin of the run's own domain: its error stops the run
+    with pytest.raises(SelfspecError, match="needed-filter.*filter_record.*expected str"):
         plugin_reason("finance", "instruction", {"instruction": "x", "input": ""})
 
 

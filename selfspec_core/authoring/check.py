@@ -11,11 +11,12 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfspec_core.data import catalog
 from selfspec_core.data.seeds import load_seeds
 from selfspec_core.data.tasks import EvalTask, data_root
-from selfspec_core.errors import SelfspecError
+from selfspec_core.errors import SelfspecError, did_you_mean
 from selfspec_core.plugins import manager as plugins
-from selfspec_core.records import Domain, Seed
+from selfspec_core.records import SEED_FIELDS, Domain, Seed
 from selfspec_core.templates import OPTIONAL, PromptTemplate
 
 TEMPLATE_FIELDS = ("instruction", "input", "output", "task_type", "passages", "domain", "description")
@@ -52,6 +53,11 @@ def check_plugin(name: str, data_dir: str | Path | None = None) -> CheckResult:
     check what comes back: domains, seed schema, template fields, evaluation files, corpus paths."""
     name = _plugin_name(name)
     result = CheckResult(name)
+    broken = plugins.broken_plugins().get(name)
+    if broken is not None:  # it failed to load: nothing of it can be called
+        result.problems.append(broken)
+        return result
+    plugins.require(name)  # its failures are what this reports, not something to skip
     try:
         installed = plugins.domains()
     except SelfspecError as exc:
@@ -65,18 +71,22 @@ def check_plugin(name: str, data_dir: str | Path | None = None) -> CheckResult:
     for domain in own or installed.values():
         checker = _DomainCheck(result, domain, is_own=domain in own, data_dir=data_dir)
         checker.run()
+    _check_task_files(result, own, data_dir)
     return result
 
 
 def _plugin_name(name: str) -> str:
     manager = plugins.get_plugin_manager()
-    if manager.get_plugin(name) is not None and name != "core":
+    if (manager.get_plugin(name) is not None and name != "core") or name in manager.broken:
         return name
     domain = plugins.domains().get(name)
     if domain is not None:
         return domain.plugin
-    known = ", ".join(n for n, _ in sorted(manager.list_name_plugin()) if n != "core") or "none"
-    raise SelfspecError(f"no plugin or domain named {name!r}; installed plugins: {known} (see `selfspec plugins`)")
+    known = sorted({n for n, _ in manager.list_name_plugin() if n != "core"} | set(manager.broken))
+    raise SelfspecError(
+        f"no plugin or domain named {name!r}{did_you_mean(name, known + list(plugins.domains()))}; "
+        f"installed plugins: {', '.join(known) or 'none'} (see `selfspec plugins`)"
+    )
 
 
 def _check_domain(result: CheckResult, domain: Domain) -> None:
@@ -109,9 +119,11 @@ class _DomainCheck:
         """The plugin's answer, or ``None`` after recording a failure."""
         try:
             return plugins.plugin_result(self.result.plugin, hook, **kwargs)
+        except plugins.PluginBroken as exc:
+            self.problem(hook, exc.detail)
         except SelfspecError as exc:
             self.problem(hook, str(exc))
-            return None
+        return None
 
     def run(self) -> None:
         for hook in (
@@ -137,20 +149,29 @@ class _DomainCheck:
             return
         if isinstance(provided, (str, Path)):
             try:
-                self.seeds = load_seeds(provided)
+                self.seeds = load_seeds(provided, self.domain.task_families)
             except SelfspecError as exc:
                 self.problem("seed_provider", str(exc))
                 return
         elif isinstance(provided, list) and all(isinstance(seed, Seed) for seed in provided):
             self.seeds = provided
+            families = self.domain.task_families
+            for seed in provided:
+                if families and seed.task_type not in families:
+                    self.problem(
+                        "seed_provider",
+                        f"seed {seed.id!r}: task type {seed.task_type!r} is not one of the domain's task_families "
+                        f"({', '.join(families)}){did_you_mean(seed.task_type, families)}",
+                    )
         else:
+            held = {type(seed).__name__ for seed in provided} if isinstance(provided, list) else set()
+            what = f"a list of {' and '.join(sorted(held))}" if held else type(provided).__name__
             self.problem(
-                "seed_provider", f"returned {type(provided).__name__}; return a seed file path or a list of Seed"
+                "seed_provider",
+                f"returned {what}; expected a seed file path (str or Path) or a list of Seed "
+                "(Seed(**row) makes one of a dict with fields " + ", ".join(SEED_FIELDS) + ")",
             )
             return
-        undeclared = sorted({seed.task_type for seed in self.seeds} - set(self.domain.task_families))
-        if undeclared and self.domain.task_families:
-            self.problem("seed_provider", f"seed task types {undeclared} are not in the domain's task_families")
         self.note("seed_provider", f"{len(self.seeds)} seeds")
 
     def prompt_template(self) -> None:
@@ -198,9 +219,6 @@ class _DomainCheck:
             self.problem("blacklist_words", f"returned {type(words).__name__}; return a list of words (str)")
 
     def evaluation_tasks(self) -> None:
-        from selfspec_core.data.datasources import status
-        from selfspec_core.stages.evaluate import read_items
-
         tasks = self.answer("evaluation_tasks", domain=self.domain.name)
         if tasks is None:
             if self.is_own:
@@ -216,16 +234,11 @@ class _DomainCheck:
                 self.problem(hook, "two tasks share this name; task names must be unique in a domain")
             if task.domain != self.domain.name:
                 self.problem(hook, f"its domain is {task.domain!r}, asked for {self.domain.name!r}")
-            state, detail = status(task.source, data_root(self.data_dir))
-            if state == "to fetch":  # a check downloads nothing
-                self.note(hook, f"not read: {detail}")
-                continue
-            try:
-                items = read_items(task, data_root(self.data_dir))
-            except SelfspecError as exc:
-                self.problem(hook, str(exc))
-                continue
-            self.note(hook, items if isinstance(items, str) else f"{len(items)} items ({state}: {detail})")
+            problem, note = _read_task(task, self.data_dir)
+            if problem:
+                self.problem(hook, problem)
+            else:
+                self.note(hook, note)
 
     def corpus_sources(self) -> None:
         from selfspec_core.data.datasources import DataSource, status
@@ -296,6 +309,46 @@ class _DomainCheck:
             self.problem("retrieval_corpus", "the corpus holds no passages; return None when there is none")
         else:
             self.note("retrieval_corpus", f"{len(passages)} passages")
+
+
+def _read_task(task: EvalTask, data_dir) -> tuple[str, str]:
+    """``(problem, "")`` or ``("", what was read)``: the task's items read as the evaluate stage reads them."""
+    from selfspec_core.data.datasources import status
+    from selfspec_core.stages.evaluate import read_items
+
+    state, detail = status(task.source, data_root(data_dir))
+    if state == "to fetch":  # a check downloads nothing
+        return "", f"not read: {detail}"
+    try:
+        items = read_items(task, data_root(data_dir))
+    except SelfspecError as exc:
+        return str(exc), ""
+    return "", items if isinstance(items, str) else f"{len(items)} items ({state}: {detail})"
+
+
+def _check_task_files(result: CheckResult, domains: list[Domain], data_dir) -> None:
+    """Each task YAML file of the plugin's ``tasks/`` folder: declared, read and scored as a run would."""
+    folder = catalog.plugin_task_folder(result.plugin)
+    if folder is None:
+        return
+    known = {domain.name for domain in domains}
+    for path in catalog.task_files(folder):
+        where = f"plugin {result.plugin!r}: task file {path.name}"
+        try:
+            task = catalog.load_task_file(path, domains[0].name if len(domains) == 1 else None)
+        except SelfspecError as exc:
+            result.problems.append(f"{where}: {exc}")
+            continue
+        if task.domain not in known:
+            result.problems.append(
+                f"{where}: domain {task.domain!r} is not one the plugin registers{did_you_mean(task.domain, known)}"
+            )
+            continue
+        problem, note = _read_task(task, data_dir)
+        if problem:
+            result.problems.append(f"{where}: {problem}")
+        else:
+            result.notes.append(f"task file {path.name} task {task.name!r} (domain {task.domain}): {note}")
 
 
 def _field_problems(text: str, required: tuple[str, ...]) -> list[str]:

@@ -305,18 +305,22 @@ def resolve_corpus(
     """
     if corpus_setting:
         return load_corpus([corpus_setting], warn), str(corpus_setting)
-    plugin, provided = plugins.first_result("retrieval_corpus", (list, tuple), domain=domain, data_dir=data_dir)
+    provided = plugins.first_answer(
+        "retrieval_corpus", (list, tuple), (str, Path, Passage), domain=domain, data_dir=data_dir
+    )
     if provided is None:
         return None
-    for item in provided:
-        plugins.check_type(plugin, "retrieval_corpus", item, (str, Path, Passage))
     missing = [str(item) for item in provided if not isinstance(item, Passage) and not Path(item).exists()]
-    if missing:
-        raise SelfspecError(
-            f"plugin {plugin!r}: retrieval corpus {missing[0]} not found; put the corpus there or pass --corpus PATH"
-        )
     described = ", ".join(str(item) for item in provided if not isinstance(item, Passage))
-    return load_corpus(provided, warn), described or f"plugin {plugin}"
+    if missing or not described:  # then named by the plugin that gave it
+        plugin = plugins.answering_plugin("retrieval_corpus", domain=domain, data_dir=data_dir)
+        if missing:
+            raise SelfspecError(
+                f"plugin {plugin!r}: retrieval corpus {missing[0]} not found; "
+                "put the corpus there or pass --corpus PATH"
+            )
+        described = f"plugin {plugin}"
+    return load_corpus(provided, warn), described
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
 
-from selfspec_core.errors import SelfspecError
+from selfspec_core.errors import SelfspecError, did_you_mean
 from selfspec_core.records import SEED_FIELDS, Seed
 
 MAX_LINE_BYTES = 200_000
 OPTIONAL_EMPTY = {"input"}
 
 
-def load_seeds(path: str | Path) -> list[Seed]:
-    """Read seeds from ``path`` (``.jsonl``/``.json`` one object a line, or ``.yaml``/``.yml`` list)."""
+def load_seeds(path: str | Path, task_types: Iterable[str] = ()) -> list[Seed]:
+    """Read seeds from ``path`` (``.jsonl``/``.json`` one object a line, or ``.yaml``/``.yml`` list);
+    with ``task_types`` (a domain's task families) every seed's task type must be one of them."""
     path = Path(path)
     if not path.is_file():
         raise SelfspecError(f"{path}: seed file not found")
@@ -29,16 +31,19 @@ def load_seeds(path: str | Path) -> list[Seed]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise SelfspecError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#x}); save the file as UTF-8") from None
-    if path.suffix in (".yaml", ".yml"):
-        rows = _yaml_rows(path, text)
-    else:
-        rows = _jsonl_rows(path, text)
-    seeds, seen = [], {}
+    rows = _yaml_rows(path, text) if path.suffix in (".yaml", ".yml") else _jsonl_rows(path, text)
+    seeds, seen, declared = [], {}, sorted(task_types)
     for line, row in rows:
         seed = _validate(path, line, row)
+        if declared and seed.task_type not in declared:
+            raise SelfspecError(
+                f"{path}:{line}: field 'task_type': {seed.task_type!r} is not one of the domain's task_families "
+                f"({', '.join(declared)}){did_you_mean(seed.task_type, declared)}; fix it or declare it"
+            )
         if seed.id in seen:
             raise SelfspecError(
-                f"{path}:{line}: field 'id': duplicate id {seed.id!r} (first on line {seen[seed.id]}); ids must be unique"
+                f"{path}:{line}: field 'id': duplicate id {seed.id!r} (first on line {seen[seed.id]}); "
+                "ids must be unique"
             )
         seen[seed.id] = line
         seeds.append(seed)
@@ -54,7 +59,8 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[int, object]]:
             continue
         if len(line.encode()) > MAX_LINE_BYTES:
             raise SelfspecError(
-                f"{path}:{number}: line is {len(line.encode()) / 1e6:.1f} MB, over the {MAX_LINE_BYTES // 1000} kB limit for one seed; "
+                f"{path}:{number}: line is {len(line.encode()) / 1e6:.1f} MB, "
+                f"over the {MAX_LINE_BYTES // 1000} kB limit for one seed; "
                 "seeds are short examples: shorten it"
             )
         try:

@@ -28,7 +28,7 @@ class StageContext:
     log: Callable[[str], None] = field(default=print)
 
     def template(self, stage: str) -> PromptTemplate:
-        _, template = plugins.first_result("prompt_template", PromptTemplate, domain=self.domain.name, stage=stage)
+        template = plugins.first_answer("prompt_template", PromptTemplate, domain=self.domain.name, stage=stage)
         if template is None:
             raise SelfspecError(f"no prompt template for stage {stage!r}")
         return template

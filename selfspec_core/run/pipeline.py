@@ -52,12 +52,10 @@ def domain_seeds(domain: str, seeds_path: str | Path | None = None) -> list[Seed
     """The user's ``--seeds`` file if given, else what the domain's seed provider returns."""
     if seeds_path:
         return load_seeds(seeds_path)
-    plugin, provided = plugins.first_result("seed_provider", (str, Path, list), domain=domain)
+    provided = plugins.first_answer("seed_provider", (str, Path, list), Seed, domain=domain)
     if provided is None:
         raise SelfspecError(f"domain {domain!r} provides no seeds; pass --seeds FILE.jsonl")
     if isinstance(provided, list):
-        for seed in provided:
-            plugins.check_type(plugin, "seed_provider", seed, Seed)
         return provided
     return load_seeds(provided)
 

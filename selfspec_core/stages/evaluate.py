@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from selfspec_core.data import datasources
+from selfspec_core.data import catalog, datasources
 from selfspec_core.data.tasks import METRICS, EvalItem, EvalTask, data_root
 from selfspec_core.errors import SelfspecError
 from selfspec_core.eval.scorecache import ScoreCache, score_key
@@ -72,9 +72,10 @@ def resolve_data_dir(settings) -> Path | None:
 
 
 def collect_tasks(
-    domain: str, cross_domain: bool = True, wanted: str = "", modes: str = ""
+    domain: str, cross_domain: bool = True, wanted: str = "", modes: str = "", task_dir: str | None = None
 ) -> tuple[list[EvalTask], list[EvalTask]]:
-    """The tasks of ``domain`` and, with ``cross_domain``, those of every other installed domain.
+    """The tasks of ``domain`` and, with ``cross_domain``, those of every other installed domain: the
+    plugins' (hooks and task files) and those of the user's ``task_dir`` (``--tasks``).
 
     ``wanted`` names tasks (comma-separated); empty keeps all but development splits
     (``extra["split"] == "dev"``), which are for tuning defaults, not for reporting. ``modes``
@@ -83,18 +84,16 @@ def collect_tasks(
     kept_modes = {mode.strip() for mode in modes.split(",") if mode.strip()}
     asked = [domain] + ([name for name in plugins.domains() if name != domain] if cross_domain else [])
     found: dict[tuple[str, str], tuple[str, EvalTask]] = {}
-    for name in asked:
-        for plugin, tasks in plugins.results("evaluation_tasks", domain=name):
-            plugins.check_type(plugin, "evaluation_tasks", tasks, list)
-            for task in tasks:
-                plugins.check_type(plugin, "evaluation_tasks", task, EvalTask)
-                key = (task.domain, task.name)
-                if key in found and found[key][0] != plugin:
-                    raise SelfspecError(
-                        f"evaluation task {task.name!r} of domain {task.domain!r} is provided by both "
-                        f"{found[key][0]!r} and {plugin!r}; uninstall one"
-                    )
-                found.setdefault(key, (plugin, task))
+    declared = [pair for name in asked for pair in catalog.domain_tasks(name)]
+    declared += [("--tasks", task) for task in (catalog.folder_tasks(task_dir, domain) if task_dir else [])]
+    for plugin, task in declared:
+        key = (task.domain, task.name)
+        if key in found and found[key][0] != plugin:
+            raise SelfspecError(
+                f"evaluation task {task.name!r} of domain {task.domain!r} is provided by both "
+                f"{found[key][0]!r} and {plugin!r}; uninstall one or rename the task"
+            )
+        found.setdefault(key, (plugin, task))
     names = {name.strip() for name in wanted.split(",") if name.strip()}
     tasks = [
         task
@@ -484,7 +483,7 @@ def stage_tasks(
     """The stage's tasks: all of them, those loaded (other domains' capped at
     ``cross_domain_max_items``), and the skipped ones with their reasons."""
     evaluate = settings.evaluate
-    own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes)
+    own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes, evaluate.task_dir)
     if not own:
         log(f"[evaluate] domain {domain!r} registers no evaluation tasks (hook evaluation_tasks)")
     loaded, skipped = load_tasks(own, settings, log)
@@ -575,6 +574,8 @@ def run_stage(ctx) -> dict:
                 "n": 0,
                 "skipped": skipped[key],
             }
+    for plugin, line in plugins.broken_plugins().items():  # whatever tasks it has went uncollected
+        report["cross_domain"][f"plugin {plugin}"] = {"metric": "", "mode": "", "domain": "", "n": 0, "skipped": line}
 
     atomic_write_json(ctx.work / "eval.json", report)
     atomic_write_json(ctx.work / "contamination.json", contamination)
@@ -688,7 +689,7 @@ def evaluate_file(
             raise SelfspecError(
                 f"{path}: {len(rows)} {mode} rows, none left to score after {settings.evaluate.shots} shots; lower evaluate.shots"
             )
-    _, template = plugins.first_result("prompt_template", PromptTemplate, domain=domain or "", stage="train")
+    template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain or "", stage="train")
     description = plugins.get_domain(domain).description if domain else ""
     context = {"domain": domain or "", "description": description or domain or ""}
     model_ref = resolve_model(settings.model)

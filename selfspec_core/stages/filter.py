@@ -127,10 +127,8 @@ def non_text_reason(instruction: str, input_text: str = "") -> str | None:
 def blacklist_pattern(domain: str) -> re.Pattern | None:
     """One word-boundary, case-insensitive pattern for the words of every plugin's ``blacklist_words``."""
     words: set[str] = set()
-    for plugin, answer in plugins.results("blacklist_words", domain=domain):
-        plugins.check_type(plugin, "blacklist_words", answer, (list, tuple, set))
+    for _, answer in plugins.results("blacklist_words", (list, tuple, set), str, domain=domain):
         for word in answer:
-            plugins.check_type(plugin, "blacklist_words", word, str)
             if word.strip():
                 words.add(" ".join(word.lower().split()))
     if not words:
@@ -141,8 +139,7 @@ def blacklist_pattern(domain: str) -> re.Pattern | None:
 
 def plugin_reason(domain: str, stage: str, record: dict) -> str | None:
     """The first rejection from any plugin's ``filter_record``, as ``plugin:<name>:<reason>``."""
-    for plugin, reason in plugins.results("filter_record", domain=domain, stage=stage, record=record):
-        plugins.check_type(plugin, "filter_record", reason, str)
+    for plugin, reason in plugins.results("filter_record", str, domain=domain, stage=stage, record=record):
         return f"plugin:{plugin}:{reason}"
     return None
 

@@ -166,11 +166,8 @@ GENERIC_MINERS = (
 def available_miners(domain: Domain) -> dict[str, Miner]:
     """Every miner for ``domain`` by name: the core's (unless the domain opts out), then plugins'."""
     found = {m.name: m for m in GENERIC_MINERS} if domain.core_miners else {}
-    for plugin, provided in plugins.results("task_miners", domain=domain.name):
-        plugins.check_type(plugin, "task_miners", provided, (list, tuple))
-        for miner in provided:
-            plugins.check_type(plugin, "task_miners", miner, Miner)
-            found[miner.name] = miner
+    for _, provided in plugins.results("task_miners", (list, tuple), Miner, domain=domain.name):
+        found.update((miner.name, miner) for miner in provided)
     return found
 
 
