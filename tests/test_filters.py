@@ -140,7 +140,9 @@ def test_plugin_filter_returning_a_non_string_is_a_clear_error(plugin, capsys):
     plugin(Broken(), "broken-filter")
     # Another domain's plugin: named in one line and left out, the run goes on unfiltered by it.
     assert plugin_reason("finance", "instruction", {"instruction": "x", "input": ""}) is None
-    assert "plugin 'broken-filter' is broken: hook filter_record: returned bool, expected str" in capsys.readouterr().err
+    assert (
+        "plugin 'broken-filter' is broken: hook filter_record: returned bool, expected str" in capsys.readouterr().err
+    )
     plugin(Broken(), "needed-filter")
     require("needed-filter")  # the plugin of the run's own domain: its error stops the run
     with pytest.raises(SelfspecError, match="needed-filter.*filter_record.*expected str"):
