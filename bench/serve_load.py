@@ -1,12 +1,15 @@
 """Load test of ``selfspec serve``: many concurrent clients against 127.0.0.1, on the tiny test model.
 
 ``--clients`` threads send ``--requests`` requests in all to a server started in this process with an
-API key and its default limits: greedy and sampled completions, completions with logprobs, chat,
-and one request in eight deliberately wrong (a wrong key, max_tokens over the limit, a prompt longer
-than the context, a malformed body), which must get a 4xx. Every request must get an answer (none
-lost), none a 5xx, and the server must still answer afterwards.
-Last line: ``requests=<n> errors_5xx=<n> p50_ms=<ms> p99_ms=<ms> ok=<n> errors_4xx=<n> lost=<n> wrong_status=<n>
-answers_after=<0|1>``.
+API key and its default limits: greedy and sampled completions, completions with logprobs, chat
+(half of it streamed), and one request in eight deliberately wrong (a wrong key, max_tokens over the
+limit, a prompt longer than the context, a malformed body), which must get a 4xx. Every request must
+get an answer (none lost), none a 5xx, and the server must still answer afterwards. ``ttft_ms`` is
+the median time to the first content chunk of the streamed requests under load; then one streamed
+request of 64 tokens on the idle server gives ``time_to_first_chunk_ms`` against its ``stream_total_ms``
+(streaming works when the first is well under half the second).
+Last line: ``errors_5xx=<n> lost=<n> ttft_ms=<ms> p50_ms=<ms> p99_ms=<ms> time_to_first_chunk_ms=<ms>
+stream_total_ms=<ms> requests=<n> ok=<n> errors_4xx=<n> wrong_status=<n> answers_after=<0|1>``.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def request_for(number: int, limits: ServeLimits) -> tuple[str, bytes, str, bool
         return "/chat/completions", b'{"messages": [{"role": "user", "content": ', API_KEY, True
     if kind % 4 == 1:
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0}
-        return "/chat/completions", json.dumps(body).encode(), API_KEY, False
+        return "/chat/completions", json.dumps({**body, "stream": kind % 8 == 5}).encode(), API_KEY, False
     if kind % 4 == 2:
         body = {"prompt": [prompt, PROMPTS[0]], "max_tokens": 8, "temperature": 0.8, "seed": number}
         return "/completions", json.dumps(body).encode(), API_KEY, False
@@ -65,21 +68,29 @@ def request_for(number: int, limits: ServeLimits) -> tuple[str, bytes, str, bool
     return "/completions", json.dumps(body).encode(), API_KEY, False
 
 
-def send(url: str, path: str, body: bytes | None, key: str, timeout: float) -> tuple[int, float]:
-    """HTTP status (0: no answer) and latency in ms."""
+def send(url: str, path: str, body: bytes | None, key: str, timeout: float) -> tuple[int, float, float | None]:
+    """HTTP status (0: no answer), latency in ms and, for a stream, ms to its first content chunk."""
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
     request = urllib.request.Request(url + path, body, headers)
     started = time.perf_counter()
+    first = None
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
+            for line in response:  # a stream's events as they come; a JSON body in one go
+                if first is None and line.startswith(b"data: {") and _has_content(line[6:]):
+                    first = (time.perf_counter() - started) * 1000
             status = response.status
     except urllib.error.HTTPError as error:
         error.read()
         status = error.code
     except OSError:
         status = 0
-    return status, (time.perf_counter() - started) * 1000
+    return status, (time.perf_counter() - started) * 1000, first
+
+
+def _has_content(event: bytes) -> bool:
+    choices = json.loads(event).get("choices") or [{}]
+    return bool(choices[0].get("text") or choices[0].get("delta", {}).get("content"))
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -92,23 +103,28 @@ def run_load(url: str, limits: ServeLimits, requests: int, clients: int, timeout
 
     def one(number: int):
         path, body, key, wrong = request_for(number, limits)
-        status, ms = send(url, path, body, key, timeout)
-        return status, ms, wrong
+        return *send(url, path, body, key, timeout), wrong
 
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, range(requests)))
-    statuses = Counter(status for status, _, _ in results)
-    latencies = [ms for status, ms, _ in results if status]
-    unexpected = [(status, wrong) for status, _, wrong in results if (status == 200) == wrong]
-    after, _ = send(url, "/models", None, API_KEY, timeout)
+    statuses = Counter(status for status, _, _, _ in results)
+    latencies = [ms for status, ms, _, _ in results if status]
+    firsts = [first for _, _, first, _ in results if first is not None]
+    unexpected = [(status, wrong) for status, _, _, wrong in results if (status == 200) == wrong]
+    after, _, _ = send(url, "/models", None, API_KEY, timeout)
+    probe = json.dumps({"prompt": PROMPTS[0], "max_tokens": 64, "temperature": 0, "stream": True}).encode()
+    _, stream_total, first_chunk = send(url, "/completions", probe, API_KEY, timeout)
     return {
-        "requests": requests,
         "errors_5xx": sum(n for s, n in statuses.items() if s >= 500),
+        "lost": statuses[0],
+        "ttft_ms": round(percentile(firsts, 0.50), 1),
         "p50_ms": round(percentile(latencies, 0.50), 1),
         "p99_ms": round(percentile(latencies, 0.99), 1),
+        "time_to_first_chunk_ms": round(first_chunk or 0.0, 1),
+        "stream_total_ms": round(stream_total, 1),
+        "requests": requests,
         "ok": statuses[200],
         "errors_4xx": sum(n for s, n in statuses.items() if 400 <= s < 500),
-        "lost": statuses[0],
         "wrong_status": len(unexpected),
         "answers_after": int(after == 200),
     }

@@ -622,3 +622,4 @@ def test_load_32_clients_no_5xx_no_lost_request():
         figures = run_load(server.url, limits, requests=96, clients=32)
     assert figures["errors_5xx"] == 0 and figures["lost"] == 0 and figures["wrong_status"] == 0, figures
     assert figures["ok"] + figures["errors_4xx"] == 96 and figures["answers_after"] == 1
+    assert figures["ttft_ms"] > 0 and 0 < figures["time_to_first_chunk_ms"] < figures["stream_total_ms"] / 2
