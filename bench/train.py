@@ -49,6 +49,7 @@ def run_arm(arm: str, data: Path, steps: int, threads: int) -> dict:
 
     from selfspec_core.config import load_settings
     from selfspec_core.models.loading import load_tokenizer, resolve_model
+    from selfspec_core.models.prompting import PromptFormat
     from selfspec_core.plugins import manager as plugins
     from selfspec_core.run.context import StageContext
     from selfspec_core.run.rundir import RunDir, read_jsonl, write_jsonl
@@ -72,12 +73,10 @@ def run_arm(arm: str, data: Path, steps: int, threads: int) -> dict:
 
         tokenizer = load_tokenizer(ref)
         tokenizer.padding_side = "right"
-        examples = [
-            training.encode_example(
-                r, ctx.template("train"), tokenizer, settings.train.max_length, ctx.template_context
-            )
-            for r in read_jsonl(data)
-        ]
+        prompts = PromptFormat.chosen(
+            settings.train.prompt_format, ctx.template("train"), tokenizer, ctx.template_context
+        )
+        examples = [training.encode_example(r, prompts, settings.train.max_length) for r in read_jsonl(data)]
         args = training.training_arguments(
             settings.train,
             work / "checkpoints",

@@ -24,6 +24,7 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
+from selfspec_core.data.tasks import CHOICE_SCORES
 from selfspec_core.errors import SelfspecError
 
 
@@ -122,7 +123,9 @@ class EvaluateSettings:
 
     max_items: int = 0
     shots: int = 0
-    length_normalize: bool = False
+    # How every log-likelihood task's table leads (one of CHOICE_SCORES: acc, acc_per_token, acc_norm,
+    # acc_calibrated); "task": each task's own ``headline``. Every way is reported either way.
+    headline: str = "task"
     batch_size: int = 8
     max_new_tokens: int = 32
     bootstrap_samples: int = 1000
@@ -143,7 +146,8 @@ class EvaluateSettings:
     # Reuse the base model's scores from any earlier run that posed the same items the same way
     # (kept under $SELFSPEC_CACHE/scores, keyed by model, dtype, prompts, items and scoring settings).
     cache_base_scores: bool = True
-    # Drop generated training records that share an ``ngram``-gram with an evaluation item.
+    # Score each task without the items a generated training record shares an ``ngram``-gram with
+    # (the contamination check's finding); that clean score leads, the one on every item is kept beside.
     drop_contaminated: bool = False
     # Generated records shown in the report.
     report_samples: int = 5
@@ -310,12 +314,15 @@ _CHOICES = {
     "executor": ("local", "ray"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "calibration": ("contextual", "batch"),
+    "headline": ("task", *CHOICE_SCORES),
 }
 _LIST_CHOICES = {"modes": ("loglikelihood", "generate")}  # comma-separated
 # Settings a release renamed, with what to write instead (a closest-spelling hint would mislead).
 _REPLACED = {
     "generate.mined_share": "generate.num_mined (a count of mined records added beside "
-    "num_instructions, no longer a share of them)"
+    "num_instructions, no longer a share of them)",
+    "evaluate.length_normalize": 'evaluate.headline = "acc_per_token" (every log-likelihood task now '
+    "reports the summed, per-token, per-byte and calibrated scores; the headline picks the one that leads)",
 }
 
 

@@ -18,8 +18,21 @@ _CORPUS = [
 ]
 
 
-def build_tiny_model(folder: str | Path, vocab_size: int = 512, hidden_size: int = 32, layers: int = 2) -> Path:
-    """Write a random Llama-architecture causal LM and a byte-level BPE tokenizer to ``folder``."""
+# A ChatML-style chat template whose turns end in the tokenizer's EOS text, as SmolLM2's end in its
+# EOS ``<|im_end|>``; for tests of the chat prompt form (the tiny tokenizer has no template of its own).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_model(
+    folder: str | Path, vocab_size: int = 512, hidden_size: int = 32, layers: int = 2, chat_template: str | None = None
+) -> Path:
+    """Write a random Llama-architecture causal LM and a byte-level BPE tokenizer (with ``chat_template``
+    if given) to ``folder``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -35,6 +48,7 @@ def build_tiny_model(folder: str | Path, vocab_size: int = 512, hidden_size: int
     )
     tokenizer.train_from_iterator(_CORPUS * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<pad>")
+    fast.chat_template = chat_template
     fast.save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -2,13 +2,19 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from selfspec_core.plugins.manager import get_plugin_manager
-from selfspec_core.testing import build_tiny_model
+from selfspec_core.testing import CHAT_TEMPLATE, build_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny Llama with its own tokenizer, built once per test session."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    """The tiny model with a ChatML-style chat template (``selfspec_core.testing.CHAT_TEMPLATE``)."""
+    return build_tiny_model(tmp_path_factory.mktemp("chat-model"), chat_template=CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="session")

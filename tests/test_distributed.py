@@ -11,6 +11,7 @@ import torch
 from selfspec_core.config import load_settings
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.loading import ModelRef, load_tokenizer
+from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.run.context import StageContext
 from selfspec_core.run.pipeline import Pipeline
@@ -91,10 +92,8 @@ def test_two_cpu_processes_train_one_adapter(tmp_path, sharp_model_dir):
     settings = load_settings("tiny", overrides={"train": TRAIN})
     ctx = StageContext(settings, plugins.get_domain(DOMAIN), run, [], ModelRef("sharp", str(sharp_model_dir)), run.path)
     tokenizer = load_tokenizer(ctx.model)
-    encoded = [
-        training.encode_example(r, ctx.template("train"), tokenizer, TRAIN["max_length"], ctx.template_context)
-        for r in RECORDS
-    ]
+    prompts = PromptFormat.chosen(settings.train.prompt_format, ctx.template("train"), tokenizer, ctx.template_context)
+    encoded = [training.encode_example(r, prompts, TRAIN["max_length"]) for r in RECORDS]
     assert manifest["tokens"] == 6 * sum(len(e.input_ids) for e in encoded)
 
     losses = [s["loss"] for s in read_jsonl(run.stage_dir("train") / "train_log.jsonl")]

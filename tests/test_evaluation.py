@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from selfspec_core.config import load_settings
-from selfspec_core.data.tasks import EvalItem, EvalTask
+from selfspec_core.data.tasks import CHOICE_SCORES, EvalItem, EvalTask
 from selfspec_core.errors import SelfspecError
+from selfspec_core.eval.scoring import ItemScore, rescore
 from selfspec_core.hookspecs import hookimpl
 from selfspec_core.models.loading import ModelRef
 from selfspec_core.plugins import manager as plugins
@@ -17,10 +18,13 @@ from selfspec_core.run.rundir import RecordLog, RunDir, read_jsonl, write_jsonl
 from selfspec_core.stages.evaluate import (
     answer_stops,
     check_contamination,
+    clean_summary,
     collect_tasks,
+    content_free,
     drop_overlapping,
     evaluate_file,
     find_overlaps,
+    headline_of,
     item_texts,
     load_tasks,
     ngram_overlap,
@@ -28,6 +32,7 @@ from selfspec_core.stages.evaluate import (
     render_prompt,
     score_model,
     split_items,
+    task_summary,
 )
 
 SENTENCES = [
@@ -329,6 +334,17 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert set(f1) == {"base", "specialized", "majority", "delta", "ci"} and 0 <= f1["majority"] <= 1 / 2
     assert f1["ci"][0] <= f1["delta"] <= f1["ci"][1] and "macro_f1" not in report["numbers"]
     assert "majority" not in report["numbers"] and "answers" not in report["cross_domain"]["other_qa"]
+    # every way of picking, from the same log-probabilities; the headline's figures lead
+    assert sentiment["headline"] == "acc" and set(sentiment["variants"]) == set(CHOICE_SCORES)
+    headline = sentiment["variants"]["acc"]
+    assert {key: headline[key] for key in ("base", "specialized", "delta", "ci", "n", "macro_f1")} == {
+        key: sentiment[key] for key in ("base", "specialized", "delta", "ci", "n", "macro_f1")
+    }
+    assert headline["answers"] == {key: sentiment["answers"][key] for key in ("base", "specialized")}
+    for variant in sentiment["variants"].values():
+        assert variant["n"] == 8 and sum(variant["answers"]["base"].values()) == 8
+        assert variant["macro_f1"]["majority"] == f1["majority"]
+    assert "variants" not in report["numbers"] and "headline" not in report["numbers"]
     assert report["numbers"]["metric"] == "numeric" and report["numbers"]["n"] == 5
     assert report["absent"]["n"] == 0 and "tiny/not_there.json" in report["absent"]["skipped"]
     assert "[evaluate] task absent (tinydom) skipped" in capsys.readouterr().out
@@ -372,6 +388,19 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert f"| sentiment | tinydom | accuracy | loglikelihood | 8 | {sentiment['base']:.3f} |" in markdown
     assert "| other_qa | otherdom | f1 | generate | 3 |" in markdown
     assert "| tinydom/sentiment | 11 | 1 |" in markdown
+    assert "| sentiment | acc (headline) |" in markdown and "| sentiment | acc_calibrated |" in markdown
+
+    # drop_contaminated: the leaked sentence (scored, id 0) leaves the score; the full one stays beside
+    settings.evaluate.drop_contaminated = True
+    Pipeline(settings, plugins.get_domain("tinydom"), run, seeds=[]).run_stages(["evaluate"])
+    clean = json.loads((folder / "eval.json").read_text())["sentiment"]
+    assert clean["contaminated_dropped"] == 1 and clean["n"] == 7
+    assert clean["full"] == {key: sentiment[key] for key in ("base", "specialized", "delta", "ci", "n")}
+    kept = [p for p in read_jsonl(folder / "predictions.jsonl") if p["task"] == "sentiment" and not p["contaminated"]]
+    assert [p["id"] for p in kept] == ["1", "2", "4", "6", "8", "9", "10"]
+    assert clean["base"] == pytest.approx(sum(p["base_score"] for p in kept) / 7, abs=1e-6)
+    assert clean["specialized"] == pytest.approx(sum(p["specialized_score"] for p in kept) / 7, abs=1e-6)
+    assert sum(clean["answers"]["gold"].values()) == 7 and clean["variants"]["acc_norm"]["n"] == 7
 
 
 def test_edited_benchmark_data_makes_the_evaluation_stale(tmp_path, tiny_model_dir, data_dir, tiny_plugin):
@@ -503,10 +532,23 @@ def test_base_scores_are_reused_across_runs_until_anything_that_could_change_the
     template = dataclasses.replace(TRAIN_TEMPLATE, header="You answer questions about {description}.")
     score_model("base", settings, ref, None, loaded, template, other_prompt, print)
     assert loads == [1]  # another prompt misses
-    score_model(
-        "base", _settings(tiny_model_dir, data_dir, length_normalize=True), ref, None, loaded, TRAIN_TEMPLATE, {}, print
-    )
+    lenient = [split_items(dataclasses.replace(task, tolerance=0.5), read_items(task, data_dir), 0, 4, 0)]
+    score_model("base", settings, ref, None, lenient, TRAIN_TEMPLATE, {}, print)
     assert loads == [1, 1]  # another scoring setting misses
+    calibrated = score_model(
+        "base",
+        _settings(tiny_model_dir, data_dir, headline="acc_calibrated"),
+        ref,
+        None,
+        loaded,
+        TRAIN_TEMPLATE,
+        {},
+        print,
+    )
+    assert loads == [1, 1]  # another headline picks from the same stored log-probabilities
+    assert calibrated["tinydom/sentiment"] == rescore(
+        loaded[0].scored, first["tinydom/sentiment"], "acc_calibrated", "accuracy"
+    )
     fewer = [split_items(task, read_items(task, data_dir), 0, 3, 0)]
     score_model("base", settings, ref, None, fewer, TRAIN_TEMPLATE, {}, print)
     assert loads == [1, 1, 1]  # other items miss
@@ -584,3 +626,102 @@ def test_an_adapters_training_data_counts_only_while_unchanged(tmp_path, tiny_mo
     assert adapter_training_data(adapter) is None  # respond was rerun after training: not this adapter's data
     (adapter / "selfspec_training.json").write_text("[1, 2")
     assert adapter_training_data(adapter) is None
+
+
+def test_every_scored_item_contaminated_leaves_the_full_score_and_says_so():
+    task = EvalTask("sentiment", "tinydom", "f", load_sentences)
+    loaded = split_items(task, load_sentences_from(SENTENCES[:3]), shots=0, max_items=0, seed=0)
+    scores = [
+        ItemScore(item.id, "positive", float(item.answer == "positive"), (-1.0, -2.0, -3.0), (1, 1, 1), (0.0,) * 3)
+        for item in loaded.scored
+    ]
+    settings = load_settings("tiny")
+    touched = {(loaded.key, item.id) for item in loaded.scored}
+    summary = clean_summary(loaded, scores, scores, touched, settings.evaluate, 0)
+    assert summary["n"] == 3 and summary["contaminated_dropped"] == 0 and summary["contaminated_scored"] == 3
+    assert "full" not in summary
+    untouched = clean_summary(loaded, scores, scores, set(), settings.evaluate, 0)
+    assert untouched == {
+        **task_summary(loaded, scores, scores, settings.evaluate, 0),
+        "contaminated_dropped": 0,
+        "contaminated_scored": 0,
+    }
+
+
+def test_headline_settings_are_checked_and_the_old_length_normalize_says_what_replaced_it(tmp_path):
+    with pytest.raises(ValueError, match=r"task s: headline 'acc_nrom' is not one of .*did you mean 'acc_norm'"):
+        EvalTask("s", "tinydom", "f", load_sentences, headline="acc_nrom")
+    with pytest.raises(SelfspecError, match=r"evaluate.headline: expected one of task, acc, acc_per_token, acc_norm"):
+        load_settings("tiny", overrides={"evaluate": {"headline": "per_byte"}})
+    old = tmp_path / "old.toml"
+    old.write_text("[evaluate]\nlength_normalize = true\n")
+    with pytest.raises(
+        SelfspecError, match=r'evaluate.length_normalize was replaced by evaluate.headline = "acc_per_token"'
+    ):
+        load_settings("tiny", config_file=old)
+    task = EvalTask("s", "tinydom", "f", load_sentences, headline="acc_calibrated")
+    assert headline_of(task, load_settings("tiny").evaluate) == "acc_calibrated"
+    assert (
+        headline_of(task, load_settings("tiny", overrides={"evaluate": {"headline": "acc_norm"}}).evaluate)
+        == "acc_norm"
+    )
+
+
+def test_the_content_free_prompt_keeps_the_task_wording_and_drops_the_item():
+    item = load_sentences_from(SENTENCES[:1])[0]
+    assert content_free(item) == dataclasses.replace(item, input="")
+    question = EvalItem("q", "Is aspirin an NSAID? Answer yes or no.", "", "yes", ("yes", "no"))
+    assert content_free(question) == dataclasses.replace(question, instruction="")
+
+
+def test_quality_benchmarks_last_line_adds_the_per_byte_and_calibrated_scores(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    )
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+
+    def picked(base: float, specialized: float) -> dict:
+        return {"base": base, "specialized": specialized, "delta": specialized - base}
+
+    fpb = {
+        "metric": "accuracy",
+        "base": 0.2604,
+        "specialized": 0.6312,
+        "delta": 0.3708,
+        "ci": [0.3101, 0.4302],
+        "n": 300,
+        "majority": {"answer": "neutral", "share": 0.59},
+        "macro_f1": {"base": 0.151, "specialized": 0.5124, "majority": 0.2473, "delta": 0.3614, "ci": [0.30, 0.42]},
+        "headline": "acc",
+        "variants": {
+            "acc": picked(0.2604, 0.6312),
+            "acc_per_token": picked(0.2604, 0.6312),
+            "acc_norm": picked(0.2611, 0.6205),
+            "acc_calibrated": picked(0.5833, 0.6748),
+        },
+    }
+    fixture = tmp_path / "eval.json"
+    fixture.write_text(json.dumps({"fpb": fpb, "cross_domain": {}}))
+    line = quality.main_task_figures(json.loads(fixture.read_text()), "finance")
+    figures = dict(pair.split("=") for pair in line.split())
+    assert figures == {
+        "task": "fpb",
+        "base": "0.260",
+        "specialized": "0.631",
+        "delta": "0.371",
+        "ci_low": "0.310",
+        "ci_high": "0.430",
+        "majority": "0.590",
+        "macro_f1_base": "0.151",
+        "macro_f1_specialized": "0.512",
+        "macro_f1_ci_low": "0.300",
+        "macro_f1_majority": "0.247",
+        "acc_norm_base": "0.261",
+        "acc_norm_specialized": "0.621",
+        "acc_calibrated_base": "0.583",
+        "acc_calibrated_specialized": "0.675",
+    }
+    assert line.startswith("task=fpb base=0.260 specialized=0.631 delta=0.371 ci_low=0.310 ci_high=0.430 majority=")

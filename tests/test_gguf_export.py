@@ -5,6 +5,8 @@ files to 2e-3 on the tiny models, whose logits are below 1 in size (f16 keeps ~3
 """
 
 import importlib.util
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -128,7 +130,9 @@ def test_the_base_gguf_tokenizer_is_copied_as_is(tmp_path):
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     out = tmp_path / "out" / "smol.gguf"
-    assert_round_trip(folder, random_adapter(folder, tmp_path / "adapter"), out, "f16", str(source))
+    adapter = random_adapter(folder, tmp_path / "adapter")
+    (adapter / "selfspec_training.json").write_text(json.dumps({"prompt_format": "chat"}))  # the base's template
+    assert_round_trip(folder, adapter, out, "f16", str(source))
     written, original = gguf.GGUFReader(out).fields, gguf.GGUFReader(source).fields
     tokenizer_keys = [key for key in original if key.startswith("tokenizer.")]
     assert "tokenizer.ggml.pre" in tokenizer_keys and written["tokenizer.ggml.pre"].contents() == "smollm"
@@ -169,3 +173,49 @@ def test_an_unsupported_architecture_is_named(tiny_model_dir, tmp_path):
     with pytest.raises(SelfspecError, match="not 'gpt2'"):
         write_gguf(model, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "gpt2.gguf")
     assert not list(tmp_path.iterdir())
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Define EBITDA."},
+    {"role": "assistant", "content": "Earnings before interest."},
+    {"role": "user", "content": "And EBIT?"},
+]
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "alpaca"])
+def test_the_gguf_chat_template_renders_the_form_the_adapter_learnt(
+    tiny_model_dir, chat_model_dir, tmp_path, prompt_format
+):
+    """What llama.cpp and Ollama render from ``tokenizer.chat_template`` is the prompt selfspec's renderer makes."""
+    import gguf
+    import jinja2
+
+    from selfspec_core.models.loading import load_tokenizer
+    from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
+    from selfspec_core.run.adapter import TRAINING_INFO, adapter_prompts
+
+    model_dir = chat_model_dir if prompt_format == "chat" else tiny_model_dir
+    adapter = random_adapter(model_dir, tmp_path / "adapter")
+    header = "Answers about {description}."  # a domain's header: filled in as training filled it
+    info = {
+        "prompt_format": prompt_format,
+        "prompt_template": asdict(replace(TRAIN_TEMPLATE, header=header)),
+        "prompt_context": {"domain": "finance", "description": "finance"},
+    }
+    (adapter / TRAINING_INFO).write_text(json.dumps(info))
+    out = export_gguf(ModelRef("m", str(model_dir)), adapter, tmp_path / "m.gguf", "f32")
+
+    template = gguf.GGUFReader(out).fields["tokenizer.chat_template"].contents()
+    tokenizer = load_tokenizer(ModelRef("m", str(model_dir)))
+    expected = adapter_prompts(adapter, tokenizer).conversation(CONVERSATION)
+    for environment in (jinja2.Environment(), jinja2.Environment(trim_blocks=True, lstrip_blocks=True)):
+        rendered = environment.from_string(template).render(
+            messages=CONVERSATION, add_generation_prompt=True, eos_token=tokenizer.eos_token, bos_token=""
+        )
+        assert rendered == expected
+    if prompt_format == "alpaca":
+        assert expected.startswith("Be brief.\n\nAnswers about finance.Below is an instruction")
+        assert expected.endswith("### Instruction:\nAnd EBIT?\n\n### Response:\n")
+    else:
+        assert template == tokenizer.chat_template and expected.endswith("<|im_start|>assistant\n")

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from selfspec_core.config import load_settings
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
+from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
 from selfspec_core.records import Domain
 from selfspec_core.run.context import StageContext
@@ -56,6 +57,10 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
     return load_tokenizer(ModelRef("tiny", str(tiny_model_dir)))
+
+
+def alpaca(tokenizer) -> PromptFormat:
+    return PromptFormat("alpaca", TRAIN_TEMPLATE, tokenizer)
 
 
 def make_ctx(tmp_path, model_dir, records=RECORDS, run=None, dtype="float32", **train):
@@ -108,14 +113,14 @@ class StopAt(training.TrainerCallback):
 
 def test_labels_mask_the_prompt_and_padding(tokenizer):
     record = RECORDS[0]
-    example = encode_example(record, TRAIN_TEMPLATE, tokenizer, max_length=256)
+    example = encode_example(record, alpaca(tokenizer), max_length=256)
     prompt = tokenizer(TRAIN_TEMPLATE.render([], record), add_special_tokens=False).input_ids
     response = tokenizer(record["output"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     assert example.input_ids == prompt + response
     assert example.labels == [IGNORE] * len(prompt) + response
     assert not example.truncated
 
-    short = encode_example(RECORDS[2], TRAIN_TEMPLATE, tokenizer, max_length=256)
+    short = encode_example(RECORDS[2], alpaca(tokenizer), max_length=256)
     batch = ResponseBatches(tokenizer, packing=False)(
         [
             {"input_ids": example.input_ids, "labels": example.labels},
@@ -137,7 +142,7 @@ def test_long_input_is_cut_and_the_response_kept(tokenizer):
         "input": " ".join(["The company reported higher revenue."] * 40),
         "output": "positive",
     }
-    example = encode_example(record, TRAIN_TEMPLATE, tokenizer, max_length=96)
+    example = encode_example(record, alpaca(tokenizer), max_length=96)
     response = tokenizer("positive", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     assert example.truncated and not example.response_cut
     assert len(example.input_ids) <= 96
@@ -147,7 +152,7 @@ def test_long_input_is_cut_and_the_response_kept(tokenizer):
     assert "### Input:\nThe company reported" in text and "### Response:\npositive" in text
 
     # an answer that alone fills max_length keeps its beginning and leaves a quarter for the prompt
-    huge = encode_example({**record, "output": "yes no " * 200}, TRAIN_TEMPLATE, tokenizer, max_length=96)
+    huge = encode_example({**record, "output": "yes no " * 200}, alpaca(tokenizer), max_length=96)
     assert huge.truncated and huge.response_cut and len(huge.input_ids) == 96
     assert sum(label == IGNORE for label in huge.labels) == 96 // 4
 
@@ -159,7 +164,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer, 
     if attention == "packed":
         training.use_packed_attention(model, max_length=256)
         assert model.config._attn_implementation == training.PACKED_ATTENTION
-    first, second, third = (encode_example(r, TRAIN_TEMPLATE, tokenizer, 256) for r in RECORDS[:3])
+    first, second, third = (encode_example(r, alpaca(tokenizer), 256) for r in RECORDS[:3])
     packed = ResponseBatches(tokenizer, packing=True)([vars(first), vars(second), vars(third)])
     assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in (first, second, third)))
     inputs = {k: v for k, v in packed.items() if k not in ("labels", "logits_to_keep")}
@@ -174,7 +179,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer, 
 @pytest.mark.parametrize("packing", [True, False])
 def test_response_loss_equals_the_models_own_loss(tiny_model_dir, tokenizer, packing):
     model = load_model(ModelRef("tiny", str(tiny_model_dir)))
-    examples = [vars(encode_example(r, TRAIN_TEMPLATE, tokenizer, 256)) for r in RECORDS[:3]]
+    examples = [vars(encode_example(r, alpaca(tokenizer), 256)) for r in RECORDS[:3]]
     batch = ResponseBatches(tokenizer, packing)(examples)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}
     with torch.no_grad():
@@ -197,7 +202,7 @@ def test_stage_trains_only_lora_and_saves_a_reloadable_adapter(tmp_path, sharp_m
     assert [s["step"] for s in steps] == list(range(1, 13)) and stats["steps"] == 12
     assert sum(s["loss"] for s in steps[-3:]) < 0.6 * sum(s["loss"] for s in steps[:3])  # about 9.8 -> 3
     assert steps[0]["learning_rate"] > steps[-1]["learning_rate"]  # cosine decay
-    encoded = [encode_example(r, TRAIN_TEMPLATE, tokenizer, 40) for r in RECORDS]
+    encoded = [encode_example(r, alpaca(tokenizer), 40) for r in RECORDS]
     assert stats["examples"] == 8 and stats["truncated"] == sum(e.truncated for e in encoded) > 0
     assert stats["quant"] == "none" and stats["tokens"] == 6 * sum(len(e.input_ids) for e in encoded)
     assert snapshot.trainable and all("lora_" in name for name in snapshot.trainable)
@@ -210,6 +215,7 @@ def test_stage_trains_only_lora_and_saves_a_reloadable_adapter(tmp_path, sharp_m
     info = json.loads((adapter / "selfspec_training.json").read_text())
     assert info["data_hash"] == file_hash(ctx.run.require("respond", "data.jsonl"))
     assert info["settings"]["learning_rate"] == 1e-2 and info["stats"] == stats
+    assert info["prompt_format"] == "alpaca"  # auto: the tiny tokenizer has no chat template
     ref = ctx.model
     tuned = load_model(ref, adapter=adapter)
     torch.testing.assert_close(logits_of(tuned, PROBE, tokenizer), snapshot.logits)

@@ -41,7 +41,8 @@ from selfspec_core.models.loading import (
     resolve_model,
     unfreeze_for_inference,
 )
-from selfspec_core.run.adapter import TRAINING_INFO, read_training_info
+from selfspec_core.models.prompting import PromptFormat
+from selfspec_core.run.adapter import TRAINING_INFO, adapter_prompt_format, read_training_info
 from selfspec_core.run.rundir import atomic_write_json, iter_jsonl
 from selfspec_core.templates import PromptTemplate
 
@@ -63,9 +64,14 @@ class Expert:
     data: str  # the records the adapter was tuned on: the router's examples of this domain
     model: str | None  # the run's ``--model`` (None: the embedded default)
     template: dict  # the prompt template the adapter was tuned in
+    prompt_format: str = "alpaca"  # ... and the form (models.prompting); composed before it was recorded: Alpaca
 
     def prompt_template(self) -> PromptTemplate:
         return PromptTemplate(**self.template)
+
+    def prompts(self, tokenizer) -> PromptFormat:
+        """The renderer of the form this expert learnt, for its own domain's records."""
+        return PromptFormat(self.prompt_format, self.prompt_template(), tokenizer, template_context(self.name))
 
 
 def find_expert(source: str | Path) -> Expert:
@@ -104,7 +110,13 @@ def find_expert(source: str | Path) -> Expert:
             f"{run}: the adapter's training data {data} is missing; rerun `selfspec --out {run} respond`"
         )
     return Expert(
-        domain, str(adapter.resolve()), str(run.resolve()), str(data.resolve()), config.get("model"), template
+        domain,
+        str(adapter.resolve()),
+        str(run.resolve()),
+        str(data.resolve()),
+        config.get("model"),
+        template,
+        adapter_prompt_format(adapter),
     )
 
 

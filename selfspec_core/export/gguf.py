@@ -10,6 +10,10 @@ The tokenizer travels in the file. When the base model was converted from a GGUF
 models, a ``.gguf`` ``--model``), its ``tokenizer.*`` metadata is copied unchanged, so llama.cpp splits
 text exactly as it did for the base; otherwise it is built from the Hugging Face tokenizer (GPT-2
 style byte-level BPE, or SentencePiece-style BPE with byte fallback).
+
+``tokenizer.chat_template`` renders the prompt form the adapter learnt
+(:mod:`selfspec_core.models.prompting`): the base model's chat template for an adapter tuned in chat
+form, a template of the Alpaca form for one tuned in that, so llama.cpp and Ollama prompt it right.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 from selfspec_core.errors import SelfspecError, print_warning
 from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
+from selfspec_core.run.adapter import adapter_prompts
 
 TENSOR_TYPES = ("f16", "f32")
 # Hugging Face model_type -> the gguf package's architecture name for it.
@@ -44,7 +49,9 @@ def export_gguf(
     if out_file.exists():
         raise SelfspecError(f"{out_file} exists; pass another --output or remove it")
     model = load_model(base_ref, quant="none", adapter=adapter_dir)  # float32, the adapter merged in
-    write_gguf(model, load_tokenizer(base_ref), out_file, tensor_type, base_ref.gguf, warn)
+    tokenizer = load_tokenizer(base_ref)
+    chat_template = adapter_prompts(Path(adapter_dir), tokenizer).chat_template()
+    write_gguf(model, tokenizer, out_file, tensor_type, base_ref.gguf, warn, chat_template)
     return out_file
 
 
@@ -55,8 +62,10 @@ def write_gguf(
     tensor_type: str = "f16",
     tokenizer_gguf: str | None = None,
     warn: Callable[[str], None] = print_warning,
+    chat_template: str | None = None,
 ) -> None:
-    """Write ``model`` (a transformers causal LM) with ``tokenizer`` as a GGUF file, atomically."""
+    """Write ``model`` (a transformers causal LM) with ``tokenizer`` as a GGUF file, atomically;
+    ``chat_template`` replaces the base's ``tokenizer.chat_template`` when given."""
     import gguf
 
     config = model.config
@@ -77,9 +86,11 @@ def write_gguf(
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if tensor_type == "f16" else gguf.LlamaFileType.ALL_F32)
         _add_hyperparameters(writer, config, arch_name)
         if tokenizer_gguf:
-            _copy_tokenizer(writer, Path(tokenizer_gguf))
+            _copy_tokenizer(writer, Path(tokenizer_gguf), keep_chat_template=chat_template is None)
         else:
-            _add_tokenizer(writer, tokenizer, config.vocab_size, warn)
+            _add_tokenizer(writer, tokenizer, config.vocab_size, warn, keep_chat_template=chat_template is None)
+        if chat_template is not None:
+            writer.add_chat_template(chat_template)
         for name, array in _tensors(model, arch_name, tensor_type):
             writer.add_tensor(name, array)
         writer.write_header_to_file()
@@ -174,7 +185,7 @@ def _rotary_permute(weights, heads: int):
 # --------------------------------------------------------------------------------------- tokenizer
 
 
-def _copy_tokenizer(writer, source: Path) -> None:
+def _copy_tokenizer(writer, source: Path, keep_chat_template: bool) -> None:
     import gguf
 
     try:
@@ -182,12 +193,12 @@ def _copy_tokenizer(writer, source: Path) -> None:
     except (OSError, ValueError) as exc:
         raise SelfspecError(f"{source}: could not read the base model's GGUF for its tokenizer ({exc})") from exc
     for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
+        if key.startswith("tokenizer.") and (keep_chat_template or key != gguf.Keys.Tokenizer.CHAT_TEMPLATE):
             sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
 
 
-def _add_tokenizer(writer, tokenizer, vocab_size: int, warn: Callable[[str], None]) -> None:
+def _add_tokenizer(writer, tokenizer, vocab_size: int, warn: Callable[[str], None], keep_chat_template: bool) -> None:
     """llama.cpp's tokenizer metadata built from a Hugging Face tokenizer, as convert_hf_to_gguf.py does."""
     import gguf
 
@@ -217,7 +228,10 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, warn: Callable[[str], Non
             )
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+        if not keep_chat_template:
+            special.chat_template = None
+        special.add_to_gguf(writer, quiet=True)
 
 
 def _byte_level_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:

@@ -1,5 +1,5 @@
 """Reading what the train stage leaves beside an adapter: ``selfspec_training.json`` (settings, data
-hash and file, prompt template, stats), and which adapter the evaluate stage scores."""
+hash and file, prompt template and format, stats), and which adapter the evaluate stage scores."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 
 from selfspec_core.models.loading import check_adapter
+from selfspec_core.models.prompting import PromptFormat
+from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
 from selfspec_core.run.rundir import file_hash
+from selfspec_core.templates import PromptTemplate
 
 TRAINING_INFO = "selfspec_training.json"
 
@@ -20,6 +23,25 @@ def read_training_info(adapter: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
+
+
+def adapter_prompt_format(adapter: Path) -> str:
+    """The prompt format ``adapter`` was trained in (:mod:`selfspec_core.models.prompting`); adapters
+    from before it was recorded, or without training info, learnt the Alpaca form."""
+    return str((read_training_info(adapter) or {}).get("prompt_format") or "alpaca")
+
+
+def adapter_prompts(adapter: Path, tokenizer) -> PromptFormat:
+    """The renderer of the form ``adapter`` learnt: its recorded format, train template and the context
+    that filled it (the core's Alpaca template for adapters that recorded none)."""
+    info = read_training_info(adapter) or {}
+    template = info.get("prompt_template")
+    return PromptFormat(
+        adapter_prompt_format(adapter),
+        PromptTemplate(**template) if isinstance(template, dict) else TRAIN_TEMPLATE,
+        tokenizer,
+        dict(info.get("prompt_context") or {}),
+    )
 
 
 def stage_adapter(settings, run) -> Path:

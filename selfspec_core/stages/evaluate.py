@@ -6,10 +6,13 @@ template's format, the format the adapter was tuned on, zero-shot unless ``shots
 task's difference gets a paired bootstrap interval (:mod:`selfspec_core.eval.scoring`).
 
 The stage also checks contamination: generated training records that share a 13-gram with an
-evaluation item (GPT-3's decontamination test) would make a gain on that item meaningless.
+evaluation item (GPT-3's decontamination test) would make a gain on that item meaningless. With
+``drop_contaminated`` each task is scored without those items, its score on all of them kept beside
+(``full``).
 
-Outputs: ``eval.json`` ({task: {metric, mode, base, specialized, delta, ci, n, domain}}, other
-domains under ``cross_domain``), ``predictions.jsonl`` and ``contamination.json``. A task whose
+Outputs: ``eval.json`` ({task: {metric, mode, base, specialized, delta, ci, n, domain}}, with
+``headline`` and ``variants`` for log-likelihood tasks, other domains under ``cross_domain``),
+``predictions.jsonl`` and ``contamination.json``. A task whose
 data is missing (see :mod:`selfspec_core.data.datasources`) is skipped with one line saying where to put
 it, and recorded as skipped.
 """
@@ -24,11 +27,11 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from selfspec_core.data import catalog, datasources
-from selfspec_core.data.tasks import METRICS, EvalItem, EvalTask, data_root
+from selfspec_core.data.tasks import CHOICE_SCORES, METRICS, EvalItem, EvalTask, data_root
 from selfspec_core.errors import SelfspecError
 from selfspec_core.eval.scorecache import ScoreCache, score_key
 from selfspec_core.eval.scoring import (
@@ -36,6 +39,7 @@ from selfspec_core.eval.scoring import (
     compare,
     compare_macro_f1,
     parsed_label,
+    rescore,
     score_generation,
     score_loglikelihood,
 )
@@ -193,6 +197,18 @@ def render_prompt(template: PromptTemplate, item: EvalItem, demos: Sequence[Eval
     return (template.separator or "\n\n").join(shots + [ask(item)])
 
 
+def content_free(item: EvalItem) -> EvalItem:
+    """The item with its content taken out, for contextual calibration (Zhao et al. 2021): the input
+    emptied, the instruction kept as the task's wording; an item without an input carries its content in
+    its instruction, so that goes instead."""
+    return replace(item, input="") if item.input.strip() else replace(item, instruction="")
+
+
+def headline_of(task: EvalTask, evaluate) -> str:
+    """How ``task``'s answers are picked for its headline: ``evaluate.headline``, else the task's own."""
+    return task.headline if evaluate.headline == "task" else evaluate.headline
+
+
 def answer_stops(template: PromptTemplate, metric: str) -> list[str]:
     """Where a greedy answer ends: a new template section, the next query, or (short answers) a blank line.
 
@@ -209,13 +225,8 @@ def answer_stops(template: PromptTemplate, metric: str) -> list[str]:
 
 def scoring_options(task: EvalTask, template: PromptTemplate, evaluate) -> dict:
     """How ``task``'s items are scored, besides the prompts: part of a cached score's key."""
-    if task.mode == "loglikelihood":
-        return {
-            "mode": task.mode,
-            "metric": task.metric,
-            "length_normalize": evaluate.length_normalize,
-            "tolerance": task.tolerance,
-        }
+    if task.mode == "loglikelihood":  # every way of picking comes from the same log-probabilities
+        return {"mode": task.mode, "metric": task.metric, "tolerance": task.tolerance}
     return {
         "mode": task.mode,
         "metric": task.metric,
@@ -225,14 +236,16 @@ def scoring_options(task: EvalTask, template: PromptTemplate, evaluate) -> dict:
     }
 
 
-def score_task(generator, loaded: LoadedTask, prompts: Sequence[str], options: dict, seed: int) -> list[ItemScore]:
+def score_task(
+    generator, loaded: LoadedTask, prompts: Sequence[str], free_prompts: Sequence[str], options: dict, seed: int
+) -> list[ItemScore]:
     if options["mode"] == "loglikelihood":
         return score_loglikelihood(
             generator,
             prompts,
             loaded.scored,
             metric=options["metric"],
-            length_normalize=options["length_normalize"],
+            content_free_prompts=free_prompts,
             tolerance=options["tolerance"],
         )
     return score_generation(
@@ -274,8 +287,13 @@ def score_model(
             results[task.key] = [ItemScore.from_dict(r) for r in rows]
             continue
         prompts = [render_prompt(template, item, task.demos, context) for item in task.scored]
+        free_prompts = (
+            [render_prompt(template, content_free(item), task.demos, context) for item in task.scored]
+            if task.task.mode == "loglikelihood"
+            else []
+        )
         options = scoring_options(task.task, template, settings.evaluate)
-        key = score_key(settings, model_ref, task.key, prompts, task.scored, options) if stored else ""
+        key = score_key(settings, model_ref, task.key, prompts + free_prompts, task.scored, options) if stored else ""
         started = time.time()
         scores = stored.get(key, ids) if stored else None
         if scores is None:
@@ -283,16 +301,21 @@ def score_model(
                 generator = make_generator(
                     settings, model_ref, adapter=adapter, batch_size=settings.evaluate.batch_size
                 )
-            scores = score_task(generator, task, prompts, options, settings.seed)
+            scores = score_task(generator, task, prompts, free_prompts, options, settings.seed)
             if stored:
                 stored.put(key, scores)
             source = f"{time.time() - started:.0f}s"
         else:
             source = f"cached in {stored.root}"
-        mean = sum(s.score for s in scores) / len(scores)
-        log(f"[evaluate] {label} {task.key}: {task.task.metric} {mean:.3f} on {len(scores)} items ({source})")
         if cache is not None:
             cache.append([{"model": label, "task": task.key, "items": [asdict(s) for s in scores]}])
+        metric = task.task.metric
+        if task.task.mode == "loglikelihood":  # scores read back may have been picked another way
+            how = headline_of(task.task, settings.evaluate)
+            scores = rescore(task.scored, scores, how, metric, task.task.tolerance)
+            metric = f"{metric} ({how})"
+        mean = sum(s.score for s in scores) / len(scores)
+        log(f"[evaluate] {label} {task.key}: {metric} {mean:.3f} on {len(scores)} items ({source})")
         results[task.key] = scores
     return results
 
@@ -308,7 +331,9 @@ def task_summary(
     """Both models' scores with the paired interval; for a task with fixed choices also the
     always-the-most-common-answer baseline, macro-F1 of the three (with the paired interval of its
     difference) and how often each model gave each answer, since a small model's "gain" in accuracy
-    is often only a move to the majority label, which macro-F1 does not reward."""
+    is often only a move to the majority label, which macro-F1 does not reward. A log-likelihood task
+    also gets the same figures for every way of picking its answers (``variants``, by
+    :data:`~selfspec_core.data.tasks.CHOICE_SCORES`); the top-level ones are its ``headline``'s."""
     task = loaded.task
     summary = {
         "metric": task.metric,
@@ -322,20 +347,76 @@ def task_summary(
     answers = Counter(gold)
     ((answer, count),) = answers.most_common(1)
     summary["majority"] = {"answer": answer, "share": round(count / len(gold), 6)}
-    summary["macro_f1"] = compare_macro_f1(
-        gold,
-        chosen_labels(loaded.scored, base),
-        chosen_labels(loaded.scored, specialized),
+    summary["macro_f1"] = choice_macro_f1(loaded.scored, base, specialized, evaluate, seed)
+    if task.mode != "loglikelihood":  # generated answers are free text
+        return summary
+    summary["answers"] = {"gold": dict(answers.most_common()), **answer_counts(base, specialized)}
+    summary["headline"] = headline_of(task, evaluate)
+    summary["variants"] = {}
+    for how in CHOICE_SCORES:
+        picked_base, picked_specialized = (
+            rescore(loaded.scored, scores, how, task.metric, task.tolerance) for scores in (base, specialized)
+        )
+        summary["variants"][how] = {
+            **compare(
+                [s.score for s in picked_base],
+                [s.score for s in picked_specialized],
+                evaluate.bootstrap_samples,
+                seed,
+            ),
+            "macro_f1": choice_macro_f1(loaded.scored, picked_base, picked_specialized, evaluate, seed),
+            "answers": answer_counts(picked_base, picked_specialized),
+        }
+    return summary
+
+
+def choice_macro_f1(
+    items: Sequence[EvalItem], base: Sequence[ItemScore], specialized: Sequence[ItemScore], evaluate, seed: int
+) -> dict:
+    """Both models' macro-F1 over the items' gold labels, the majority answer's, and the paired interval."""
+    return compare_macro_f1(
+        [item.answer.strip() for item in items],
+        chosen_labels(items, base),
+        chosen_labels(items, specialized),
         evaluate.bootstrap_samples,
         seed,
     )
-    if task.mode == "loglikelihood":  # generated answers are free text
-        summary["answers"] = {
-            "gold": dict(answers.most_common()),
-            "base": dict(Counter(s.prediction for s in base).most_common()),
-            "specialized": dict(Counter(s.prediction for s in specialized).most_common()),
-        }
-    return summary
+
+
+def answer_counts(base: Sequence[ItemScore], specialized: Sequence[ItemScore]) -> dict:
+    """How often each model gave each answer, most frequent first."""
+    return {
+        "base": dict(Counter(s.prediction for s in base).most_common()),
+        "specialized": dict(Counter(s.prediction for s in specialized).most_common()),
+    }
+
+
+def clean_summary(
+    loaded: LoadedTask,
+    base: Sequence[ItemScore],
+    specialized: Sequence[ItemScore],
+    touched: set[tuple[str, str]],
+    evaluate,
+    seed: int,
+) -> dict:
+    """``evaluate.drop_contaminated``: the task scored without the items a training record overlaps,
+    with the score on all items beside it (``full``) and how many were dropped. A gain on an item the
+    model was trained on says nothing; when every scored item overlaps, the full score is all there is."""
+    keep = [(loaded.key, item.id) not in touched for item in loaded.scored]
+    full = task_summary(loaded, base, specialized, evaluate, seed)
+    dropped = keep.count(False)
+    if not dropped or not any(keep):
+        return {**full, "contaminated_dropped": 0, "contaminated_scored": dropped}
+    clean = replace(loaded, scored=[item for item, kept in zip(loaded.scored, keep) if kept])
+    summary = task_summary(
+        clean,
+        [s for s, kept in zip(base, keep) if kept],
+        [s for s, kept in zip(specialized, keep) if kept],
+        evaluate,
+        seed,
+    )
+    summary["full"] = {key: full[key] for key in ("base", "specialized", "delta", "ci", "n")}
+    return {**summary, "contaminated_dropped": dropped, "contaminated_scored": dropped}
 
 
 # --------------------------------------------------------------------------------- contamination
@@ -394,22 +475,6 @@ def item_texts(items: Sequence[EvalItem]) -> list[str]:
         )
         for item in items
     ]
-
-
-def evaluation_texts(settings, domain: str, log: Callable[[str], None] = print) -> list[str]:
-    """The content of every installed domain's evaluation items present in the data directory.
-
-    For dropping contaminated training records (``evaluate.drop_contaminated``) before tuning.
-    """
-    own, others = collect_tasks(domain, cross_domain=True)
-    texts = []
-    for task in own + others:
-        items = read_items(task, resolve_data_dir(settings), log)
-        if isinstance(items, str):
-            log(f"[contamination] {items}")
-            continue
-        texts += item_texts(items)
-    return texts
 
 
 def unknown_contamination(adapter: Path, n: int) -> dict:
@@ -540,12 +605,18 @@ def run_stage(ctx) -> dict:
     predictions = []
     for task in loaded:
         section = report if task.task.domain == ctx.domain.name else report["cross_domain"]
-        section[task.task.name] = summary = task_summary(
-            task, base[task.key], specialized[task.key], evaluate, settings.seed
+        section[task.task.name] = summary = (
+            clean_summary(task, base[task.key], specialized[task.key], touched, evaluate, settings.seed)
+            if evaluate.drop_contaminated
+            else task_summary(task, base[task.key], specialized[task.key], evaluate, settings.seed)
+        )
+        dropped = (
+            f", {summary['contaminated_dropped']} contaminated dropped" if summary.get("contaminated_dropped") else ""
         )
         ctx.log(
             f"[evaluate] {task.key}: base {summary['base']:.3f} -> specialized {summary['specialized']:.3f} "
-            f"(delta {summary['delta']:+.3f}, 95% CI [{summary['ci'][0]:+.3f}, {summary['ci'][1]:+.3f}], n={summary['n']})"
+            f"(delta {summary['delta']:+.3f}, 95% CI [{summary['ci'][0]:+.3f}, {summary['ci'][1]:+.3f}], "
+            f"n={summary['n']}{dropped})"
         )
         for item, b, s in zip(task.scored, base[task.key], specialized[task.key]):
             predictions.append(
@@ -710,6 +781,8 @@ def evaluate_file(
         if base is not None:
             summary = task_summary(task, base[task.key], scores, settings.evaluate, settings.seed)
             entry.update(base=summary["base"], delta=summary["delta"], ci=summary["ci"])
+        if task.task.mode == "loglikelihood":
+            entry["headline"] = headline_of(task.task, settings.evaluate)
         results[task.task.name] = entry
     if output is not None:
         atomic_write_json(Path(output), results)

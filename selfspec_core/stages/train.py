@@ -6,9 +6,10 @@ gradient accumulation by the number of target tokens, and runs on CPU, one GPU o
 
 What selfspec adds on top:
 
-* the prompt comes from the domain's ``train`` template; the loss covers only the response (and its
-  EOS); an example longer than ``max_length`` loses the end of its *input* text, and its answer only
-  when the answer alone nearly fills ``max_length``;
+* records are rendered in ``train.prompt_format`` (:mod:`selfspec_core.models.prompting`: the base
+  model's chat template, or the domain's ``train`` template, Alpaca's form); the loss covers only the
+  response (and the end of its turn); an example longer than ``max_length`` loses the end of its
+  *input* text, and its answer only when the answer alone nearly fills ``max_length``;
 * padding-free batches (``packing``): a batch's examples are concatenated into one row whose
   position ids restart at every example, so no compute goes to padding; with sdpa, attention runs on
   each example's span of the row separately (:func:`packed_sdpa`), so no example attends to another
@@ -25,7 +26,7 @@ What selfspec adds on top:
   its own RNG state to them), the adapter and, in the pipeline, the manifest.
 
 Outputs in the stage folder: ``adapter/`` (PEFT format plus ``selfspec_training.json``: settings,
-prompt template, data hash, stats) and ``train_log.jsonl``. Checkpoints are deleted once the adapter
+prompt template and format, data hash, stats) and ``train_log.jsonl``. Checkpoints are deleted once the adapter
 is saved.
 """
 
@@ -47,11 +48,11 @@ from selfspec_core import __version__
 from selfspec_core.config import TrainSettings
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.loading import ModelRef, default_quant, load_model, load_tokenizer, resolve_dtype
+from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.run.adapter import TRAINING_INFO, read_training_info
 from selfspec_core.run.context import StageContext
 from selfspec_core.run.rundir import RecordLog, atomic_write_json, file_hash, iter_jsonl, stage_command, write_jsonl
 from selfspec_core.runtime import distributed, throughput
-from selfspec_core.templates import PromptTemplate
 
 IGNORE = -100  # label of a token that is not trained on
 TRAINING_ARGS_FILE = "training_args.bin"  # what Trainer.save_model adds next to the weights
@@ -70,10 +71,8 @@ class Example:
     response_cut: bool = False
 
 
-def encode_example(
-    record: dict, template: PromptTemplate, tokenizer, max_length: int, context: dict | None = None
-) -> Example:
-    """Tokenize ``record`` as the prompt (from ``template``) followed by its output and EOS.
+def encode_example(record: dict, prompts: PromptFormat, max_length: int) -> Example:
+    """Tokenize ``record`` as its prompt followed by its output and the end of the turn, both in ``prompts``' form.
 
     Prompts are tokenized without special tokens, exactly as the generators tokenize them at
     inference. Too long an example loses the end of its input text first; if the instruction alone
@@ -81,17 +80,17 @@ def encode_example(
     (keeping its beginning) only when it would leave the prompt less than a quarter of
     ``max_length``.
     """
-    context = context or {}
+    tokenizer = prompts.tokenizer
 
     def tokens(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
     def prompt_tokens(input_text: str) -> list[int]:
-        return tokens(template.render([], {**record, "input": input_text}, **context))
+        return tokens(prompts.prompt({**record, "input": input_text}))
 
     input_text = str(record.get("input") or "")
     prompt = prompt_tokens(input_text)
-    response = tokens(str(record["output"])) + [tokenizer.eos_token_id]
+    response = prompts.response_ids(record)
     if len(prompt) + len(response) <= max_length:
         return Example(prompt + response, [IGNORE] * len(prompt) + response)
 
@@ -377,11 +376,19 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
         return saved
     template = ctx.template("train")
     tokenizer = load_tokenizer(ctx.model)
+    prompts = PromptFormat.chosen(ctx.settings.train.prompt_format, template, tokenizer, ctx.template_context)
+    ctx.log(f"[train] prompt format: {prompts.name}")
     examples = [
-        encode_example(r, template, tokenizer, ctx.settings.train.max_length, ctx.template_context)
+        encode_example(r, prompts, ctx.settings.train.max_length)
         for r in load_records(data_path, stage_command(ctx.domain.name, "respond", ctx.run.path))
     ]
-    info = {"data_file": "respond/data.jsonl", "data_hash": data_hash, "prompt_template": dataclasses.asdict(template)}
+    info = {
+        "data_file": "respond/data.jsonl",
+        "data_hash": data_hash,
+        "prompt_template": dataclasses.asdict(template),
+        "prompt_format": prompts.name,
+        "prompt_context": ctx.template_context,
+    }
     return train_adapter(
         ctx.model,
         tokenizer,
