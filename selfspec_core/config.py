@@ -115,6 +115,11 @@ class TrainSettings:
     group_by_length: bool = True
     save_steps: int = 50
     max_steps: int = 0  # stop after this many optimizer steps; 0 means train for ``epochs``
+    # The form records are put to the model in (selfspec_core.models.prompting): "chat" = the base
+    # model's chat template, what chat clients, llama.cpp and Ollama send; "alpaca" = the domain's train
+    # template (### Instruction: ... ### Response:); "auto" = chat when the tokenizer has a chat template.
+    # The adapter records its format; evaluation and serving prompt it the same way.
+    prompt_format: str = "auto"
 
 
 @dataclass
@@ -151,6 +156,10 @@ class EvaluateSettings:
     drop_contaminated: bool = False
     # Generated records shown in the report.
     report_samples: int = 5
+    # The form items are posed in, to base and specialized alike: "adapter" = the form the adapter was
+    # trained in (its selfspec_training.json; Alpaca for adapters from before it was recorded); "chat" or
+    # "alpaca" to score a task in another form (what a chat client gets, say).
+    prompt_format: str = "adapter"
 
 
 @dataclass
@@ -315,6 +324,8 @@ _CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "calibration": ("contextual", "batch"),
     "headline": ("task", *CHOICE_SCORES),
+    "train.prompt_format": ("auto", "chat", "alpaca"),
+    "evaluate.prompt_format": ("adapter", "chat", "alpaca"),
 }
 _LIST_CHOICES = {"modes": ("loglikelihood", "generate")}  # comma-separated
 # Settings a release renamed, with what to write instead (a closest-spelling hint would mislead).
@@ -344,10 +355,11 @@ def apply(target: Any, values: dict, source: str, prefix: str = "") -> None:
                 raise SelfspecError(f"{where}: expected a section of settings, got {type(value).__name__}")
             apply(current, value, source, prefix=f"{prefix}{key}.")
             continue
-        setattr(target, key, _coerce(value, hints[key], where, key))
+        setattr(target, key, _coerce(value, hints[key], where, key, f"{prefix}{key}"))
 
 
-def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
+def _coerce(value: Any, hint: Any, where: str, key: str, path: str) -> Any:
+    """``value`` as the setting ``key`` (``path``: with its section, e.g. ``train.prompt_format``) takes it."""
     optional = type(None) in get_args(hint)
     kind = next((arg for arg in get_args(hint) if arg is not type(None)), hint)
     if value is None and optional:
@@ -374,8 +386,9 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
         value = number
     elif not isinstance(value, str):
         raise SelfspecError(f"{where}: expected text, got {value!r}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise SelfspecError(f"{where}: expected one of {', '.join(_CHOICES[key])}, got {value!r}")
+    choices = _CHOICES.get(path) or _CHOICES.get(key)
+    if choices and value not in choices:
+        raise SelfspecError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
     for item in value.split(",") if key in _LIST_CHOICES else ():
         if item.strip() and item.strip() not in _LIST_CHOICES[key]:
             raise SelfspecError(

@@ -10,6 +10,7 @@ from selfspec_core.errors import SelfspecError
 from selfspec_core.eval.scoring import ItemScore, rescore
 from selfspec_core.hookspecs import hookimpl
 from selfspec_core.models.loading import ModelRef
+from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
 from selfspec_core.records import Domain
@@ -34,6 +35,8 @@ from selfspec_core.stages.evaluate import (
     split_items,
     task_summary,
 )
+
+ALPACA = PromptFormat("alpaca", TRAIN_TEMPLATE)  # the form of adapters trained before formats were recorded
 
 SENTENCES = [
     (
@@ -188,11 +191,11 @@ def test_split_items_holds_out_demonstrations_and_caps_items():
 def test_prompt_uses_the_training_format_with_optional_shots():
     item = EvalItem("1", "Classify the sentiment.", "Sales rose.", "positive")
     demo = EvalItem("2", "Classify the sentiment.", "Sales fell.", "negative")
-    zero_shot = render_prompt(TRAIN_TEMPLATE, item, [], {})
+    zero_shot = render_prompt(ALPACA, item, [])
     assert zero_shot == TRAIN_TEMPLATE.render([], {"instruction": item.instruction, "input": item.input})
     assert zero_shot.endswith("### Input:\nSales rose.\n\n### Response:\n")
-    one_shot = render_prompt(TRAIN_TEMPLATE, item, [demo], {})
-    assert one_shot.startswith(render_prompt(TRAIN_TEMPLATE, demo, [], {}) + "negative\n\n")
+    one_shot = render_prompt(ALPACA, item, [demo])
+    assert one_shot.startswith(render_prompt(ALPACA, demo, []) + "negative\n\n")
     assert one_shot.endswith(zero_shot)
 
 
@@ -281,9 +284,7 @@ def test_scores_cached_for_a_model_are_not_recomputed(tmp_path, tiny_model_dir, 
     task = EvalTask("sentiment", "tinydom", "tiny/sentences.txt", load_sentences)
     loaded = [split_items(task, read_items(task, data_dir), 0, 4, 0)]
     cache = RecordLog(tmp_path / "scored.jsonl")
-    first = score_model(
-        "base", settings, ModelRef("tiny", str(tiny_model_dir)), None, loaded, TRAIN_TEMPLATE, {}, print, cache
-    )
+    first = score_model("base", settings, ModelRef("tiny", str(tiny_model_dir)), None, loaded, ALPACA, print, cache)
     # a model that cannot be loaded proves the second call reads the cache instead of scoring again
     again = score_model(
         "base",
@@ -291,8 +292,7 @@ def test_scores_cached_for_a_model_are_not_recomputed(tmp_path, tiny_model_dir, 
         ModelRef("gone", str(tmp_path / "gone")),
         None,
         loaded,
-        TRAIN_TEMPLATE,
-        {},
+        ALPACA,
         print,
         RecordLog(tmp_path / "scored.jsonl"),
     )
@@ -449,6 +449,32 @@ def _write_rows(path: Path, rows: list) -> Path:
     return path
 
 
+def test_the_stage_poses_both_models_the_form_the_adapter_learnt(
+    tmp_path, chat_model_dir, data_dir, tiny_plugin, monkeypatch
+):
+    from selfspec_core.run.adapter import TRAINING_INFO
+    from selfspec_core.stages import evaluate as evaluation
+
+    settings = _settings(chat_model_dir, data_dir, tasks="sentiment", cross_domain=False, cache_base_scores=False)
+    run = RunDir(tmp_path / "run", "tinydom").open()
+    write_jsonl(run.partial_dir("respond") / "data.jsonl", [{"instruction": "Define EBITDA.", "output": "Earnings."}])
+    run.finish("respond", {})
+    adapter = _make_adapter(chat_model_dir, run.partial_dir("train") / "adapter")
+    (adapter / TRAINING_INFO).write_text(json.dumps({"prompt_format": "chat"}))
+    run.finish("train", {})
+    posed, real = [], evaluation.score_task
+    monkeypatch.setattr(
+        evaluation,
+        "score_task",
+        lambda gen, task, prompts, *rest: posed.append(prompts) or real(gen, task, prompts, *rest),
+    )
+
+    Pipeline(settings, plugins.get_domain("tinydom"), run, seeds=[]).run_stages(["evaluate"])
+
+    assert len(posed) == 2 and posed[0] == posed[1]  # base and specialized, asked alike
+    assert all(p.startswith("<|im_start|>user\n") and p.endswith("<|im_start|>assistant\n") for p in posed[0])
+
+
 def test_evaluate_file_with_and_without_choices(tmp_path, tiny_model_dir, data_dir):
     settings = _settings(tiny_model_dir, data_dir, max_items=0)
     rows = [
@@ -518,22 +544,22 @@ def test_base_scores_are_reused_across_runs_until_anything_that_could_change_the
     task = EvalTask("sentiment", "tinydom", "tiny/sentences.txt", load_sentences)
     loaded = [split_items(task, read_items(task, data_dir), 0, 4, 0)]
     ref = ModelRef("tiny", str(tiny_model_dir))
-    first = score_model("base", settings, ref, None, loaded, TRAIN_TEMPLATE, {}, print)
+    first = score_model("base", settings, ref, None, loaded, ALPACA, print)
     assert len(list((tmp_path / "cache" / "scores").glob("*.json"))) == 1
 
     loads = []
     real = evaluation.make_generator
     monkeypatch.setattr(evaluation, "make_generator", lambda *a, **k: loads.append(1) or real(*a, **k))
     lines = []
-    assert score_model("base", settings, ref, None, loaded, TRAIN_TEMPLATE, {}, lines.append) == first
+    assert score_model("base", settings, ref, None, loaded, ALPACA, lines.append) == first
     assert loads == [] and "cached in" in lines[0]  # a second run: no model loaded at all
 
     other_prompt = {"domain": "x", "description": "another domain's wording"}
     template = dataclasses.replace(TRAIN_TEMPLATE, header="You answer questions about {description}.")
-    score_model("base", settings, ref, None, loaded, template, other_prompt, print)
+    score_model("base", settings, ref, None, loaded, PromptFormat("alpaca", template, context=other_prompt), print)
     assert loads == [1]  # another prompt misses
     lenient = [split_items(dataclasses.replace(task, tolerance=0.5), read_items(task, data_dir), 0, 4, 0)]
-    score_model("base", settings, ref, None, lenient, TRAIN_TEMPLATE, {}, print)
+    score_model("base", settings, ref, None, lenient, ALPACA, print)
     assert loads == [1, 1]  # another scoring setting misses
     calibrated = score_model(
         "base",
@@ -541,8 +567,7 @@ def test_base_scores_are_reused_across_runs_until_anything_that_could_change_the
         ref,
         None,
         loaded,
-        TRAIN_TEMPLATE,
-        {},
+        ALPACA,
         print,
     )
     assert loads == [1, 1]  # another headline picks from the same stored log-probabilities
@@ -550,7 +575,7 @@ def test_base_scores_are_reused_across_runs_until_anything_that_could_change_the
         loaded[0].scored, first["tinydom/sentiment"], "acc_calibrated", "accuracy"
     )
     fewer = [split_items(task, read_items(task, data_dir), 0, 3, 0)]
-    score_model("base", settings, ref, None, fewer, TRAIN_TEMPLATE, {}, print)
+    score_model("base", settings, ref, None, fewer, ALPACA, print)
     assert loads == [1, 1, 1]  # other items miss
     score_model(
         "base",
@@ -558,17 +583,16 @@ def test_base_scores_are_reused_across_runs_until_anything_that_could_change_the
         ref,
         None,
         loaded,
-        TRAIN_TEMPLATE,
-        {},
+        ALPACA,
         print,
     )
     assert loads == [1, 1, 1, 1]  # --no-cache recomputes
     adapter = _make_adapter(tiny_model_dir, tmp_path / "adapter")
-    score_model("specialized", settings, ref, adapter, loaded, TRAIN_TEMPLATE, {}, print)
+    score_model("specialized", settings, ref, adapter, loaded, ALPACA, print)
     assert loads == [1, 1, 1, 1, 1]  # an adapter's scores are never cached
     for entry in (tmp_path / "cache" / "scores").glob("*.json"):
         entry.write_text("{truncated")
-    assert score_model("base", settings, ref, None, loaded, TRAIN_TEMPLATE, {}, print) == first  # unreadable: a miss
+    assert score_model("base", settings, ref, None, loaded, ALPACA, print) == first  # unreadable: a miss
 
 
 def _trained_run(tmp_path, tiny_model_dir, records) -> Path:

@@ -1,8 +1,9 @@
 """Stage 4: the base and the specialized model on the same benchmark items, side by side.
 
 Tasks come from the ``evaluation_tasks`` hook of the run's domain and, with ``cross_domain``, of
-every other installed domain (what specializing costs elsewhere). Items are posed in the training
-template's format, the format the adapter was tuned on, zero-shot unless ``shots`` is set. Each
+every other installed domain (what specializing costs elsewhere). Items are posed in the prompt
+format the adapter was tuned on (its chat template or the training template; ``evaluate.prompt_format``
+picks another), to the base as to the specialized model, zero-shot unless ``shots`` is set. Each
 task's difference gets a paired bootstrap interval (:mod:`selfspec_core.eval.scoring`).
 
 The stage also checks contamination: generated training records that share a 13-gram with an
@@ -44,9 +45,10 @@ from selfspec_core.eval.scoring import (
     score_loglikelihood,
 )
 from selfspec_core.models.backends import make_generator
-from selfspec_core.models.loading import check_adapter
+from selfspec_core.models.loading import check_adapter, load_tokenizer
+from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.plugins import manager as plugins
-from selfspec_core.run.adapter import adapter_training_data, stage_adapter
+from selfspec_core.run.adapter import adapter_prompt_format, adapter_training_data, stage_adapter
 from selfspec_core.run.rundir import RecordLog, atomic_write_json, read_jsonl, stage_command, write_jsonl
 from selfspec_core.templates import PromptTemplate, fill
 
@@ -187,14 +189,23 @@ def load_tasks(
 # --------------------------------------------------------------------------------------- scoring
 
 
-def render_prompt(template: PromptTemplate, item: EvalItem, demos: Sequence[EvalItem], context: dict) -> str:
-    """The item in the training template's format, after any demonstrations answered the same way."""
+def render_prompt(prompts: PromptFormat, item: EvalItem, demos: Sequence[EvalItem]) -> str:
+    """The item in ``prompts``' form, after any demonstrations answered the same way."""
 
-    def ask(example: EvalItem) -> str:
-        return template.render([], {"instruction": example.instruction, "input": example.input}, **context)
+    def record(example: EvalItem) -> dict:
+        return {"instruction": example.instruction, "input": example.input, "output": example.answer}
 
-    shots = [ask(demo) + demo.answer for demo in demos]
-    return (template.separator or "\n\n").join(shots + [ask(item)])
+    return prompts.prompt(record(item), [record(demo) for demo in demos])
+
+
+def evaluation_prompts(settings, model_ref, adapter: Path | None, template: PromptTemplate, context: dict):
+    """The form items are posed in (``evaluate.prompt_format``), to base and specialized alike: by
+    default the form ``adapter`` learnt; without an adapter, the form training would pick."""
+    chosen = settings.evaluate.prompt_format
+    if chosen == "adapter":
+        chosen = adapter_prompt_format(adapter) if adapter is not None else settings.train.prompt_format
+    tokenizer = load_tokenizer(model_ref) if chosen != "alpaca" else None
+    return PromptFormat.chosen(chosen, template, tokenizer, context)
 
 
 def content_free(item: EvalItem) -> EvalItem:
@@ -266,8 +277,7 @@ def score_model(
     model_ref,
     adapter: Path | None,
     loaded: Sequence[LoadedTask],
-    template: PromptTemplate,
-    context: dict,
+    prompts: PromptFormat,
     log: Callable[[str], None],
     cache: RecordLog | None = None,
 ) -> dict[str, list[ItemScore]]:
@@ -286,14 +296,14 @@ def score_model(
         if rows is not None and [row["id"] for row in rows] == ids:
             results[task.key] = [ItemScore.from_dict(r) for r in rows]
             continue
-        prompts = [render_prompt(template, item, task.demos, context) for item in task.scored]
+        posed = [render_prompt(prompts, item, task.demos) for item in task.scored]
         free_prompts = (
-            [render_prompt(template, content_free(item), task.demos, context) for item in task.scored]
+            [render_prompt(prompts, content_free(item), task.demos) for item in task.scored]
             if task.task.mode == "loglikelihood"
             else []
         )
-        options = scoring_options(task.task, template, settings.evaluate)
-        key = score_key(settings, model_ref, task.key, prompts + free_prompts, task.scored, options) if stored else ""
+        options = scoring_options(task.task, prompts.template, settings.evaluate)
+        key = score_key(settings, model_ref, task.key, posed + free_prompts, task.scored, options) if stored else ""
         started = time.time()
         scores = stored.get(key, ids) if stored else None
         if scores is None:
@@ -301,7 +311,7 @@ def score_model(
                 generator = make_generator(
                     settings, model_ref, adapter=adapter, batch_size=settings.evaluate.batch_size
                 )
-            scores = score_task(generator, task, prompts, free_prompts, options, settings.seed)
+            scores = score_task(generator, task, posed, free_prompts, options, settings.seed)
             if stored:
                 stored.put(key, scores)
             source = f"{time.time() - started:.0f}s"
@@ -582,10 +592,11 @@ def run_stage(ctx) -> dict:
     check_adapter(adapter)
     tasks, loaded, skipped = stage_tasks(settings, ctx.domain.name, ctx.log)
 
-    template, context = ctx.template("train"), ctx.template_context
+    prompts = evaluation_prompts(settings, ctx.model, adapter, ctx.template("train"), ctx.template_context)
+    ctx.log(f"[evaluate] items posed in the {prompts.name} form")
     cache = RecordLog(ctx.work / "scored.jsonl")
-    base = score_model("base", settings, ctx.model, None, loaded, template, context, ctx.log, cache)
-    specialized = score_model("specialized", settings, ctx.model, adapter, loaded, template, context, ctx.log, cache)
+    base = score_model("base", settings, ctx.model, None, loaded, prompts, ctx.log, cache)
+    specialized = score_model("specialized", settings, ctx.model, adapter, loaded, prompts, ctx.log, cache)
 
     training_data = adapter_training_data(adapter) if evaluate.adapter else ctx.run.require("respond", "data.jsonl")
     if training_data is None:
@@ -765,10 +776,9 @@ def evaluate_file(
     context = {"domain": domain or "", "description": description or domain or ""}
     model_ref = resolve_model(settings.model)
     adapter = Path(adapter) if adapter else None
-    scored = score_model(
-        "specialized" if adapter else "base", settings, model_ref, adapter, loaded, template, context, log
-    )
-    base = score_model("base", settings, model_ref, None, loaded, template, context, log) if adapter else None
+    prompts = evaluation_prompts(settings, model_ref, adapter, template, context)
+    scored = score_model("specialized" if adapter else "base", settings, model_ref, adapter, loaded, prompts, log)
+    base = score_model("base", settings, model_ref, None, loaded, prompts, log) if adapter else None
     results = {}
     for task in loaded:
         scores = scored[task.key]
