@@ -26,16 +26,21 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from selfspec_core.data.datasources import DataSource, HubDataset, read_text
+from selfspec_core.data.datasources import DataSource, HubDataset, data_root, read_text
 from selfspec_core.data.datasources import find as find_data
 from selfspec_core.data.seeds import load_seeds
-from selfspec_core.data.tasks import EvalItem, EvalTask, data_root, package_file
+from selfspec_core.data.tasks import EvalItem, EvalTask, package_file
 from selfspec_core.errors import SelfspecError
 from selfspec_core.hookspecs import hookimpl
 from selfspec_core.plugins.defaults import default_template
 from selfspec_core.records import SEED_FIELDS, Domain, Seed
 from selfspec_core.templates import PromptTemplate
+
+if TYPE_CHECKING:
+    from selfspec_core.data.retrieval import Passage
+    from selfspec_core.stages.mine import Miner
 
 # public name -> (private module, its name there)
 _LAZY = {
@@ -84,7 +89,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"selfspec_core.api has no {name!r}; the public names are listed in its __all__")
     module, attribute = _LAZY[name]
@@ -104,7 +109,8 @@ def domain_template(domain: str, stage: str) -> PromptTemplate:
     """The template the pipeline uses for ``stage`` of ``domain``: the first plugin's answer, else the core's."""
     from selfspec_core.plugins import manager as plugins
 
-    return plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage=stage)
+    template: PromptTemplate = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage=stage)
+    return template
 
 
 def domain_tasks(domain: str) -> dict[str, EvalTask]:
@@ -126,7 +132,7 @@ def task_items(task: EvalTask, data_dir: str | Path | None = None) -> list[EvalI
     return items
 
 
-def domain_corpus(domain: str, data_dir: str | Path | None = None):
+def domain_corpus(domain: str, data_dir: str | Path | None = None) -> list[Passage] | None:
     """The passages the respond stage retrieves from for ``domain`` (documents cut into windows, ids
     unique); ``None`` when no plugin gives a corpus."""
     from selfspec_core.data.retrieval import resolve_corpus
@@ -135,7 +141,7 @@ def domain_corpus(domain: str, data_dir: str | Path | None = None):
     return found[0] if found else None
 
 
-def domain_miners(domain: str) -> dict:
+def domain_miners(domain: str) -> dict[str, Miner]:
     """Every corpus miner for ``domain`` by name (the core's and the plugins'), as the generate stage
     sees them; ``Miner.on_by_default`` says which run unless ``generate.miners`` names others."""
     from selfspec_core.plugins import manager as plugins

@@ -13,14 +13,29 @@ answer, and plugins registered later are called first: that is how a domain over
 Every hook is called with keyword arguments; an implementation may accept only those it uses.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from pluggy import HookimplMarker, HookspecMarker
+
+if TYPE_CHECKING:  # for the signatures only: several of these modules call hooks themselves
+    from collections.abc import Callable, Collection
+    from pathlib import Path
+
+    from selfspec_core.data.datasources import DataSource
+    from selfspec_core.data.retrieval import Passage
+    from selfspec_core.data.tasks import EvalTask
+    from selfspec_core.records import Domain, Seed
+    from selfspec_core.stages.mine import Miner
+    from selfspec_core.templates import PromptTemplate
 
 hookspec = HookspecMarker("selfspec")
 hookimpl = HookimplMarker("selfspec")
 
 
 @hookspec
-def register_domains(register):
+def register_domains(register: Callable[[Domain], None]) -> None:
     """Declare the domains this plugin provides.
 
     Call ``register(Domain(name=..., description=..., task_families=[...]))`` once per domain.
@@ -31,7 +46,7 @@ def register_domains(register):
 
 
 @hookspec(firstresult=True)
-def seed_provider(domain):
+def seed_provider(domain: str) -> str | Path | list[Seed] | None:
     """Return the human-written seeds of ``domain``.
 
     Return a path to a JSONL/YAML seed file (``{id, task_type, instruction, input, output}`` per
@@ -41,7 +56,7 @@ def seed_provider(domain):
 
 
 @hookspec(firstresult=True)
-def prompt_template(domain, stage):
+def prompt_template(domain: str, stage: str) -> PromptTemplate | None:
     """Return the :class:`selfspec_core.api.PromptTemplate` for one pipeline ``stage``.
 
     ``stage`` is one of ``"instruction"`` (writing new instructions from examples), ``"input"``
@@ -53,7 +68,7 @@ def prompt_template(domain, stage):
 
 
 @hookspec
-def filter_record(domain, stage, record):
+def filter_record(domain: str, stage: str, record: dict[str, Any]) -> str | None:
     """Reject a record of any domain: return a short reason (``str``) to drop it, ``None`` to keep.
 
     Called for every candidate instruction (``stage="instruction"``, ``record`` has
@@ -63,7 +78,7 @@ def filter_record(domain, stage, record):
 
 
 @hookspec
-def blacklist_words(domain):
+def blacklist_words(domain: str) -> Collection[str] | None:
     """Return extra words that make an instruction unanswerable by a text model (e.g. "chart").
 
     They are added to the core's list (image, graph, video, ...); an instruction containing any of
@@ -72,7 +87,7 @@ def blacklist_words(domain):
 
 
 @hookspec
-def evaluation_tasks(domain):
+def evaluation_tasks(domain: str) -> list[EvalTask] | None:
     """Return the evaluation tasks of ``domain`` as a list of :class:`selfspec_core.api.EvalTask`.
 
     Each task names its data file (relative to the data dir), a loader for the benchmark's own file
@@ -84,7 +99,7 @@ def evaluation_tasks(domain):
 
 
 @hookspec(firstresult=True)
-def retrieval_corpus(domain, data_dir):
+def retrieval_corpus(domain: str, data_dir: str | None) -> list[str | Path] | list[Passage] | None:
     """Return the default retrieval corpus of ``domain``: a list of paths (files or folders of
     ``.jsonl``/``.txt``/``.parquet``/``.csv``), or of :class:`selfspec_core.api.Passage`.
 
@@ -95,7 +110,7 @@ def retrieval_corpus(domain, data_dir):
 
 
 @hookspec
-def corpus_sources(domain):
+def corpus_sources(domain: str) -> list[DataSource] | None:
     """Return the parts of ``domain``'s default retrieval corpus as
     :class:`selfspec_core.data.datasources.DataSource` s.
 
@@ -105,7 +120,7 @@ def corpus_sources(domain):
 
 
 @hookspec
-def task_miners(domain):
+def task_miners(domain: str) -> list[Miner] | None:
     """Return miners that turn ``domain``'s corpus into tasks the text itself answers.
 
     Return a list of :class:`selfspec_core.stages.mine.Miner` (``None`` for other domains). A miner

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 SEED_FIELDS = ("id", "task_type", "instruction", "input", "output")
 """The fields every seed record has (``input`` may be empty); a seed file with any other field is refused."""
@@ -35,7 +36,7 @@ class Seed:
     input: str
     output: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -50,9 +51,9 @@ class Funnel:
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"generated": self.generated, "kept": self.kept, "dropped": dict(sorted(self.dropped.items()))}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Funnel:
+    def from_dict(cls, data: dict[str, Any]) -> Funnel:
         return cls(data.get("generated", 0), data.get("kept", 0), dict(data.get("dropped", {})))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import sys
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -24,18 +26,23 @@ class SessionGroup(click.Group):
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         cmd.params.extend(session_options())
-        callback = cmd.callback
-
-        @functools.wraps(callback)
-        def taking_session_options(*args, **kwargs):
-            given = {name: kwargs.pop(name) for name in SESSION_NAMES}
-            session = click.get_current_context().find_object(Session)
-            if session is not None:
-                session.update(given)
-            return callback(*args, **kwargs)
-
-        cmd.callback = taking_session_options
+        if cmd.callback is not None:  # a bare group has no callback to take them from
+            cmd.callback = _taking_session_options(cmd.callback)
         super().add_command(cmd, name)
+
+
+def _taking_session_options(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """``callback`` with the session options taken out of its arguments and into the session."""
+
+    @functools.wraps(callback)
+    def taking_session_options(*args: Any, **kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in SESSION_NAMES}
+        session = click.get_current_context().find_object(Session)
+        if session is not None:
+            session.update(given)
+        return callback(*args, **kwargs)
+
+    return taking_session_options
 
 
 def _with_session_options(group: click.Group) -> click.Group:

@@ -76,6 +76,7 @@ def train(ctx: click.Context, num_processes, force: bool, **options):
 
 def _command_line(ctx: click.Context) -> list[str]:
     """The arguments that run ``ctx``'s command again, as the launched processes must."""
+    assert ctx.info_name is not None  # click names every subcommand's context
     return [*_options(ctx.find_root()), ctx.info_name, *_options(ctx)]
 
 

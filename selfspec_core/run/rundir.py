@@ -209,7 +209,9 @@ class RunDir:
     def is_fresh(self, stage: str, config_hash: str, input_hash: str) -> bool:
         manifest = self.manifest(stage)
         return (
-            bool(manifest) and manifest.get("config_hash") == config_hash and manifest.get("input_hash") == input_hash
+            manifest is not None
+            and manifest.get("config_hash") == config_hash
+            and manifest.get("input_hash") == input_hash
         )
 
     def finish(self, stage: str, manifest: dict) -> Path:
