@@ -204,7 +204,7 @@ class Settings:
     openai: OpenAISettings = field(default_factory=OpenAISettings)
     ray: RaySettings = field(default_factory=RaySettings)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
@@ -217,7 +217,7 @@ class Settings:
         return hashlib.sha256(json.dumps(selected, sort_keys=True).encode()).hexdigest()[:16]
 
 
-PROFILES: dict[str, dict] = {
+PROFILES: dict[str, dict[str, Any]] = {
     # The CPU demo: under 30 minutes on 2 cores with the embedded model. Mostly new inputs under seed
     # instructions (what a 135M model writes well), and the log-likelihood benchmarks on 300 items each
     # (150 for other domains' tasks).
@@ -243,7 +243,7 @@ PROFILES: dict[str, dict] = {
 
 
 def load_settings(
-    profile: str = "quick", config_file: str | Path | None = None, overrides: dict | None = None
+    profile: str = "quick", config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Settings:
     """Build settings from a profile, an optional YAML/TOML file, then flag overrides."""
     if profile not in PROFILES:
@@ -257,7 +257,7 @@ def load_settings(
     return settings
 
 
-def read_config_file(path: Path) -> dict:
+def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SelfspecError(f"{path}: config file not found")
     try:
@@ -337,7 +337,7 @@ _REPLACED = {
 }
 
 
-def apply(target: Any, values: dict, source: str, prefix: str = "") -> None:
+def apply(target: Any, values: dict[str, Any], source: str, prefix: str = "") -> None:
     """Validate ``values`` against the dataclass ``target`` and set them, naming any bad key."""
     hints = get_type_hints(type(target))
     names = [f.name for f in dataclasses.fields(target)]
