@@ -1,7 +1,6 @@
-"""selfspec: self-specialization of language models from a handful of domain seeds."""
+"""selfspec: self-specialization of language models from a handful of domain seeds.
 
-from selfspec_core.runtime.openmp import choose_wait_policy
-
-choose_wait_policy()  # must precede torch
+Importing it runs nothing: a command chooses its OpenMP wait policy as it starts
+(:func:`selfspec_core.cli.main.main`, before torch loads)."""
 
 __version__ = "0.1.0"

@@ -34,22 +34,39 @@ def test_spin_only_on_an_idle_machine():
     assert openmp.wait_policy(None) == sleep
 
 
-POLICY = "import os, {}selfspec_core; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
-
-
-def policy_in_new_process(env: dict, torch_first: bool = False) -> str:
-    env = {**{k: v for k, v in os.environ.items() if k not in openmp.USER_SETTINGS}, **env}
-    code = POLICY.format("torch, " if torch_first else "")
+def run_python(code: str, env: dict | None = None) -> str:
+    """What ``code`` prints in a new Python process whose environment has no wait policy (plus ``env``)."""
+    env = {**{k: v for k, v in os.environ.items() if k not in openmp.USER_SETTINGS}, **(env or {})}
     return subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout.strip()
 
 
+PRINT_POLICY = "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+
+
+def policy_in_new_process(env: dict, torch_first: bool = False) -> str:
+    """The policy once the ``selfspec`` command has started (``--version``: it does nothing else)."""
+    code = f"import os, {'torch, ' if torch_first else ''}selfspec_core.cli.main as cli; cli.main(['--version']); "
+    return run_python(code + PRINT_POLICY, env).splitlines()[-1]
+
+
+def test_the_command_chooses_a_policy_as_it_starts():
+    assert policy_in_new_process({}) in {f"None {openmp.SPIN_COUNT}", "PASSIVE None"}
+
+
 def test_a_policy_the_user_set_is_kept():
     assert policy_in_new_process({"OMP_WAIT_POLICY": "active"}) == "active None"
     assert policy_in_new_process({"GOMP_SPINCOUNT": "10"}) == "None 10"
-    assert policy_in_new_process({}) in {f"None {openmp.SPIN_COUNT}", "PASSIVE None"}
 
 
 def test_nothing_is_chosen_once_torch_is_loaded():
     assert policy_in_new_process({}, torch_first=True) == "None None"
+
+
+def test_importing_selfspec_chooses_nothing_and_loads_no_torch():
+    """The API plugins import at start-up is cheap: no torch, no load sampling, no environment written;
+    nor does the command line's module load torch, or its choice would come too late."""
+    for module in ("selfspec_core", "selfspec_core.api", "selfspec_core.cli.main"):
+        code = f"import os, sys, {module}; print('torch' in sys.modules, end=' '); {PRINT_POLICY}"
+        assert run_python(code) == "False None None", module

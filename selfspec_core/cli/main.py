@@ -17,7 +17,7 @@ from selfspec_core import __version__
 from selfspec_core.cli import data, export, plugins, stages
 from selfspec_core.cli.session import SESSION_NAMES, Session, session_options
 from selfspec_core.errors import SelfspecError
-from selfspec_core.runtime import distributed, logs
+from selfspec_core.runtime import distributed, logs, openmp
 from selfspec_core.serve.app import command as serve_command
 
 
@@ -82,6 +82,7 @@ def one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (``--debug`` for the traceback)."""
+    openmp.choose_wait_policy()  # this module loads no torch: libgomp reads the policy when it loads
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logs.capture()

@@ -7,7 +7,8 @@ beside another CPU-bound job they are 3x slower, spinning on the cores the other
 also spins on while the process idles (a full core for as long as a server waits for requests), so
 an idle machine gets a bounded spin instead (``GOMP_SPINCOUNT``, about 0.1 s, then sleep): 1.28x
 ``PASSIVE``'s training and 1.33x its generation there (``ACTIVE``: 1.48x, 1.34x). A policy the user
-set is kept.
+set is kept. The ``selfspec`` command chooses as it starts (sampling the load takes 0.1 s), so
+importing selfspec_core never does.
 """
 
 from __future__ import annotations
