@@ -196,6 +196,36 @@ def test_chat_completions_use_the_chat_template(served, chat_model_dir, tiny_mod
     assert status == 400 and "no chat template; use /v1/completions" in json.loads(text)["error"]["message"]
 
 
+def test_chat_speaks_the_form_the_adapter_learnt(tiny_model_dir, tmp_path):
+    """An adapter tuned in the Alpaca form is asked in it by chat clients too, even on a base with no chat template."""
+    from dataclasses import asdict
+
+    from openai import BadRequestError, OpenAI
+    from peft import LoraConfig, get_peft_model
+
+    from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
+    from selfspec_core.run.adapter import TRAINING_INFO, adapter_prompts
+
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(load_model(ModelRef("tiny", str(tiny_model_dir))), lora).save_pretrained(adapter)
+    info = {"prompt_format": "alpaca", "prompt_template": asdict(TRAIN_TEMPLATE)}
+    (adapter / TRAINING_INFO).write_text(json.dumps(info))
+    local = generator_for(tiny_model_dir, adapter)
+    app = create_app(local, "alpaca-tuned", chat_prompts=adapter_prompts(adapter, local.tokenizer))
+    with ServerThread(app) as server:
+        client = OpenAI(base_url=server.url, api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": "Classify: revenue rose."}]
+        reply = client.chat.completions.create(model="alpaca-tuned", messages=messages, max_tokens=6, temperature=0)
+        with pytest.raises(BadRequestError, match="end the messages with a user message"):
+            client.chat.completions.create(
+                model="alpaca-tuned", messages=[*messages, {"role": "assistant", "content": "yes"}], max_tokens=2
+            )
+    prompt = TRAIN_TEMPLATE.render([], {"instruction": "Classify: revenue rose.", "input": ""})
+    assert prompt.endswith("### Instruction:\nClassify: revenue rose.\n\n### Response:\n")
+    assert reply.choices[0].message.content == local.generate([prompt], max_new_tokens=6)[0].text
+
+
 def sse_events(text: str) -> list:
     """The JSON payloads of a server-sent event stream; ``[DONE]`` must end it."""
     payloads = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
@@ -400,6 +430,19 @@ def test_a_disconnected_stream_frees_its_row_at_the_next_step(slow_served):
     started = time.monotonic()
     status, text = post(server.url + "/completions", {"prompt": "Patients", "max_tokens": 3, "temperature": 0})
     assert status == 200 and time.monotonic() - started < 2, text
+
+    # a client that gives up on a request without streaming frees its row as well
+    request = urllib.request.Request(
+        server.url + "/completions",
+        json.dumps({**body, "stream": False}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with pytest.raises(OSError):  # the client's timeout
+        urllib.request.urlopen(request, timeout=0.5)
+    deadline = time.monotonic() + 2
+    while engine.live_rows() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.live_rows() == 0
 
 
 def test_a_request_past_its_timeout_leaves_the_batch(chat_model_dir):

@@ -3,7 +3,9 @@
 So the specialized model is usable at once from any OpenAI client, chat UI, lm-eval's
 ``local-completions``, or selfspec's own ``openai`` backend. FastAPI + uvicorn serve ``/v1/models``
 (and ``/v1/models/{id}``), ``/v1/completions`` (``echo`` + ``logprobs`` for scoring) and
-``/v1/chat/completions`` (the tokenizer's chat template), both streaming token by token as
+``/v1/chat/completions`` (messages rendered in the form the adapter learnt: the tokenizer's chat
+template, or the Alpaca form for an adapter tuned in that; see :mod:`selfspec_core.models.prompting`;
+``/v1/completions`` takes its prompt as raw text), both streaming token by token as
 server-sent events; ``/health`` answers without a key. The decoding itself is
 :class:`~selfspec_core.serve.engine.DecodingEngine`: continuous batching, so concurrent requests,
 greedy or sampled, share each forward pass, and a request whose client went away or whose time ran
@@ -26,6 +28,8 @@ import click
 
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.prompting import ConversationError, PromptFormat, has_chat_template
+from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
 from selfspec_core.serve.engine import (
     Admitted,
     DeadlinePassed,
@@ -35,6 +39,7 @@ from selfspec_core.serve.engine import (
     Delta,
     Finished,
     PromptRejected,
+    RequestCancelled,
     ScoreJob,
     ServerClosing,
     TokenLogprob,
@@ -196,6 +201,8 @@ def api_error_of(exc: BaseException, limits: ServeLimits) -> ApiError:
         return ApiError(400, str(exc), code=exc.code, param="prompt")
     if isinstance(exc, ServerClosing):
         return ApiError(503, str(exc), "server_error", "shutting_down")
+    if isinstance(exc, RequestCancelled):  # nobody reads this answer: nginx's "client closed request"
+        return ApiError(499, str(exc), code="client_closed_request")
     return ApiError(500, f"{type(exc).__name__}: {exc}", "server_error")
 
 
@@ -318,8 +325,12 @@ def create_app(
     max_new_tokens: int = 512,
     limits: ServeLimits = ServeLimits(),
     experts=None,
+    chat_prompts: PromptFormat | None = None,
 ):
     """The FastAPI app serving ``generator`` as model ``model_name`` (``max_new_tokens``: chat default).
+
+    ``chat_prompts`` renders chat messages in the form the adapter learnt (``adapter_prompts``); by
+    default the tokenizer's chat template renders them, and a model without one has no chat endpoint.
 
     With ``experts`` (a :class:`selfspec_core.compose.experts.ComposedModel` whose model ``generator`` runs),
     ``model_name`` is routed per request and ``<model_name>:<expert>`` (``:base`` too) asks for one;
@@ -332,6 +343,8 @@ def create_app(
     from selfspec_core.serve.params import ChatRequest, CompletionRequest, Sampling, supported
 
     engine = DecodingEngine(generator, max_batch=max_batch, experts=experts)
+    if chat_prompts is None and has_chat_template(generator.tokenizer):
+        chat_prompts = PromptFormat("chat", TRAIN_TEMPLATE, generator.tokenizer)
     served = {model_name: None, **{f"{model_name}:{name}": name for name in (experts.names if experts else ())}}
     max_new_tokens = min(max_new_tokens, limits.max_tokens)
     created = int(time.time())
@@ -554,7 +567,7 @@ def create_app(
             by_expert.setdefault(result.expert, []).append(index)
         scores = {}
         for expert, indices in by_expert.items():
-            items = [(rows[i][0], "", body.logprobs) for i in indices]
+            items = [(rows[i][0], "", body.logprobs or 0) for i in indices]
             for index, scored in zip(indices, await submission.score(items, expert)):
                 scores[index] = scored
         return scores
@@ -570,7 +583,7 @@ def create_app(
                 param=body.unsupported()[0],
                 code="unsupported_parameter",
             )
-        if not generator.tokenizer.chat_template:
+        if chat_prompts is None:
             raise ApiError(400, f"model {model_name!r} has no chat template; use /v1/completions")
         messages = [
             {**message.model_dump(exclude_none=True), "content": _text(message.content)} for message in body.messages
@@ -578,9 +591,9 @@ def create_app(
         max_tokens = body.max_completion_tokens or body.max_tokens or max_new_tokens
         check_size(1, body.n, max_tokens)
         try:
-            prompt = generator.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:
-            raise ApiError(400, f"messages do not fit the model's chat template: {type(exc).__name__}: {exc}") from exc
+            prompt = chat_prompts.conversation(messages)
+        except ConversationError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         schema = body.response_format.schema_text() if body.response_format else None
         rows = [(prompt, options) for options in decode_options(body, max_tokens, logprobs, schema)]
@@ -819,6 +832,7 @@ def command(
 
     from selfspec_core.config import load_settings
     from selfspec_core.models.loading import load_model, load_tokenizer, resolve_model
+    from selfspec_core.run.adapter import adapter_prompts
     from selfspec_core.runtime import logs
 
     settings = session.settings() if session is not None else load_settings()
@@ -828,7 +842,7 @@ def command(
         adapter = session.run_dir(session.domain()).require("train", "adapter")
     adapter = Path(adapter) if adapter is not None else None
     logs.adopt_library_loggers()
-    experts = None
+    experts, chat_prompts = None, None  # composed experts: chat through the tokenizer's template
     if composed is not None:
         from selfspec_core.compose.experts import ComposedModel
 
@@ -839,6 +853,7 @@ def command(
         ref = resolve_model(settings.model)
         generator = HFGenerator(load_model(ref, adapter=adapter, dtype=settings.dtype), load_tokenizer(ref), batch_size)
         name = served_name or default_model_name(ref.name, adapter)
+        chat_prompts = adapter_prompts(adapter, generator.tokenizer) if adapter is not None else None
     limits = ServeLimits(
         api_key=api_key or None,
         max_tokens=max_tokens,
@@ -853,7 +868,7 @@ def command(
             "each drawing from its own stream seeded by its request's seed",
             err=True,
         )
-    app = create_app(generator, name, max_batch=batch_size, limits=limits, experts=experts)
+    app = create_app(generator, name, max_batch=batch_size, limits=limits, experts=experts, chat_prompts=chat_prompts)
     if host not in ("127.0.0.1", "localhost", "::1") and not limits.api_key:
         click.echo(
             f"warning: listening on {host} without authentication: anyone who can reach port {port} "
@@ -864,6 +879,7 @@ def command(
         f"experts: {', '.join(experts.names)}, routed; ask for one as {name}:<expert>"
         if experts
         else f"adapter: {adapter or 'none'}"
+        + (f", chat in the {chat_prompts.name} form it learnt" if chat_prompts else "")
     )
     click.echo(f"serving {name} at http://{host}:{port}/v1 ({served}{', API key required' if limits.api_key else ''})")
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(request_timeout))
