@@ -48,7 +48,6 @@ class GenerateSettings:
     rouge_threshold: float = 0.7
     min_words: int = 3
     max_words: int = 150
-    min_relevance: float = 0.0
     # Records mined from the domain corpus (answers decided by the text: selfspec_core.stages.mine) beside the
     # ``num_instructions`` the model writes, shared over the miners by their weights. Mined labels are
     # right 95-100% of the time (bench/miners.py) against ~48% for calibrated self-labels on FPB dev, and
@@ -332,6 +331,8 @@ _LIST_CHOICES = {"modes": ("loglikelihood", "generate")}  # comma-separated
 _REPLACED = {
     "generate.mined_share": "generate.num_mined (a count of mined records added beside "
     "num_instructions, no longer a share of them)",
+    "generate.min_relevance": "respond.min_relevance (the respond stage drops instructions its retrieval "
+    "finds no relevant passage for; the generate setting never did anything)",
     "evaluate.length_normalize": 'evaluate.headline = "acc_per_token" (every log-likelihood task now '
     "reports the summed, per-token, per-byte and calibrated scores; the headline picks the one that leads)",
 }

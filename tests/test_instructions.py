@@ -362,6 +362,9 @@ def test_settings_that_cannot_work_are_refused_with_their_name(tmp_path):
         load_settings("tiny", overrides={"generate": {"num_mined": -5}})
     with pytest.raises(SelfspecError, match=r"generate.mined_share was replaced by generate.num_mined \(a count"):
         load_settings("tiny", overrides={"generate": {"mined_share": 0.5}})
+    with pytest.raises(SelfspecError, match=r"generate.min_relevance was replaced by respond.min_relevance \(the"):
+        load_settings("tiny", overrides={"generate": {"min_relevance": 2.0}})
+    assert "min_relevance" not in load_settings("tiny").to_dict()["generate"]  # so not in generate's stage hash
     with pytest.raises(SelfspecError, match="generate.batch_size: must be between 1"):
         load_settings("tiny", overrides={"generate": {"batch_size": 0}})
     ctx, _ = make_context(tmp_path, name="words", min_words=10, max_words=5)
