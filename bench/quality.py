@@ -8,9 +8,12 @@ child process; a finished run directory is reused (its stages are skipped), ``--
 Reads the real benchmarks from ../shared/data (or $SELFSPEC_DATA). Prints one line per task, the
 contamination and cross-domain figures, and as its last line the domain's main task:
 ``task=<t> base=<x> specialized=<y> delta=<d> ci_low=<l> ci_high=<h> majority=<share> macro_f1_base=<x>
-macro_f1_specialized=<y> macro_f1_ci_low=<l> macro_f1_majority=<m> minutes=<m>`` (``majority``: what
-always giving the most common answer would score, in accuracy and in macro-F1; ``macro_f1_ci_low``: the
-lower bound of the paired 95% interval of the macro-F1 difference).
+macro_f1_specialized=<y> macro_f1_ci_low=<l> macro_f1_majority=<m> acc_norm_base=<x> acc_norm_specialized=<y>
+acc_calibrated_base=<x> acc_calibrated_specialized=<y> minutes=<m>`` (``base``/``specialized``: the task's
+headline score; ``majority``: what always giving the most common answer would score, in accuracy and in
+macro-F1; ``macro_f1_ci_low``: the lower bound of the paired 95% interval of the macro-F1 difference;
+``acc_norm``: accuracy with answers picked per byte of the choice, ``acc_calibrated``: picked after the
+content-free prompt's log-probabilities are taken out, see selfspec_core.eval.scoring.choice_values).
 """
 
 from __future__ import annotations
@@ -105,7 +108,12 @@ def main() -> None:
                     f"  always {row['majority']['answer']!r} would score {row['majority']['share']:.3f}; answers: "
                     + "; ".join(f"{who} {counts}" for who, counts in row.get("answers", {}).items())
                 )
-    main_row = results[MAIN_TASK[args.domain]]
+    print(f"{main_task_figures(results, args.domain)} minutes={minutes:.1f}")
+
+
+def main_task_figures(results: dict, domain: str) -> str:
+    """The last line's figures of ``domain``'s main task in ``eval.json``'s ``results`` (all but minutes)."""
+    main_row = results[MAIN_TASK[domain]]
     majority = f" majority={main_row['majority']['share']:.3f}" if "majority" in main_row else ""
     f1 = main_row.get("macro_f1")
     macro = (
@@ -116,11 +124,16 @@ def main() -> None:
         if f1
         else ""
     )
-    print(
-        f"task={MAIN_TASK[args.domain]} base={main_row['base']:.3f} specialized={main_row['specialized']:.3f} "
+    variants = main_row.get("variants", {})
+    picked = "".join(
+        f" {how}_base={variants[how]['base']:.3f} {how}_specialized={variants[how]['specialized']:.3f}"
+        for how in ("acc_norm", "acc_calibrated")
+        if how in variants
+    )
+    return (
+        f"task={MAIN_TASK[domain]} base={main_row['base']:.3f} specialized={main_row['specialized']:.3f} "
         f"delta={main_row['delta']:.3f} ci_low={main_row['ci'][0]:.3f} ci_high={main_row['ci'][1]:.3f}"
-        f"{majority}{macro} "
-        f"minutes={minutes:.1f}"
+        f"{majority}{macro}{picked}"
     )
 
 

@@ -217,6 +217,23 @@ def test_the_option_after_the_subcommand_wins():
     assert name == "run" and options["domain"] == "finance" and options["profile"] == "paper"
 
 
+def test_seed_0_is_a_seed_like_any_other(tmp_path):
+    """``--seed 0`` was once taken for "not given" (``0 in (None, False)``) and the run used 42."""
+    for where, args in (("before", ["--seed", "0", "report"]), ("after", ["report", "--seed", "0"])):
+        out = tmp_path / where
+        result = selfspec("--domain", "finance", "--profile", "tiny", "--out", str(out), *args)
+        assert result.returncode == 2 and "generate/manifest.json is missing" in result.stderr  # nothing to report
+        assert json.loads((out / "config.json").read_text())["seed"] == 0, where
+
+    from selfspec_core.cli.main import cli
+    from selfspec_core.cli.stages import _command_line
+
+    with cli.make_context("selfspec", ["--seed", "0", "train", "--num-processes", "2"]) as root:
+        name, command, rest = cli.resolve_command(root, [*root._protected_args, *root.args])
+        with command.make_context(name, rest, parent=root) as train:
+            assert _command_line(train) == ["--seed", "0", "train", "--num-processes", "2"]  # what each process runs
+
+
 def test_a_command_added_later_gets_the_session_options_too():
     """The mechanism is one definition: any command added to the group (another branch's) takes them."""
     import click

@@ -1,14 +1,17 @@
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from selfspec_core.data.tasks import EvalItem
+from selfspec_core.data.tasks import CHOICE_SCORES, EvalItem
 from selfspec_core.errors import SelfspecError
 from selfspec_core.eval.scoring import (
+    ItemScore,
     accuracy,
     choice_request,
+    choice_values,
     compare,
     compare_macro_f1,
     exact_match,
@@ -19,6 +22,7 @@ from selfspec_core.eval.scoring import (
     paired_bootstrap,
     parse_number,
     parsed_label,
+    rescore,
     rouge_l,
     score_generation,
     score_loglikelihood,
@@ -123,17 +127,54 @@ def test_loglikelihood_scoring_matches_a_manual_forward_pass(tiny):
     generator = HFGenerator(model, tokenizer, batch_size=3)
     items = [
         EvalItem("a", "Is it good?", "", "yes", ("yes", "no", "maybe positive negative neutral")),
-        EvalItem("b", "Sentiment?", "Revenue rose.", "positive", ("positive", "negative", "neutral")),
+        EvalItem("b", "Sentiment?", "Revenue rose.", "positive", ("positive", "négatif", "neutral")),
     ]
     prompts = ["Question: is it good?\nAnswer:", "### Response:\n"]
-    for normalize in (False, True):
-        scores = score_loglikelihood(generator, prompts, items, metric="accuracy", length_normalize=normalize)
-        for prompt, item, score in zip(prompts, items, scores):
+    free_prompts = ["Answer:", "### Response:\n"]  # the second item's is its own prompt: calibrated to 0
+    expected = {
+        "acc": lambda total, tokens, choice, prior: total,
+        "acc_per_token": lambda total, tokens, choice, prior: total / tokens,
+        "acc_norm": lambda total, tokens, choice, prior: total / len(choice.encode("utf-8")),
+        "acc_calibrated": lambda total, tokens, choice, prior: total - prior,
+    }
+    assert set(expected) == set(CHOICE_SCORES)
+    for how, value in expected.items():
+        scores = score_loglikelihood(
+            generator, prompts, items, metric="accuracy", how=how, content_free_prompts=free_prompts
+        )
+        for prompt, free, item, score in zip(prompts, free_prompts, items, scores):
             manual = [_manual_logprob(model, tokenizer, *choice_request(prompt, c)) for c in item.choices]
-            values = [total / tokens if normalize else total for total, tokens in manual]
-            assert score.logprobs == pytest.approx(values, abs=1e-3)
+            priors = [_manual_logprob(model, tokenizer, *choice_request(free, c))[0] for c in item.choices]
+            assert score.logprobs == pytest.approx([total for total, _ in manual], abs=1e-3)
+            assert score.tokens == tuple(tokens for _, tokens in manual)
+            assert score.content_free == pytest.approx(priors, abs=1e-3)
+            values = [value(total, tokens, c, p) for (total, tokens), c, p in zip(manual, item.choices, priors)]
+            assert choice_values(how, item.choices, score) == pytest.approx(values, abs=1e-3)
             assert score.prediction == item.choices[int(np.argmax(values))]
             assert score.score == float(score.prediction == item.answer)
+    assert scores[1].prediction == "positive"  # all calibrated values 0: the first choice
+    uncalibrated = score_loglikelihood(generator, prompts, items, metric="accuracy")
+    assert uncalibrated[0].content_free == ()
+    with pytest.raises(SelfspecError, match="scored without a content-free prompt"):
+        rescore(items, uncalibrated, "acc_calibrated", "accuracy")
+
+
+def test_each_choice_score_picks_its_own_answer_from_the_same_numbers():
+    """A long choice loses by summed log-probability, wins per token or byte; the prior-favoured one
+    loses once calibrated: the four ways can disagree on one item, and rescoring needs no model."""
+    item = EvalItem("x", "Which clause?", "The tenant pays monthly.", "payment", ("payment", "confidentiality"))
+    score = ItemScore("x", "", 0.0, logprobs=(-2.0, -4.0), tokens=(1, 4), content_free=(-0.5, -4.5))
+    picked = {how: rescore([item], [score], how, "accuracy")[0] for how in CHOICE_SCORES}
+    assert picked["acc"].prediction == "payment" and picked["acc"].score == 1.0
+    assert picked["acc_per_token"].prediction == "confidentiality" and picked["acc_per_token"].score == 0.0
+    assert choice_values("acc_norm", item.choices, score) == pytest.approx([-2 / 7, -4 / 15])
+    assert picked["acc_norm"].prediction == "confidentiality"
+    assert choice_values("acc_calibrated", item.choices, score) == pytest.approx([-1.5, 0.5])
+    assert picked["acc_calibrated"].prediction == "confidentiality"
+    assert picked["acc"].logprobs == score.logprobs  # the numbers stay; only the pick changes
+    assert ItemScore.from_dict(dataclasses.asdict(score)) == score
+    with pytest.raises(SelfspecError, match="unknown choice score 'acc_bogus'"):
+        choice_values("acc_bogus", item.choices, score)
 
 
 def test_generation_scoring_matches_greedy_decoding(tiny):

@@ -431,6 +431,19 @@ def test_a_disconnected_stream_frees_its_row_at_the_next_step(slow_served):
     status, text = post(server.url + "/completions", {"prompt": "Patients", "max_tokens": 3, "temperature": 0})
     assert status == 200 and time.monotonic() - started < 2, text
 
+    # a client that gives up on a request without streaming frees its row as well
+    request = urllib.request.Request(
+        server.url + "/completions",
+        json.dumps({**body, "stream": False}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with pytest.raises(OSError):  # the client's timeout
+        urllib.request.urlopen(request, timeout=0.5)
+    deadline = time.monotonic() + 2
+    while engine.live_rows() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.live_rows() == 0
+
 
 def test_a_request_past_its_timeout_leaves_the_batch(chat_model_dir):
     gate, server = gated_server(chat_model_dir, delay=0.02, opened=True, request_timeout=1, max_tokens=2000)

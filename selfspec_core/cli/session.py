@@ -87,8 +87,9 @@ class Session:
         self.update(given)
 
     def update(self, given: dict) -> None:
-        """Take the options the user gave (a flag left off or an option not given changes nothing)."""
-        self.options.update({name: value for name, value in given.items() if value not in (None, False)})
+        """Take the options the user gave (a flag left off or an option not given changes nothing;
+        ``--seed 0`` is given: ``0 in (None, False)`` would be true)."""
+        self.options.update({name: value for name, value in given.items() if value is not None and value is not False})
 
     domain_name = property(lambda self: self.options.get("domain"))
     profile = property(lambda self: self.options.get("profile", "quick"))

@@ -84,7 +84,7 @@ def _options(ctx: click.Context) -> list[str]:
     args = []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if isinstance(param, click.Option) and value not in (None, False):
+        if isinstance(param, click.Option) and value is not None and value is not False:  # --seed 0 counts
             args += [param.opts[0]] if value is True else [param.opts[0], str(value)]
     return args
 

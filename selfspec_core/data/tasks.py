@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -12,6 +13,10 @@ from selfspec_core.data.datasources import DATA_ENV, DataSource, HubDataset, dat
 
 SCORING_MODES = ("loglikelihood", "generate")
 METRICS = ("accuracy", "exact_match", "f1", "rouge_l", "numeric")
+# How a log-likelihood task picks each answer among its choices (selfspec_core.eval.scoring.choice_values):
+# the summed log-probability, that per token or per byte, or calibrated on a content-free prompt. Every
+# one is reported; a task's ``headline`` names the one its results lead with.
+CHOICE_SCORES = ("acc", "acc_per_token", "acc_norm", "acc_calibrated")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,12 @@ class EvalTask:
     :mod:`selfspec_core.data.datasources`). ``origin`` says where to download the file by hand. Items are
     posed to both models in the training template's format, zero-shot unless ``evaluate.shots``
     says otherwise.
+
+    A log-likelihood task is scored every way in ``CHOICE_SCORES`` from one pass (see
+    :func:`selfspec_core.eval.scoring.choice_values`); ``headline`` names the one its table leads with
+    and its delta is reported for (``evaluate.headline`` overrides it for a run). Choose it on a
+    development split: ``acc`` suits choices of similar length, ``acc_norm`` choices of different
+    lengths, ``acc_calibrated`` a model that favours one label whatever the item says.
     """
 
     name: str
@@ -54,12 +65,19 @@ class EvalTask:
     shipped: Path | None = None
     hub: HubDataset | None = None
     load_rows: Callable[[list[dict]], list[EvalItem]] | None = None
+    headline: str = "acc"  # one of CHOICE_SCORES; log-likelihood tasks only
 
     def __post_init__(self):
         if self.mode not in SCORING_MODES:
             raise ValueError(f"task {self.name}: mode must be one of {SCORING_MODES}")
         if self.metric not in METRICS:
             raise ValueError(f"task {self.name}: metric must be one of {METRICS}")
+        if self.headline not in CHOICE_SCORES:
+            close = difflib.get_close_matches(self.headline, CHOICE_SCORES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"task {self.name}: headline {self.headline!r} is not one of {', '.join(CHOICE_SCORES)}{hint}"
+            )
         if (self.hub is None) != (self.load_rows is None):
             raise ValueError(f"task {self.name}: hub and load_rows go together")
 

@@ -2,9 +2,13 @@
 
 Two scoring modes, both batched through a :class:`~selfspec_core.models.generator.Generator`:
 
-* ``loglikelihood``: the model picks the answer choice it gives the highest log-probability (summed,
-  or per token with ``length_normalize``), as lm-evaluation-harness does for multiple choice. Nothing
-  is parsed, so a small model that cannot follow the answer format is still measured fairly.
+* ``loglikelihood``: the model picks the answer choice it gives the highest log-probability, as
+  lm-evaluation-harness does for multiple choice. Nothing is parsed, so a small model that cannot
+  follow the answer format is still measured fairly. A summed log-probability favours choices of few
+  tokens, and any score favours the label the model likes regardless of the question, so one scoring
+  pass keeps what every way of picking needs (:data:`~selfspec_core.data.tasks.CHOICE_SCORES`, see
+  :func:`choice_values`): each choice's summed log-probability, its token count, and its
+  log-probability after the item's content-free prompt (contextual calibration).
 * ``generate``: greedy decoding, then a metric on the text: ``accuracy`` (the first choice word found
   in the output), SQuAD's ``exact_match`` and token ``f1``, ``rouge_l``, or ``numeric`` (numbers
   compared with a relative tolerance, the prediction's after "The answer is" when it says so).
@@ -21,12 +25,13 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
 
+from selfspec_core.data.tasks import CHOICE_SCORES
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.generator import Generator
 
@@ -168,17 +173,27 @@ def metric_score(
 
 @dataclass(frozen=True)
 class ItemScore:
-    """One item's outcome: what the model answered and its score; per-choice log-probs if scored so."""
+    """One item's outcome: what the model answered and its score. Scored by log-likelihood, also each
+    choice's summed log-probability, token count and log-probability after the content-free prompt."""
 
     id: str
     prediction: str
     score: float
     logprobs: tuple[float, ...] = ()
+    tokens: tuple[int, ...] = ()
+    content_free: tuple[float, ...] = ()
 
     @classmethod
     def from_dict(cls, row: dict) -> ItemScore:
         """Back from the ``asdict`` form stored in JSON (lists for tuples)."""
-        return cls(row["id"], row["prediction"], row["score"], tuple(row["logprobs"]))
+        return cls(
+            row["id"],
+            row["prediction"],
+            row["score"],
+            tuple(row["logprobs"]),
+            tuple(row["tokens"]),
+            tuple(row["content_free"]),
+        )
 
 
 def choice_request(context: str, choice: str) -> tuple[str, str]:
@@ -197,36 +212,75 @@ def choice_request(context: str, choice: str) -> tuple[str, str]:
     return context, " " + choice
 
 
+def choice_values(how: str, choices: Sequence[str], score: ItemScore) -> list[float]:
+    """What the model's pick maximizes over ``choices`` under ``how`` (one of ``CHOICE_SCORES``):
+
+    * ``acc``: the summed log-probability;
+    * ``acc_per_token``: that per token of the choice;
+    * ``acc_norm``: that per UTF-8 byte of the choice, lm-evaluation-harness's ``acc_norm`` (it does
+      not depend on the tokenizer, so models with different ones compare);
+    * ``acc_calibrated``: contextual calibration (Zhao et al. 2021), the log-probability minus the
+      same choice's after the content-free prompt: how much the item itself moved the model.
+    """
+    if how == "acc":
+        return list(score.logprobs)
+    if how == "acc_per_token":
+        return [total / max(tokens, 1) for total, tokens in zip(score.logprobs, score.tokens)]
+    if how == "acc_norm":
+        return [total / max(len(c.strip().encode("utf-8")), 1) for total, c in zip(score.logprobs, choices)]
+    if how == "acc_calibrated":
+        if len(score.content_free) != len(score.logprobs):
+            raise SelfspecError(f"item {score.id}: scored without a content-free prompt, so it cannot be calibrated")
+        return [total - prior for total, prior in zip(score.logprobs, score.content_free)]
+    raise SelfspecError(f"unknown choice score {how!r}: use one of {', '.join(CHOICE_SCORES)}")
+
+
+def rescore(
+    items: Sequence, scores: Sequence[ItemScore], how: str, metric: str, tolerance: float = 0.01
+) -> list[ItemScore]:
+    """The log-likelihood ``scores`` of ``items`` with each answer picked ``how`` (no model needed)."""
+    picked = []
+    for item, score in zip(items, scores):
+        chosen = item.choices[int(np.argmax(choice_values(how, item.choices, score)))]
+        picked.append(
+            replace(score, prediction=chosen, score=metric_score(metric, chosen, item.answer, item.choices, tolerance))
+        )
+    return picked
+
+
 def score_loglikelihood(
     generator: Generator,
     prompts: Sequence[str],
     items: Sequence,
     *,
     metric: str,
-    length_normalize: bool,
+    how: str = "acc",
+    content_free_prompts: Sequence[str] = (),
     tolerance: float = 0.01,
 ) -> list[ItemScore]:
-    """Pick each item's most likely choice (one batched call for all choices of all items)."""
+    """Pick each item's choice ``how`` says, in one batched call for all choices of all items, and of
+    all ``content_free_prompts`` (one per item, for calibration; a prompt shared by items is scored once)."""
     requests, spans = [], []
     for prompt, item in zip(prompts, items):
         spans.append((len(requests), len(item.choices)))
         requests += [choice_request(prompt, choice) for choice in item.choices]
-    results = generator.loglikelihood(requests)
+    free = {
+        request: None
+        for prompt, item in zip(content_free_prompts, items)
+        for request in (choice_request(prompt, choice) for choice in item.choices)
+    }
+    results = generator.loglikelihood(requests + list(free))
+    free_logprobs = {request: total for request, (total, _) in zip(free, results[len(requests) :])}
     scores = []
-    for item, (start, count) in zip(items, spans):
-        values = [
-            total / max(tokens, 1) if length_normalize else total for total, tokens in results[start : start + count]
-        ]
-        chosen = item.choices[int(np.argmax(values))]
-        scores.append(
-            ItemScore(
-                item.id,
-                chosen,
-                metric_score(metric, chosen, item.answer, item.choices, tolerance),
-                tuple(round(v, 4) for v in values),
-            )
+    for index, (item, (start, count)) in enumerate(zip(items, spans)):
+        totals, tokens = zip(*results[start : start + count])
+        prior = (
+            tuple(free_logprobs[choice_request(content_free_prompts[index], c)] for c in item.choices)
+            if content_free_prompts
+            else ()
         )
-    return scores
+        scores.append(ItemScore(item.id, "", 0.0, tuple(totals), tuple(tokens), prior))
+    return rescore(items, scores, how, metric, tolerance)
 
 
 def score_generation(

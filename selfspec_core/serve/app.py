@@ -39,6 +39,7 @@ from selfspec_core.serve.engine import (
     Delta,
     Finished,
     PromptRejected,
+    RequestCancelled,
     ScoreJob,
     ServerClosing,
     TokenLogprob,
@@ -200,6 +201,8 @@ def api_error_of(exc: BaseException, limits: ServeLimits) -> ApiError:
         return ApiError(400, str(exc), code=exc.code, param="prompt")
     if isinstance(exc, ServerClosing):
         return ApiError(503, str(exc), "server_error", "shutting_down")
+    if isinstance(exc, RequestCancelled):  # nobody reads this answer: nginx's "client closed request"
+        return ApiError(499, str(exc), code="client_closed_request")
     return ApiError(500, f"{type(exc).__name__}: {exc}", "server_error")
 
 
@@ -564,7 +567,7 @@ def create_app(
             by_expert.setdefault(result.expert, []).append(index)
         scores = {}
         for expert, indices in by_expert.items():
-            items = [(rows[i][0], "", body.logprobs) for i in indices]
+            items = [(rows[i][0], "", body.logprobs or 0) for i in indices]
             for index, scored in zip(indices, await submission.score(items, expert)):
                 scores[index] = scored
         return scores

@@ -43,6 +43,10 @@ class PromptRejected(SelfspecError):
         self.code = code
 
 
+class RequestCancelled(SelfspecError):
+    """The request's client went away; its row left the batch (or never joined it)."""
+
+
 class DeadlinePassed(SelfspecError):
     """The request ran past its timeout; its row left the batch (HTTP 503, or an error event in a stream)."""
 
@@ -112,7 +116,7 @@ class DecodeJob:
 
     prompt: str
     options: DecodeOptions
-    deliver: Callable[[Event], None]
+    deliver: Callable[[Event], object]
     deadline: float
     expert: str | None = None  # with composed experts: the one asked for; None: the router picks
     cancelled: bool = False
@@ -121,7 +125,7 @@ class DecodeJob:
 @dataclass(eq=False)
 class ScoreJob:
     items: list[tuple[str, str, int]]  # (prompt, completion, top_k)
-    deliver: Callable[[Event], None]
+    deliver: Callable[[Event], object]
     deadline: float
     expert: str | None = None
     cancelled: bool = False
@@ -255,6 +259,7 @@ class DecodingEngine:
         while self._waiting and len(checked) < free:
             job = self._waiting.popleft()
             if job.cancelled:
+                _deliver(job, RequestCancelled("the client went away before the request ran"))
                 continue
             if now > job.deadline:
                 _deliver(job, DeadlinePassed("the request timed out waiting for the model"))
@@ -351,6 +356,7 @@ class DecodingEngine:
         tokens: list[int] = []
         for slot, row in enumerate(batch.rows):
             if row.job.cancelled:
+                _deliver(row.job, RequestCancelled("the client went away while the request ran"))
                 continue
             if now > row.job.deadline:
                 _deliver(row.job, DeadlinePassed("the request timed out while decoding"))
@@ -458,6 +464,7 @@ class DecodingEngine:
 
     def _score(self, job: ScoreJob) -> None:
         if job.cancelled:
+            _deliver(job, RequestCancelled("the client went away before the request ran"))
             return
         try:
             self._route([job])

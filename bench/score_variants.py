@@ -1,0 +1,100 @@
+"""Which way of picking a log-likelihood answer measures reading? The base model on each domain's dev split.
+
+    python bench/score_variants.py [--domains finance,biomed] [--max-items 300] [--model gemma3-270m]
+
+Scores the base model (default: the embedded one) on the development splits (``fpb_dev``,
+``pubmedqa_dev``) as the evaluate stage scores a benchmark: in the prompt form a run would train in
+(``train.prompt_format``; ``--prompt-format`` picks another), zero-shot, the seeded subset of
+``--max-items`` (the quick profile's 300), one pass for every way of picking in ``CHOICE_SCORES`` plus
+the content-free prompts for calibration. Base scores are cached as the stage's
+are ($SELFSPEC_CACHE/scores), so a rerun is instant. Per task and way it prints accuracy, macro-F1
+(what a move to one label cannot raise) and the share of the most frequent answer (over 0.8: the score
+measures a label prior, not reading); the plugins' ``headline`` settings were chosen from these.
+Last line: ``<task>_majority=.. <task>_<way>=<accuracy> <task>_<way>_f1=.. <task>_<way>_top=.. ... minutes=..``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from selfspec_core.config import load_settings
+from selfspec_core.data.tasks import CHOICE_SCORES
+from selfspec_core.models.loading import resolve_model
+from selfspec_core.plugins import manager as plugins
+from selfspec_core.stages.evaluate import (
+    collect_tasks,
+    evaluation_prompts,
+    load_tasks,
+    score_model,
+    task_summary,
+)
+from selfspec_core.templates import PromptTemplate
+
+DEV_TASK = {"finance": "fpb_dev", "biomed": "pubmedqa_dev"}
+DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domains", default="finance,biomed")
+    parser.add_argument("--max-items", type=int, default=300, help="items per dev split (0: all)")
+    parser.add_argument("--model", help="as selfspec --model (default: the embedded model)")
+    parser.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "alpaca"])
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"benchmark data not found at {DATA}: set SELFSPEC_DATA")
+
+    started = time.time()
+    settings = load_settings(
+        "quick",
+        overrides={
+            "model": args.model,
+            "train": {"prompt_format": args.prompt_format},
+            "data_dir": str(DATA.resolve()),
+            "evaluate": {"max_items": args.max_items, "bootstrap_samples": 1},  # no intervals needed here
+        },
+    )
+    model = resolve_model(settings.model)
+    figures = []
+    for domain in [name.strip() for name in args.domains.split(",") if name.strip()]:
+        if domain not in DEV_TASK:
+            sys.exit(f"no development split known for domain {domain!r}: choose from {', '.join(DEV_TASK)}")
+        tasks, _ = collect_tasks(domain, cross_domain=False, wanted=DEV_TASK[domain])
+        loaded, skipped = load_tasks(tasks, settings, print)
+        if not loaded:
+            sys.exit(f"{DEV_TASK[domain]} could not be loaded: {skipped}")
+        info = plugins.get_domain(domain)
+        template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
+        context = {"domain": info.name, "description": info.description or info.name}
+        prompts = evaluation_prompts(settings, model, None, template, context)
+        print(f"{DEV_TASK[domain]}: items posed in the {prompts.name} form")
+        scores = score_model("base", settings, model, None, loaded, prompts, print)
+        task = loaded[0]
+        summary = task_summary(task, scores[task.key], scores[task.key], settings.evaluate, settings.seed)
+        name = task.task.name
+        print(
+            f"{name}: n={summary['n']}, gold {summary['answers']['gold']}, "
+            f"majority {summary['majority']['share']:.3f} (macro-F1 {summary['macro_f1']['majority']:.3f})"
+        )
+        figures.append(f"{name}_majority={summary['majority']['share']:.3f}")
+        for how in CHOICE_SCORES:
+            variant = summary["variants"][how]
+            answers = variant["answers"]["base"]
+            top = max(answers.values()) / variant["n"]
+            print(
+                f"  {how:>15}: accuracy {variant['base']:.3f}, macro-F1 {variant['macro_f1']['base']:.3f}, "
+                f"top answer share {top:.3f}; answers {answers}"
+            )
+            figures.append(
+                f"{name}_{how}={variant['base']:.3f} {name}_{how}_f1={variant['macro_f1']['base']:.3f} "
+                f"{name}_{how}_top={top:.3f}"
+            )
+    print(f"{' '.join(figures)} minutes={(time.time() - started) / 60:.1f}")
+
+
+if __name__ == "__main__":
+    main()
