@@ -492,6 +492,7 @@ def test_evaluate_file_with_and_without_choices(tmp_path, tiny_model_dir, data_d
         "mode": "loglikelihood",
         "n": 4,
         "value": alone["mine:choices"]["value"],
+        "headline": "acc",  # how the answers were picked (evaluate.headline)
     }
     assert alone["mine:generate"]["metric"] == "numeric" and alone["mine:generate"]["n"] == 3
 
