@@ -167,7 +167,12 @@ class Pipeline:
 
 @contextmanager
 def _peak_memory() -> Iterator[dict]:
-    """Peak resident memory (MB) and, on CUDA, peak GPU memory, for the stage manifest."""
+    """The stage's own peak resident memory (MB) and, on CUDA, peak GPU memory, for the stage manifest.
+
+    ``ru_maxrss`` is the process's lifetime peak: a stage after a heavier one would report the other's.
+    Linux lets a process reset that peak to its current size, so there the figure is exact; elsewhere
+    a lifetime peak that rose during the stage is the stage's, and one that did not leaves it unknown.
+    """
     figures: dict = {}
     try:
         import torch
@@ -177,8 +182,38 @@ def _peak_memory() -> Iterator[dict]:
             torch.cuda.reset_peak_memory_stats()
     except ImportError:
         cuda = False
+    reset = _reset_peak_rss()
+    lifetime_before = 0 if reset else _lifetime_peak_rss()
     yield figures
-    scale = 1 if sys.platform == "darwin" else 1024
-    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+    if reset:
+        figures["peak_rss_mb"] = round(_linux_peak_rss() / 2**20, 1)
+    else:
+        lifetime = _lifetime_peak_rss()
+        figures["peak_rss_mb"] = round(lifetime / 2**20, 1) if lifetime > lifetime_before else None
     if cuda:
         figures["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux's VmHWM) to its current size; False where the OS
+    cannot (no /proc, or a kernel before 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return _linux_peak_rss() > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _linux_peak_rss() -> int:
+    """Peak resident bytes since the process started or its last reset (``VmHWM``); 0 when not listed."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _lifetime_peak_rss() -> int:
+    """The process's peak resident bytes since it started (kB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
