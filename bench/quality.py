@@ -13,7 +13,11 @@ acc_calibrated_base=<x> acc_calibrated_specialized=<y> minutes=<m>`` (``base``/`
 headline score; ``majority``: what always giving the most common answer would score, in accuracy and in
 macro-F1; ``macro_f1_ci_low``: the lower bound of the paired 95% interval of the macro-F1 difference;
 ``acc_norm``: accuracy with answers picked per byte of the choice, ``acc_calibrated``: picked after the
-content-free prompt's log-probabilities are taken out, see selfspec_core.eval.scoring.choice_values).
+content-free prompt's log-probabilities are taken out, see selfspec_core.eval.scoring.choice_values),
+then ``prompt_format=<f> <task>_chat=<y> <task>_chat_base=<x>``: the form the adapter learnt
+(selfspec_core.models.prompting) and the main task scored in plain chat form, what a chat client sends
+(``evaluate.prompt_format = "chat"``; an adapter that learnt another form is scored so by
+``selfspec evaluate`` on a run folder of its own, ``<out>-chat``, so the run's eval.json stays as it is).
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from selfspec_core.config import PROFILES
+import yaml
+
+from selfspec_core.config import PROFILES, read_config_file
+from selfspec_core.run.adapter import adapter_prompt_format
 from selfspec_core.run.rundir import STAGES, RunDir
 
 MAIN_TASK = {"biomed": "pubmedqa", "finance": "fpb"}
@@ -45,25 +53,8 @@ def main() -> None:
         sys.exit(f"benchmark data not found at {DATA}: set SELFSPEC_DATA")
 
     out = Path(args.out or f"runs/bench-{args.domain}-{args.profile}")
-    command = [
-        sys.executable,
-        "-m",
-        "selfspec_core",
-        "--domain",
-        args.domain,
-        "--profile",
-        args.profile,
-        "--out",
-        str(out),
-        "--data-dir",
-        str(DATA.resolve()),
-        *(["--config", args.config] if args.config else []),
-        "run",
-        *(["--force"] if args.force else []),
-    ]
-    print("$ selfspec " + " ".join(command[3:]), flush=True)
     started = time.time()
-    subprocess.run(command, check=True)
+    selfspec(args.domain, args.profile, out, args.config, "run", *(["--force"] if args.force else []))
     run = RunDir(out, args.domain).open()
     minutes = sum((run.manifest(stage) or {}).get("seconds", 0) for stage in STAGES) / 60
     print(f"wall minutes this invocation: {(time.time() - started) / 60:.1f}; pipeline minutes: {minutes:.1f}")
@@ -108,7 +99,50 @@ def main() -> None:
                     f"  always {row['majority']['answer']!r} would score {row['majority']['share']:.3f}; answers: "
                     + "; ".join(f"{who} {counts}" for who, counts in row.get("answers", {}).items())
                 )
-    print(f"{main_task_figures(results, args.domain)} minutes={minutes:.1f}")
+    chat_started = time.time()
+    learnt, chat = chat_form_scores(run, args.profile, args.config)
+    task = MAIN_TASK[args.domain]
+    print(
+        f"{task} in plain chat form ({(time.time() - chat_started) / 60:.1f} min): "
+        f"base={chat['base']:.3f} specialized={chat['specialized']:.3f}; the adapter learnt the {learnt} form"
+    )
+    print(
+        f"{main_task_figures(results, args.domain)} prompt_format={learnt} "
+        f"{task}_chat={chat['specialized']:.3f} {task}_chat_base={chat['base']:.3f} minutes={minutes:.1f}"
+    )
+
+
+def selfspec(domain: str, profile: str, out: Path, config: str | Path | None, *command: str) -> None:
+    """Run ``selfspec <command>`` on the run folder ``out`` as a user would, in a child process."""
+    line = [
+        *("--domain", domain, "--profile", profile, "--out", str(out), "--data-dir", str(DATA.resolve())),
+        *(["--config", str(config)] if config else []),
+        *command,
+    ]
+    print("$ selfspec " + " ".join(line), flush=True)
+    subprocess.run([sys.executable, "-m", "selfspec_core", *line], check=True)
+
+
+def chat_form_scores(run: RunDir, profile: str, config: str | Path | None) -> tuple[str, dict]:
+    """The form the run's adapter learnt, and its main task's eval.json row in plain chat form.
+
+    A run whose adapter learnt the chat form was scored so by its own evaluate stage; otherwise the
+    adapter is scored again with ``evaluate.prompt_format = "chat"`` (the main task alone, the user's
+    ``config`` kept) on a run folder of its own, ``<run>-chat``, so the run's eval.json stays as it is."""
+    adapter = run.stage_dir("train") / "adapter"
+    learnt, task = adapter_prompt_format(adapter), MAIN_TASK[run.domain]
+    scored = run.stage_dir("evaluate")
+    if learnt != "chat":
+        settings = read_config_file(Path(config)) if config else {}
+        chat_form = {"prompt_format": "chat", "adapter": str(adapter.resolve()), "tasks": task, "cross_domain": False}
+        settings["evaluate"] = {**settings.get("evaluate", {}), **chat_form}
+        out = run.path.with_name(f"{run.path.name}-chat")
+        with tempfile.TemporaryDirectory() as folder:
+            chat_config = Path(folder) / "chat-form.yaml"
+            chat_config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+            selfspec(run.domain, profile, out, chat_config, "evaluate")
+        scored = RunDir(out, run.domain).stage_dir("evaluate")
+    return learnt, json.loads((scored / "eval.json").read_text())[task]
 
 
 def main_task_figures(results: dict, domain: str) -> str:

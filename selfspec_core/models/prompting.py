@@ -130,7 +130,7 @@ class PromptFormat:
         :meth:`chat_template` renders the same text."""
         if self.name == "chat":
             try:
-                return self._chat([_turn(m["role"], m["content"]) for m in messages])
+                return self._chat([dict(message) for message in messages])
             except Exception as exc:  # a template's own raise_exception, or a Jinja error
                 raise ConversationError(
                     f"messages do not fit the model's chat template: {type(exc).__name__}: {exc}"
