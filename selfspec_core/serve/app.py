@@ -808,7 +808,7 @@ _DEFAULT_LIMITS = ServeLimits()
     type=click.FloatRange(min=1),
     default=_DEFAULT_LIMITS.request_timeout,
     show_default=True,
-    help="Seconds a request may wait for the model (then 503); also the grace period at shutdown.",
+    help="Seconds a request may take (then 503, and it leaves the model); also the grace period at shutdown.",
 )
 @click.pass_obj
 def command(
