@@ -761,7 +761,7 @@ _DEFAULT_LIMITS = ServeLimits()
     type=click.IntRange(1, 256),
     default=8,
     show_default=True,
-    help="Most concurrent requests run as one batch.",
+    help="Most rows (a prompt times its n choices) decoding together; more wait for a free row.",
 )
 @click.option(
     "--batch-sampling",
