@@ -371,6 +371,11 @@ def test_parameters_not_implemented_are_refused_by_name(served):
         ("/chat/completions", {**chat, "reasoning_effort": "low"}, "reasoning_effort"),
         ("/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),
         ("/chat/completions", {**chat, "response_format": {"type": "json_schema"}}, "json_schema"),
+        (
+            "/chat/completions",
+            {**chat, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "x"}}}},
+            "cannot be enforced",
+        ),
         ("/chat/completions", {**chat, "stream_options": {"include_usage": True}}, "stream_options"),
         ("/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
         ("/completions", {"prompt": "x", "best_of": 2}, "best_of"),

@@ -361,8 +361,13 @@ class DecodingEngine:
             if now > row.job.deadline:
                 _deliver(row.job, DeadlinePassed("the request timed out while decoding"))
                 continue
-            token = self._next_token(row, batch.logits[slot])
-            if self._advance(row, token):
+            try:
+                token = self._next_token(row, batch.logits[slot])
+                goes_on = self._advance(row, token)
+            except Exception as exc:  # e.g. a grammar that fails on this text: this row fails, not the batch
+                _deliver(row.job, exc)
+                continue
+            if goes_on:
                 keep.append(slot)
                 tokens.append(token)
         self.step_sizes[len(batch.rows)] += 1

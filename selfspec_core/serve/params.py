@@ -87,6 +87,14 @@ class ResponseFormat(BaseModel):
     def _checked(self):
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise ValueError("response_format: give json_schema with type 'json_schema' (and only then)")
+        schema = self.schema_text()
+        if schema is not None:
+            from lmformatenforcer import JsonSchemaParser
+
+            try:  # the grammar is built from the schema here, so a schema it cannot follow is a 400
+                JsonSchemaParser(json.loads(schema))
+            except Exception as exc:
+                raise ValueError(f"response_format: this JSON schema cannot be enforced: {exc}") from None
         return self
 
     def schema_text(self) -> str | None:
