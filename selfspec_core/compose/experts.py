@@ -32,6 +32,7 @@ from pathlib import Path
 
 from selfspec_core import __version__
 from selfspec_core.errors import SelfspecError
+from selfspec_core.jsonl import numbered_rows
 from selfspec_core.models.generator import padded, token_batches
 from selfspec_core.models.loading import (
     ModelRef,
@@ -187,7 +188,7 @@ def general_prompts() -> list[dict]:
     """Requests of no particular domain (cooking, code, history...), written for selfspec: the
     router's examples of what goes to the plain base model."""
     text = resources.files("selfspec_core").joinpath(GENERAL_PROMPTS).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [row for _, row in numbered_rows(text.splitlines())]
 
 
 def router_views(record: dict, template: PromptTemplate, context: dict) -> list[str]:

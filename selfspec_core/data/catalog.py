@@ -26,7 +26,6 @@ directory, which wins. Without ``prompt`` the rows are selfspec's evaluation for
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ import yaml
 from selfspec_core.data.datasources import HubDataset
 from selfspec_core.data.tasks import METRICS, SCORING_MODES, EvalItem, EvalTask
 from selfspec_core.errors import SelfspecError, did_you_mean
+from selfspec_core.jsonl import read_rows
 from selfspec_core.plugins import manager as plugins
 
 TASKS_FOLDER = "tasks"
@@ -77,22 +77,7 @@ class RowFormat:
         """``EvalTask.load`` for a JSONL file: one item a line, errors naming file:line:field."""
         if not path.is_file():
             raise SelfspecError(f"{path}: evaluation file not found (named by {self.task_file})")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise SelfspecError(
-                f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-            ) from None
-        rows = []
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise SelfspecError(
-                        f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                        "write one JSON object per line"
-                    ) from None
+        rows = [(f"{path}:{number}", row) for number, row in read_rows(path, expected=None)]
         return self._items(rows, str(path))
 
     def read_rows(self, rows: list[dict]) -> list[EvalItem]:

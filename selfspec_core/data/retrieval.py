@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import shutil
@@ -32,6 +31,7 @@ import numpy as np
 
 from selfspec_core.data.documents import DOCUMENT_SUFFIXES, UnreadableDocument, read_document
 from selfspec_core.errors import SelfspecError, print_warning
+from selfspec_core.jsonl import read_rows, read_utf8
 from selfspec_core.plugins import manager as plugins
 
 DATA_SUFFIXES = (".jsonl", ".txt", ".parquet", ".csv")
@@ -191,7 +191,7 @@ def _read_file(path: Path, name: str) -> Iterator[Passage]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            yield from split_document(name, _read_text(path))
+            yield from split_document(name, read_utf8(path))
         elif suffix == ".jsonl":
             yield from _documents(path, name, _jsonl_rows(path))
         elif suffix == ".csv":
@@ -206,36 +206,12 @@ def _read_file(path: Path, name: str) -> Iterator[Passage]:
         ) from exc
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise SelfspecError(
-            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#x}); save the file as UTF-8"
-        ) from None
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SelfspecError(
-                f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
-            ) from None
-        if not isinstance(row, dict):
-            raise SelfspecError(
-                f"{path}:{number}: expected a JSON object with a 'text' field, got {type(row).__name__}"
-            )
-        yield number, row
+def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    return read_rows(path, expected="a JSON object with a 'text' field")
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    text = _read_text(path)
+    text = read_utf8(path)
     sample = text[:65536]
     try:
         dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
 
 from selfspec_core.errors import SelfspecError, did_you_mean
+from selfspec_core.jsonl import read_rows, read_utf8
 from selfspec_core.records import SEED_FIELDS, Seed
 
 MAX_LINE_BYTES = 200_000
@@ -21,16 +21,11 @@ def load_seeds(path: str | Path, task_types: Iterable[str] = ()) -> list[Seed]:
     path = Path(path)
     if not path.is_file():
         raise SelfspecError(f"{path}: seed file not found")
-    raw = path.read_bytes()
-    if not raw.strip():
+    text = read_utf8(path)
+    if not text.strip():
         raise SelfspecError(
             f"{path}: seed file is empty; add one JSON object per line with fields {', '.join(SEED_FIELDS)}"
         )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise SelfspecError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#x}); save the file as UTF-8") from None
     rows = _yaml_rows(path, text) if path.suffix in (".yaml", ".yml") else _jsonl_rows(path, text)
     seeds, seen, declared = [], {}, sorted(task_types)
     for line, row in rows:
@@ -53,23 +48,16 @@ def load_seeds(path: str | Path, task_types: Iterable[str] = ()) -> list[Seed]:
 
 
 def _jsonl_rows(path: Path, text: str) -> list[tuple[int, object]]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    """Rows of any JSON value: :func:`_validate` names what is wrong with one that is not a seed."""
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
         if len(line.encode()) > MAX_LINE_BYTES:
             raise SelfspecError(
                 f"{path}:{number}: line is {len(line.encode()) / 1e6:.1f} MB, "
                 f"over the {MAX_LINE_BYTES // 1000} kB limit for one seed; "
                 "seeds are short examples: shorten it"
             )
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise SelfspecError(
-                f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
-            ) from None
-    return rows
+    return read_rows(path, expected=None, lines=lines)
 
 
 def _yaml_rows(path: Path, text: str) -> list[tuple[int, object]]:

@@ -9,6 +9,7 @@ is cut off on resume and never parsed as data.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from selfspec_core import __version__
 from selfspec_core.errors import SelfspecError
+from selfspec_core.jsonl import numbered_rows
 
 STAGES = ("generate", "respond", "train", "evaluate", "report")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -88,19 +90,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def iter_jsonl(path: Path) -> Iterator[dict]:
-    """The JSON objects of ``path``, one a line; a line that is not one raises ValueError naming it."""
+    """The JSON objects of ``path``, one a line, up to an unterminated last line (a torn write); a line
+    that is not one raises ValueError naming it."""
     with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.endswith(b"\n"):
-                return
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
-                raise ValueError(f"line {number}: {exc}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"line {number}: expected a JSON object, got {type(record).__name__}")
+        for _, record in numbered_rows(itertools.takewhile(lambda line: line.endswith(b"\n"), handle)):
             yield record
 
 

@@ -44,6 +44,7 @@ from selfspec_core.eval.scoring import (
     score_generation,
     score_loglikelihood,
 )
+from selfspec_core.jsonl import read_rows
 from selfspec_core.models.backends import make_generator
 from selfspec_core.models.loading import check_adapter, load_tokenizer
 from selfspec_core.models.prompting import PromptFormat
@@ -682,22 +683,8 @@ def read_eval_file(path: Path) -> list[EvalItem]:
     if not path.is_file():
         raise SelfspecError(f"{path}: evaluation file not found")
     items = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise SelfspecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, row in read_rows(path, expected="an object with fields instruction, input, output, choices"):
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SelfspecError(
-                f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
-            ) from None
-        if not isinstance(row, dict):
-            raise SelfspecError(f"{where}: expected an object with fields instruction, input, output, choices")
         for name in row:
             close = difflib.get_close_matches(name, EVAL_FILE_FIELDS, n=1, cutoff=0.75)
             if name not in EVAL_FILE_FIELDS and close:
@@ -769,7 +756,8 @@ def evaluate_file(
         loaded.append(split_items(task, rows, settings.evaluate.shots, settings.evaluate.max_items, settings.seed))
         if not loaded[-1].scored:
             raise SelfspecError(
-                f"{path}: {len(rows)} {mode} rows, none left to score after {settings.evaluate.shots} shots; lower evaluate.shots"
+                f"{path}: {len(rows)} {mode} rows, none left to score after {settings.evaluate.shots} shots; "
+                "lower evaluate.shots"
             )
     template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain or "", stage="train")
     description = plugins.get_domain(domain).description if domain else ""
