@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from typing import Any
 
 SEED_FIELDS = ("id", "task_type", "instruction", "input", "output")
 """The fields every seed record has (``input`` may be empty); a seed file with any other field is refused."""
@@ -35,6 +36,37 @@ class Seed:
     instruction: str
     input: str
     output: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainingRecord:
+    """One record of ``respond/data.jsonl``, what the adapter is tuned on: the task, its answer and where
+    both came from. ``source`` is "generated" (the model answered: ``answer`` says how, "generated" or
+    "options" when it picked one of the task's stated options) or "mined" (the corpus text decides the
+    answer: ``miner`` and ``doc_id`` say which); the rest records what the answer was built from."""
+
+    id: str
+    instruction: str
+    input: str
+    output: str
+    task_type: str
+    source: str
+    answer: str
+    seed_ids: list[str] = field(default_factory=list)
+    demo_ids: list[str] = field(default_factory=list)
+    retrieved: list[dict[str, Any]] = field(default_factory=list)
+    options: list[str] | None = None
+    label: str | None = None
+    confidence: float | None = None
+    agreement: float | None = None
+    judge_score: float | None = None
+    miner: str | None = None
+    doc_id: str | None = None
+    # Why the respond stage drops it (None: kept); a working field, left out of data.jsonl.
+    drop: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

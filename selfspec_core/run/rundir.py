@@ -25,6 +25,7 @@ from pathlib import Path
 from selfspec_core import __version__
 from selfspec_core.errors import SelfspecError
 from selfspec_core.jsonl import numbered_rows
+from selfspec_core.jsonl import numbered_rows
 
 STAGES = ("generate", "respond", "train", "evaluate", "report")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -93,7 +94,8 @@ def iter_jsonl(path: Path) -> Iterator[dict]:
     """The JSON objects of ``path``, one a line, up to an unterminated last line (a torn write); a line
     that is not one raises ValueError naming it."""
     with open(path, "rb") as handle:
-        for _, record in numbered_rows(itertools.takewhile(lambda line: line.endswith(b"\n"), handle)):
+        complete = itertools.takewhile(lambda line: line.endswith(b"\n"), handle)
+        for _, record in numbered_rows(complete):
             yield record
 
 

@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from selfspec_core.data.retrieval import BM25Index, Hit, corpus_hash, resolve_corpus, truncate_passage
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.backends import make_generator
-from selfspec_core.records import Funnel, Seed
+from selfspec_core.records import Funnel, Seed, TrainingRecord
 from selfspec_core.run.rundir import RecordLog, read_jsonl, stage_command, write_jsonl
 from selfspec_core.stages import checks as quality
 from selfspec_core.stages.filter import plugin_reason
@@ -138,25 +138,19 @@ def _filter_mined(ctx, mined: list[dict]) -> list[dict]:
     """Mined tasks as training records, each with the plugins' response filters' verdict in ``drop``."""
     records = []
     for task in mined:
-        record = {
-            "id": task["id"],
-            "instruction": task["instruction"],
-            "input": task.get("input", ""),
-            "output": task["output"],
-            "task_type": task["task_type"],
-            "seed_ids": [],
-            "demo_ids": [],
-            "retrieved": [],
-            "answer": "mined",
-            "options": task.get("options"),
-            "label": task.get("label"),
-            "confidence": None,
-            "agreement": None,
-            "judge_score": None,
-            "source": "mined",
-            "miner": task.get("miner"),
-            "doc_id": task.get("doc_id"),
-        }
+        record = TrainingRecord(
+            id=task["id"],
+            instruction=task["instruction"],
+            input=task.get("input", ""),
+            output=task["output"],
+            task_type=task["task_type"],
+            source="mined",
+            answer="mined",
+            options=task.get("options"),
+            label=task.get("label"),
+            miner=task.get("miner"),
+            doc_id=task.get("doc_id"),
+        ).to_dict()
         record["drop"] = plugin_reason(ctx.domain.name, "response", record)
         records.append(record)
     return records
@@ -451,26 +445,23 @@ class Answerer:
 
 def _record(plan: Plan) -> dict:
     record = plan.record
-    return {
-        "id": plan.id,
-        "instruction": record["instruction"],
-        "input": record.get("input", ""),
-        "output": plan.output,
-        "task_type": record["task_type"],
-        "seed_ids": list(record.get("seed_ids", [])),
-        "demo_ids": plan.demo_ids,
-        "retrieved": plan.retrieved,
-        "answer": "options" if plan.options is not None and plan.confidence is not None else "generated",
-        "options": list(plan.options.keys) if plan.options is not None else None,
-        "label": plan.options.keys[plan.label] if plan.options is not None and plan.label is not None else None,
-        "confidence": plan.confidence,
-        "agreement": plan.agreement,
-        "judge_score": None,
-        "drop": plan.drop,
-        "source": "generated",
-        "miner": None,
-        "doc_id": None,
-    }
+    return TrainingRecord(
+        id=plan.id,
+        instruction=record["instruction"],
+        input=record.get("input", ""),
+        output=plan.output,
+        task_type=record["task_type"],
+        source="generated",
+        answer="options" if plan.options is not None and plan.confidence is not None else "generated",
+        seed_ids=list(record.get("seed_ids", [])),
+        demo_ids=plan.demo_ids,
+        retrieved=plan.retrieved,
+        options=list(plan.options.keys) if plan.options is not None else None,
+        label=plan.options.keys[plan.label] if plan.options is not None and plan.label is not None else None,
+        confidence=plan.confidence,
+        agreement=plan.agreement,
+        drop=plan.drop,
+    ).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
