@@ -43,7 +43,7 @@ def dev_prompts(domain: str, settings) -> tuple[list[str], list]:
     if not loaded:
         sys.exit(f"{DEV_TASK[domain]} could not be loaded: {skipped}")
     info = plugins.get_domain(domain)
-    _, template = plugins.first_result("prompt_template", PromptTemplate, domain=domain, stage="train")
+    template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
     context = {"domain": info.name, "description": info.description or info.name}
     items = loaded[0].scored
     prompts = evaluation_prompts(settings, resolve_model(settings.model), None, template, context)

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 def stage_prompts(count: int, settings) -> tuple[list[str], TaskFormat]:
     domain = plugins.domains().get("finance", Domain("finance", "finance"))
     seeds = load_seeds(REPO / "seeds" / "finance" / "seeds.jsonl")
-    _, template = plugins.first_result("prompt_template", PromptTemplate, domain=domain.name, stage="instruction")
+    template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain.name, stage="instruction")
     task_format = TaskFormat(template, {"domain": domain.name, "description": domain.description or domain.name})
     task_types = list(dict.fromkeys(seed.task_type for seed in seeds))
     examples, rng = ExamplePool(seeds, []), random.Random(settings.seed)

@@ -127,7 +127,7 @@ def main() -> None:
     items = loaded[0].scored
     domain = plugins.get_domain(args.domain)
     seeds = domain_seeds(args.domain)
-    _, template = plugins.first_result("prompt_template", PromptTemplate, domain=args.domain, stage="response")
+    template = plugins.first_answer("prompt_template", PromptTemplate, domain=args.domain, stage="response")
     context = {"domain": domain.name, "description": domain.description or domain.name}
     generator = make_generator(settings, resolve_model(settings.model), batch_size=settings.respond.batch_size)
     options = quality.Options("labels", tuple(items[0].choices), tuple(items[0].choices))

@@ -110,14 +110,15 @@ def test_new_domain_scaffold_installs_passes_its_check_and_its_tests(installed_s
     listed = selfspec("domains", env=env)
     assert listed.returncode == 0, listed.stderr
     assert "oceanography  (plugin oceanography): 8 seeds" in listed.stdout
-    assert "evaluation tasks: oceanography_example" in listed.stdout
+    assert "evaluation tasks: oceanography_example, oceanography_topic_yaml" in listed.stdout
     plugins = {p["name"]: p for p in json.loads(selfspec("plugins", "--json", env=env).stdout)}
     assert plugins["oceanography"]["package"] == "selfspec-oceanography"
-    assert plugins["oceanography"]["domains"] == ["oceanography"] and len(plugins["oceanography"]["hooks"]) == 7
+    assert plugins["oceanography"]["domains"] == ["oceanography"] and len(plugins["oceanography"]["hooks"]) == 9
     checked = selfspec("check-plugin", "oceanography", env=env)
     assert checked.returncode == 0, checked.stderr
     assert "evaluation_tasks task 'oceanography_example' (domain oceanography): 10 items" in checked.stdout
     assert "retrieval_corpus (domain oceanography): 4 passages" in checked.stdout
+    assert "task file example.yaml task 'oceanography_topic_yaml' (domain oceanography): 10 items" in checked.stdout
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "tests")],
         capture_output=True,
@@ -127,12 +128,13 @@ def test_new_domain_scaffold_installs_passes_its_check_and_its_tests(installed_s
         timeout=600,
     )
     assert tests.returncode == 0, tests.stdout + tests.stderr
-    assert "7 passed" in tests.stdout
+    assert "9 passed" in tests.stdout
 
 
 @pytest.mark.slow
 def test_scaffolded_domain_completes_a_tiny_run_with_results(installed_scaffold, tmp_path):
-    """The embedded model through every stage of the fresh plugin: its seeds, corpus and evaluation file."""
+    """The embedded model through every stage of the fresh plugin: its seeds, corpus and evaluation
+    files, the YAML task (no Python) scored in the report like the Python one."""
     _, env = installed_scaffold
     run = selfspec("--domain", "oceanography", "--profile", "tiny", "--out", "run", "run", env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -140,8 +142,49 @@ def test_scaffolded_domain_completes_a_tiny_run_with_results(installed_scaffold,
     results = json.loads((tmp_path / "run" / "evaluate" / "eval.json").read_text())
     row = results["oceanography_example"]
     assert row["n"] == 8 and 0 <= row["base"] <= 1 and 0 <= row["specialized"] <= 1
+    assert results["oceanography_topic_yaml"]["n"] == 8
     report = (tmp_path / "run" / "report" / "report.md").read_text()
     assert "| oceanography_example | oceanography | accuracy | loglikelihood | 8 |" in report
+    assert "| oceanography_topic_yaml | oceanography | accuracy | loglikelihood | 8 |" in report
+
+
+def test_new_domain_help_shows_its_own_options_and_what_it_creates():
+    shown = selfspec("new-domain", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert re.findall(r"^\s+(?:-\w, )?(--[\w-]+)", shown.stdout.split("Options:")[1], re.M) == ["--dest", "--help"]
+    for created in (
+        "pyproject.toml",
+        "__init__.py",
+        "seeds.yaml",
+        "tasks/example.yaml",
+        "corpus/",
+        "tests/test_NAME.py",
+    ):
+        assert created in shown.stdout, created
+    assert "8 items scored per task" in " ".join(selfspec("--help").stdout.split())  # what tiny runs
+
+
+def test_domains_counts_only_corpus_parts_that_exist(plugin, tmp_path):
+    from click.testing import CliRunner
+
+    from selfspec_core.api import Domain, hookimpl
+    from selfspec_core.cli.main import cli
+
+    (tmp_path / "here.jsonl").write_text('{"id": "1", "text": "A passage."}\n')
+
+    class Corpus:
+        @hookimpl
+        def register_domains(self, register):
+            register(Domain(name="corpusdomain", description="a domain with half a corpus"))
+
+        @hookimpl
+        def retrieval_corpus(self, domain):
+            return [tmp_path / "here.jsonl", tmp_path / "gone"] if domain == "corpusdomain" else None
+
+    plugin(Corpus(), "corpus-plugin")
+    listed = CliRunner().invoke(cli, ["domains"])
+    assert listed.exit_code == 0, listed.output
+    assert f"  retrieval corpus: 1 sources; 1 not found: {tmp_path / 'gone'}\n" in listed.output
 
 
 def test_new_domain_refuses_unsafe_name(tmp_path):

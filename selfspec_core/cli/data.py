@@ -15,7 +15,8 @@ def data(ctx):
     or missing."""
     if ctx.invoked_subcommand is not None:
         return
-    from selfspec_core.data.datasources import installed_sources, status
+    from selfspec_core.data.catalog import installed_sources
+    from selfspec_core.data.datasources import status
 
     session, current = ctx.obj, None
     data_dir = session.settings().data_dir
@@ -31,7 +32,8 @@ def data(ctx):
 @click.pass_obj
 def data_fetch(session: Session):
     """Fetch from the Hub every benchmark and corpus found neither in the data dir nor shipped."""
-    from selfspec_core.data.datasources import fetch_missing, installed_sources
+    from selfspec_core.data.catalog import installed_sources
+    from selfspec_core.data.datasources import fetch_missing
 
     failed = fetch_missing(
         installed_sources(session.domain_name and session.domain().name), session.settings().data_dir, click.echo

@@ -40,6 +40,7 @@ def _taking_session_options(callback: Callable[..., Any]) -> Callable[..., Any]:
         session = click.get_current_context().find_object(Session)
         if session is not None:
             session.update(given)
+            session.select_plugins()
         return callback(*args, **kwargs)
 
     return taking_session_options
@@ -73,6 +74,8 @@ for command in (
     serve_command,
 ):
     cli.add_command(command)
+for command in plugins.OWN_OPTIONS_ONLY:
+    click.Group.add_command(cli, command)
 
 
 def one_line(message: str) -> str:

@@ -18,6 +18,8 @@ from selfspec_core.run.rundir import safe_name
 @click.command()
 def domains():
     """List installed domains with their plugin, seeds, tasks and corpus."""
+    from selfspec_core.data.catalog import domain_tasks
+    from selfspec_core.data.retrieval import Passage
     from selfspec_core.run.pipeline import domain_seeds
 
     installed = plugins.domains()
@@ -31,9 +33,16 @@ def domains():
             seed_text = f"{len(seeds)} seeds"
         except SelfspecError as exc:
             families, seed_text = list(domain.task_families), f"seeds unavailable ({exc})"
-        tasks = [task.name for _, found in plugins.results("evaluation_tasks", domain=name) for task in found]
-        _, corpus = plugins.first_result("retrieval_corpus", (list, tuple), domain=name, data_dir=None)
-        corpus_text = f"{len(corpus)} sources" if corpus else "none found (set SELFSPEC_DATA or pass --corpus)"
+        tasks = [task.name for _, task in domain_tasks(name)]
+        corpus = plugins.first_answer("retrieval_corpus", (list, tuple), domain=name, data_dir=None) or []
+        found = [part for part in corpus if isinstance(part, Passage) or Path(part).exists()]
+        missing = [str(part) for part in corpus if part not in found]
+        corpus_text = f"{len(found)} sources" if found else "none found (set SELFSPEC_DATA or pass --corpus)"
+        if missing:
+            corpus_text += f"; {len(missing)} not found: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        if domain.plugin in plugins.broken_plugins():  # its hooks were left out: what is above is not its own
+            click.echo(f"{name}  (plugin {domain.plugin}): left out, its plugin is broken (see the warning)")
+            continue
         click.echo(f"{name}  (plugin {domain.plugin}): {seed_text}")
         click.echo(f"  {domain.description}")
         click.echo(f"  task families: {', '.join(families) or '-'}")
@@ -51,12 +60,26 @@ def domains():
     help="Where to create the plugin folder.",
 )
 def new_domain(name, dest):
-    """Scaffold an installable domain plugin package (then `pip install -e <folder>`)."""
+    """Scaffold an installable domain plugin package (then `pip install -e '<folder>[test]'`).
+
+    It creates DEST/selfspec-NAME, a plugin that completes a run as it is:
+
+    \b
+    pyproject.toml        the entry point (selfspec: NAME) and the [test] extra
+    README.md             what to replace, and the commands to install, check and test it
+    selfspec_NAME/
+      __init__.py         every hook, each with an example
+      seeds.yaml          placeholder seed tasks (seed_provider)
+      eval/example.jsonl  an evaluation task in Python (evaluation_tasks)
+      tasks/example.yaml  an evaluation task in YAML, no Python (+ example.jsonl)
+      corpus/             documents that ground the answers (retrieval_corpus)
+    tests/test_NAME.py    the plugin's tests, through selfspec_core.api only
+    """
     from selfspec_core.authoring.scaffold import scaffold_domain
 
     folder = scaffold_domain(safe_name(name, "domain name"), Path(dest))
     click.echo(
-        f"created {folder}\nnext: pip install -e {folder} && selfspec check-plugin {name} && "
+        f"created {folder}\nnext: pip install -e '{folder}[test]' && selfspec check-plugin {name} && "
         f"selfspec --domain {name} --profile tiny run  (guide: docs/plugins.md)"
     )
 
@@ -76,6 +99,8 @@ def plugins_command(include_core, as_json):
         click.echo(f"{plugin.name}  ({plugin.package or 'not from a package'} {plugin.version})".rstrip())
         click.echo(f"  domains: {', '.join(plugin.domains) or '-'}")
         click.echo(f"  hooks: {', '.join(plugin.hooks) or '-'}")
+        if plugin.broken:
+            click.echo(f"  left out: {plugin.broken}")
 
 
 @click.command(name="check-plugin")
@@ -96,4 +121,6 @@ def check_plugin_command(session: Session, name):
     click.echo(f"plugin {result.plugin!r}: no problems")
 
 
-COMMANDS = (domains, plugins_command, check_plugin_command, new_domain)
+COMMANDS = (domains, plugins_command, check_plugin_command)
+# Commands that take none of the session options: their --help shows only their own.
+OWN_OPTIONS_ONLY = (new_domain,)

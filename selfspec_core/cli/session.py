@@ -24,7 +24,7 @@ SESSION_OPTIONS: tuple[tuple[tuple[str, ...], dict], ...] = (
         dict(
             type=click.Choice(list(PROFILES)),
             help="quick (default): CPU demo, a few hundred examples. "
-            "paper: the paper's settings (~5K examples). tiny: smoke test.",
+            "paper: the paper's settings (~5K examples). tiny: smoke test, a few records, 8 items scored per task.",
         ),
     ),
     (
@@ -67,6 +67,17 @@ SESSION_OPTIONS: tuple[tuple[tuple[str, ...], dict], ...] = (
             help="Score the base model again instead of reusing its scores from earlier runs ($SELFSPEC_CACHE/scores).",
         ),
     ),
+    (
+        ("--plugins",),
+        dict(help="Load only these plugins (comma-separated entry-point names; or SELFSPEC_PLUGINS). Default: all."),
+    ),
+    (
+        ("--tasks", "task_dir"),
+        dict(
+            type=click.Path(file_okay=False),
+            help="A folder of evaluation task YAML files to score beside the domain's own (docs/plugins.md).",
+        ),
+    ),
     (("--debug",), dict(is_flag=True, help="Show full tracebacks.")),
 )
 _SETTING_NAMES = {f.name for f in dataclasses.fields(Settings)}
@@ -91,6 +102,11 @@ class Session:
         ``--seed 0`` is given: ``0 in (None, False)`` would be true)."""
         self.options.update({name: value for name, value in given.items() if value is not None and value is not False})
 
+    def select_plugins(self) -> None:
+        """Load only the plugins ``--plugins`` names: called as a command starts, before it asks for any."""
+        if self.options.get("plugins") is not None:
+            plugins.load_only(self.options["plugins"])
+
     domain_name = property(lambda self: self.options.get("domain"))
     profile = property(lambda self: self.options.get("profile", "quick"))
     seeds_path = property(lambda self: self.options.get("seeds"))
@@ -98,8 +114,11 @@ class Session:
 
     def settings(self, **extra):
         overrides = {k: v for k, v in self.options.items() if k in _SETTING_NAMES}
-        if self.options.get("no_cache"):
-            overrides["evaluate"] = {"cache_base_scores": False}
+        evaluate = {"cache_base_scores": False} if self.options.get("no_cache") else {}
+        if self.options.get("task_dir"):
+            evaluate["task_dir"] = self.options["task_dir"]
+        if evaluate:
+            overrides["evaluate"] = evaluate
         return load_settings(self.profile, self.options.get("config_file"), _merge(overrides, extra))
 
     def domain(self):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from selfspec_core.data.datasources import HubDataset
+from selfspec_core.data.datasources import DataSource, HubDataset, Listed
 from selfspec_core.data.tasks import METRICS, SCORING_MODES, EvalItem, EvalTask
 from selfspec_core.errors import SelfspecError, did_you_mean
 from selfspec_core.jsonl import read_rows
@@ -306,3 +306,14 @@ def domain_tasks(domain: str) -> list[tuple[str, EvalTask]]:
         except SelfspecError as exc:
             plugins.set_aside(plugins.PluginBroken(plugin, str(exc)))
     return found
+
+
+def installed_sources(domain: str | None = None) -> list[Listed]:
+    """Each evaluation task and corpus part of every installed domain (or of ``domain`` alone): what
+    ``selfspec data`` lists and fetches."""
+    listed = []
+    for name in [domain] if domain else list(plugins.domains()):
+        listed += [Listed(name, "task", task.name, task.source) for _, task in domain_tasks(name)]
+        for _, parts in plugins.results("corpus_sources", list, DataSource, domain=name):
+            listed += [Listed(name, "corpus", part.name, part) for part in parts]
+    return listed

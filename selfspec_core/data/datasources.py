@@ -264,20 +264,6 @@ class Listed:
     source: DataSource
 
 
-def installed_sources(domain: str | None = None) -> list[Listed]:
-    """Each evaluation task and corpus part of every installed domain (or of ``domain`` alone)."""
-    from selfspec_core.plugins import manager as plugins
-
-    names = [domain] if domain else list(plugins.domains())
-    listed = []
-    for name in names:
-        for _, tasks in plugins.results("evaluation_tasks", domain=name):
-            listed += [Listed(name, "task", task.name, task.source) for task in tasks or []]
-        for _, parts in plugins.results("corpus_sources", domain=name):
-            listed += [Listed(name, "corpus", part.name, part) for part in parts or []]
-    return listed
-
-
 def fetch_missing(listed: list[Listed], data_dir: str | Path | None, log: Callable[[str], None]) -> list[str]:
     """Download (into the ``datasets`` cache) every listed source found nowhere else; the lines of those
     that could not be had, saying what to put where."""

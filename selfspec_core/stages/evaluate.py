@@ -33,7 +33,7 @@ from pathlib import Path
 
 from selfspec_core.data import catalog, datasources
 from selfspec_core.data.tasks import CHOICE_SCORES, METRICS, EvalItem, EvalTask, data_root
-from selfspec_core.errors import SelfspecError
+from selfspec_core.errors import SelfspecError, did_you_mean
 from selfspec_core.eval.scorecache import ScoreCache, score_key
 from selfspec_core.eval.scoring import (
     ItemScore,
@@ -701,7 +701,10 @@ def read_eval_file(path: Path) -> list[EvalItem]:
         if choices and (len(choices) < 2 or len(set(choices)) != len(choices)):
             raise SelfspecError(f"{where}: field 'choices': needs at least two different choices, got {choices}")
         if choices and row["output"].strip() not in choices:
-            raise SelfspecError(f"{where}: field 'output': {row['output']!r} is not one of the choices {choices}")
+            raise SelfspecError(
+                f"{where}: field 'output': {row['output']!r} is not one of the choices {choices}"
+                f"{did_you_mean(row['output'].strip(), choices)}"
+            )
         items.append(
             EvalItem(
                 str(row.get("id", number)),

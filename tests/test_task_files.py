@@ -1,0 +1,118 @@
+"""Evaluation tasks declared in YAML (no Python): read, checked with one-line errors, and collected
+from a plugin's tasks/ folder and from --tasks DIR."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from selfspec_core.data.catalog import domain_tasks, load_task_file
+from selfspec_core.errors import SelfspecError
+from selfspec_core.stages.evaluate import collect_tasks, read_items
+
+ROWS = [
+    {"id": "c1", "text": "The buyer pays within 30 days of delivery.", "label": "payment"},
+    {"id": "c2", "text": "Neither party shall disclose the other's trade secrets.", "label": "confidentiality"},
+    {"id": "c3", "text": "Either party may end this agreement with 60 days' notice.", "label": "termination"},
+]
+TASK = """\
+name: clause_type
+domain: law
+description: Which kind of contract clause a sentence is
+data_file: clauses.jsonl
+mode: loglikelihood
+metric: accuracy
+choices: [payment, confidentiality, termination]
+prompt:
+  instruction: Which kind of clause is this? Answer payment, confidentiality or termination.
+  input: "{text}"
+answer: label
+split: dev
+"""
+
+
+def write_task(folder: Path, text: str = TASK, rows=ROWS, name: str = "clause_type.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "clauses.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def test_a_yaml_task_reads_its_rows_through_its_prompt(tmp_path):
+    task = load_task_file(write_task(tmp_path), None)
+    assert (task.name, task.domain, task.mode, task.metric, task.extra) == (
+        "clause_type",
+        "law",
+        "loglikelihood",
+        "accuracy",
+        {"split": "dev"},
+    )
+    items = read_items(task, None)
+    assert [(i.id, i.input, i.answer) for i in items] == [(r["id"], r["text"], r["label"]) for r in ROWS]
+    assert items[0].instruction.startswith("Which kind of clause") and items[0].choices == (
+        "payment",
+        "confidentiality",
+        "termination",
+    )
+
+
+def test_the_plain_evaluation_format_needs_no_prompt(tmp_path):
+    rows = [{"instruction": "Is 2 even?", "output": "yes", "choices": ["yes", "no"]}] * 2
+    task = load_task_file(write_task(tmp_path, "name: parity\ndata_file: clauses.jsonl\n", rows), "maths")
+    items = read_items(task, None)
+    assert task.domain == "maths" and [(i.instruction, i.input, i.answer) for i in items][0] == (
+        "Is 2 even?",
+        "",
+        "yes",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "rows", "message"),
+    [
+        (("metric: accuracy", "metric: acuracy"), ROWS,
+         r"clause_type.yaml:6: field 'metric': 'acuracy' is not one of .*\(did you mean 'accuracy'\?\)"),
+        (("answer: label", "anwser: label"), ROWS,
+         r"clause_type.yaml:11: field 'anwser': unknown \(did you mean 'answer'\?\)"),
+        (("mode: loglikelihood", "mode: loglikelyhood"), ROWS,
+         r"clause_type.yaml:5: field 'mode': .*\(did you mean 'loglikelihood'\?\)"),
+        (("input: \"{text}\"", "input: \"{txt}\""), ROWS,
+         r"clauses.jsonl:1: field 'txt': missing \(did you mean 'text'\?\)"),
+        (("", ""), [{**ROWS[0], "label": "payement"}],
+         r"clauses.jsonl:1: field 'label': 'payement' is not one of the choices .*\(did you mean 'payment'\?\)"),
+        (("data_file: clauses.jsonl", "data_file: gone.jsonl"), ROWS,
+         r"task clause_type \(law\): .*gone.jsonl not found"),
+    ],
+)  # fmt: skip
+def test_every_mistake_is_one_line_naming_file_line_and_field(tmp_path, change, rows, message):
+    path = write_task(tmp_path, TASK.replace(*change), rows)
+    with pytest.raises(SelfspecError, match=message) as raised:
+        read_items(load_task_file(path, None), None)
+    assert "\n" not in str(raised.value)
+
+
+LAW_PLUGIN = """
+from selfspec_core.api import Domain, hookimpl
+
+@hookimpl
+def register_domains(register):
+    register(Domain(name="law", description="contract law"))
+"""
+
+
+def test_a_plugins_tasks_folder_and_a_tasks_dir_are_collected(plugin, tmp_path, monkeypatch):
+    """A plugin with no evaluation_tasks hook: its one task is a file in its package's tasks/ folder."""
+    import importlib
+
+    package = tmp_path / "law_tasks_plugin"
+    write_task(package / "tasks", TASK.replace("domain: law\n", "").replace("split: dev\n", ""))
+    (package / "__init__.py").write_text(LAW_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin(importlib.import_module("law_tasks_plugin"), "law")
+    assert [(who, task.name, task.domain) for who, task in domain_tasks("law")] == [("law", "clause_type", "law")]
+
+    mine = write_task(tmp_path / "mine", TASK.replace("clause_type", "my_clauses").replace("split: dev\n", ""))
+    own, _ = collect_tasks("law", cross_domain=False, task_dir=str(mine.parent))
+    assert [task.name for task in own] == ["clause_type", "my_clauses"]
+    with pytest.raises(SelfspecError, match="--tasks folder not found"):
+        collect_tasks("law", cross_domain=False, task_dir=str(tmp_path / "none"))
