@@ -25,7 +25,7 @@ from typing import Any, get_args, get_type_hints
 import yaml
 
 from selfspec_core.data.tasks import CHOICE_SCORES
-from selfspec_core.errors import SelfspecError
+from selfspec_core.errors import SelfspecError, first_line
 
 
 @dataclass
@@ -268,16 +268,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
         else:
             raise SelfspecError(f"{path}: config must be .toml, .yaml or .yml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise SelfspecError(f"{path}: not valid {path.suffix[1:].upper()}: {_first_line(exc)}") from exc
+        raise SelfspecError(f"{path}: not valid {path.suffix[1:].upper()}: {first_line(exc)}") from exc
     except UnicodeDecodeError as exc:
         raise SelfspecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not isinstance(data, dict):
         raise SelfspecError(f"{path}: expected a mapping of settings at the top level")
     return data
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 _RANGES = {
@@ -331,6 +327,8 @@ _LIST_CHOICES = {"modes": ("loglikelihood", "generate")}  # comma-separated
 _REPLACED = {
     "generate.mined_share": "generate.num_mined (a count of mined records added beside "
     "num_instructions, no longer a share of them)",
+    "generate.min_relevance": "respond.min_relevance (the respond stage drops instructions its retrieval "
+    "finds no relevant passage for; the generate setting never did anything)",
     "generate.min_relevance": "respond.min_relevance (the respond stage drops instructions its retrieval "
     "finds no relevant passage for; the generate setting never did anything)",
     "evaluate.length_normalize": 'evaluate.headline = "acc_per_token" (every log-likelihood task now '

@@ -21,3 +21,10 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the choice closest to a misspelled ``word``; "" when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """What ``exc`` says, cut to its first line (a library's message may run on for pages); its type's
+    name when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -68,3 +68,8 @@ def field_labels(text: str) -> list[str]:
     """
     literal = "".join(part for part, _, _, _ in FORMATTER.parse(OPTIONAL.sub(r"\1", text)))
     return list(dict.fromkeys(re.findall(r"(?m)^[ \t]*([A-Za-z][\w -]{0,30}:)", literal)))
+
+
+def template_context(domain: str, description: str = "") -> dict[str, str]:
+    """What a domain's templates are filled with: its name and description (the name where it has none)."""
+    return {"domain": domain, "description": description or domain}

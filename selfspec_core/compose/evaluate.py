@@ -24,7 +24,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from selfspec_core.compose.experts import BASE, Expert, read_composed, route_texts, template_context, with_experts
+from selfspec_core.compose.experts import (
+    BASE,
+    Expert,
+    installed_template_context,
+    read_composed,
+    route_texts,
+    with_experts,
+)
 from selfspec_core.errors import SelfspecError
 from selfspec_core.eval.scoring import compare, macro_f1
 from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer, resolve_dtype, resolve_model
@@ -96,7 +103,7 @@ def train_multitask(ref: ModelRef, experts: Sequence[Expert], settings, out: Pat
 def task_prompt(domain: str, experts: Sequence[Expert], tokenizer) -> PromptFormat:
     """The form a task of ``domain`` is posed in: its expert's template and format, in the domain's context."""
     owner = next((expert for expert in experts if expert.name == domain), experts[0])
-    return replace(owner.prompts(tokenizer), context=template_context(domain))
+    return replace(owner.prompts(tokenizer), context=installed_template_context(domain))
 
 
 def evaluate_composed(folder: Path, settings, log: Callable[[str], None] = print, baselines: bool = True) -> dict:

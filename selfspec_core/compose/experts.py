@@ -45,7 +45,7 @@ from selfspec_core.models.loading import (
 from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.run.adapter import TRAINING_INFO, adapter_prompt_format, read_training_info
 from selfspec_core.run.rundir import atomic_write_json, iter_jsonl
-from selfspec_core.templates import PromptTemplate
+from selfspec_core.templates import PromptTemplate, template_context
 
 BASE = "base"  # the router's label for requests no expert should take
 COMPOSED_FILE = "composed.json"
@@ -72,7 +72,8 @@ class Expert:
 
     def prompts(self, tokenizer) -> PromptFormat:
         """The renderer of the form this expert learnt, for its own domain's records."""
-        return PromptFormat(self.prompt_format, self.prompt_template(), tokenizer, template_context(self.name))
+        context = installed_template_context(self.name)
+        return PromptFormat(self.prompt_format, self.prompt_template(), tokenizer, context)
 
 
 def find_expert(source: str | Path) -> Expert:
@@ -121,12 +122,12 @@ def find_expert(source: str | Path) -> Expert:
     )
 
 
-def template_context(domain: str) -> dict:
+def installed_template_context(domain: str) -> dict[str, str]:
     """What a domain's templates are filled with, as its runs filled them (its installed description)."""
     from selfspec_core.plugins import manager as plugins
 
     found = plugins.domains().get(domain)
-    return {"domain": domain, "description": (found.description if found else "") or domain}
+    return template_context(domain, found.description if found else "")
 
 
 def domain_seed_records(domain: str) -> list[dict]:
@@ -348,7 +349,7 @@ def compose(
             records[:max_records],
             domain_seed_records(expert.name),
             expert.prompt_template(),
-            template_context(expert.name),
+            installed_template_context(expert.name),
         )
     general = general_prompts()
     rng.shuffle(general)

@@ -12,7 +12,7 @@ from selfspec_core.models.loading import ModelRef
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.records import Domain, Seed
 from selfspec_core.run.rundir import RunDir
-from selfspec_core.templates import PromptTemplate
+from selfspec_core.templates import PromptTemplate, template_context
 
 
 @dataclass
@@ -35,4 +35,4 @@ class StageContext:
 
     @property
     def template_context(self) -> dict:
-        return {"domain": self.domain.name, "description": self.domain.description or self.domain.name}
+        return template_context(self.domain.name, self.domain.description)

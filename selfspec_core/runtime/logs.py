@@ -13,6 +13,10 @@ import atexit
 import collections
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 LOG_NAME = "selfspec.log"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -81,6 +85,21 @@ def adopt_library_loggers() -> None:
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
     hf_logging.disable_progress_bar()  # "Loading weights" bars: selfspec reports its own progress
+
+
+def progress_bar(stage: str) -> Progress:
+    """The console's progress bar of a stage (on stderr, so stdout stays the command's own output)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn(f"[bold]{stage}[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
 
 
 def write_to(path: Path) -> None:

@@ -28,15 +28,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from selfspec_core.data.retrieval import corpus_hash, resolve_corpus
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.backends import make_generator
 from selfspec_core.models.generator import Completion, cut_at_stop
 from selfspec_core.records import Funnel, Seed
 from selfspec_core.run.rundir import RecordLog, atomic_write_json, read_jsonl, write_jsonl
+from selfspec_core.runtime import logs
 from selfspec_core.stages import mine as mining
 from selfspec_core.stages.filter import InstructionFilter, dedup_text
 from selfspec_core.templates import FORMATTER, OPTIONAL, PromptTemplate, field_labels, fill
@@ -322,17 +320,6 @@ def _advice(funnel: Funnel) -> str:
     return f"most were dropped as {reason}"
 
 
-def _progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]generate[/bold]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    )
-
-
 def outside_inputs_hash(settings, domain: str) -> str:
     """The content hash of the corpus tasks are mined from: another corpus makes them stale."""
     if settings.generate.num_mined <= 0:
@@ -376,7 +363,7 @@ def run_stage(ctx) -> dict:
         pool=[dedup_text(r) for r in examples.human + log.records],
     )
     generator = None
-    with _progress_bar() as bar:
+    with logs.progress_bar("generate") as bar:
         task = bar.add_task(f"dropped: {_drops(funnel)}", total=settings.num_instructions, completed=funnel.kept)
         while not state.stopped:
             if state.batch == 0:

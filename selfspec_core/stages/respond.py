@@ -25,18 +25,20 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING
 
 from selfspec_core.data.retrieval import BM25Index, Hit, corpus_hash, resolve_corpus, truncate_passage
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.backends import make_generator
 from selfspec_core.records import Funnel, Seed, TrainingRecord
 from selfspec_core.run.rundir import RecordLog, read_jsonl, stage_command, write_jsonl
+from selfspec_core.runtime import logs
 from selfspec_core.stages import checks as quality
 from selfspec_core.stages.filter import plugin_reason
 from selfspec_core.templates import field_labels
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 OUTPUT_FILE = "data.jsonl"
 DATASET_DIR = "dataset"
@@ -89,7 +91,7 @@ def run_stage(ctx) -> dict:
             if not row or row[0].score < settings.min_relevance:
                 plan.drop = "off_domain"
     answering = [plan for plan in plans if plan.drop is None]
-    with _progress_bar() as bar:
+    with logs.progress_bar("respond") as bar:
         if settings.option_answers:
             option_plans = [plan for plan in answering if plan.options is not None]
             task = bar.add_task("scoring options", total=len(option_plans))
@@ -294,17 +296,6 @@ def _run_chunks(
         log.append(work(plans[start : start + size], start // size))
         bar.update(task, completed=len(log.records))
     return log.records
-
-
-def _progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]respond[/bold]"),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
