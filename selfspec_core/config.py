@@ -329,8 +329,6 @@ _REPLACED = {
     "num_instructions, no longer a share of them)",
     "generate.min_relevance": "respond.min_relevance (the respond stage drops instructions its retrieval "
     "finds no relevant passage for; the generate setting never did anything)",
-    "generate.min_relevance": "respond.min_relevance (the respond stage drops instructions its retrieval "
-    "finds no relevant passage for; the generate setting never did anything)",
     "evaluate.length_normalize": 'evaluate.headline = "acc_per_token" (every log-likelihood task now '
     "reports the summed, per-token, per-byte and calibrated scores; the headline picks the one that leads)",
 }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from typing import Any
 
 SEED_FIELDS = ("id", "task_type", "instruction", "input", "output")
 """The fields every seed record has (``input`` may be empty); a seed file with any other field is refused."""

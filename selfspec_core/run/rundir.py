@@ -25,7 +25,6 @@ from pathlib import Path
 from selfspec_core import __version__
 from selfspec_core.errors import SelfspecError
 from selfspec_core.jsonl import numbered_rows
-from selfspec_core.jsonl import numbered_rows
 
 STAGES = ("generate", "respond", "train", "evaluate", "report")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
