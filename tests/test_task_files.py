@@ -100,16 +100,28 @@ def register_domains(register):
 """
 
 
-def test_a_plugins_tasks_folder_and_a_tasks_dir_are_collected(plugin, tmp_path, monkeypatch):
-    """A plugin with no evaluation_tasks hook: its one task is a file in its package's tasks/ folder."""
+def test_a_plugins_tasks_folder_seed_file_and_a_tasks_dir_are_collected(plugin, tmp_path, monkeypatch):
+    """A plugin with no hook but register_domains: its task is a file in its package's tasks/ folder,
+    its seeds the seeds.jsonl beside its code."""
     import importlib
+
+    from selfspec_core.api import check_plugin, domain_seeds
 
     package = tmp_path / "law_tasks_plugin"
     write_task(package / "tasks", TASK.replace("domain: law\n", "").replace("split: dev\n", ""))
     (package / "__init__.py").write_text(LAW_PLUGIN)
+    seeds = [{"id": str(n), "task_type": "qa", "instruction": f"Name clause kind {n}.", "output": "x"} for n in (1, 2)]
+    (package / "seeds.jsonl").write_text("".join(json.dumps(seed) + "\n" for seed in seeds))
     monkeypatch.syspath_prepend(str(tmp_path))
     plugin(importlib.import_module("law_tasks_plugin"), "law")
     assert [(who, task.name, task.domain) for who, task in domain_tasks("law")] == [("law", "clause_type", "law")]
+    assert [seed.id for seed in domain_seeds("law")] == ["1", "2"]
+    checked = check_plugin("law")
+    assert checked.problems == [], checked.problems
+    assert "seed_provider (domain law): 2 seeds" in checked.notes
+    assert any(
+        note.startswith("task file clause_type.yaml task 'clause_type' (domain law): 3 items") for note in checked.notes
+    )
 
     mine = write_task(tmp_path / "mine", TASK.replace("clause_type", "my_clauses").replace("split: dev\n", ""))
     own, _ = collect_tasks("law", cross_domain=False, task_dir=str(mine.parent))

@@ -106,6 +106,7 @@ class _DomainCheck:
         manager = plugins.get_plugin_manager()
         self.hooks = {caller.name for caller in manager.get_hookcallers(manager.get_plugin(result.plugin)) or ()}
         self.seeds: list[Seed] = []
+        self.declared_seeds = catalog.declared_seeds(domain.name) if is_own else None
 
     def problem(self, hook: str, message: str) -> None:
         self.result.problems.append(
@@ -136,13 +137,14 @@ class _DomainCheck:
             "retrieval_corpus",
             "task_miners",
         ):
-            if hook in self.hooks:
+            if hook in self.hooks or (hook == "seed_provider" and self.is_own and self.declared_seeds):
                 getattr(self, hook)()
             elif self.is_own:
                 self.note(hook, "not implemented: the core's default or other plugins answer")
 
     def seed_provider(self) -> None:
-        provided = self.answer("seed_provider", domain=self.domain.name)
+        provided = self.answer("seed_provider", domain=self.domain.name) if "seed_provider" in self.hooks else None
+        provided = provided if provided is not None else self.declared_seeds
         if provided is None:
             if self.is_own:
                 self.problem("seed_provider", "returned None for the plugin's own domain; a run would need --seeds")

@@ -1,5 +1,6 @@
 """Every evaluation task a domain has: its plugins' ``evaluation_tasks`` answers, and tasks declared in
-YAML (no Python) in a plugin's ``tasks/`` folder or in the folder ``--tasks DIR`` names.
+YAML (no Python) in a plugin's ``tasks/`` folder or in the folder ``--tasks DIR`` names; and the seed
+set a plugin declares as a file (``seeds.yaml`` / ``seeds.jsonl`` in its package folder).
 
 One YAML file is one task, in lm-evaluation-harness's shape::
 
@@ -39,6 +40,7 @@ from selfspec_core.jsonl import read_rows
 from selfspec_core.plugins import manager as plugins
 
 TASKS_FOLDER = "tasks"
+SEED_FILES = ("seeds.yaml", "seeds.yml", "seeds.jsonl")
 TASK_FIELDS = (
     "name",
     "domain",
@@ -263,12 +265,30 @@ def task_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
+def plugin_folder(plugin: str) -> Path | None:
+    """The folder of ``plugin``'s package (``None`` for a plugin object that is not a module)."""
+    location = getattr(plugins.get_plugin_manager().get_plugin(plugin), "__file__", None)
+    return Path(location).parent if location else None
+
+
 def plugin_task_folder(plugin: str) -> Path | None:
     """The ``tasks/`` folder of ``plugin``'s package, when it has one."""
-    module = plugins.get_plugin_manager().get_plugin(plugin)
-    location = getattr(module, "__file__", None)
-    folder = Path(location).parent / TASKS_FOLDER if location else None
-    return folder if folder is not None and folder.is_dir() else None
+    folder = plugin_folder(plugin)
+    return folder / TASKS_FOLDER if folder is not None and (folder / TASKS_FOLDER).is_dir() else None
+
+
+def declared_seeds(domain: str) -> Path | None:
+    """The seed file (``seeds.yaml``, ``seeds.yml`` or ``seeds.jsonl``) in the package folder of the
+    plugin that registers ``domain``, when that plugin registers no other domain: its seeds when no
+    ``seed_provider`` answers."""
+    installed = plugins.domains()
+    if domain not in installed:
+        return None
+    plugin = installed[domain].plugin
+    folder = plugin_folder(plugin)
+    if folder is None or [d.plugin for d in installed.values()].count(plugin) != 1:
+        return None
+    return next((folder / name for name in SEED_FILES if (folder / name).is_file()), None)
 
 
 def declared_tasks(plugin: str) -> list[EvalTask]:

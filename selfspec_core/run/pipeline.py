@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from selfspec_core.config import Settings
+from selfspec_core.data import catalog
 from selfspec_core.data.seeds import load_seeds
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.loading import ModelRef, resolve_dtype, resolve_model
@@ -49,10 +50,13 @@ STAGE_SPECS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 
 
 def domain_seeds(domain: str, seeds_path: str | Path | None = None) -> list[Seed]:
-    """The user's ``--seeds`` file if given, else what the domain's seed provider returns."""
+    """The user's ``--seeds`` file if given, else what the domain's seed provider returns, else the
+    seed file its plugin ships (:func:`selfspec_core.data.catalog.declared_seeds`)."""
     if seeds_path:
         return load_seeds(seeds_path)
     provided = plugins.first_answer("seed_provider", (str, Path, list), Seed, domain=domain)
+    if provided is None:
+        provided = catalog.declared_seeds(domain)
     if provided is None:
         raise SelfspecError(f"domain {domain!r} provides no seeds; pass --seeds FILE.jsonl")
     if isinstance(provided, list):
