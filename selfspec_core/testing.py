@@ -95,3 +95,20 @@ def use_hub_mirror(monkeypatch, mirror: str | Path) -> None:
     monkeypatch.setenv(datasources.HUB_MIRROR_ENV, str(mirror))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(mirror) / ".datasets-cache")
     monkeypatch.setattr(datasources, "_rows", {})
+
+
+def install_into(package: str | Path, target: str | Path) -> dict[str, str]:
+    """Install the package folder ``package`` for real (entry points and all) into the folder ``target``,
+    leaving the test environment as it was; returns the environment (``PYTHONPATH``) under which a
+    new process finds it."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    done = subprocess.run(
+        [*command, "--target", str(target), str(package)], capture_output=True, text=True, timeout=600
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"pip could not install {package}: {done.stderr.strip()}")
+    return {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}

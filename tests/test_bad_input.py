@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from selfspec_core.testing import install_into
+
 SEED = {
     "id": "s1",
     "task_type": "qa",
@@ -200,25 +202,7 @@ def install_plugin(tmp_path: Path, body: str) -> dict:
         broken = "brokenplugin"
     """)
     )
-    target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    return install_into(source, tmp_path / "site")
 
 
 def test_plugin_import_error_names_the_plugin_and_the_others_still_work(tmp_path):

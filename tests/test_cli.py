@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from selfspec_core.testing import install_into
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -76,27 +78,8 @@ def installed_scaffold(tmp_path_factory):
     root = tmp_path_factory.mktemp("scaffold")
     created = selfspec("new-domain", "oceanography", "--dest", str(root))
     assert created.returncode == 0, created.stderr
-    folder = root / "selfspec-oceanography"
-    target = root / "site"
-    install = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(folder),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert install.returncode == 0, install.stderr
-    env = {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]), "SELFSPEC_DATA": ""}
+    folder, target = root / "selfspec-oceanography", root / "site"
+    env = {**install_into(folder, target), "SELFSPEC_DATA": ""}
     yield folder, env
     shutil.rmtree(target)
     assert "oceanography" not in selfspec("domains", env=env).stdout
