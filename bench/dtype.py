@@ -25,7 +25,7 @@ from selfspec_core.models.generator import HFGenerator
 from selfspec_core.models.loading import load_model, load_tokenizer, resolve_dtype, resolve_model
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.stages.evaluate import evaluation_prompts, load_tasks, render_prompt
-from selfspec_core.templates import PromptTemplate
+from selfspec_core.templates import PromptTemplate, template_context
 
 DEV_TASK = {"finance": "fpb_dev", "biomed": "pubmedqa_dev"}
 DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
@@ -44,7 +44,7 @@ def dev_prompts(domain: str, settings) -> tuple[list[str], list]:
         sys.exit(f"{DEV_TASK[domain]} could not be loaded: {skipped}")
     info = plugins.get_domain(domain)
     template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
-    context = {"domain": info.name, "description": info.description or info.name}
+    context = template_context(info.name, info.description)
     items = loaded[0].scored
     prompts = evaluation_prompts(settings, resolve_model(settings.model), None, template, context)
     return [render_prompt(prompts, item, []) for item in items], items

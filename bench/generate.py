@@ -27,7 +27,7 @@ from selfspec_core.models.loading import load_model, load_tokenizer, resolve_mod
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.records import Domain
 from selfspec_core.stages.generate import ExamplePool, TaskFormat, choose_task_types
-from selfspec_core.templates import PromptTemplate
+from selfspec_core.templates import PromptTemplate, template_context
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def stage_prompts(count: int, settings) -> tuple[list[str], TaskFormat]:
     domain = plugins.domains().get("finance", Domain("finance", "finance"))
     seeds = load_seeds(REPO / "seeds" / "finance" / "seeds.jsonl")
     template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain.name, stage="instruction")
-    task_format = TaskFormat(template, {"domain": domain.name, "description": domain.description or domain.name})
+    task_format = TaskFormat(template, template_context(domain.name, domain.description))
     task_types = list(dict.fromkeys(seed.task_type for seed in seeds))
     examples, rng = ExamplePool(seeds, []), random.Random(settings.seed)
     prompts = [

@@ -41,7 +41,7 @@ from selfspec_core.run.pipeline import domain_seeds
 from selfspec_core.stages import checks as quality
 from selfspec_core.stages.evaluate import load_tasks
 from selfspec_core.stages.respond import demonstrations
-from selfspec_core.templates import PromptTemplate
+from selfspec_core.templates import PromptTemplate, template_context
 
 # Each domain's development split, and the seed task type whose demonstrations pose it.
 DEV_TASK = {"biomed": ("pubmedqa_dev", "yesno_qa"), "finance": ("fpb_dev", "sentiment")}
@@ -128,7 +128,7 @@ def main() -> None:
     domain = plugins.get_domain(args.domain)
     seeds = domain_seeds(args.domain)
     template = plugins.first_answer("prompt_template", PromptTemplate, domain=args.domain, stage="response")
-    context = {"domain": domain.name, "description": domain.description or domain.name}
+    context = template_context(domain.name, domain.description)
     generator = make_generator(settings, resolve_model(settings.model), batch_size=settings.respond.batch_size)
     options = quality.Options("labels", tuple(items[0].choices), tuple(items[0].choices))
     groups = [options.group] * len(items)

@@ -32,7 +32,7 @@ from selfspec_core.stages.evaluate import (
     score_model,
     task_summary,
 )
-from selfspec_core.templates import PromptTemplate
+from selfspec_core.templates import PromptTemplate, template_context
 
 DEV_TASK = {"finance": "fpb_dev", "biomed": "pubmedqa_dev"}
 DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
@@ -69,7 +69,7 @@ def main() -> None:
             sys.exit(f"{DEV_TASK[domain]} could not be loaded: {skipped}")
         info = plugins.get_domain(domain)
         template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
-        context = {"domain": info.name, "description": info.description or info.name}
+        context = template_context(info.name, info.description)
         prompts = evaluation_prompts(settings, model, None, template, context)
         print(f"{DEV_TASK[domain]}: items posed in the {prompts.name} form")
         scores = score_model("base", settings, model, None, loaded, prompts, print)

@@ -35,6 +35,7 @@ from selfspec_core.data import catalog, datasources
 from selfspec_core.data.tasks import CHOICE_SCORES, METRICS, EvalItem, EvalTask, data_root
 from selfspec_core.errors import SelfspecError, did_you_mean
 from selfspec_core.eval.scorecache import ScoreCache, score_key
+from selfspec_core.jsonl import read_rows
 from selfspec_core.eval.scoring import (
     ItemScore,
     compare,
@@ -51,7 +52,7 @@ from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.run.adapter import adapter_prompt_format, adapter_training_data, stage_adapter
 from selfspec_core.run.rundir import RecordLog, atomic_write_json, read_jsonl, stage_command, write_jsonl
-from selfspec_core.templates import PromptTemplate, fill
+from selfspec_core.templates import PromptTemplate, fill, template_context
 
 _WORD = re.compile(r"\w+")
 
@@ -764,7 +765,7 @@ def evaluate_file(
             )
     template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain or "", stage="train")
     description = plugins.get_domain(domain).description if domain else ""
-    context = {"domain": domain or "", "description": description or domain or ""}
+    context = template_context(domain or "", description)
     model_ref = resolve_model(settings.model)
     adapter = Path(adapter) if adapter else None
     prompts = evaluation_prompts(settings, model_ref, adapter, template, context)
