@@ -152,6 +152,14 @@ def selfspec(*args, env):
     )
 
 
+def test_pluggys_tracing_shows_each_hook_call():
+    traced = selfspec("domains", "--plugins", "finance", env={"SELFSPEC_TRACE_HOOKS": "1"})
+    assert traced.returncode == 0, traced.stderr
+    assert "  register_domains [hook]\n" in traced.stderr
+    assert "  retrieval_corpus [hook]\n      domain: finance\n" in traced.stderr
+    assert "finish retrieval_corpus --> [" in traced.stderr  # the first answer: finance's corpus paths
+
+
 def test_selfspec_plugins_env_and_option_load_only_the_named_plugins():
     only = selfspec("plugins", "--json", env={"SELFSPEC_PLUGINS": "finance"})
     assert only.returncode == 0, only.stderr

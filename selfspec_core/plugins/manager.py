@@ -5,7 +5,7 @@ Hooks are called through pluggy, so ``firstresult``, hook wrappers and tracing a
 hook as ``pm.hook.NAME(...)`` (:func:`first_answer`), and a hook whose every answer is wanted through
 one caller per plugin (``pm.subset_hook_caller``, :func:`results`), so each answer is checked with the
 plugin that gave it named. The manager's hook-call monitoring names the plugin whose implementation
-raised, from the traceback, in every call.
+raised, from the traceback, in every call; ``SELFSPEC_TRACE_HOOKS=1`` turns on pluggy's tracing.
 
 One broken plugin never stops the others: a plugin that fails to import, raises in a hook or answers
 the wrong type is reported once in one line (``plugin 'law' is broken: ...; selfspec check-plugin
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
@@ -33,6 +34,9 @@ ENTRY_POINT_GROUP = "selfspec"
 # Comma-separated entry-point names to load (simonw/llm's LLM_LOAD_PLUGINS); unset loads every one,
 # empty loads none but the core.
 PLUGINS_ENV = "SELFSPEC_PLUGINS"
+# Set (to anything but empty): pluggy's tracing writes every hook call, its arguments and its result
+# to stderr, for a plugin author asking why a hook was or was not answered.
+TRACE_ENV = "SELFSPEC_TRACE_HOOKS"
 
 
 class PluginBroken(SelfspecError):
@@ -81,6 +85,9 @@ def get_plugin_manager() -> SelfspecPluginManager:
     manager = SelfspecPluginManager()
     manager.add_hookspecs(hookspecs)
     manager.add_hookcall_monitoring(_before_hook_call, _name_the_raising_plugin)
+    if os.environ.get(TRACE_ENV):
+        manager.trace.root.setwriter(sys.stderr.write)
+        manager.enable_tracing()
     manager.register(defaults, name="core")
     wanted = selected_plugins()
     entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
@@ -232,11 +239,6 @@ def first_answer(hook: str, expected: type | tuple, each: type | tuple | None = 
             return answer
         except PluginBroken as failure:
             _set_aside(manager, failure)
-
-
-def first_result(hook: str, expected: type | tuple, **kwargs) -> tuple[None, Any]:
-    """``(None, first_answer(...))``: the old shape, until the CLI's last caller moves to :func:`first_answer`."""
-    return None, first_answer(hook, expected, **kwargs)
 
 
 def _check_first(manager, hook: str, answer: Any, expected, each, kwargs: dict) -> None:
