@@ -35,7 +35,6 @@ from selfspec_core.data import catalog, datasources
 from selfspec_core.data.tasks import CHOICE_SCORES, METRICS, EvalItem, EvalTask, data_root
 from selfspec_core.errors import SelfspecError, did_you_mean
 from selfspec_core.eval.scorecache import ScoreCache, score_key
-from selfspec_core.jsonl import read_rows
 from selfspec_core.eval.scoring import (
     ItemScore,
     compare,
