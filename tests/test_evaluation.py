@@ -40,13 +40,15 @@ ALPACA = PromptFormat("alpaca", TRAIN_TEMPLATE)  # the form of adapters trained 
 
 SENTENCES = [
     (
-        "Quarterly operating income at the Lisbon packaging unit climbed to EUR 21.4 million from EUR 15.2 million a year earlier",
+        "Quarterly operating income at the Lisbon packaging unit climbed to EUR 21.4 million "
+        "from EUR 15.2 million a year earlier",
         "positive",
     ),
     ("The company said that its net sales in the first quarter fell by a quarter compared with last year", "negative"),
     ("The annual general meeting of the shareholders will be held in Helsinki on the first of April", "neutral"),
     (
-        "Pre-tax earnings at the ferry operator slid to EUR 4.1 million, far below the EUR 19.6 million of the prior year",
+        "Pre-tax earnings at the ferry operator slid to EUR 4.1 million, "
+        "far below the EUR 19.6 million of the prior year",
         "negative",
     ),
     ("Revenue grew on the back of higher freight volumes and two new warehouse contracts", "positive"),
@@ -163,9 +165,9 @@ def _make_adapter(tiny_model_dir, folder: Path) -> Path:
 
 
 def test_tasks_can_be_chosen_by_name_and_by_scoring_mode(tiny_plugin):
-    names = lambda tasks: sorted(
-        t.name for t in tasks if t.domain in ("tinydom", "otherdom")
-    )  # not the installed plugins'
+    def names(tasks):  # not the installed plugins'
+        return sorted(t.name for t in tasks if t.domain in ("tinydom", "otherdom"))
+
     own, others = collect_tasks("tinydom")
     assert names(own) == ["absent", "numbers", "sentiment"] and names(others) == ["other_qa"]
     own, others = collect_tasks("tinydom", modes="loglikelihood")

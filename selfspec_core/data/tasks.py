@@ -89,7 +89,8 @@ class EvalTask:
 
 
 def package_file(package: str, *parts: str) -> Path:
-    """A file or folder shipped inside the installed ``package``, as a path: ``package_file(__name__, "seeds.jsonl")``."""
+    """A file or folder shipped inside the installed ``package``, as a path:
+    ``package_file(__name__, "seeds.jsonl")``."""
     found = files(package)
     for part in parts:
         found = found / part
