@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfspec_core.models.generator import HFGenerator
 from selfspec_core.models.loading import load_model, load_tokenizer, resolve_model
+from selfspec_core.runtime.openmp import choose_wait_policy
 
 INSTRUCTIONS = [
     "Explain what a company's operating margin tells an investor.",
@@ -149,6 +150,7 @@ def gpu_bench(args) -> None:
 
 
 def main() -> None:
+    choose_wait_policy()  # as the selfspec command does, before torch loads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=None, help="prompts per round (16 on CPU, 256 with --gpu)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")

@@ -32,12 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
 from selfspec_core.config import load_settings  # noqa: E402
 from selfspec_core.plugins.manager import get_domain  # noqa: E402
 from selfspec_core.run.pipeline import Pipeline, domain_seeds  # noqa: E402
 from selfspec_core.run.rundir import RunDir, read_jsonl  # noqa: E402
+from selfspec_core.runtime.openmp import choose_wait_policy  # noqa: E402
 from selfspec_core.stages import checks as quality  # noqa: E402
 
 OFF = {
@@ -65,6 +64,9 @@ def checks_on(cap: float) -> dict:
 
 
 def main() -> None:
+    choose_wait_policy()  # as the selfspec command does, before torch loads
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", default="finance")
     parser.add_argument("--instructions", type=int, default=100)

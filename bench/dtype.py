@@ -24,6 +24,7 @@ from selfspec_core.eval.scoring import score_loglikelihood
 from selfspec_core.models.generator import HFGenerator
 from selfspec_core.models.loading import load_model, load_tokenizer, resolve_dtype, resolve_model
 from selfspec_core.plugins import manager as plugins
+from selfspec_core.runtime.openmp import choose_wait_policy
 from selfspec_core.stages.evaluate import evaluation_prompts, load_tasks, render_prompt
 from selfspec_core.templates import PromptTemplate, template_context
 
@@ -51,6 +52,7 @@ def dev_prompts(domain: str, settings) -> tuple[list[str], list]:
 
 
 def main() -> None:
+    choose_wait_policy()  # as the selfspec command does, before torch loads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-items", type=int, default=100, help="items per domain")
     parser.add_argument("--domains", default="finance,biomed")

@@ -26,6 +26,7 @@ from selfspec_core.models.generator import HFGenerator
 from selfspec_core.models.loading import load_model, load_tokenizer, resolve_model
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.records import Domain
+from selfspec_core.runtime.openmp import choose_wait_policy
 from selfspec_core.stages.generate import ExamplePool, TaskFormat, choose_task_types
 from selfspec_core.templates import PromptTemplate, template_context
 
@@ -56,6 +57,9 @@ def timed(generator: HFGenerator, batches: list[list[str]], options: dict) -> tu
 
 
 def main() -> None:
+    choose_wait_policy()  # as the selfspec command does, before torch loads
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument(

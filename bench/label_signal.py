@@ -38,6 +38,7 @@ from selfspec_core.models.backends import make_generator
 from selfspec_core.models.loading import resolve_model
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.run.pipeline import domain_seeds
+from selfspec_core.runtime.openmp import choose_wait_policy
 from selfspec_core.stages import checks as quality
 from selfspec_core.stages.evaluate import load_tasks
 from selfspec_core.stages.respond import demonstrations
@@ -95,6 +96,7 @@ def random_inputs(inputs: list[str], count: int, rng: random.Random) -> list[str
 
 
 def main() -> None:
+    choose_wait_policy()  # as the selfspec command does, before torch loads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", required=True, choices=sorted(DEV_TASK))
     parser.add_argument("--task", help="evaluation task to label (default: the domain's development split)")

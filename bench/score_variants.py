@@ -25,6 +25,7 @@ from selfspec_core.config import load_settings
 from selfspec_core.data.tasks import CHOICE_SCORES
 from selfspec_core.models.loading import resolve_model
 from selfspec_core.plugins import manager as plugins
+from selfspec_core.runtime.openmp import choose_wait_policy
 from selfspec_core.stages.evaluate import (
     collect_tasks,
     evaluation_prompts,
@@ -39,6 +40,7 @@ DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[
 
 
 def main() -> None:
+    choose_wait_policy()  # as the selfspec command does, before torch loads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", default="finance,biomed")
     parser.add_argument("--max-items", type=int, default=300, help="items per dev split (0: all)")

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfspec_core.models.generator import HFGenerator
 from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
+from selfspec_core.runtime.openmp import choose_wait_policy
 from selfspec_core.serve.app import ServeLimits, ServerThread, create_app
 from selfspec_core.testing import build_tiny_model
 
@@ -140,6 +141,7 @@ def serve_tiny(folder: Path, limits: ServeLimits, batch_size: int = 8) -> Server
 
 
 def main() -> None:
+    choose_wait_policy()  # as the selfspec command does, before torch loads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=512, help="requests in all")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")

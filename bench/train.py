@@ -103,6 +103,9 @@ def run_arm(arm: str, data: Path, steps: int, threads: int) -> dict:
 
 
 def main() -> None:
+    from selfspec_core.runtime.openmp import choose_wait_policy
+
+    choose_wait_policy()  # as the selfspec command does, before torch loads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=96)
     parser.add_argument("--steps", type=int, default=3)
