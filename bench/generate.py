@@ -18,8 +18,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from selfspec_core.config import load_settings
 from selfspec_core.data.seeds import load_seeds
 from selfspec_core.models.generator import HFGenerator
