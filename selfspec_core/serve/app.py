@@ -224,14 +224,16 @@ class Submission:
     The request's deadline, a client that disconnects and an abandoned response all cancel its rows,
     which leave the batch at the engine's next step."""
 
-    def __init__(self, engine: DecodingEngine, rows: list[tuple[str, DecodeOptions]], expert, limits: ServeLimits):
+    def __init__(
+        self, engine: DecodingEngine, rows: list[tuple[str, DecodeOptions]], expert, limits: ServeLimits, stream: bool
+    ):
         loop = asyncio.get_running_loop()
         self.engine, self.limits = engine, limits
         self.deadline = time.monotonic() + limits.request_timeout
         self.events: asyncio.Queue = asyncio.Queue()
         self.results = [ChoiceResult() for _ in rows]
         self.jobs = [
-            DecodeJob(prompt, options, self._sink(loop, index), self.deadline, expert)
+            DecodeJob(prompt, options, self._sink(loop, index), self.deadline, expert, stream)
             for index, (prompt, options) in enumerate(rows)
         ]
         self._open = len(rows)
@@ -515,7 +517,7 @@ def create_app(
         check_size(len(prompts), body.n, max_tokens)
         options = decode_options(body, max_tokens, body.logprobs)
         rows = [(prompt, choice) for prompt in prompts for choice in options]
-        submission = Submission(engine, rows, expert, limits)
+        submission = Submission(engine, rows, expert, limits, body.stream)
         async with cancelled_on_disconnect(request, submission):
             await submission.admitted()
             echoed = await echo_scores(submission, rows, body) if body.echo and body.logprobs is not None else {}
@@ -597,7 +599,7 @@ def create_app(
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         schema = body.response_format.schema_text() if body.response_format else None
         rows = [(prompt, options) for options in decode_options(body, max_tokens, logprobs, schema)]
-        submission = Submission(engine, rows, expert, limits)
+        submission = Submission(engine, rows, expert, limits, body.stream)
         async with cancelled_on_disconnect(request, submission):
             await submission.admitted()
         head = envelope("chat.completion", body)

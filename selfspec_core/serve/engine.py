@@ -112,13 +112,16 @@ Event = Admitted | Delta | Finished | BaseException
 @dataclass(eq=False)
 class DecodeJob:
     """One row: ``deliver`` is called on the model thread with each :data:`Event`, ending with a
-    :class:`Finished` or an exception. Setting ``cancelled`` (any thread) frees the row at the next step."""
+    :class:`Finished` or an exception. Setting ``cancelled`` (any thread) frees the row at the next step.
+    Unless ``stream``, the text comes as one :class:`Delta` at the end: a wake-up of the request's
+    thread per token would cost the model thread the interpreter lock at every step, for nothing."""
 
     prompt: str
     options: DecodeOptions
     deliver: Callable[[Event], object]
     deadline: float
     expert: str | None = None  # with composed experts: the one asked for; None: the router picks
+    stream: bool = True
     cancelled: bool = False
 
 
@@ -441,6 +444,8 @@ class DecodingEngine:
         if len(row.ids) >= options.max_new_tokens or row.prompt_tokens + len(row.ids) >= self.context:
             self._finish(row, "length")
             return False
+        if not row.job.stream:
+            return True
         ready = len(row.text) - held_back(row.text, options.stop)
         if ready > row.sent or row.pending:
             _deliver(row.job, Delta(row.text[row.sent : ready], tuple(row.pending)))
