@@ -9,8 +9,10 @@ Scores the base model (default: the embedded one) on the development splits (``f
 the content-free prompts for calibration. Base scores are cached as the stage's
 are ($SELFSPEC_CACHE/scores), so a rerun is instant. Per task and way it prints accuracy, macro-F1
 (what a move to one label cannot raise) and the share of the most frequent answer (over 0.8: the score
-measures a label prior, not reading); the plugins' ``headline`` settings were chosen from these.
-Last line: ``<task>_majority=.. <task>_<way>=<accuracy> <task>_<way>_f1=.. <task>_<way>_top=.. ... minutes=..``.
+measures a label prior, not reading), and each way's difference from ``acc`` on the same items with
+its paired 95% interval; the plugins' ``headline`` settings were chosen from these.
+Last line: ``<task>_majority=.. <task>_<way>=<accuracy> <task>_<way>_f1=.. <task>_<way>_top=..
+<task>_<way>_f1_vs_acc=<macro-F1 difference> <task>_<way>_f1_vs_acc_low=<its interval's low end> ... minutes=..``.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from pathlib import Path
 
 from selfspec_core.config import load_settings
 from selfspec_core.data.tasks import CHOICE_SCORES
+from selfspec_core.eval.scoring import compare, rescore
 from selfspec_core.models.loading import resolve_model
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.runtime.openmp import choose_wait_policy
 from selfspec_core.stages.evaluate import (
+    choice_macro_f1,
     collect_tasks,
     evaluation_prompts,
     load_tasks,
@@ -57,7 +61,7 @@ def main() -> None:
             "model": args.model,
             "train": {"prompt_format": args.prompt_format},
             "data_dir": str(DATA.resolve()),
-            "evaluate": {"max_items": args.max_items, "bootstrap_samples": 1},  # no intervals needed here
+            "evaluate": {"max_items": args.max_items},
         },
     )
     model = resolve_model(settings.model)
@@ -83,6 +87,7 @@ def main() -> None:
             f"majority {summary['majority']['share']:.3f} (macro-F1 {summary['macro_f1']['majority']:.3f})"
         )
         figures.append(f"{name}_majority={summary['majority']['share']:.3f}")
+        by_sum = rescore(task.scored, scores[task.key], "acc", task.task.metric, task.task.tolerance)
         for how in CHOICE_SCORES:
             variant = summary["variants"][how]
             answers = variant["answers"]["base"]
@@ -95,7 +100,22 @@ def main() -> None:
                 f"{name}_{how}={variant['base']:.3f} {name}_{how}_f1={variant['macro_f1']['base']:.3f} "
                 f"{name}_{how}_top={top:.3f}"
             )
+            if how == "acc":
+                continue
+            # the same items picked this way against by the summed log-probability, with paired intervals
+            picked = rescore(task.scored, scores[task.key], how, task.task.metric, task.task.tolerance)
+            accuracy = compare([s.score for s in by_sum], [s.score for s in picked], seed=settings.seed)
+            f1 = choice_macro_f1(task.scored, by_sum, picked, settings.evaluate, settings.seed)
+            print(
+                f"  {'':>15}  against acc: accuracy {accuracy['delta']:+.3f} {_interval(accuracy['ci'])}, "
+                f"macro-F1 {f1['delta']:+.3f} {_interval(f1['ci'])}"
+            )
+            figures.append(f"{name}_{how}_f1_vs_acc={f1['delta']:.3f} {name}_{how}_f1_vs_acc_low={f1['ci'][0]:.3f}")
     print(f"{' '.join(figures)} minutes={(time.time() - started) / 60:.1f}")
+
+
+def _interval(ci: list[float]) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ FPB_LEVEL_ENV = "SELFSPEC_FPB_LEVEL"
 FPB_TEST_ONE_IN = 5
 FPB_SPLIT_SALT = "selfspec-fpb-split-v1"
 SENTIMENTS = ("positive", "negative", "neutral")
+# The summed log-probability leads the table (every way is reported beside it). On fpb_dev
+# (bench/score_variants.py, the embedded base model, 300 items) acc_calibrated scores higher (accuracy
+# +0.347 [+0.257, +0.437], macro-F1 +0.190 [+0.124, +0.260] in the chat form; +0.323 and +0.120 in
+# Alpaca, intervals above 0) but only by moving the base from "positive" (93-100% by acc) to the
+# majority label "neutral" (90-97%): still a label prior, its accuracy the majority's 0.590. acc_norm
+# and acc_per_token pick as acc here (labels of equal token counts and 7-8 bytes). No way reads clearly
+# better, so acc stays, and the release's figures with it.
+FPB_HEADLINE = "acc"
 FPB_INSTRUCTION = "Classify the sentiment of this financial news sentence as positive, negative, or neutral."
 FPB_LICENCE = "CC BY-NC-SA 3.0 (Financial PhraseBank, Malo et al. 2014): non-commercial; never redistributed"
 FPB_ORIGIN = "Financial PhraseBank v1.0 from its authors (Malo et al. 2014), FinancialPhraseBank-v1.0/"
@@ -216,8 +224,20 @@ def evaluation_tasks() -> list[EvalTask]:
         )
 
     return [
-        fpb("fpb", "test", "loglikelihood", "Financial PhraseBank test fifth: sentiment by the likeliest label"),
-        fpb("fpb_dev", "dev", "loglikelihood", "Financial PhraseBank outside the test fifth, for development"),
+        fpb(
+            "fpb",
+            "test",
+            "loglikelihood",
+            "Financial PhraseBank test fifth: sentiment by the likeliest label",
+            headline=FPB_HEADLINE,
+        ),
+        fpb(
+            "fpb_dev",
+            "dev",
+            "loglikelihood",
+            "Financial PhraseBank outside the test fifth, for development",
+            headline=FPB_HEADLINE,
+        ),
         fpb(
             "fpb_gen",
             "test",
