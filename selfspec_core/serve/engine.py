@@ -16,6 +16,7 @@ penalties, ``logit_bias`` and a JSON grammar (lm-format-enforcer) act on the log
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import queue
 import threading
@@ -378,7 +379,7 @@ class DecodingEngine:
             del self._batches[expert]
             return
         if len(keep) < len(batch.rows):
-            _select(batch, keep)
+            _select(batch, keep, trim=bool(self._joinable))
         device = self.generator.device
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(keep), 1))], dim=1)
         with torch.inference_mode():
@@ -484,8 +485,6 @@ class DecodingEngine:
             _deliver(job, exc)
 
     def _as_expert(self, expert: str | None):
-        import contextlib
-
         return self.experts.use(expert) if self.experts is not None and expert else contextlib.nullcontext()
 
 
@@ -517,17 +516,20 @@ def _pad_left(tensor, width: int, dim: int = -2):
     return functional.pad(tensor, pads)
 
 
-def _select(batch: _Batch, keep: list[int]) -> None:
-    """Only the ``keep`` rows stay; cache columns no remaining row attends to are cut off."""
+def _select(batch: _Batch, keep: list[int], trim: bool) -> None:
+    """Only the ``keep`` rows stay; with ``trim`` (a plain full-attention cache), cache columns no
+    remaining row attends to are cut off too."""
     import torch
 
     chosen = torch.tensor(keep, device=batch.mask.device)
     batch.rows = [batch.rows[slot] for slot in keep]
     batch.mask, batch.position, batch.logits = batch.mask[chosen], batch.position[chosen], batch.logits[chosen]
-    start = int(batch.mask.any(dim=0).nonzero()[0])
-    for layer in batch.cache.layers:
-        layer.keys, layer.values = layer.keys[chosen, :, start:], layer.values[chosen, :, start:]
-    batch.mask = batch.mask[:, start:]
+    batch.cache.batch_select_indices(chosen)
+    if trim:
+        start = int(batch.mask.any(dim=0).nonzero()[0])
+        for layer in batch.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+        batch.mask = batch.mask[:, start:]
 
 
 def _whole_json(text: str) -> bool:
