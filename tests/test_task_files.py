@@ -128,3 +128,10 @@ def test_a_plugins_tasks_folder_seed_file_and_a_tasks_dir_are_collected(plugin, 
     assert [task.name for task in own] == ["clause_type", "my_clauses"]
     with pytest.raises(SelfspecError, match="--tasks folder not found"):
         collect_tasks("law", cross_domain=False, task_dir=str(tmp_path / "none"))
+
+
+def test_a_misspelled_task_name_in_evaluate_tasks_gets_the_closest():
+    with pytest.raises(
+        SelfspecError, match=r"evaluate.tasks names 'fbp', which no installed domain has \(did you mean 'fpb'\?\)"
+    ):
+        collect_tasks("finance", wanted="fbp")

@@ -102,6 +102,13 @@ def collect_tasks(
             )
         found.setdefault(key, (plugin, task))
     names = {name.strip() for name in wanted.split(",") if name.strip()}
+    known = sorted({task.name for _, task in found.values()})
+    unknown = sorted(names - set(known))
+    if unknown:
+        raise SelfspecError(
+            f"evaluate.tasks names {unknown[0]!r}, which no installed domain has{did_you_mean(unknown[0], known)}; "
+            f"tasks: {', '.join(known) or 'none'}"
+        )
     tasks = [
         task
         for _, task in found.values()
