@@ -132,6 +132,7 @@ def test_a_plugins_tasks_folder_seed_file_and_a_tasks_dir_are_collected(plugin, 
 
 def test_a_misspelled_task_name_in_evaluate_tasks_gets_the_closest():
     with pytest.raises(
-        SelfspecError, match=r"evaluate.tasks names 'fbp', which no installed domain has \(did you mean 'fpb'\?\)"
+        SelfspecError,
+        match=r"evaluate.tasks names 'fbp', which is not a task of finance or biomed \(did you mean 'fpb'\?\)",
     ):
         collect_tasks("finance", wanted="fbp")

@@ -106,8 +106,8 @@ def collect_tasks(
     unknown = sorted(names - set(known))
     if unknown:
         raise SelfspecError(
-            f"evaluate.tasks names {unknown[0]!r}, which no installed domain has{did_you_mean(unknown[0], known)}; "
-            f"tasks: {', '.join(known) or 'none'}"
+            f"evaluate.tasks names {unknown[0]!r}, which is not a task of {' or '.join(asked)}"
+            f"{did_you_mean(unknown[0], known)}; their tasks: {', '.join(known) or 'none'}"
         )
     tasks = [
         task
