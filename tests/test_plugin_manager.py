@@ -96,6 +96,18 @@ def test_pluggys_own_call_names_the_plugin_that_raised(plugin):
     )
 
 
+def test_an_interrupt_inside_a_hook_stays_an_interrupt(plugin):
+    class Interrupted:
+        @hookimpl
+        def blacklist_words(self, domain):
+            raise KeyboardInterrupt
+
+    plugin(Interrupted(), "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        plugins.results("blacklist_words", list, domain="x")
+    assert "interrupted" not in plugins.broken_plugins()
+
+
 def test_a_broken_plugin_is_set_aside_in_one_line_and_the_others_answer(plugin, capsys):
     plugin(Raising(), "raising")
     plugin(WrongType(), "wrongtype")

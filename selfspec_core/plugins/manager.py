@@ -106,8 +106,8 @@ def get_plugin_manager() -> SelfspecPluginManager:
                     f"reinstall it or `pip uninstall {dist}`",
                 ),
             )
-    for name in sorted((wanted or set()) - {entry_point.name for entry_point in entry_points}):
-        installed = sorted(entry_point.name for entry_point in entry_points)
+    installed = sorted(entry_point.name for entry_point in entry_points)
+    for name in sorted((wanted or set()) - set(installed)):
         print_warning(
             f"{PLUGINS_ENV} names {name!r}, which is not installed{did_you_mean(name, installed)}; "
             f"installed plugins: {', '.join(installed) or 'none'}"
@@ -126,7 +126,7 @@ def _name_the_raising_plugin(outcome: pluggy.Result, hook_name: str, hook_impls:
     the first frame that runs one of the call's implementations is the plugin's.
     """
     error = outcome.exception
-    if error is None or isinstance(error, PluginBroken):
+    if not isinstance(error, Exception) or isinstance(error, PluginBroken):  # none, named, or Ctrl-C
         return
     codes = {getattr(impl.function, "__code__", None): impl for impl in hook_impls}
     frame = error.__traceback__
