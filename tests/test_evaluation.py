@@ -22,7 +22,6 @@ from selfspec_core.stages.evaluate import (
     clean_summary,
     collect_tasks,
     content_free,
-    drop_overlapping,
     evaluate_file,
     find_overlaps,
     headline_of,
@@ -250,8 +249,6 @@ def test_contamination_finds_planted_overlap():
         },
     ]
     assert find_overlaps([r["instruction"] + " " + r["input"] for r in records], texts, 13) == {1: {0}}
-    kept, dropped = drop_overlapping(records, texts, 13)
-    assert [r["id"] for r in kept] == ["clean", "wording"] and [r["id"] for r in dropped] == ["leak"]
     shared = ngram_overlap([LEAKED], [SENTENCES[0][0] + " and more"], 13)
     assert "quarterly operating income at the lisbon packaging unit climbed to eur 21 4" in shared
     assert ngram_overlap([LEAKED], [SENTENCES[1][0]], 13) == set()

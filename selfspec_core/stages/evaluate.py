@@ -472,14 +472,6 @@ def record_text(record: dict) -> str:
     return "\n".join(str(record.get(name) or "") for name in ("instruction", "input", "output"))
 
 
-def drop_overlapping(records: Sequence[dict], eval_texts: Sequence[str], n: int = 13) -> tuple[list[dict], list[dict]]:
-    """Split training ``records`` into (kept, dropped): dropped ones share an n-gram with an evaluation text."""
-    overlapping = find_overlaps([record_text(r) for r in records], eval_texts, n)
-    kept = [r for i, r in enumerate(records) if i not in overlapping]
-    dropped = [r for i, r in enumerate(records) if i in overlapping]
-    return kept, dropped
-
-
 def item_texts(items: Sequence[EvalItem]) -> list[str]:
     """Each item's benchmark content: input and answer, and the instruction unless items share it.
 
