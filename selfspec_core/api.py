@@ -109,6 +109,7 @@ def domain_template(domain: str, stage: str) -> PromptTemplate:
     """The template the pipeline uses for ``stage`` of ``domain``: the first plugin's answer, else the core's."""
     from selfspec_core.plugins import manager as plugins
 
+    plugins.require_domain(domain)
     template: PromptTemplate = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage=stage)
     return template
 
@@ -117,7 +118,9 @@ def domain_tasks(domain: str) -> dict[str, EvalTask]:
     """Every evaluation task the installed plugins give ``domain`` (hooks and task YAML files), by name
     (development splits too)."""
     from selfspec_core.data import catalog
+    from selfspec_core.plugins import manager as plugins
 
+    plugins.require_domain(domain)
     return {task.name: task for _, task in catalog.domain_tasks(domain)}
 
 
@@ -136,7 +139,9 @@ def domain_corpus(domain: str, data_dir: str | Path | None = None) -> list[Passa
     """The passages the respond stage retrieves from for ``domain`` (documents cut into windows, ids
     unique); ``None`` when no plugin gives a corpus."""
     from selfspec_core.data.retrieval import resolve_corpus
+    from selfspec_core.plugins import manager as plugins
 
+    plugins.require_domain(domain)
     found = resolve_corpus(None, domain, str(data_dir) if data_dir else None)
     return found[0] if found else None
 

@@ -147,6 +147,14 @@ def require(plugin: str) -> None:
     manager.required.add(plugin)
 
 
+def require_domain(name: str) -> None:
+    """What is asked about domain ``name`` depends on its plugin, when one is installed: that plugin's
+    failures reach the caller (a plugin author's test of its own tasks, say) instead of being skipped."""
+    found = domains().get(name)
+    if found is not None:
+        require(found.plugin)
+
+
 def broken_plugins() -> dict[str, str]:
     """The plugins set aside in this command, each with the line that says why."""
     return dict(get_plugin_manager().broken)
