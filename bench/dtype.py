@@ -14,41 +14,23 @@ f32_tok_s=<x> bf16_tok_s=<y>``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
+
+from devsplit import DATA, dev_split
 
 from selfspec_core.config import load_settings
 from selfspec_core.eval.scoring import score_loglikelihood
 from selfspec_core.models.generator import HFGenerator
 from selfspec_core.models.loading import load_model, load_tokenizer, resolve_dtype, resolve_model
-from selfspec_core.plugins import manager as plugins
 from selfspec_core.runtime.openmp import choose_wait_policy
-from selfspec_core.stages.evaluate import evaluation_prompts, load_tasks, render_prompt
-from selfspec_core.templates import PromptTemplate, template_context
-
-DEV_TASK = {"finance": "fpb_dev", "biomed": "pubmedqa_dev"}
-DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+from selfspec_core.stages.evaluate import render_prompt
 
 
 def dev_prompts(domain: str, settings) -> tuple[list[str], list]:
     """The development items of ``domain`` rendered as the evaluate stage renders them."""
-    tasks = [
-        t
-        for _, found in plugins.results("evaluation_tasks", domain=domain)
-        for t in found
-        if t.name == DEV_TASK[domain]
-    ]
-    loaded, skipped = load_tasks(tasks, settings, print)
-    if not loaded:
-        sys.exit(f"{DEV_TASK[domain]} could not be loaded: {skipped}")
-    info = plugins.get_domain(domain)
-    template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
-    context = template_context(info.name, info.description)
-    items = loaded[0].scored
-    prompts = evaluation_prompts(settings, resolve_model(settings.model), None, template, context)
-    return [render_prompt(prompts, item, []) for item in items], items
+    task, prompts = dev_split(domain, settings, resolve_model(settings.model))
+    return [render_prompt(prompts, item, []) for item in task.scored], task.scored
 
 
 def main() -> None:

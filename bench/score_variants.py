@@ -18,29 +18,21 @@ Last line: ``<task>_majority=.. <task>_<way>=<accuracy> <task>_<way>_f1=.. <task
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
+
+from devsplit import DATA, DEV_TASK, dev_split
 
 from selfspec_core.config import load_settings
 from selfspec_core.data.tasks import CHOICE_SCORES
 from selfspec_core.eval.scoring import compare, rescore
 from selfspec_core.models.loading import resolve_model
-from selfspec_core.plugins import manager as plugins
 from selfspec_core.runtime.openmp import choose_wait_policy
 from selfspec_core.stages.evaluate import (
     choice_macro_f1,
-    collect_tasks,
-    evaluation_prompts,
-    load_tasks,
     score_model,
     task_summary,
 )
-from selfspec_core.templates import PromptTemplate, template_context
-
-DEV_TASK = {"finance": "fpb_dev", "biomed": "pubmedqa_dev"}
-DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 
 
 def main() -> None:
@@ -67,19 +59,10 @@ def main() -> None:
     model = resolve_model(settings.model)
     figures = []
     for domain in [name.strip() for name in args.domains.split(",") if name.strip()]:
-        if domain not in DEV_TASK:
-            sys.exit(f"no development split known for domain {domain!r}: choose from {', '.join(DEV_TASK)}")
-        tasks, _ = collect_tasks(domain, cross_domain=False, wanted=DEV_TASK[domain])
-        loaded, skipped = load_tasks(tasks, settings, print)
-        if not loaded:
-            sys.exit(f"{DEV_TASK[domain]} could not be loaded: {skipped}")
-        info = plugins.get_domain(domain)
-        template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
-        context = template_context(info.name, info.description)
-        prompts = evaluation_prompts(settings, model, None, template, context)
+        task, prompts = dev_split(domain, settings, model)
+        loaded = [task]
         print(f"{DEV_TASK[domain]}: items posed in the {prompts.name} form")
         scores = score_model("base", settings, model, None, loaded, prompts, print)
-        task = loaded[0]
         summary = task_summary(task, scores[task.key], scores[task.key], settings.evaluate, settings.seed)
         name = task.task.name
         print(
