@@ -3,18 +3,27 @@
 import json
 import random
 import urllib.request
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
 from selfspec_core.cli.main import main
 from selfspec_core.compose import experts as compose_module
-from selfspec_core.compose.experts import BASE, ComposedModel, compose, general_prompts, read_composed, route_texts
+from selfspec_core.compose.experts import (
+    BASE,
+    ComposedModel,
+    compose,
+    find_expert,
+    general_prompts,
+    read_composed,
+    route_texts,
+)
 from selfspec_core.config import load_settings
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
 from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
+from selfspec_core.run.adapter import adapter_prompts
 from selfspec_core.run.rundir import write_jsonl
 
 _FINANCE = (
@@ -229,6 +238,8 @@ def test_evaluation_scores_every_model_and_routes_benchmark_items(composed, tmp_
     task = result["tasks"]["biomed/pubmedqa"]
     assert set(task["models"]) == {BASE, "finance", "biomed", "merged-linear", "merged-ties", "multitask", "composed"}
     assert task["n"] == 12 and sum(task["routes"].values()) == 12
+    multitask = adapter_prompts(out / "baselines" / "multitask" / "adapter", None)  # one form, as its experts'
+    assert multitask.name == "alpaca" and multitask.template == TRAIN_TEMPLATE
     assert "composed_vs_specialist" in task
     assert 0 <= result["routing_accuracy"]["biomed"] <= 1
     report = (out / "eval" / "report.md").read_text()
@@ -238,6 +249,26 @@ def test_evaluation_scores_every_model_and_routes_benchmark_items(composed, tmp_
         assert row["composed"] == row[row["route"]]
     with pytest.raises(SelfspecError, match="not a composed model"):
         read_composed(tmp_path)
+
+
+def test_the_evaluation_reads_the_users_tasks_folder(composed, tmp_path):
+    from selfspec_core.compose.evaluate import evaluate_composed
+
+    settings = load_settings("tiny", overrides={"evaluate": {"task_dir": str(tmp_path / "missing")}})
+    with pytest.raises(SelfspecError, match=r"missing: --tasks folder not found"):
+        evaluate_composed(composed[0], settings, log=lambda line: None)
+
+
+def test_a_multitask_adapter_records_the_one_form_its_experts_share_and_refuses_mixed_ones(two_runs, tmp_path):
+    from selfspec_core.compose.evaluate import train_multitask
+
+    experts = [find_expert(run) for run in two_runs]
+    assert {expert.prompt_format for expert in experts} == {"alpaca"}
+    mixed = [experts[0], replace(experts[1], prompt_format="chat")]
+    settings = load_settings("tiny")
+    with pytest.raises(SelfspecError, match=r"the experts learnt different prompt formats \(alpaca, chat\)"):
+        train_multitask(ModelRef("tiny", experts[0].model), mixed, settings, tmp_path / "multitask", print)
+    assert not (tmp_path / "multitask").exists()
 
 
 def test_serve_routes_each_request_and_serves_each_expert_by_name(composed, tiny_model_dir):

@@ -393,7 +393,7 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     settings.evaluate.drop_contaminated = True
     Pipeline(settings, plugins.get_domain("tinydom"), run, seeds=[]).run_stages(["evaluate"])
     clean = json.loads((folder / "eval.json").read_text())["sentiment"]
-    assert clean["contaminated_dropped"] == 1 and clean["n"] == 7
+    assert clean["contaminated_dropped"] == 1 and clean["n"] == 7 and clean["contaminated_scored"] == 0
     assert clean["full"] == {key: sentiment[key] for key in ("base", "specialized", "delta", "ci", "n")}
     kept = [p for p in read_jsonl(folder / "predictions.jsonl") if p["task"] == "sentiment" and not p["contaminated"]]
     assert [p["id"] for p in kept] == ["1", "2", "4", "6", "8", "9", "10"]
@@ -664,6 +664,13 @@ def test_every_scored_item_contaminated_leaves_the_full_score_and_says_so():
     summary = clean_summary(loaded, scores, scores, touched, settings.evaluate, 0)
     assert summary["n"] == 3 and summary["contaminated_dropped"] == 0 and summary["contaminated_scored"] == 3
     assert "full" not in summary
+    from selfspec_core.stages.report import comparison_section
+
+    blocks = comparison_section("Own domain", {"sentiment": summary}, "own.png", "none").blocks
+    assert any(
+        isinstance(b, str) and b.startswith("Contaminated items still scored: every scored item of sentiment (3)")
+        for b in blocks
+    )
     untouched = clean_summary(loaded, scores, scores, set(), settings.evaluate, 0)
     assert untouched == {
         **task_summary(loaded, scores, scores, settings.evaluate, 0),

@@ -125,6 +125,31 @@ def test_evaluation_poses_items_in_the_adapters_form(tmp_path, chat_model_dir, c
     )
 
 
+def test_evaluation_poses_items_in_the_template_and_context_the_adapter_recorded(tmp_path, tiny_model_dir):
+    ref = ModelRef("tiny", str(tiny_model_dir))
+    settings = load_settings("tiny", overrides={"model": str(tiny_model_dir)})
+    learnt = {"example": "", "query": "[{domain}] {instruction}\n{input}\nAnswer:"}
+    adapter = _adapter(
+        tmp_path / "a",
+        {"prompt_format": "alpaca", "prompt_template": learnt, "prompt_context": {"domain": "finance"}},
+    )
+    item = EvalItem("1", "Classify the sentiment.", "Sales rose.", "positive", ("positive", "negative"))
+    # another domain's template and context (evaluate.adapter from another run, --eval-file without --domain)
+    posed = evaluation_prompts(settings, ref, adapter, TRAIN_TEMPLATE, {"domain": "biomed"})
+    assert render_prompt(posed, item, []) == "[finance] Classify the sentiment.\nSales rose.\nAnswer:"
+    assert posed == adapter_prompts(adapter, None)  # as serve and the GGUF export pose it
+
+
+def test_an_adapter_of_several_prompt_forms_is_refused_in_one_line(tmp_path, tiny_model_dir):
+    settings = load_settings("tiny", overrides={"model": str(tiny_model_dir)})
+    mixed = _adapter(tmp_path / "mixed", {"prompt_format": ["chat", "alpaca"]})
+    with pytest.raises(SelfspecError, match=r"learnt several prompt formats \(chat, alpaca\), so no one form"):
+        evaluation_prompts(settings, ModelRef("tiny", str(tiny_model_dir)), mixed, TRAIN_TEMPLATE, {})
+    templates = _adapter(tmp_path / "templates", {"prompt_format": "alpaca", "prompt_template": [{}, {}]})
+    with pytest.raises(SelfspecError, match=r"learnt each domain in its own prompt template"):
+        adapter_prompts(templates, None)
+
+
 def test_alpaca_conversations_follow_one_rule(tmp_path, plain_tokenizer):
     adapter = _adapter(tmp_path / "a", {"prompt_format": "alpaca", "prompt_template": asdict(TRAIN_TEMPLATE)})
     alpaca = adapter_prompts(adapter, plain_tokenizer)

@@ -76,6 +76,13 @@ def train_multitask(ref: ModelRef, experts: Sequence[Expert], settings, out: Pat
     """One adapter tuned on every expert's training records together, each in its own template."""
     from selfspec_core.stages.train import encode_example, saved_stats, train_adapter
 
+    formats = {expert.prompt_format for expert in experts}
+    if len(formats) > 1:
+        raise SelfspecError(
+            f"the experts learnt different prompt formats ({', '.join(sorted(formats))}); one adapter tuned "
+            "on both would be posed in neither form: train the domains in one train.prompt_format"
+        )
+    templates = [expert.template for expert in experts]
     adapter = out / "adapter"
     data_hash = file_hash(*[Path(expert.data) for expert in experts])
     if saved_stats(adapter, data_hash) is not None:
@@ -91,8 +98,9 @@ def train_multitask(ref: ModelRef, experts: Sequence[Expert], settings, out: Pat
     info = {
         "data_file": [expert.data for expert in experts],
         "data_hash": data_hash,
-        "prompt_template": [expert.template for expert in experts],
-        "prompt_format": [expert.prompt_format for expert in experts],
+        "prompt_format": formats.pop(),
+        # one template when the experts share it; else each domain's, which serve and export refuse
+        "prompt_template": templates[0] if all(t == templates[0] for t in templates) else templates,
     }
     train_adapter(
         ref, tokenizer, examples, settings.train, out, settings.seed, resolve_dtype(settings.dtype), info, log
@@ -101,9 +109,13 @@ def train_multitask(ref: ModelRef, experts: Sequence[Expert], settings, out: Pat
 
 
 def task_prompt(domain: str, experts: Sequence[Expert], tokenizer) -> PromptFormat:
-    """The form a task of ``domain`` is posed in: its expert's template and format, in the domain's context."""
-    owner = next((expert for expert in experts if expert.name == domain), experts[0])
-    return replace(owner.prompts(tokenizer), context=installed_template_context(domain))
+    """The form a task of ``domain`` is posed in: the one its expert's adapter learnt (format, template
+    and the context training filled it with, as serve poses it); a domain without an expert's, in the
+    first expert's form filled with the domain's installed context."""
+    owner = next((expert for expert in experts if expert.name == domain), None)
+    if owner is not None:
+        return owner.prompts(tokenizer)
+    return replace(experts[0].prompts(tokenizer), context=installed_template_context(domain))
 
 
 def evaluate_composed(folder: Path, settings, log: Callable[[str], None] = print, baselines: bool = True) -> dict:
@@ -114,7 +126,8 @@ def evaluate_composed(folder: Path, settings, log: Callable[[str], None] = print
     work = folder / "eval"
     work.mkdir(parents=True, exist_ok=True)
     domains = list(plugins.domains()) or [expert.name for expert in experts]
-    own, others = collect_tasks(domains[0], True, settings.evaluate.tasks, settings.evaluate.modes)
+    evaluate = settings.evaluate
+    own, others = collect_tasks(domains[0], True, evaluate.tasks, evaluate.modes, evaluate.task_dir)
     loaded, skipped = load_tasks(own + others, settings, log)
     if not loaded:
         reasons = "; ".join(skipped.values()) or "no installed domain registers evaluation tasks"
@@ -123,7 +136,10 @@ def evaluate_composed(folder: Path, settings, log: Callable[[str], None] = print
     models: dict[str, Path | None] = {BASE: None, **{expert.name: Path(expert.adapter) for expert in experts}}
     if baselines:
         models.update(merge_adapters(ref, experts, folder / "baselines", log))
-        models[MULTITASK] = train_multitask(ref, experts, settings, folder / "baselines" / MULTITASK, log)
+        try:
+            models[MULTITASK] = train_multitask(ref, experts, settings, folder / "baselines" / MULTITASK, log)
+        except SelfspecError as exc:  # mixed prompt formats: the other baselines still compare
+            log(f"[compose] {MULTITASK} skipped: {exc}")
 
     cache = RecordLog(work / "scored.jsonl")
     scores: dict[str, dict] = {label: {} for label in models}

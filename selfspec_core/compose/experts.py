@@ -43,7 +43,7 @@ from selfspec_core.models.loading import (
     unfreeze_for_inference,
 )
 from selfspec_core.models.prompting import PromptFormat
-from selfspec_core.run.adapter import TRAINING_INFO, adapter_prompt_format, read_training_info
+from selfspec_core.run.adapter import TRAINING_INFO, adapter_prompt_format, adapter_prompts, read_training_info
 from selfspec_core.run.rundir import atomic_write_json, iter_jsonl
 from selfspec_core.templates import PromptTemplate, template_context
 
@@ -71,9 +71,9 @@ class Expert:
         return PromptTemplate(**self.template)
 
     def prompts(self, tokenizer) -> PromptFormat:
-        """The renderer of the form this expert learnt, for its own domain's records."""
-        context = installed_template_context(self.name)
-        return PromptFormat(self.prompt_format, self.prompt_template(), tokenizer, context)
+        """The renderer of the form this expert's adapter learnt (format, template and the context
+        training filled it with), for its own domain's records: as serve and evaluate pose it."""
+        return adapter_prompts(Path(self.adapter), tokenizer, installed_template_context(self.name))
 
 
 def find_expert(source: str | Path) -> Expert:

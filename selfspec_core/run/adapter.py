@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfspec_core.errors import SelfspecError
 from selfspec_core.models.loading import check_adapter
 from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
@@ -28,19 +29,32 @@ def read_training_info(adapter: Path) -> dict | None:
 def adapter_prompt_format(adapter: Path) -> str:
     """The prompt format ``adapter`` was trained in (:mod:`selfspec_core.models.prompting`); adapters
     from before it was recorded, or without training info, learnt the Alpaca form."""
-    return str((read_training_info(adapter) or {}).get("prompt_format") or "alpaca")
+    learnt = (read_training_info(adapter) or {}).get("prompt_format") or "alpaca"
+    if not isinstance(learnt, str):  # a multi-task adapter of experts that learnt different forms
+        raise SelfspecError(
+            f"{Path(adapter) / TRAINING_INFO}: the adapter learnt several prompt formats "
+            f"({', '.join(map(str, learnt))}), so no one form poses prompts as it learnt them; "
+            "use the domain adapters, or a composed model"
+        )
+    return learnt
 
 
-def adapter_prompts(adapter: Path, tokenizer) -> PromptFormat:
+def adapter_prompts(adapter: Path, tokenizer, context: dict | None = None) -> PromptFormat:
     """The renderer of the form ``adapter`` learnt: its recorded format, train template and the context
-    that filled it (the core's Alpaca template for adapters that recorded none)."""
+    that filled it (the core's Alpaca template for adapters that recorded none; ``context``, the
+    caller's best guess such as the domain's installed one, for adapters from before it was recorded)."""
     info = read_training_info(adapter) or {}
     template = info.get("prompt_template")
+    if template is not None and not isinstance(template, dict):  # a multi-task adapter: one per domain
+        raise SelfspecError(
+            f"{Path(adapter) / TRAINING_INFO}: the adapter learnt each domain in its own prompt template, "
+            "so no one template poses prompts as it learnt them; use the domain adapters, or a composed model"
+        )
     return PromptFormat(
         adapter_prompt_format(adapter),
         PromptTemplate(**template) if isinstance(template, dict) else TRAIN_TEMPLATE,
         tokenizer,
-        dict(info.get("prompt_context") or {}),
+        dict(info["prompt_context"] if isinstance(info.get("prompt_context"), dict) else context or {}),
     )
 
 

@@ -49,7 +49,7 @@ from selfspec_core.models.backends import make_generator
 from selfspec_core.models.loading import check_adapter, load_tokenizer
 from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.plugins import manager as plugins
-from selfspec_core.run.adapter import adapter_prompt_format, adapter_training_data, stage_adapter
+from selfspec_core.run.adapter import adapter_prompt_format, adapter_prompts, adapter_training_data, stage_adapter
 from selfspec_core.run.rundir import RecordLog, atomic_write_json, read_jsonl, stage_command, write_jsonl
 from selfspec_core.templates import PromptTemplate, fill, template_context
 
@@ -208,10 +208,15 @@ def render_prompt(prompts: PromptFormat, item: EvalItem, demos: Sequence[EvalIte
 
 def evaluation_prompts(settings, model_ref, adapter: Path | None, template: PromptTemplate, context: dict):
     """The form items are posed in (``evaluate.prompt_format``), to base and specialized alike: by
-    default the form ``adapter`` learnt; without an adapter, the form training would pick."""
+    default the form ``adapter`` learnt, with the template and context it was trained in (as serve and
+    the GGUF export pose it), whichever run or domain it came from; without an adapter, the form
+    training would pick, in ``template`` and ``context``."""
     chosen = settings.evaluate.prompt_format
+    if chosen == "adapter" and adapter is not None:
+        learnt = adapter_prompt_format(adapter)
+        return adapter_prompts(adapter, load_tokenizer(model_ref) if learnt != "alpaca" else None, context)
     if chosen == "adapter":
-        chosen = adapter_prompt_format(adapter) if adapter is not None else settings.train.prompt_format
+        chosen = settings.train.prompt_format
     tokenizer = load_tokenizer(model_ref) if chosen != "alpaca" else None
     return PromptFormat.chosen(chosen, template, tokenizer, context)
 
@@ -434,7 +439,7 @@ def clean_summary(
         seed,
     )
     summary["full"] = {key: full[key] for key in ("base", "specialized", "delta", "ci", "n")}
-    return {**summary, "contaminated_dropped": dropped, "contaminated_scored": dropped}
+    return {**summary, "contaminated_dropped": dropped, "contaminated_scored": 0}
 
 
 # --------------------------------------------------------------------------------- contamination
@@ -621,13 +626,15 @@ def run_stage(ctx) -> dict:
             if evaluate.drop_contaminated
             else task_summary(task, base[task.key], specialized[task.key], evaluate, settings.seed)
         )
-        dropped = (
+        contaminated = (
             f", {summary['contaminated_dropped']} contaminated dropped" if summary.get("contaminated_dropped") else ""
         )
+        if summary.get("contaminated_scored"):
+            contaminated += f", all {summary['contaminated_scored']} contaminated and still scored: none is clean"
         ctx.log(
             f"[evaluate] {task.key}: base {summary['base']:.3f} -> specialized {summary['specialized']:.3f} "
             f"(delta {summary['delta']:+.3f}, 95% CI [{summary['ci'][0]:+.3f}, {summary['ci'][1]:+.3f}], "
-            f"n={summary['n']}{dropped})"
+            f"n={summary['n']}{contaminated})"
         )
         for item, b, s in zip(task.scored, base[task.key], specialized[task.key]):
             predictions.append(

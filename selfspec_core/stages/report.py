@@ -392,6 +392,12 @@ def comparison_section(title: str, entries: dict, figure_name: str, empty: str) 
         cleaned = [(name, e) for name, e in scored if _mapping(e.get("full"))]
         if cleaned:  # evaluate.drop_contaminated: the scores above leave out items the training data overlaps
             section.blocks.append(_clean_table(cleaned))
+        still = [f"{name} ({_fmt(e['contaminated_scored'])})" for name, e in scored if e.get("contaminated_scored")]
+        if still:  # drop_contaminated, but every scored item overlaps: the full score is all there is
+            section.blocks.append(
+                f"Contaminated items still scored: every scored item of {', '.join(still)} overlaps the training "
+                "data, so nothing could be dropped; read these scores as measured on training material."
+            )
         answered = [(name, _mapping(e.get("answers"))) for name, e in scored if _mapping(e.get("answers"))]
         if answered:
             section.blocks.append(
