@@ -43,7 +43,7 @@ def test_chat_training_example_masks_exactly_the_prompt(chat_tokenizer):
     prompt_text = chat_text(chat_tokenizer, [user])
     assert chat.prompt(RECORD) == prompt_text and prompt_text.endswith("<|im_start|>assistant\n")
     full = chat_text(chat_tokenizer, [user, {"role": "assistant", "content": "positive"}], generation_prompt=False)
-    assert chat.training_text(RECORD) == full
+    assert chat.prompt(RECORD) + chat.completion(RECORD) == full
     assert chat.completion(RECORD) == "positive<|endoftext|>\n"  # the turn's end marker is learnt too
 
     example = encode_example(RECORD, chat, max_length=256)

@@ -130,6 +130,35 @@ def test_a_plugins_tasks_folder_seed_file_and_a_tasks_dir_are_collected(plugin, 
         collect_tasks("law", cross_domain=False, task_dir=str(tmp_path / "none"))
 
 
+def test_a_plugins_task_file_for_a_domain_it_does_not_register_sets_it_aside(plugin, tmp_path, monkeypatch, capsys):
+    """As check-plugin reports it: the run leaves the plugin out in one line instead of running its
+    tasks under a domain it does not own."""
+    import importlib
+
+    from selfspec_core.api import check_plugin
+    from selfspec_core.plugins.manager import broken_plugins
+
+    package = tmp_path / "law_foreign_plugin"
+    write_task(package / "tasks", TASK.replace("domain: law", "domain: tax"))
+    (package / "__init__.py").write_text(LAW_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin(importlib.import_module("law_foreign_plugin"), "law")
+    problem = "task file clause_type.yaml: domain 'tax' is not one the plugin registers"
+    assert domain_tasks("tax") == []
+    assert broken_plugins()["law"] == f"plugin 'law' is broken: {problem}; selfspec check-plugin law"
+    assert capsys.readouterr().err.count("plugin 'law' is broken") == 1
+    assert [p for p in check_plugin("law").problems if problem in p]
+
+
+@pytest.mark.parametrize("placeholder", ["{text.x}", "{n[0]}", "{d[key]}", "{text[9999]}"])
+def test_a_prompt_the_rows_cannot_fill_is_one_line_naming_file_and_prompt(tmp_path, placeholder):
+    rows = [{**row, "n": 3, "d": {"other": 1}} for row in ROWS]
+    path = write_task(tmp_path, TASK.replace('input: "{text}"', f'input: "{placeholder}"'), rows)
+    with pytest.raises(SelfspecError, match=r"clauses.jsonl:1: prompt '.*' does not render \(") as raised:
+        read_items(load_task_file(path, None), None)
+    assert "\n" not in str(raised.value)
+
+
 def test_a_misspelled_task_name_in_evaluate_tasks_gets_the_closest():
     with pytest.raises(
         SelfspecError,

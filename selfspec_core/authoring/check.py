@@ -342,9 +342,7 @@ def _check_task_files(result: CheckResult, domains: list[Domain], data_dir) -> N
             result.problems.append(f"{where}: {exc}")
             continue
         if task.domain not in known:
-            result.problems.append(
-                f"{where}: domain {task.domain!r} is not one the plugin registers{did_you_mean(task.domain, known)}"
-            )
+            result.problems.append(f"{where}: {catalog.foreign_domain(task.domain, known)}")
             continue
         problem, note = _read_task(task, data_dir)
         if problem:

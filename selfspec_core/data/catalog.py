@@ -28,6 +28,7 @@ directory, which wins. Without ``prompt`` the rows are selfspec's evaluation for
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -119,10 +120,12 @@ class RowFormat:
 
 
 def _fill(where: str, template: str, fields: dict) -> str:
-    """``template`` with the row's fields; a field the row lacks is named with the closest it has."""
+    """``template`` with the row's fields; a field the row lacks is named with the closest it has. An
+    attribute, index or key the row's value lacks (``{text.x}``, ``{n[0]}``, ``{d[key]}``) is a mistake in
+    the prompt, said in the same one line."""
     try:
         return template.format_map(_Row(where, fields))
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as exc:
         raise SelfspecError(f"{where}: prompt {template!r} does not render ({exc})") from None
 
 
@@ -293,12 +296,25 @@ def declared_seeds(domain: str) -> Path | None:
 
 def declared_tasks(plugin: str) -> list[EvalTask]:
     """The tasks ``plugin``'s ``tasks/`` folder declares (none without one); a domain not given in a
-    file is the plugin's own, when it registers one."""
+    file is the plugin's own, when it registers one. A file for a domain the plugin does not register
+    is a broken plugin, as ``check-plugin`` reports it."""
     folder = plugin_task_folder(plugin)
     if folder is None:
         return []
     own = [name for name, domain in plugins.domains().items() if domain.plugin == plugin]
-    return [load_task_file(path, own[0] if len(own) == 1 else None) for path in task_files(folder)]
+    tasks = []
+    for path in task_files(folder):
+        task = load_task_file(path, own[0] if len(own) == 1 else None)
+        if task.domain not in own:  # check-plugin says the same; a run sets the plugin aside
+            raise SelfspecError(f"task file {path.name}: {foreign_domain(task.domain, own)}")
+        tasks.append(task)
+    return tasks
+
+
+def foreign_domain(domain: str, registered: Iterable[str]) -> str:
+    """What is wrong with a plugin's task file for a domain the plugin does not register: its tasks
+    would run under a domain someone else owns, or none does."""
+    return f"domain {domain!r} is not one the plugin registers{did_you_mean(domain, registered)}"
 
 
 def folder_tasks(folder: str | Path, domain: str) -> list[EvalTask]:

@@ -20,8 +20,9 @@ from selfspec_core.models.loading import ModelRef, resolve_dtype
 from selfspec_core.run.rundir import atomic_write_json
 from selfspec_core.runtime.cache import cache_dir
 
-# Bump when scoring itself changes in a way that changes scores.
-SCORING_VERSION = 1
+# Bump when scoring itself changes in a way that changes scores, or what a stored ItemScore holds
+# (2: each choice's token count and content-free log-probability).
+SCORING_VERSION = 2
 
 
 def model_fingerprint(ref: ModelRef) -> dict:

@@ -102,10 +102,6 @@ class PromptFormat:
             )
         return full[len(prompt) :]
 
-    def training_text(self, record: Mapping) -> str:
-        """The whole text one record trains on."""
-        return self.prompt(record) + self.completion(record)
-
     def response_ids(self, record: Mapping) -> list[int]:
         """The tokens training learns after the prompt (the Alpaca form appends the EOS id itself: not
         every tokenizer splits its EOS text back into that one token)."""

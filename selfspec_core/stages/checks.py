@@ -411,7 +411,7 @@ def most_central(texts: Sequence[str], eligible: Sequence[int] | None = None) ->
     candidates = list(range(len(texts))) if eligible is None else list(eligible)
     if len(texts) == 1:
         return candidates[0], 1.0
-    pool = RougeLDeduplicator(1.0, texts)  # filters.py's fast ROUGE-L, equal to rouge_score's
+    pool = RougeLDeduplicator(1.0, texts)  # stages/filter.py's fast ROUGE-L, equal to rouge_score's
     means = {}
     for index in candidates:
         scores = pool.scores(texts[index])
@@ -500,7 +500,7 @@ def response_problem(
     Reasons: ``empty``; ``truncated`` (cut off at max_new_tokens, or ending in "is:");
     ``degenerate`` (a repetition loop); ``copy`` (the answer is the instruction); ``echo``
     (template markers, 8 words in a row of the instruction, or the whole input repeated); ``refusal`` (refusals and
-    meta-talk about being an AI); ``code`` (source code or markup, filters.py's test); ``language``
+    meta-talk about being an AI); ``code`` (source code or markup, stages/filter.py's test); ``language``
     (a language other than the seeds').
     """
     if not output.strip():
