@@ -14,6 +14,7 @@ out leaves the batch at the next step. A sampled request draws from its own stre
 """
 
 import asyncio
+import collections
 import contextlib
 import json
 import secrets
@@ -221,8 +222,8 @@ class ChoiceResult:
 class Submission:
     """The rows of one request on the engine, their events merged into one asyncio queue in arrival order.
 
-    The request's deadline, a client that disconnects and an abandoned response all cancel its rows,
-    which leave the batch at the engine's next step."""
+    The request's deadline, a client that disconnects and an abandoned response all cancel its rows
+    (and its scoring), which leave the batch at the engine's next step."""
 
     def __init__(
         self, engine: DecodingEngine, rows: list[tuple[str, DecodeOptions]], expert, limits: ServeLimits, stream: bool
@@ -232,6 +233,9 @@ class Submission:
         self.deadline = time.monotonic() + limits.request_timeout
         self.events: asyncio.Queue = asyncio.Queue()
         self.results = [ChoiceResult() for _ in rows]
+        # events taken while waiting for every row's admission (rows admitted early may already decode)
+        self._backlog: collections.deque[tuple[int, Admitted | Delta | Finished]] = collections.deque()
+        self._scoring: list[ScoreJob] = []
         self.jobs = [
             DecodeJob(prompt, options, self._sink(loop, index), self.deadline, expert, stream)
             for index, (prompt, options) in enumerate(rows)
@@ -248,12 +252,18 @@ class Submission:
         return lambda event: loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
 
     def cancel(self) -> None:
-        for job in self.jobs:
+        for job in [*self.jobs, *self._scoring]:
             job.cancelled = True
 
     async def next(self) -> tuple[int, Admitted | Delta | Finished] | None:
         """The next event of any row, recorded in :attr:`results`; None when every row has finished.
         An error of any row cancels the others and is raised as an :class:`ApiError`."""
+        if self._backlog:
+            return self._backlog.popleft()
+        return await self._take()
+
+    async def _take(self) -> tuple[int, Admitted | Delta | Finished] | None:
+        """The next event off the engine, recorded in :attr:`results` (see :meth:`next`)."""
         if self._open == 0:
             return None
         try:
@@ -276,21 +286,27 @@ class Submission:
         return index, event
 
     async def admitted(self) -> None:
-        """Wait until every row passed its checks (a refused prompt raises here, before any byte is sent)."""
+        """Wait until every row passed its checks (a refused prompt raises here, before any byte is sent).
+        The engine admits only as many rows as the batch has room for, so rows admitted first may
+        already have text, or have finished: :meth:`next` hands those events out first."""
         waiting = set(range(len(self.jobs)))
         while waiting:
-            step = await self.next()
+            step = await self._take()
             if step is None:
                 return
-            waiting.discard(step[0])
+            if isinstance(step[1], Admitted):
+                waiting.discard(step[0])
+            else:
+                self._backlog.append(step)
 
     async def finished(self) -> list[ChoiceResult]:
         while await self.next() is not None:
             pass
         return self.results
 
-    def score(self, items: list[tuple[str, str, int]], expert: str | None) -> "asyncio.Future[list[TokenScores]]":
-        """Future of the :class:`TokenScores` of ``items``, run on the model thread between two steps."""
+    async def score(self, items: list[tuple[str, str, int]], expert: str | None) -> list[TokenScores]:
+        """The :class:`TokenScores` of ``items``, run on the model thread between two steps, within the
+        request's deadline; a failure is raised as an :class:`ApiError`, as the rows' are."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
@@ -298,10 +314,14 @@ class Submission:
             if not future.done():
                 (future.set_exception if isinstance(result, BaseException) else future.set_result)(result)
 
-        self.engine.submit(
-            ScoreJob(items, lambda result: loop.call_soon_threadsafe(settle, result), self.deadline, expert)
-        )
-        return future
+        job = ScoreJob(items, lambda result: loop.call_soon_threadsafe(settle, result), self.deadline, expert)
+        self._scoring.append(job)
+        try:
+            self.engine.submit(job)
+            return await asyncio.wait_for(future, max(0.0, self.deadline - time.monotonic()))
+        except Exception as exc:  # ServerClosing, the deadline, or what the engine delivered
+            self.cancel()
+            raise api_error_of(exc, self.limits) from None
 
 
 @contextlib.asynccontextmanager
@@ -384,17 +404,23 @@ def create_app(
         problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in errors)
         return JSONResponse(error_body(problems[:2000]), status_code=400)
 
-    def check_model(request: Sampling) -> str | None:
-        """The expert the request asks for by its model name (None: the router's choice, or no experts)."""
-        if request.model is not None and request.model not in served:
+    def check_served(name: str) -> None:
+        """404 in OpenAI's shape for a model name this server does not serve."""
+        if name not in served:
             raise ApiError(
                 404,
-                f"model {request.model!r} is not served here; this server serves {', '.join(map(repr, served))}",
+                f"model {name!r} is not served here; this server serves {', '.join(map(repr, served))}",
                 "not_found_error",
                 "model_not_found",
                 "model",
             )
-        return served.get(request.model) if request.model else None
+
+    def check_model(request: Sampling) -> str | None:
+        """The expert the request asks for by its model name (None: the router's choice, or no experts)."""
+        if request.model is None:
+            return None
+        check_served(request.model)
+        return served[request.model]
 
     def check_size(prompts: int, choices: int, max_tokens: int) -> None:
         if prompts * choices > limits.max_prompts:
@@ -497,14 +523,7 @@ def create_app(
 
     @app.get("/v1/models/{model_id:path}")
     def model(model_id: str):
-        if model_id not in served:
-            raise ApiError(
-                404,
-                f"model {model_id!r} is not served here; this server serves {', '.join(map(repr, served))}",
-                "not_found_error",
-                "model_not_found",
-                "model",
-            )
+        check_served(model_id)
         return model_card(model_id)
 
     @app.post("/v1/completions")
@@ -741,6 +760,27 @@ def default_model_name(model_name: str, adapter: Path | None) -> str:
     return f"{model_name}+{label}"
 
 
+def composed_chat_prompts(experts) -> PromptFormat:
+    """How chat messages are rendered for composed ``experts``: in the form they all learnt. The prompt
+    is rendered before the router picks an expert, so experts that would render a conversation
+    differently cannot share one server's chat endpoint."""
+    probe = [
+        {"role": "user", "content": "Classify: revenue rose."},
+        {"role": "assistant", "content": "positive"},
+        {"role": "user", "content": "Classify: costs fell."},
+    ]
+    forms = {expert.name: expert.prompts(experts.tokenizer) for expert in experts.experts}
+    renderings = {name: form.conversation(probe) for name, form in forms.items()}
+    if len(set(renderings.values())) > 1:
+        learnt = ", ".join(f"{name}: {form.name}" for name, form in forms.items())
+        raise SelfspecError(
+            f"serve --composed: the experts learnt different prompt forms ({learnt}), and a chat request is "
+            "rendered before the router picks its expert; compose experts tuned in one form "
+            "(train.prompt_format), or serve each with --adapter"
+        )
+    return next(iter(forms.values()))
+
+
 _DEFAULT_LIMITS = ServeLimits()
 
 
@@ -844,13 +884,14 @@ def command(
         adapter = session.run_dir(session.domain()).require("train", "adapter")
     adapter = Path(adapter) if adapter is not None else None
     logs.adopt_library_loggers()
-    experts, chat_prompts = None, None  # composed experts: chat through the tokenizer's template
+    experts = None
     if composed is not None:
         from selfspec_core.compose.experts import ComposedModel
 
         experts = ComposedModel(composed, dtype=settings.dtype)
         generator = HFGenerator(experts.model, experts.tokenizer, batch_size)
         name = served_name or f"{experts.ref.name}+{Path(composed).resolve().name}"
+        chat_prompts = composed_chat_prompts(experts)
     else:
         ref = resolve_model(settings.model)
         generator = HFGenerator(load_model(ref, adapter=adapter, dtype=settings.dtype), load_tokenizer(ref), batch_size)
@@ -881,7 +922,6 @@ def command(
         f"experts: {', '.join(experts.names)}, routed; ask for one as {name}:<expert>"
         if experts
         else f"adapter: {adapter or 'none'}"
-        + (f", chat in the {chat_prompts.name} form it learnt" if chat_prompts else "")
-    )
+    ) + (f", chat in the {chat_prompts.name} form {'they' if experts else 'it'} learnt" if chat_prompts else "")
     click.echo(f"serving {name} at http://{host}:{port}/v1 ({served}{', API key required' if limits.api_key else ''})")
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(request_timeout))

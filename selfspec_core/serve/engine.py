@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import importlib.util
 import json
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,14 +189,16 @@ class DecodingEngine:
         self.context = model_context(generator)
         self.max_batch = max(1, max_batch)
         self.closing = False
+        self._closing_lock = threading.Lock()  # a job is queued before the close's sentinel, or refused
         self.step_sizes: collections.Counter[int] = collections.Counter()  # live rows -> decoding steps
         self.ends = {self.tokenizer.eos_token_id, *_as_list(generator.model.generation_config.eos_token_id)}
         self._torch = torch
         self._jobs: queue.Queue[DecodeJob | ScoreJob | None] = queue.Queue()
         self._waiting: collections.deque[DecodeJob] = collections.deque()
         self._batches: dict[str | None, _Batch] = {}
-        self._distributions: dict[tuple[float, float], Callable] = {}
-        self._json_tokenizer_data = None
+        # (temperature, top_p) come from clients: a few recent samplers are kept, not one per value ever sent
+        self._distribution = functools.lru_cache(maxsize=16)(generator._distribution)
+        self._json_tokenizer_data = self._start_json_tokenizer_data()
         self._joinable: bool | None = None  # whether a running batch's cache can take new rows (known after a prefill)
         self._thread = threading.Thread(target=self._loop, name="selfspec-model", daemon=True)
         self._thread.start()
@@ -201,17 +206,19 @@ class DecodingEngine:
     # ---- the other threads' side
 
     def submit(self, job: DecodeJob | ScoreJob) -> None:
-        if self.closing or not self._thread.is_alive():
-            raise ServerClosing("the server is shutting down; retry on another instance or after its restart")
-        self._jobs.put(job)
+        with self._closing_lock:
+            if self.closing or not self._thread.is_alive():
+                raise ServerClosing("the server is shutting down; retry on another instance or after its restart")
+            self._jobs.put(job)
 
     def live_rows(self) -> int:
         return sum(len(batch.rows) for batch in self._batches.values())
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop after the current step; rows still running or waiting end with :class:`ServerClosing`."""
-        self.closing = True
-        self._jobs.put(None)
+        with self._closing_lock:
+            self.closing = True
+            self._jobs.put(None)
         self._thread.join(timeout)
 
     # ---- the model thread
@@ -239,10 +246,12 @@ class DecodingEngine:
     def _take_jobs(self) -> bool:
         """Move arrived jobs into the waiting line (blocking while there is nothing to do); score jobs
         run at once. False when the server closes."""
-        idle = not self._batches and not self._waiting
+        idle = not self._batches and not any(map(self._admissible, self._waiting))
+        # jobs that wait only for the JSON vocabulary: look again shortly instead of spinning
+        wait = 0.05 if self._waiting else None
         while True:
             try:
-                job = self._jobs.get() if idle else self._jobs.get_nowait()
+                job = self._jobs.get(timeout=wait) if idle else self._jobs.get_nowait()
             except queue.Empty:
                 return True
             if job is None:
@@ -259,6 +268,7 @@ class DecodingEngine:
             return  # a cache that cannot be merged (e.g. sliding windows): new rows wait for the batch to end
         free = self.max_batch - self.live_rows()
         checked: list[tuple[DecodeJob, list[int]]] = []
+        later: list[DecodeJob] = []  # waiting for the JSON vocabulary, built off this thread
         now = time.monotonic()
         while self._waiting and len(checked) < free:
             job = self._waiting.popleft()
@@ -267,6 +277,9 @@ class DecodingEngine:
                 continue
             if now > job.deadline:
                 _deliver(job, DeadlinePassed("the request timed out waiting for the model"))
+                continue
+            if not self._admissible(job):
+                later.append(job)
                 continue
             try:
                 ids = self.tokenizer(job.prompt, add_special_tokens=False).input_ids
@@ -280,15 +293,13 @@ class DecodingEngine:
                 checked.append((job, ids))
             else:
                 _deliver(job, problem)
-        if not checked:
-            return
-        try:
-            self._route([job for job, _ in checked])
-            joining = [self._new_row(job, ids) for job, ids in checked]
-        except Exception as exc:
-            for job, _ in checked:
+        self._waiting.extendleft(reversed(later))
+        joining = []
+        for job, ids in self._routed(checked):
+            try:
+                joining.append(self._new_row(job, ids))
+            except Exception as exc:  # e.g. a schema the grammar cannot take: this job fails, not its round
                 _deliver(job, exc)
-            return
         for row in joining:
             _deliver(row.job, Admitted(row.prompt_tokens, row.job.expert))
             if row.job.options.max_new_tokens == 0:  # echo-only requests: nothing to generate
@@ -302,6 +313,27 @@ class DecodingEngine:
             except Exception as exc:
                 for row in group:
                     _deliver(row.job, exc)
+
+    def _admissible(self, job: DecodeJob) -> bool:
+        """False while a JSON-constrained job waits for the vocabulary's prefix tree (being built)."""
+        data = self._json_tokenizer_data
+        return job.options.json_schema is None or data is None or data.done()
+
+    def _routed(self, checked: list[tuple[DecodeJob, list[int]]]) -> list[tuple[DecodeJob, list[int]]]:
+        """The jobs the router placed: all of them in one call, or, if that fails, each alone, so a
+        prompt the router cannot take fails its own job only."""
+        try:
+            self._route([job for job, _ in checked])
+            return checked
+        except Exception:
+            placed = []
+            for job, ids in checked:
+                try:
+                    self._route([job])
+                    placed.append((job, ids))
+                except Exception as exc:
+                    _deliver(job, exc)
+            return placed
 
     def _route(self, jobs: Sequence[DecodeJob | ScoreJob]) -> None:
         """Jobs that leave the expert to the router get the one it chooses for their prompt."""
@@ -459,23 +491,36 @@ class DecodingEngine:
             _deliver(row.job, Delta(text[row.sent :], tuple(row.pending)))
         _deliver(row.job, Finished(reason, len(row.ids)))
 
-    def _distribution(self, temperature: float, top_p: float) -> Callable:
-        key = (temperature, top_p)
-        if key not in self._distributions:
-            self._distributions[key] = self.generator._distribution(temperature, top_p)
-        return self._distributions[key]
+    def _start_json_tokenizer_data(self) -> Future | None:
+        """The vocabulary as lm-format-enforcer's prefix tree, built once per server on a thread of its
+        own from the start (it takes seconds on a real vocabulary; on the model thread it would stall
+        every live stream). None when lm-format-enforcer is not installed."""
+        if importlib.util.find_spec("lmformatenforcer") is None:
+            return None
+        built: Future = Future()
+
+        def build() -> None:
+            try:
+                built.set_result(json_tokenizer_data(self.tokenizer, sorted(self.ends)))
+            except Exception as exc:  # delivered to the JSON requests that need it
+                built.set_exception(exc)
+
+        threading.Thread(target=build, name="selfspec-json-vocabulary", daemon=True).start()
+        return built
 
     def _json_enforcer(self, schema: str):
         """A grammar that lets through only the tokens that keep the text valid JSON (of ``schema``)."""
         from lmformatenforcer import JsonSchemaParser, TokenEnforcer
 
-        if self._json_tokenizer_data is None:  # once per server: the vocabulary as a prefix tree
-            self._json_tokenizer_data = json_tokenizer_data(self.tokenizer, sorted(self.ends))
-        return TokenEnforcer(self._json_tokenizer_data, JsonSchemaParser(json.loads(schema)))
+        parser = JsonSchemaParser(json.loads(schema))
+        return TokenEnforcer(self._json_tokenizer_data.result(), parser)  # built: see _admissible
 
     def _score(self, job: ScoreJob) -> None:
         if job.cancelled:
             _deliver(job, RequestCancelled("the client went away before the request ran"))
+            return
+        if time.monotonic() > job.deadline:
+            _deliver(job, DeadlinePassed("the request timed out waiting for the model"))
             return
         try:
             self._route([job])
