@@ -252,7 +252,8 @@ class Submission:
         return lambda event: loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
 
     def cancel(self) -> None:
-        for job in [*self.jobs, *self._scoring]:
+        jobs: list[DecodeJob | ScoreJob] = [*self.jobs, *self._scoring]
+        for job in jobs:
             job.cancelled = True
 
     async def next(self) -> tuple[int, Admitted | Delta | Finished] | None:

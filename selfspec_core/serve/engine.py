@@ -316,8 +316,7 @@ class DecodingEngine:
 
     def _admissible(self, job: DecodeJob) -> bool:
         """False while a JSON-constrained job waits for the vocabulary's prefix tree (being built)."""
-        data = self._json_tokenizer_data
-        return job.options.json_schema is None or data is None or data.done()
+        return job.options.json_schema is None or self._json_tokenizer_data.done()
 
     def _routed(self, checked: list[tuple[DecodeJob, list[int]]]) -> list[tuple[DecodeJob, list[int]]]:
         """The jobs the router placed: all of them in one call, or, if that fails, each alone, so a
@@ -491,13 +490,16 @@ class DecodingEngine:
             _deliver(row.job, Delta(text[row.sent :], tuple(row.pending)))
         _deliver(row.job, Finished(reason, len(row.ids)))
 
-    def _start_json_tokenizer_data(self) -> Future | None:
+    def _start_json_tokenizer_data(self) -> Future:
         """The vocabulary as lm-format-enforcer's prefix tree, built once per server on a thread of its
         own from the start (it takes seconds on a real vocabulary; on the model thread it would stall
-        every live stream). None when lm-format-enforcer is not installed."""
-        if importlib.util.find_spec("lmformatenforcer") is None:
-            return None
+        every live stream). Without lm-format-enforcer, JSON requests get the error saying so."""
         built: Future = Future()
+        if importlib.util.find_spec("lmformatenforcer") is None:
+            built.set_exception(
+                SelfspecError("response_format needs lm-format-enforcer: pip install 'lm-format-enforcer>=0.11'")
+            )
+            return built
 
         def build() -> None:
             try:
@@ -510,10 +512,10 @@ class DecodingEngine:
 
     def _json_enforcer(self, schema: str):
         """A grammar that lets through only the tokens that keep the text valid JSON (of ``schema``)."""
+        vocabulary = self._json_tokenizer_data.result()  # built by now: see _admissible
         from lmformatenforcer import JsonSchemaParser, TokenEnforcer
 
-        parser = JsonSchemaParser(json.loads(schema))
-        return TokenEnforcer(self._json_tokenizer_data.result(), parser)  # built: see _admissible
+        return TokenEnforcer(vocabulary, JsonSchemaParser(json.loads(schema)))
 
     def _score(self, job: ScoreJob) -> None:
         if job.cancelled:
