@@ -275,12 +275,14 @@ def test_serve_routes_each_request_and_serves_each_expert_by_name(composed, tiny
     """The composed model behind the API: a request to the composed name is routed and says which expert
     answered; `<name>:<expert>` asks for one, and gets what that adapter alone would write."""
     from selfspec_core.models.generator import HFGenerator
-    from selfspec_core.serve.app import ServerThread, create_app
+    from selfspec_core.serve.app import ServerThread, composed_chat_prompts, create_app
     from tests.test_serve import post
 
     out, _ = composed
     experts = ComposedModel(out, dtype="float32")
-    app = create_app(HFGenerator(experts.model, experts.tokenizer, 8), "tiny+composed", experts=experts)
+    chat_prompts = composed_chat_prompts(experts)  # as `serve --composed`: the form the experts learnt
+    generator = HFGenerator(experts.model, experts.tokenizer, 8)
+    app = create_app(generator, "tiny+composed", experts=experts, chat_prompts=chat_prompts)
     finance = (
         "Did quarterly earnings rise or fall in the quarter?\n\nThe report on revenue and cash flow was published."
     )
@@ -316,3 +318,11 @@ def test_serve_routes_each_request_and_serves_each_expert_by_name(composed, tiny
         assert reply["choices"][0]["text"] == alone
         status, body = post(f"{server.url}/completions", {"model": "tiny+composed:legal", "prompt": finance})
         assert status == 404 and "tiny+composed:finance" in body
+        messages = [{"role": "user", "content": finance}]
+        chat = {"model": "tiny+composed:finance", "messages": messages, "max_tokens": 6, "temperature": 0}
+        status, body = post(f"{server.url}/chat/completions", chat)
+        asked = experts.experts[0].prompts(experts.tokenizer).prompt({"instruction": finance})
+        with experts.use("finance"):
+            expected = generator.generate([asked], max_new_tokens=6)[0].text
+        assert status == 200 and chat_prompts.name == "alpaca"
+        assert json.loads(body)["choices"][0]["message"]["content"] == expected  # asked in the Alpaca form
