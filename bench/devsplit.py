@@ -7,9 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+from selfspec_core.compose.experts import installed_template_context
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.stages.evaluate import LoadedTask, collect_tasks, evaluation_prompts, load_tasks
-from selfspec_core.templates import PromptTemplate, template_context
+from selfspec_core.templates import PromptTemplate
 
 DEV_TASK = {"finance": "fpb_dev", "biomed": "pubmedqa_dev"}
 DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
@@ -24,8 +25,7 @@ def dev_split(domain: str, settings, model):
     loaded, skipped = load_tasks(tasks, settings, print)
     if not loaded:
         sys.exit(f"{DEV_TASK[domain]} could not be loaded: {skipped}")
-    info = plugins.get_domain(domain)
     template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
-    prompts = evaluation_prompts(settings, model, None, template, template_context(info.name, info.description))
+    prompts = evaluation_prompts(settings, model, None, template, installed_template_context(domain))
     task: LoadedTask = loaded[0]
     return task, prompts

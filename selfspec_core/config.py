@@ -25,7 +25,7 @@ from typing import Any, get_args, get_type_hints
 import yaml
 
 from selfspec_core.data.tasks import CHOICE_SCORES
-from selfspec_core.errors import SelfspecError, first_line
+from selfspec_core.errors import LIBRARY_MESSAGE_LIMIT, SelfspecError, one_line
 
 
 @dataclass
@@ -268,7 +268,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
         else:
             raise SelfspecError(f"{path}: config must be .toml, .yaml or .yml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise SelfspecError(f"{path}: not valid {path.suffix[1:].upper()}: {first_line(exc)}") from exc
+        raise SelfspecError(
+            f"{path}: not valid {path.suffix[1:].upper()}: {one_line(exc, LIBRARY_MESSAGE_LIMIT)}"
+        ) from exc
     except UnicodeDecodeError as exc:
         raise SelfspecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not isinstance(data, dict):

@@ -23,8 +23,14 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """What ``exc`` says, cut to its first line (a library's message may run on for pages); its type's
-    name when it says nothing."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
+# How much of what a library says goes into a one-line error: its message may run on for pages.
+LIBRARY_MESSAGE_LIMIT = 300
+
+
+def one_line(message: object, limit: int | None = None) -> str:
+    """What ``message`` (an exception or text) says, as one line: a library's message inside it may
+    span several. ``limit`` cuts it; an exception that says nothing gives its type's name."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    if not text and isinstance(message, BaseException):
+        text = type(message).__name__
+    return text[:limit] if limit is not None else text

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from selfspec_core.api import Domain, PromptTemplate, default_template, hookimpl
-from selfspec_core.errors import SelfspecError
+from selfspec_core.errors import SelfspecError, one_line
 from selfspec_core.plugins import manager as plugins
 
 
@@ -152,6 +152,36 @@ def test_a_plugin_claiming_a_taken_domain_is_set_aside(plugin, capsys):
     assert "plugin 'impostor' is broken: hook register_domains: registers domain 'finance', which plugin " in (
         capsys.readouterr().err
     )
+
+
+def test_the_domains_are_worked_out_once_until_the_plugins_in_use_change(plugin, capsys):
+    """collect_tasks asks for the domains (and each plugin's task files) once per domain: each plugin's
+    register_domains runs once a command, again only after a plugin is registered or set aside."""
+    from selfspec_core.stages.evaluate import collect_tasks
+
+    class Counting:
+        calls = 0
+
+        @hookimpl
+        def register_domains(self, register):
+            Counting.calls += 1
+            register(Domain(name="counted", description="a domain that counts its registrations"))
+
+    plugin(Counting(), "counting")
+    collect_tasks("counted", cross_domain=True)
+    assert plugins.domains()["counted"].plugin == "counting" and Counting.calls == 1
+    plugins.domains()["counted"] = None  # a caller's change stays the caller's
+    assert plugins.domains()["counted"].plugin == "counting" and Counting.calls == 1
+    plugin(Raising(), "raising")  # another plugin in use: worked out again
+    assert "counted" in plugins.domains() and Counting.calls == 2
+    plugins.set_aside(plugins.PluginBroken("counting", "gone"))
+    assert "counted" not in plugins.domains() and "plugin 'counting' is broken: gone" in capsys.readouterr().err
+
+
+def test_a_plugins_several_line_failure_is_one_line():
+    broken = plugins.PluginBroken("law", "Traceback:\n  first\n\n  second\n")
+    assert broken.detail == "Traceback: first second"
+    assert one_line(ValueError("")) == "ValueError" and one_line("a\nb", limit=2) == "a "
 
 
 def selfspec(*args, env):

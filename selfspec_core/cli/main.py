@@ -16,7 +16,7 @@ import click
 from selfspec_core import __version__
 from selfspec_core.cli import data, export, plugins, stages
 from selfspec_core.cli.session import SESSION_NAMES, Session, session_options
-from selfspec_core.errors import SelfspecError
+from selfspec_core.errors import SelfspecError, one_line
 from selfspec_core.runtime import distributed, logs, openmp
 from selfspec_core.serve.app import command as serve_command
 
@@ -78,11 +78,6 @@ for command in plugins.OWN_OPTIONS_ONLY:
     click.Group.add_command(cli, command)
 
 
-def one_line(message: str) -> str:
-    """A message as one line: what a library said inside it may span several."""
-    return " ".join(part.strip() for part in message.splitlines() if part.strip()) or "unknown error"
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (``--debug`` for the traceback)."""
     openmp.choose_wait_policy()  # this module loads no torch: libgomp reads the policy when it loads
@@ -105,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         if distributed.rank() == 0:  # under a launcher every process meets the same error: say it once
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {one_line(str(exc))}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to resume", err=True)

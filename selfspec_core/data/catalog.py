@@ -297,7 +297,11 @@ def declared_seeds(domain: str) -> Path | None:
 def declared_tasks(plugin: str) -> list[EvalTask]:
     """The tasks ``plugin``'s ``tasks/`` folder declares (none without one); a domain not given in a
     file is the plugin's own, when it registers one. A file for a domain the plugin does not register
-    is a broken plugin, as ``check-plugin`` reports it."""
+    is a broken plugin, as ``check-plugin`` reports it. Read once per command (the plugins in use)."""
+    return list(plugins.memoized(f"declared_tasks:{plugin}", lambda: _read_declared_tasks(plugin)))
+
+
+def _read_declared_tasks(plugin: str) -> list[EvalTask]:
     folder = plugin_task_folder(plugin)
     if folder is None:
         return []

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfspec_core.errors import SelfspecError, first_line
+from selfspec_core.errors import LIBRARY_MESSAGE_LIMIT, SelfspecError, one_line
 from selfspec_core.runtime.cache import cache_dir
 
 
@@ -290,7 +290,7 @@ def load_adapter(model, adapter: str | Path):
     except Exception as exc:
         raise SelfspecError(
             f"{adapter}: corrupt adapter or one made for another base model "
-            f"({type(exc).__name__}: {first_line(exc)}); pass --model with its base, or retrain it"
+            f"({type(exc).__name__}: {one_line(exc, LIBRARY_MESSAGE_LIMIT)}); pass --model with its base, or retrain it"
         ) from exc
 
 
@@ -312,7 +312,7 @@ def check_adapter(adapter: str | Path) -> Path:
         settings = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SelfspecError(
-            f"{config}: corrupt adapter config ({type(exc).__name__}: {first_line(exc)}); "
+            f"{config}: corrupt adapter config ({type(exc).__name__}: {one_line(exc, LIBRARY_MESSAGE_LIMIT)}); "
             "retrain the adapter or pass another --adapter"
         ) from None
     if not isinstance(settings, dict) or not isinstance(settings.get("peft_type"), str):

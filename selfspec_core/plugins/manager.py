@@ -19,14 +19,15 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
 from selfspec_core import __version__, hookspecs
-from selfspec_core.errors import SelfspecError, did_you_mean, print_warning
+from selfspec_core.errors import SelfspecError, did_you_mean, one_line, print_warning
 from selfspec_core.plugins import defaults
 from selfspec_core.records import Domain
 
@@ -37,6 +38,7 @@ PLUGINS_ENV = "SELFSPEC_PLUGINS"
 # Set (to anything but empty): pluggy's tracing writes every hook call, its arguments and its result
 # to stderr, for a plugin author asking why a hook was or was not answered.
 TRACE_ENV = "SELFSPEC_TRACE_HOOKS"
+T = TypeVar("T")
 
 
 class PluginBroken(SelfspecError):
@@ -44,24 +46,31 @@ class PluginBroken(SelfspecError):
 
     def __init__(self, plugin: str, detail: str, hook: str | None = None):
         self.plugin, self.hook = plugin, hook
-        self.detail = " ".join(line.strip() for line in detail.splitlines() if line.strip())
+        self.detail = one_line(detail)
         where = f"hook {hook}: " if hook else ""
         super().__init__(f"plugin {plugin!r} is broken: {where}{self.detail}; selfspec check-plugin {plugin}")
 
 
 class SelfspecPluginManager(pluggy.PluginManager):
-    """pluggy's manager, plus which plugins broke (by name, with their line) and which the command needs."""
+    """pluggy's manager, plus which plugins broke (by name, with their line), which the command needs,
+    and what is worked out from the plugins in use (:func:`memoized`), forgotten whenever they change."""
 
     def __init__(self) -> None:
         super().__init__("selfspec")
         self.broken: dict[str, str] = {}
         self.required: set[str] = {"core"}
+        self.memo: dict[str, Any] = {}
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        self.memo.clear()
+        return super().register(plugin, name)
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any | None:
         name = name or (self.get_name(plugin) if plugin is not None else None)
         removed = super().unregister(plugin, name)
         self.broken.pop(name or "", None)
         self.required.discard(name or "")
+        self.memo.clear()
         return removed
 
 
@@ -77,6 +86,8 @@ def load_only(names: str) -> None:
     It is passed on as ``SELFSPEC_PLUGINS``, so processes this one starts load the same plugins.
     """
     os.environ[PLUGINS_ENV] = names
+    if get_plugin_manager.cache_info().currsize:  # what the old manager worked out goes with it
+        get_plugin_manager().memo.clear()
     get_plugin_manager.cache_clear()
 
 
@@ -178,6 +189,7 @@ def _set_aside(manager: SelfspecPluginManager, failure: PluginBroken) -> None:
         raise failure
     if failure.plugin not in manager.broken:
         manager.broken[failure.plugin] = str(failure)
+        manager.memo.clear()  # its domains and tasks go with it
         print_warning(str(failure))
 
 
@@ -283,9 +295,25 @@ def _type_names(types: type | tuple) -> str:
     return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
 
 
+def memoized(key: str, compute: Callable[[], T]) -> T:
+    """``compute()``, worked out once while the plugins in use stay the same (a plugin registered,
+    unregistered or set aside forgets it): a command asks for the domains and the plugins' task files
+    once per domain."""
+    manager = get_plugin_manager()
+    if key not in manager.memo:
+        value = compute()  # may set a plugin aside, which forgets the rest, not this
+        manager.memo[key] = value
+        return value
+    return manager.memo[key]
+
+
 def domains() -> dict[str, Domain]:
     """Every installed domain by name, with the plugin that provides it; a plugin whose registration
     fails, or that claims a domain a plugin registered before it provides, is set aside with all its domains."""
+    return dict(memoized("domains", _registered_domains))
+
+
+def _registered_domains() -> dict[str, Domain]:
     manager = get_plugin_manager()
     found: dict[str, Domain] = {}
     for plugin in reversed(_answerers(manager, "register_domains")):
