@@ -345,6 +345,22 @@ def test_rounds_that_keep_nothing_stop_the_stage_with_what_it_has(tmp_path, monk
     assert "2 rounds in a row kept nothing" in logged[-1] and "too_short" in logged[-1]
 
 
+class OnlyGarbage(ScriptedGenerator):
+    def generate(self, prompts, **options):
+        self.calls += 1
+        return [Completion(" ok", True, 1) for _ in prompts]
+
+
+def test_a_stage_that_keeps_only_mined_tasks_leaves_an_empty_instructions_file(tmp_path, monkeypatch):
+    """The respond stage reads instructions.jsonl: with mined tasks but no written one kept, it is there, empty."""
+    ctx, _ = make_context(tmp_path, num_instructions=4, max_rounds=1)
+    mined = {"id": "testfin-mined-00001", "task_type": "qa", "instruction": "Up?", "input": "Rose.", "output": "yes"}
+    monkeypatch.setattr(instructions.mining, "mine_records", lambda ctx, count: ([mined], {"m": {"kept": 1}}))
+    counts = run_with(ctx, OnlyGarbage(), monkeypatch)
+    assert counts["funnel"]["kept"] == 0 and counts["sources"] == {"generated": 0, "mined": 1}
+    assert (ctx.work / "instructions.jsonl").read_text() == ""
+
+
 def test_real_tiny_model_garbage_is_dropped_not_crashing(tmp_path, tiny_model_dir):
     ctx, _ = make_context(tmp_path, model=ModelRef("tiny", str(tiny_model_dir)), num_instructions=4, max_rounds=1)
     with pytest.raises(

@@ -258,6 +258,8 @@ def _open_output(path: Path, records: int) -> RecordLog:
     runs again and writes them again, identically.
     """
     log = RecordLog(path)
+    if not path.exists():  # the respond stage reads it even when no written task is kept
+        write_jsonl(path, [])
     if len(log.records) > records:
         write_jsonl(path, log.records[:records])
         log = RecordLog(path)
