@@ -19,7 +19,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,23 +110,41 @@ class Pipeline:
             parts.append(outside(self.settings, self.domain.name))
         return "-".join(p for p in parts if p)
 
-    def run_stages(self, stages: list[str], force: bool = False) -> None:
+    def run_stages(
+        self,
+        stages: list[str],
+        force: bool = False,
+        before_running: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        """Run ``stages`` in order from the first that is not fresh; ``before_running`` gets the stages
+        that will run before the first of them starts (``selfspec run`` prints its estimate there)."""
         if distributed.world_size() > 1 and stages != ["train"]:
             raise SelfspecError(
                 f"only `selfspec train` runs on several processes, not {' '.join(stages)}: "
                 "run the other stages without accelerate launch or torchrun"
             )
-        rerun_rest = force
-        for stage in stages:
-            config_hash = self.settings.section_hash(*STAGE_SPECS[stage][1])
-            input_hash = self.input_hash(stage)
-            if not rerun_rest and self.run.is_fresh(stage, config_hash, input_hash):
-                self.log(f"[{stage}] up to date, skipped")
-                continue
+        to_run = self.stages_to_run(stages, force)
+        if to_run and before_running is not None:
+            before_running(to_run)
+        for stage in to_run:
+            # Hashed now, not before: a stage's inputs are what the stages before it have just written.
+            config_hash, input_hash = self._hashes(stage)
             if self.run.manifest(stage) is not None:
                 self.log(f"[{stage}] settings or inputs changed since the last run: running again")
-            rerun_rest = True
             self.run_one(stage, config_hash, input_hash)
+
+    def stages_to_run(self, stages: list[str], force: bool = False) -> list[str]:
+        """``stages`` from the first one that is not fresh (all of them with ``force``): a stage that
+        runs again makes every later one stale. Each fresh stage before it is logged as skipped."""
+        for number, stage in enumerate(stages):
+            if force or not self.run.is_fresh(stage, *self._hashes(stage)):
+                return stages[number:]
+            self.log(f"[{stage}] up to date, skipped")
+        return []
+
+    def _hashes(self, stage: str) -> tuple[str, str]:
+        """The stage's config hash and input hash, as its manifest records them."""
+        return self.settings.section_hash(*STAGE_SPECS[stage][1]), self.input_hash(stage)
 
     def run_one(self, stage: str, config_hash: str, input_hash: str) -> None:
         module = importlib.import_module(f"selfspec_core.{STAGE_SPECS[stage][0]}")
