@@ -176,6 +176,29 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer, 
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("flags", "widened"), [(set(), True), ({"amx_bf16"}, False)])
+def test_bfloat16_packed_attention_runs_in_float32_without_amx(tiny_model_dir, monkeypatch, flags, widened):
+    """Without AMX a bfloat16 model's span attention is computed in float32 and handed back in bfloat16."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setattr(training, "cpu_flags", lambda: flags)
+    model = load_model(ModelRef("tiny", str(tiny_model_dir)), dtype="bfloat16")
+    training.use_packed_attention(model, max_length=256)
+    expected = training.packed_sdpa_float32 if widened else training.packed_sdpa
+    assert ALL_ATTENTION_FUNCTIONS[training.PACKED_ATTENTION] is expected
+
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(1, 4, 30, 16, dtype=torch.bfloat16) for _ in range(3))
+    bounds = torch.tensor([0, 12, 30])
+    module = model.model.layers[0].self_attn
+    output, _ = training.packed_sdpa_float32(module, query, key, value, None, cu_seq_lens_q=bounds, scaling=0.25)
+    exact, _ = training.packed_sdpa(
+        module, query.float(), key.float(), value.float(), None, cu_seq_lens_q=bounds, scaling=0.25
+    )
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output, exact.to(torch.bfloat16), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_response_loss_equals_the_models_own_loss(tiny_model_dir, tokenizer, packing):
     model = load_model(ModelRef("tiny", str(tiny_model_dir)))
