@@ -308,6 +308,35 @@ def test_bfloat16_autocast_trains_float32_lora_weights(tmp_path, tiny_model_dir)
     assert saved and all(w.dtype == torch.float32 for w in saved.values())
 
 
+def test_autocast_training_skips_pefts_input_casts_without_changing_the_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """PEFT's cast of each layer's input to float32, undone by autocast at once, is switched off under
+    bfloat16: the adapter comes out bit for bit as with the casts."""
+    import contextlib
+
+    import peft.helpers
+
+    def adapter(folder: str) -> dict:
+        ctx = make_ctx(tmp_path / folder, tiny_model_dir, max_steps=2, batch_size=4, learning_rate=1e-2, max_length=40)
+        ctx.settings.dtype = "bfloat16"
+        training.run_stage(ctx)
+        return load_file(ctx.work / "adapter" / "adapter_model.safetensors")
+
+    without_casts = adapter("without")
+    switched: list[bool] = []
+
+    @contextlib.contextmanager
+    def casts_kept(model, active=True):
+        switched.append(active)
+        yield
+
+    monkeypatch.setattr(peft.helpers, "disable_input_dtype_casting", casts_kept)
+    with_casts = adapter("with")
+    assert switched == [True]
+    assert without_casts.keys() == with_casts.keys()
+    for name, weight in without_casts.items():
+        assert torch.equal(weight, with_casts[name]), name
+
+
 def test_pipeline_seals_the_stage_with_its_stats(tmp_path, tiny_model_dir):
     ctx = make_ctx(tmp_path, tiny_model_dir, max_length=40)
     ctx.settings.model = str(tiny_model_dir)

@@ -435,6 +435,7 @@ def train_adapter(
     """Tune a LoRA adapter of ``ref`` on ``examples`` into ``work/adapter`` (checkpoints in
     ``work/checkpoints``, resumed after a kill; the log in ``work/train_log.jsonl``). ``info`` (the data
     and template it was made from) goes into the adapter's ``selfspec_training.json``; returns the stats."""
+    from peft.helpers import disable_input_dtype_casting
     from transformers import set_seed
 
     quant = default_quant(settings.quant)
@@ -455,7 +456,11 @@ def train_adapter(
     )
     trainer = make_trainer(model, examples, settings, tokenizer, args, [*train_log, *callbacks])
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # Under autocast PEFT's own cast of each adapted layer's input to the LoRA weights' float32 is
+    # undone at once by autocast (bfloat16 -> float32 -> bfloat16, lossless): two copies of every input
+    # for nothing, so it is switched off there.
+    with disable_input_dtype_casting(model, active=dtype != "float32"):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
     # a forward and a backward pass: about three forward passes' work per token
     throughput.record_model(
