@@ -7,6 +7,7 @@ import click
 from selfspec_core.cli.session import Session, use_log_file
 from selfspec_core.run.rundir import STAGES
 from selfspec_core.runtime import distributed
+from selfspec_core.stages import estimate
 
 
 def _stage_command(stage: str, help_text: str):
@@ -95,9 +96,11 @@ def _options(ctx: click.Context) -> list[str]:
 @click.option("--force", is_flag=True, help="Run every stage again.")
 @click.pass_obj
 def run(session: Session, force: bool, **options):
-    """Run every stage: generate, respond, train, evaluate, report."""
+    """Run every stage: generate, respond, train, evaluate, report, first saying how long they will take."""
     with session.pipeline(**_stage_overrides(options)) as pipeline:
-        pipeline.run_stages(list(STAGES), force=force)
+        pipeline.run_stages(
+            list(STAGES), force=force, before_running=lambda stages: estimate.announce(pipeline, stages)
+        )
     click.echo(f"report: {pipeline.run.stage_dir('report') / 'report.html'}")
 
 

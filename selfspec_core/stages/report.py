@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from selfspec_core.run.rundir import atomic_write_text, read_jsonl
+from selfspec_core.stages.estimate import read_estimate
 
 NOT_AVAILABLE = "not available"
 # A model giving one label to more than this share of a task's items is not reading the items.
@@ -239,6 +240,36 @@ def run_section(run, model: str) -> Section:
         "per token (two per parameter; training three forward passes' worth)."
     )
     return section
+
+
+def estimate_section(run) -> Section | None:
+    """The minutes estimated before each stage ran beside the minutes it took, when the run kept an
+    estimate (``selfspec run`` does; folders from before it did not: no section)."""
+    made = read_estimate(run.path)
+    estimated = _mapping(made.get("stages"))
+    compared = []  # (stage, estimated minutes, actual minutes)
+    for stage in ("generate", "respond", "train", "evaluate"):  # the report's own time is not known yet
+        minutes = _number(_mapping(estimated.get(stage)).get("minutes"))
+        seconds = _number(_mapping(run.manifest(stage)).get("seconds"))
+        if minutes is not None and seconds is not None:
+            compared.append((stage, minutes, seconds / 60))
+    if not compared:
+        return None
+    compared.append(("total", sum(row[1] for row in compared), sum(row[2] for row in compared)))
+    rows = [[stage, f"{guess:,.1f}", f"{took:,.1f}", _times(took, guess)] for stage, guess, took in compared]
+    return Section(
+        "Time: estimate vs actual",
+        [
+            f"Estimated before the stages ran, from this machine's measured {made.get('dtype')} matrix-product "
+            f"rate ({_fmt(made.get('matmul_gflops'))} GFLOP/s, {made.get('threads')} threads), the model's "
+            f"{_fmt(made.get('parameters'))} parameters and the settings; actual: each stage's wall-clock minutes.",
+            Table(["stage", "estimated minutes", "actual minutes", "actual / estimated"], rows),
+        ],
+    )
+
+
+def _times(actual: float, estimated: float) -> str:
+    return f"{actual / estimated:.2f}" if estimated > 0 else ""
 
 
 def funnel_section(run, seeds: int | None) -> Section:
@@ -646,8 +677,10 @@ def _grounding(retrieved) -> str:
 def build_sections(run, seeds: int | None, model: str, samples: int = 5, seed: int = 0) -> list[Section]:
     results = _mapping(_read_json(run.stage_dir("evaluate") / "eval.json"))
     own = {k: v for k, v in results.items() if k != "cross_domain"}
+    timing = estimate_section(run)
     return [
         run_section(run, model),
+        *([timing] if timing else []),
         funnel_section(run, seeds),
         retrieval_section(run),
         training_section(run),
