@@ -43,6 +43,53 @@ def test_greedy_equals_transformers_generate_while_rows_leave_the_batch(parts):
     assert stopped[longest].finished and stopped[longest].num_tokens < free[longest].num_tokens
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_runs_only_the_real_tokens_with_the_padded_pass_numbers(tiny_model_dir, dtype, monkeypatch):
+    """A left-padded batch's prompt pass puts only its real tokens through the model (attention on
+    the padded layout), and every real token's logits, keys and values are bit for bit the padded
+    pass's; so are the completions decoded from it."""
+    from selfspec_core.models import generator as module
+    from selfspec_core.models.generator import left_padded, prefill
+
+    ref = ModelRef("tiny", str(tiny_model_dir))
+    model, tokenizer = load_model(ref, dtype=dtype), load_tokenizer(ref)
+    rows = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    ids, mask, positions = left_padded(rows, tokenizer.pad_token_id)
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kwargs: seen.append(kwargs["input_ids"].shape) or forward(**kwargs))
+    with torch.inference_mode():
+        logits, cache = prefill(model, ids, mask, positions)
+        padded = forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    assert seen == [(1, sum(map(len, rows)))] and int(mask.sum()) < mask.numel()
+    assert torch.equal(logits, padded.logits[:, -1])
+    real = mask.bool()
+    for ours, theirs in zip(cache.layers, padded.cache.layers):
+        for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            assert torch.equal(a.transpose(1, 2)[real], b.transpose(1, 2)[real])
+            assert not a.transpose(1, 2)[~real].any()  # padding: zeros, hidden by the mask
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(model, "forward", forward)
+    generator = HFGenerator(model, tokenizer, batch_size=4)
+    calls = [dict(max_new_tokens=10), dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=2)]
+    packed = [generator.generate(PROMPTS, **call) for call in calls]
+    monkeypatch.setattr(module, "PACKED_PREFILL_MODEL_TYPES", ())
+    assert packed == [generator.generate(PROMPTS, **call) for call in calls]
+
+
+def test_prefill_of_a_batch_without_padding_is_the_plain_pass(parts, monkeypatch):
+    from selfspec_core.models.generator import prefill
+
+    model, _ = parts
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kwargs: seen.append(kwargs["input_ids"].shape) or forward(**kwargs))
+    with torch.inference_mode():
+        prefill(model, ids, torch.ones_like(ids), torch.arange(3).repeat(2, 1))
+    assert seen == [(2, 3)]
+
+
 def test_sampling_keeps_to_the_top_k_tokens_as_transformers_generate(parts):
     """A model whose config sets no top_k samples from the 50 likeliest tokens, as ``generate`` does."""
     model, tokenizer = parts
