@@ -20,12 +20,15 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import TYPE_CHECKING, Any, get_args, get_type_hints
 
 import yaml
 
 from selfspec_core.data.tasks import CHOICE_SCORES
 from selfspec_core.errors import LIBRARY_MESSAGE_LIMIT, SelfspecError, one_line
+
+if TYPE_CHECKING:
+    from selfspec_core.records import Domain
 
 
 @dataclass
@@ -247,13 +250,19 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 def load_settings(
-    profile: str = "quick", config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+    profile: str = "quick",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    domain: Domain | None = None,
 ) -> Settings:
-    """Build settings from a profile, an optional YAML/TOML file, then flag overrides."""
+    """Build settings from a profile, the domain's choices for it (``Domain.profile_settings``), an
+    optional YAML/TOML file, then flag overrides."""
     if profile not in PROFILES:
         raise SelfspecError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     settings = Settings()
     apply(settings, PROFILES[profile], source=f"profile {profile}")
+    if domain is not None and profile in domain.profile_settings:
+        apply(settings, domain.profile_settings[profile], source=f"domain {domain.name}'s {profile} profile")
     if config_file is not None:
         apply(settings, read_config_file(Path(config_file)), source=str(config_file))
     if overrides:

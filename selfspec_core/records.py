@@ -23,6 +23,10 @@ class Domain:
     # Whether the core's generic corpus miners (``selfspec_core.stages.mine``) run for this domain; a
     # plugin whose own miners fit its corpus better sets it False.
     core_miners: bool = True
+    # Settings the domain chooses for a profile, e.g. ``{"quick": {"train": {"epochs": 2.0}}}``: over
+    # the profile's, under the user's config file and flags. For what the profile's budget affords a
+    # domain whose records are shorter (or needs where they are longer), chosen on its dev split.
+    profile_settings: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
     plugin: str = ""
 
 

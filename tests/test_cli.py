@@ -260,6 +260,21 @@ def test_seed_0_is_a_seed_like_any_other(tmp_path):
             assert _command_line(train) == ["--seed", "0", "train", "--num-processes", "2"]  # what each process runs
 
 
+def test_a_run_records_the_settings_its_domain_chooses_for_the_profile(tmp_path):
+    """Finance's plugin trains two passes in the quick profile; biomed keeps the profile's one; a config
+    file of the user's still wins."""
+    (tmp_path / "mine.toml").write_text("[train]\nepochs = 1.5\n")
+    for domain, extra, epochs in (
+        ("finance", [], 2.0),
+        ("biomed", [], 1.0),
+        ("finance", ["--config", "mine.toml"], 1.5),
+    ):
+        out = tmp_path / f"{domain}-{len(extra)}"
+        result = selfspec("--domain", domain, "--profile", "quick", "--out", str(out), *extra, "report", cwd=tmp_path)
+        assert result.returncode == 2 and "generate/manifest.json is missing" in result.stderr  # nothing to report
+        assert json.loads((out / "config.json").read_text())["train"]["epochs"] == epochs, (domain, extra)
+
+
 def test_a_command_added_later_gets_the_session_options_too():
     """The mechanism is one definition: any command added to the group (another branch's) takes them."""
     import click

@@ -27,6 +27,19 @@ def test_profiles_and_overrides(tmp_path):
     assert load_settings("quick", yaml_config).generate.num_examples == 2
 
 
+def test_a_domain_chooses_settings_for_a_profile_under_the_users_file_and_flags(tmp_path):
+    domain = Domain("law", "law", profile_settings={"quick": {"train": {"epochs": 2.0, "lora_r": 4}}})
+    assert load_settings("quick", domain=domain).train.epochs == 2.0
+    assert load_settings("paper", domain=domain).train.epochs == 3.0  # another profile: untouched
+    config = tmp_path / "c.toml"
+    config.write_text("[train]\nepochs = 1.5\n")
+    mine = load_settings("quick", config, {"train": {"lora_r": 8}}, domain=domain)
+    assert (mine.train.epochs, mine.train.lora_r) == (1.5, 8)
+    typo = Domain("law", "law", profile_settings={"quick": {"train": {"epoch": 2}}})
+    with pytest.raises(SelfspecError, match="domain law's quick profile: unknown setting train.epoch"):
+        load_settings("quick", domain=typo)
+
+
 def test_config_hash_tracks_only_relevant_sections():
     a, b = Settings(), Settings()
     b.train.epochs = 9

@@ -119,7 +119,8 @@ class Session:
             evaluate["task_dir"] = self.options["task_dir"]
         if evaluate:
             overrides["evaluate"] = evaluate
-        return load_settings(self.profile, self.options.get("config_file"), _merge(overrides, extra))
+        domain = self.domain() if self.domain_name else None
+        return load_settings(self.profile, self.options.get("config_file"), _merge(overrides, extra), domain)
 
     def domain(self):
         if not self.domain_name:

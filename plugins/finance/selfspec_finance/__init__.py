@@ -31,6 +31,10 @@ DOMAIN = Domain(
     ),
     # Their seed instructions fit any sentence or passage; sentiment is what Financial PhraseBank tests.
     input_task_types=("sentiment", "headline_sentiment", "causal_detection", "filing_classification"),
+    # Two passes in the quick profile: finance's records are short enough (54K training tokens a pass
+    # against biomed's 81K) that the second fits its 15 minutes. FPB dev, seed 42, same data: one pass
+    # 0.660 / macro-F1 0.646, two passes 0.733 / 0.695 (the release's two-pass profile: 0.733 / 0.660).
+    profile_settings={"quick": {"train": {"epochs": 2.0}}},
 )
 
 TEMPLATES = {
