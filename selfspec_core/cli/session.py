@@ -119,8 +119,12 @@ class Session:
             evaluate["task_dir"] = self.options["task_dir"]
         if evaluate:
             overrides["evaluate"] = evaluate
+        given = (self.profile, self.options.get("config_file"), _merge(overrides, extra))
+        settings = load_settings(*given)  # the user's own settings are checked before the domain is looked up
         domain = self.domain() if self.domain_name else None
-        return load_settings(self.profile, self.options.get("config_file"), _merge(overrides, extra), domain)
+        if domain is None or self.profile not in domain.profile_settings:
+            return settings
+        return load_settings(*given, domain)
 
     def domain(self):
         if not self.domain_name:
