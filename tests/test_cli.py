@@ -260,19 +260,19 @@ def test_seed_0_is_a_seed_like_any_other(tmp_path):
             assert _command_line(train) == ["--seed", "0", "train", "--num-processes", "2"]  # what each process runs
 
 
-def test_a_run_records_the_settings_its_domain_chooses_for_the_profile(tmp_path):
-    """Finance's plugin trains two passes in the quick profile; biomed keeps the profile's one; a config
-    file of the user's still wins."""
+def test_a_commands_settings_take_its_domains_choices_for_the_profile(tmp_path, monkeypatch):
+    """A domain's ``profile_settings`` apply to its commands in that profile; a config file of the
+    user's still wins, and a domain without them gets the profile's own."""
+    from selfspec_core.cli.session import Session
+    from selfspec_core.records import Domain
+
+    chooser = Domain("law", "law", profile_settings={"quick": {"train": {"epochs": 2.0}}})
+    monkeypatch.setattr(Session, "domain", lambda self: chooser if self.domain_name == "law" else Domain("x", "x"))
     (tmp_path / "mine.toml").write_text("[train]\nepochs = 1.5\n")
-    for domain, extra, epochs in (
-        ("finance", [], 2.0),
-        ("biomed", [], 1.0),
-        ("finance", ["--config", "mine.toml"], 1.5),
-    ):
-        out = tmp_path / f"{domain}-{len(extra)}"
-        result = selfspec("--domain", domain, "--profile", "quick", "--out", str(out), *extra, "report", cwd=tmp_path)
-        assert result.returncode == 2 and "generate/manifest.json is missing" in result.stderr  # nothing to report
-        assert json.loads((out / "config.json").read_text())["train"]["epochs"] == epochs, (domain, extra)
+    assert Session(domain="law").settings().train.epochs == 2.0
+    assert Session(domain="law", profile="paper").settings().train.epochs == 3.0
+    assert Session(domain="law", config_file=str(tmp_path / "mine.toml")).settings().train.epochs == 1.5
+    assert Session(domain="other").settings().train.epochs == 1.0
 
 
 def test_a_command_added_later_gets_the_session_options_too():

@@ -31,11 +31,6 @@ DOMAIN = Domain(
     ),
     # Their seed instructions fit any sentence or passage; sentiment is what Financial PhraseBank tests.
     input_task_types=("sentiment", "headline_sentiment", "causal_detection", "filing_classification"),
-    # Two passes in the quick profile: finance's records are short enough (54K training tokens a pass
-    # against biomed's 81K) that the second fits its 15 minutes. FPB dev, same data, training seeds 42, 1,
-    # 2: one pass 0.660 / 0.720 / 0.740 (macro-F1 0.646 / 0.633 / 0.680), two passes 0.733 / 0.723 /
-    # 0.750 (0.695 / 0.683 / 0.709); per item over the seeds +0.029 [+0.002, +0.056] accuracy.
-    profile_settings={"quick": {"train": {"epochs": 2.0}}},
 )
 
 TEMPLATES = {
