@@ -7,7 +7,11 @@ fixed ``--max-new-tokens``, so both ways do the same work; with ``--stop`` they 
 stop strings, as in the stage, and a batch waits for its longest row (throughput then counts only
 the tokens each completion really has).
 
-Last line: ``speedup=<x> batched_tok_s=<y> sequential_tok_s=<z>``.
+It also times the batch's prompt pass alone, both ways, alternating (five times each, medians):
+the padded forward pass, and :func:`~selfspec_core.models.generator.prefill`, which runs all but
+attention on the real tokens only.
+
+Last line: ``speedup=<x> batched_tok_s=<y> sequential_tok_s=<z> prefill_speedup=<p>``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from selfspec_core.config import load_settings
 from selfspec_core.data.seeds import load_seeds
-from selfspec_core.models.generator import HFGenerator
+from selfspec_core.models.generator import HFGenerator, left_padded, prefill
 from selfspec_core.models.loading import load_model, load_tokenizer, resolve_model
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.records import Domain
@@ -52,6 +56,31 @@ def timed(generator: HFGenerator, batches: list[list[str]], options: dict) -> tu
     for batch in batches:
         tokens += sum(c.num_tokens for c in generator.generate(batch, **options))
     return time.perf_counter() - started, tokens
+
+
+def prompt_pass_seconds(model, tokenizer, prompts: list[str], repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of the batch's prompt pass: padded, then packed by ``prefill``, alternating."""
+    import statistics
+
+    import torch
+
+    rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    ids, mask, positions = left_padded(rows, tokenizer.pad_token_id)
+
+    def padded():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+
+    def packed():
+        prefill(model, ids, mask, positions)
+
+    times: dict = {padded: [], packed: []}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for run in times:
+                started = time.perf_counter()
+                run()
+                times[run].append(time.perf_counter() - started)
+    return statistics.median(times[padded]), statistics.median(times[packed])
 
 
 def main() -> None:
@@ -93,6 +122,7 @@ def main() -> None:
     sequential_s, sequential_tokens = timed(sequential, [[p] for p in prompts], options)
     batched_s, batched_tokens = timed(batched, [prompts], options)
     sequential_rate, batched_rate = sequential_tokens / sequential_s, batched_tokens / batched_s
+    padded_s, packed_s = prompt_pass_seconds(model, tokenizer, prompts)
     mean_prompt = sum(len(tokenizer(p).input_ids) for p in prompts) / len(prompts)
     print(
         f"model {model_ref.name}, {len(prompts)} prompts of {mean_prompt:.0f} tokens on average, "
@@ -102,11 +132,12 @@ def main() -> None:
     )
     print(
         f"one at a time: {sequential_tokens} tokens in {sequential_s:.1f}s; "
-        f"batched: {batched_tokens} tokens in {batched_s:.1f}s"
+        f"batched: {batched_tokens} tokens in {batched_s:.1f}s; "
+        f"the batch's prompt pass: {padded_s:.2f}s padded, {packed_s:.2f}s packed"
     )
     print(
         f"speedup={batched_rate / sequential_rate:.2f} batched_tok_s={batched_rate:.1f} "
-        f"sequential_tok_s={sequential_rate:.1f}"
+        f"sequential_tok_s={sequential_rate:.1f} prefill_speedup={padded_s / packed_s:.2f}"
     )
 
 
