@@ -9,11 +9,14 @@ Reads the real benchmarks from ../shared/data (or $SELFSPEC_DATA). Prints one li
 contamination and cross-domain figures, and as its last line the domain's main task:
 ``task=<t> base=<x> specialized=<y> delta=<d> ci_low=<l> ci_high=<h> majority=<share> macro_f1_base=<x>
 macro_f1_specialized=<y> macro_f1_ci_low=<l> macro_f1_majority=<m> acc_norm_base=<x> acc_norm_specialized=<y>
-acc_calibrated_base=<x> acc_calibrated_specialized=<y> minutes=<m>`` (``base``/``specialized``: the task's
+acc_calibrated_base=<x> acc_calibrated_specialized=<y> suite_base=<x> suite_specialized=<y> suite_ci_low=<l>
+suite_ci_high=<h> suite_tasks=<n> suite_missing=<m> minutes=<m>`` (``base``/``specialized``: the task's
 headline score; ``majority``: what always giving the most common answer would score, in accuracy and in
 macro-F1; ``macro_f1_ci_low``: the lower bound of the paired 95% interval of the macro-F1 difference;
 ``acc_norm``: accuracy with answers picked per byte of the choice, ``acc_calibrated``: picked after the
-content-free prompt's log-probabilities are taken out, see selfspec_core.eval.scoring.choice_values),
+content-free prompt's log-probabilities are taken out, see selfspec_core.eval.scoring.choice_values;
+``suite_*``: the domain suite's macro-average over its ``suite_tasks`` scored benchmarks, ``suite_missing``
+members not scored for want of data),
 then ``prompt_format=<f> <task>_chat=<y> <task>_chat_base=<x>``: the form the adapter learnt
 (selfspec_core.models.prompting) and the main task scored in plain chat form, what a chat client sends
 (``evaluate.prompt_format = "chat"``; an adapter that learnt another form is scored so by
@@ -36,6 +39,7 @@ import yaml
 from selfspec_core.config import PROFILES, read_config_file
 from selfspec_core.run.adapter import adapter_prompt_format
 from selfspec_core.run.rundir import STAGES, RunDir
+from selfspec_core.stages.evaluate import SUITE_FILE
 
 MAIN_TASK = {"biomed": "pubmedqa", "finance": "fpb"}
 DATA = Path(os.environ.get("SELFSPEC_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
@@ -107,8 +111,26 @@ def main() -> None:
         f"base={chat['base']:.3f} specialized={chat['specialized']:.3f}; the adapter learnt the {learnt} form"
     )
     print(
-        f"{main_task_figures(results, args.domain)} prompt_format={learnt} "
+        f"{main_task_figures(results, args.domain)}{suite_figures(run)} prompt_format={learnt} "
         f"{task}_chat={chat['specialized']:.3f} {task}_chat_base={chat['base']:.3f} minutes={minutes:.1f}"
+    )
+
+
+def suite_figures(run: RunDir) -> str:
+    """The domain suite's macro-average for the last line (empty when the run wrote none)."""
+    path = run.stage_dir("evaluate") / SUITE_FILE
+    if not path.is_file():
+        return ""
+    suite = json.loads(path.read_text())
+    print(
+        f"suite of {len(suite['tasks'])} ({', '.join(suite['tasks'])}), macro-average: base={suite['base']:.3f} "
+        f"specialized={suite['specialized']:.3f} ci=[{suite['ci'][0]:+.3f}, {suite['ci'][1]:+.3f}]"
+        + (f"; not scored: {', '.join(suite['missing'])}" if suite.get("missing") else "")
+    )
+    return (
+        f" suite_base={suite['base']:.3f} suite_specialized={suite['specialized']:.3f} "
+        f"suite_ci_low={suite['ci'][0]:.3f} suite_ci_high={suite['ci'][1]:.3f} suite_tasks={len(suite['tasks'])}"
+        f" suite_missing={len(suite.get('missing', {}))}"
     )
 
 

@@ -141,6 +141,11 @@ class EvaluateSettings:
     # Items per other domain's task (what specializing costs there); None = as ``max_items``. The
     # quick profile scores fewer there: its own benchmark is the point, the cost needs only its sign.
     cross_domain_max_items: int | None = None
+    # Comma-separated scoring modes for other domains' tasks; empty means as ``modes``.
+    cross_domain_modes: str = ""
+    # Items per generation task, under the caps above; 0 = no cap of its own. An item decoded costs
+    # many times one scored by log-likelihood: the quick profile scores fewer of them.
+    generate_max_items: int = 0
     # Comma-separated task names to score; empty means every task except development splits.
     tasks: str = ""
     # A folder of task YAML files (selfspec_core.data.catalog) scored beside the plugins' tasks: --tasks DIR.
@@ -223,7 +228,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The CPU demo: about 15 minutes on 2 cores with the embedded model, also without AMX. Mostly new
     # inputs under seed instructions (what a 135M model writes well), 150 of them beside the mined tasks
     # (whose labels are right 95-100% of the time and which teach most), one epoch, and the log-likelihood
-    # benchmarks on 300 items each (150 for other domains' tasks).
+    # benchmarks on 300 items each (150 for other domains' tasks), generation benchmarks on 50.
     "quick": {
         "generate": {"input_share": 0.9, "num_instructions": 150},
         # Shorter answer prompts: option scoring of ~800-token prompts was the slowest stage.
@@ -232,7 +237,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         # tokens. On PubMedQA dev (seed 42, same data) batches of 8 for one pass lost the macro-F1 gain
         # (0.289 -> 0.282); batches of 4 kept it (0.365 [+0.026, +0.129]).
         "train": {"epochs": 1.0, "batch_size": 4},
-        "evaluate": {"modes": "loglikelihood", "max_items": 300, "cross_domain_max_items": 150},
+        # The domain's generation benchmarks (numeric QA over reports, say) on 50 items, each decoding its
+        # answer; other domains' only by log-likelihood (the cost there needs only its sign).
+        "evaluate": {
+            "max_items": 300,
+            "cross_domain_max_items": 150,
+            "generate_max_items": 50,
+            "cross_domain_modes": "loglikelihood",
+        },
     },
     "paper": {
         "generate": {"num_instructions": 5000, "num_mined": 5000, "max_rounds": 1000, "batch_size": 32},

@@ -7,7 +7,7 @@ import pytest
 from selfspec_core.config import load_settings
 from selfspec_core.data.tasks import CHOICE_SCORES, EvalItem, EvalTask
 from selfspec_core.errors import SelfspecError
-from selfspec_core.eval.scoring import ItemScore, rescore
+from selfspec_core.eval.scoring import ItemScore, compare_suite, rescore
 from selfspec_core.hookspecs import hookimpl
 from selfspec_core.models.loading import ModelRef
 from selfspec_core.models.prompting import PromptFormat
@@ -33,6 +33,7 @@ from selfspec_core.stages.evaluate import (
     score_model,
     split_items,
     task_summary,
+    unscored_members,
 )
 
 ALPACA = PromptFormat("alpaca", TRAIN_TEMPLATE)  # the form of adapters trained before formats were recorded
@@ -346,7 +347,8 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert "variants" not in report["numbers"] and "headline" not in report["numbers"]
     assert report["numbers"]["metric"] == "numeric" and report["numbers"]["n"] == 5
     assert report["absent"]["n"] == 0 and "tiny/not_there.json" in report["absent"]["skipped"]
-    assert "[evaluate] task absent (tinydom) skipped" in capsys.readouterr().out
+    logged = capsys.readouterr().out
+    assert "[evaluate] task absent (tinydom) skipped" in logged
     assert report["cross_domain"]["other_qa"]["domain"] == "otherdom" and report["cross_domain"]["other_qa"]["n"] == 3
 
     # The bundled plugins' shipped benchmarks are found with no data directory, and scored cross-domain.
@@ -365,8 +367,27 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert contamination["tasks"]["tinydom/sentiment"]["items_touched"] == 1
     assert [r["id"] for r in contamination["overlapping_records"]] == ["r1"]
 
+    # the domain's suite: its scored tasks' macro-average (each weighs the same), the missing one named
+    suite = json.loads((folder / "suite.json").read_text())
+    assert suite["tasks"] == {
+        name: {key: report[name][key] for key in ("base", "specialized", "n")} for name in ("sentiment", "numbers")
+    }
+    assert suite["base"] == pytest.approx((sentiment["base"] + report["numbers"]["base"]) / 2, abs=1e-6)
+    assert suite["specialized"] == pytest.approx(
+        (sentiment["specialized"] + report["numbers"]["specialized"]) / 2, abs=1e-6
+    )
+    assert suite["ci"][0] <= suite["delta"] <= suite["ci"][1] and set(suite["missing"]) == {"absent"}
+    assert "[evaluate] suite (sentiment, numbers; macro-average)" in logged
+    # a member that evaluate.modes leaves out is named with why
+    only_loglikelihood = dataclasses.replace(settings.evaluate, modes="loglikelihood")
+    own, _ = collect_tasks("tinydom", False, "", "loglikelihood")
+    assert unscored_members("tinydom", own, {}, only_loglikelihood) == {
+        "numbers": "scored by generate, which evaluate.modes='loglikelihood' leaves out"
+    }
+
     manifest = run.manifest("evaluate")
     assert manifest["tasks"] == 3 + len(shipped) and manifest["skipped"] >= 1 and manifest["contaminating_records"] == 1
+    assert manifest["suite"] == {key: suite[key] for key in ("base", "specialized", "delta", "ci")}
     assert not (folder / "scored.jsonl").exists()
 
     # the report reads what the stage wrote
@@ -388,6 +409,10 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert "| other_qa | otherdom | f1 | generate | 3 |" in markdown
     assert "| tinydom/sentiment | 11 | 1 |" in markdown
     assert "| sentiment | acc (headline) |" in markdown and "| sentiment | acc_calibrated |" in markdown
+    # the suite leads the results
+    assert markdown.index("## Domain suite") < markdown.index("## Base vs specialized")
+    assert f"| macro-average | 2 | {suite['base']:.3f} | {suite['specialized']:.3f} |" in markdown
+    assert "Not scored, so not in the average: absent" in markdown
 
     # drop_contaminated: the leaked sentence (scored, id 0) leaves the score; the full one stays beside
     settings.evaluate.drop_contaminated = True
@@ -400,6 +425,8 @@ def test_evaluate_stage_end_to_end(tmp_path, tiny_model_dir, data_dir, tiny_plug
     assert clean["base"] == pytest.approx(sum(p["base_score"] for p in kept) / 7, abs=1e-6)
     assert clean["specialized"] == pytest.approx(sum(p["specialized_score"] for p in kept) / 7, abs=1e-6)
     assert sum(clean["answers"]["gold"].values()) == 7 and clean["variants"]["acc_norm"]["n"] == 7
+    clean_suite = json.loads((folder / "suite.json").read_text())  # counts the clean items, as the task's row
+    assert clean_suite["tasks"]["sentiment"] == {key: clean[key] for key in ("base", "specialized", "n")}
 
 
 def test_edited_benchmark_data_makes_the_evaluation_stale(tmp_path, tiny_model_dir, data_dir, tiny_plugin):
@@ -756,3 +783,32 @@ def test_quality_benchmarks_last_line_adds_the_per_byte_and_calibrated_scores(tm
         "acc_calibrated_specialized": "0.675",
     }
     assert line.startswith("task=fpb base=0.260 specialized=0.631 delta=0.371 ci_low=0.310 ci_high=0.430 majority=")
+
+
+def test_the_suite_weighs_every_task_the_same_and_resamples_each_on_its_own():
+    big = ([0.0] * 400, [1.0] * 100 + [0.0] * 300)  # +0.25 on 400 items
+    small = ([1.0] * 10, [1.0] * 10)  # no change on 10
+    suite = compare_suite({"big": big, "small": small}, samples=500, seed=3)
+    assert (suite["base"], suite["specialized"], suite["delta"]) == (0.5, 0.625, 0.125)
+    assert suite["tasks"]["big"] == {"base": 0.0, "specialized": 0.25, "n": 400}
+    low, high = suite["ci"]
+    assert 0.09 < low < 0.125 < high < 0.16  # the big task's own noise, halved by the average
+    assert compare_suite({"big": big, "small": small}, samples=500, seed=3) == suite
+    with pytest.raises(ValueError, match="task small: the suite needs the same"):
+        compare_suite({"small": ([1.0], [])})
+
+
+def test_generation_tasks_have_their_own_item_cap_and_other_domains_their_own_modes(tiny_plugin):
+    from selfspec_core.stages.evaluate import cross_domain_scored, item_cap
+
+    quick = load_settings("quick").evaluate
+    own, others = collect_tasks("tinydom")
+    caps = {task.name: item_cap(task, quick.max_items, quick) for task in own}
+    assert caps == {"sentiment": 300, "numbers": 50, "absent": 300}
+    assert item_cap(own[1], 0, quick) == 50 and item_cap(own[1], 20, quick) == 20
+    assert item_cap(own[1], 0, dataclasses.replace(quick, generate_max_items=0)) == 0
+    assert item_cap(own[1], 300, dataclasses.replace(quick, generate_max_items=0)) == 300
+    # other domains' tasks by log-likelihood only in quick: other_qa is generated, so it is not scored
+    assert [task.name for task in others if task.domain == "otherdom"] == ["other_qa"]
+    assert [task.name for task in cross_domain_scored(others, quick) if task.domain == "otherdom"] == []
+    assert cross_domain_scored(others, dataclasses.replace(quick, cross_domain_modes="")) == others

@@ -324,16 +324,21 @@ def paired_bootstrap(
     differences = np.asarray(specialized, dtype=float) - np.asarray(base, dtype=float)
     if differences.size == 0:
         return None
-    rng = np.random.default_rng(seed)
+    means = bootstrap_means(differences, samples, np.random.default_rng(seed))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_means(differences: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Means of ``samples`` resamples (with replacement) of ``differences``."""
     means = np.empty(samples)
     rows_per_chunk = max(1, 2_000_000 // differences.size)  # bounded memory on large sets
     for start in range(0, samples, rows_per_chunk):
         rows = min(rows_per_chunk, samples - start)
         picks = rng.integers(0, differences.size, size=(rows, differences.size))
         means[start : start + rows] = differences[picks].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    return means
 
 
 def compare(base: Sequence[float], specialized: Sequence[float], samples: int = 1000, seed: int = 0) -> dict:
@@ -346,6 +351,41 @@ def compare(base: Sequence[float], specialized: Sequence[float], samples: int = 
         "delta": round(specialized_value - base_value, 6),
         "ci": [round(low, 6), round(high, 6)],
         "n": len(base),
+    }
+
+
+def compare_suite(
+    tasks: dict[str, tuple[Sequence[float], Sequence[float]]], samples: int = 1000, seed: int = 0
+) -> dict:
+    """A suite's macro-average (the mean of its tasks' means, each task weighing the same whatever its
+    size), both models, and the 95% paired bootstrap interval of the difference.
+
+    Each bootstrap sample resamples every task's items on their own (paired, as :func:`paired_bootstrap`)
+    and averages the tasks' mean differences, so a large task does not drown a small one and each
+    task's own noise enters in proportion. ``tasks``: name -> (base scores, specialized scores).
+    """
+    if not tasks:
+        raise ValueError("a suite needs at least one scored task")
+    rng = np.random.default_rng(seed)
+    sampled = np.zeros(samples)
+    for name, (base, specialized) in tasks.items():
+        if len(base) != len(specialized) or not len(base):
+            raise ValueError(f"task {name}: the suite needs the same, non-empty items for both models")
+        differences = np.asarray(specialized, dtype=float) - np.asarray(base, dtype=float)
+        sampled += bootstrap_means(differences, samples, rng)
+    sampled /= len(tasks)
+    low, high = np.percentile(sampled, [2.5, 97.5])
+    base_value = float(np.mean([np.mean(base) for base, _ in tasks.values()]))
+    specialized_value = float(np.mean([np.mean(specialized) for _, specialized in tasks.values()]))
+    return {
+        "base": round(base_value, 6),
+        "specialized": round(specialized_value, 6),
+        "delta": round(specialized_value - base_value, 6),
+        "ci": [round(float(low), 6), round(float(high), 6)],
+        "tasks": {
+            name: {"base": round(float(np.mean(b)), 6), "specialized": round(float(np.mean(s)), 6), "n": len(b)}
+            for name, (b, s) in tasks.items()
+        },
     }
 
 

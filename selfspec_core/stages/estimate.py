@@ -29,7 +29,14 @@ from selfspec_core.errors import SelfspecError, one_line
 from selfspec_core.models.loading import ModelRef, resolve_dtype
 from selfspec_core.run.rundir import STAGES, atomic_write_json
 from selfspec_core.runtime import throughput
-from selfspec_core.stages.evaluate import collect_tasks, read_items, resolve_data_dir, split_items
+from selfspec_core.stages.evaluate import (
+    collect_tasks,
+    cross_domain_scored,
+    item_cap,
+    read_items,
+    resolve_data_dir,
+    split_items,
+)
 
 if TYPE_CHECKING:
     from selfspec_core.config import Settings
@@ -332,10 +339,12 @@ def evaluation_load(settings: Settings, domain: str, calibration: Calibration = 
     one that is missing nothing (the stage skips it)."""
     evaluate = settings.evaluate
     own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes, evaluate.task_dir)
+    others = cross_domain_scored(others, evaluate)
     cross_items = evaluate.max_items if evaluate.cross_domain_max_items is None else evaluate.cross_domain_max_items
     root = resolve_data_dir(settings)
     loads = []
-    for task, max_items in [*((task, evaluate.max_items) for task in own), *((task, cross_items) for task in others)]:
+    for task, cap in [*((task, evaluate.max_items) for task in own), *((task, cross_items) for task in others)]:
+        max_items = item_cap(task, cap, evaluate)
         new_tokens = 0 if task.mode == "loglikelihood" else task.max_new_tokens or evaluate.max_new_tokens
         where, _ = datasources.status(task.source, root)
         if where == "missing":  # the stage skips it

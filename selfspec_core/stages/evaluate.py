@@ -13,6 +13,8 @@ evaluation item (GPT-3's decontamination test) would make a gain on that item me
 
 Outputs: ``eval.json`` ({task: {metric, mode, base, specialized, delta, ci, n, domain}}, with
 ``headline`` and ``variants`` for log-likelihood tasks, other domains under ``cross_domain``),
+``suite.json`` (the domain's suite: the macro-average of its scored tasks, each weighing the same,
+base vs specialized with a paired interval, and the members that could not be scored),
 ``predictions.jsonl`` and ``contamination.json``. A task whose
 data is missing (see :mod:`selfspec_core.data.datasources`) is skipped with one line saying where to put
 it, and recorded as skipped.
@@ -39,6 +41,7 @@ from selfspec_core.eval.scoring import (
     ItemScore,
     compare,
     compare_macro_f1,
+    compare_suite,
     parsed_label,
     rescore,
     score_generation,
@@ -54,6 +57,7 @@ from selfspec_core.run.rundir import RecordLog, atomic_write_json, read_jsonl, s
 from selfspec_core.templates import PromptTemplate, fill, template_context
 
 _WORD = re.compile(r"\w+")
+SUITE_FILE = "suite.json"  # the domain's suite: macro-average of its tasks, base vs specialized
 
 
 @dataclass
@@ -158,6 +162,20 @@ def read_items(task: EvalTask, root: Path | None, log: Callable[[str], None] = p
     return items
 
 
+def cross_domain_scored(others: Sequence[EvalTask], evaluate) -> list[EvalTask]:
+    """Other domains' tasks in a scoring mode of ``evaluate.cross_domain_modes`` (all when it is empty)."""
+    modes = {mode.strip() for mode in evaluate.cross_domain_modes.split(",") if mode.strip()}
+    return [task for task in others if not modes or task.mode in modes]
+
+
+def item_cap(task: EvalTask, max_items: int, evaluate) -> int:
+    """Items to score of ``task`` (0: all): ``max_items``, and for a generation task at most
+    ``evaluate.generate_max_items``."""
+    if task.mode != "generate" or not evaluate.generate_max_items:
+        return max_items
+    return min(max_items or evaluate.generate_max_items, evaluate.generate_max_items)
+
+
 def split_items(task: EvalTask, items: list[EvalItem], shots: int, max_items: int, seed: int) -> LoadedTask:
     """Hold out ``shots`` demonstrations, then score all the rest or a fixed seeded ``max_items`` subset."""
     order = list(range(len(items)))
@@ -182,7 +200,7 @@ def load_tasks(
     for task in tasks:
         items = read_items(task, root, log)
         if isinstance(items, list):
-            prepared = split_items(task, items, evaluate.shots, max_items, settings.seed)
+            prepared = split_items(task, items, evaluate.shots, item_cap(task, max_items, evaluate), settings.seed)
             if prepared.scored:
                 loaded.append(prepared)
                 continue
@@ -554,6 +572,55 @@ def check_contamination(
     return report, touched
 
 
+# ------------------------------------------------------------------------------------------ suite
+
+
+def in_suite(task: EvalTask) -> bool:
+    """Whether ``task`` counts in its domain's suite: every task unless it says ``extra["suite"] = False``
+    (another way of scoring a benchmark the suite already has, say)."""
+    return task.extra.get("suite", True) is not False
+
+
+def unscored_members(domain: str, tasks: Sequence[EvalTask], skipped: dict[str, str], evaluate) -> dict[str, str]:
+    """The domain's suite members left unscored, each with why: data missing, or a scoring mode that
+    ``evaluate.modes`` leaves out (a suite read without them should say so). Tasks left out by name
+    (``evaluate.tasks``) were the user's choice and are not listed."""
+    own = [task for task in tasks if task.domain == domain and in_suite(task)]
+    missing = {task.name: skipped[f"{domain}/{task.name}"] for task in own if f"{domain}/{task.name}" in skipped}
+    if evaluate.modes and not evaluate.tasks:
+        every, _ = collect_tasks(domain, False, "", "", evaluate.task_dir)
+        missing |= {
+            task.name: f"scored by {task.mode}, which evaluate.modes={evaluate.modes!r} leaves out"
+            for task in every
+            if in_suite(task) and task.name not in {chosen.name for chosen in own}
+        }
+    return missing
+
+
+def suite_summary(
+    members: Sequence[LoadedTask],
+    base: dict[str, list[ItemScore]],
+    specialized: dict[str, list[ItemScore]],
+    summaries: dict[str, dict],
+    touched: set[tuple[str, str]],
+    missing: dict[str, str],
+    samples: int,
+    seed: int,
+) -> dict | None:
+    """The domain's suite: its scored tasks' macro-average, base vs specialized with the paired interval
+    (:func:`~selfspec_core.eval.scoring.compare_suite`), each task on the items its own figures count
+    (without contaminated ones under ``drop_contaminated``), and the members that could not be scored."""
+    if not members:
+        return None
+    scores = {}
+    for task in members:
+        pairs = list(zip(base[task.key], specialized[task.key]))
+        if summaries[task.task.name].get("contaminated_dropped"):
+            pairs = [pair for pair, item in zip(pairs, task.scored) if (task.key, item.id) not in touched]
+        scores[task.task.name] = ([b.score for b, _ in pairs], [s.score for _, s in pairs])
+    return {**compare_suite(scores, samples, seed), "missing": missing}
+
+
 # ------------------------------------------------------------------------------------------ stage
 
 
@@ -564,6 +631,7 @@ def stage_tasks(
     ``cross_domain_max_items``), and the skipped ones with their reasons."""
     evaluate = settings.evaluate
     own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes, evaluate.task_dir)
+    others = cross_domain_scored(others, evaluate)
     if not own:
         log(f"[evaluate] domain {domain!r} registers no evaluation tasks (hook evaluation_tasks)")
     loaded, skipped = load_tasks(own, settings, log)
@@ -665,8 +733,22 @@ def run_stage(ctx) -> dict:
             }
     for plugin, line in plugins.broken_plugins().items():  # whatever tasks it has went uncollected
         report["cross_domain"][f"plugin {plugin}"] = {"metric": "", "mode": "", "domain": "", "n": 0, "skipped": line}
+    members = [task for task in loaded if task.task.domain == ctx.domain.name and in_suite(task.task)]
+    missing = unscored_members(ctx.domain.name, tasks, skipped, evaluate)
+    suite = suite_summary(
+        members, base, specialized, report, touched, missing, evaluate.bootstrap_samples, settings.seed
+    )
+    if suite is not None:
+        not_scored = f"; not scored: {', '.join(missing)}" if missing else ""
+        ctx.log(
+            f"[evaluate] suite ({', '.join(suite['tasks'])}; macro-average): base {suite['base']:.3f} -> "
+            f"specialized {suite['specialized']:.3f} (delta {suite['delta']:+.3f}, 95% CI "
+            f"[{suite['ci'][0]:+.3f}, {suite['ci'][1]:+.3f}]{not_scored})"
+        )
 
     atomic_write_json(ctx.work / "eval.json", report)
+    if suite is not None:
+        atomic_write_json(ctx.work / SUITE_FILE, suite)
     atomic_write_json(ctx.work / "contamination.json", contamination)
     write_jsonl(ctx.work / "predictions.jsonl", predictions)
     (ctx.work / "scored.jsonl").unlink(missing_ok=True)  # predictions.jsonl holds the same, paired
@@ -676,6 +758,7 @@ def run_stage(ctx) -> dict:
         "items": len(predictions),
         "contaminated_items": len(touched),
         "contaminating_records": len(contamination["overlapping_records"]),
+        **({"suite": {key: suite[key] for key in ("base", "specialized", "delta", "ci")}} if suite else {}),
     }
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from selfspec_core.run.rundir import atomic_write_text, read_jsonl
 from selfspec_core.stages.estimate import read_estimate
+from selfspec_core.stages.evaluate import SUITE_FILE
 
 NOT_AVAILABLE = "not available"
 # A model giving one label to more than this share of a task's items is not reading the items.
@@ -358,6 +359,48 @@ def training_section(run) -> Section:
     return section
 
 
+def suite_section(suite: dict, domain: str) -> Section | None:
+    """The domain's suite first: one macro-average of its benchmarks, base vs specialized, then each member."""
+    if _number(suite.get("delta")) is None:
+        return None
+    members = _mapping(suite.get("tasks"))
+    missing = _mapping(suite.get("missing"))
+    rows = [
+        [
+            "macro-average",
+            str(len(members)),
+            _fmt(suite.get("base")),
+            _fmt(suite.get("specialized")),
+            _fmt(suite.get("delta"), signed=True),
+            _interval(suite.get("ci")),
+        ],
+    ]
+    for name, member in members.items():
+        member = _mapping(member)
+        delta = (_number(member.get("specialized")) or 0.0) - (_number(member.get("base")) or 0.0)
+        rows.append(
+            [
+                name,
+                _fmt(member.get("n")),
+                _fmt(member.get("base")),
+                _fmt(member.get("specialized")),
+                _fmt(delta, signed=True),
+                "",
+            ]
+        )
+    blocks: list = [
+        f"The {domain} suite: each benchmark's headline score, averaged over the benchmarks (each weighs "
+        "the same whatever its size); the interval resamples every benchmark's items, paired.",
+        Table(["suite", "n", "base", "specialized", "delta", "95% CI"], rows),
+    ]
+    if missing:
+        blocks.append(
+            f"Not scored, so not in the average: {', '.join(missing)} (their lines in Base vs specialized say "
+            "where to put the data; `selfspec data fetch` gets those with a Hub source)."
+        )
+    return Section("Domain suite", blocks)
+
+
 def comparison_section(title: str, entries: dict, figure_name: str, empty: str) -> Section:
     section = Section(title)
     scored = [
@@ -678,8 +721,10 @@ def build_sections(run, seeds: int | None, model: str, samples: int = 5, seed: i
     results = _mapping(_read_json(run.stage_dir("evaluate") / "eval.json"))
     own = {k: v for k, v in results.items() if k != "cross_domain"}
     timing = estimate_section(run)
+    suite = suite_section(_mapping(_read_json(run.stage_dir("evaluate") / SUITE_FILE)), run.domain)
     return [
         run_section(run, model),
+        *([suite] if suite else []),
         *([timing] if timing else []),
         funnel_section(run, seeds),
         retrieval_section(run),

@@ -1,4 +1,5 @@
-"""PubMedQA evaluation tasks, read from the benchmark's own files.
+"""Biomed evaluation tasks: PubMedQA, read from the benchmark's own files, and the medical exams of
+:mod:`selfspec_biomed.exams` (MMLU's medical subjects, MedMCQA); together the domain's suite.
 
 PubMedQA's expert-labelled set (PQA-L, Jin et al. 2019, MIT licence) has 1,000 questions in
 ``pubmedqa/ori_pqal.json``; ``pubmedqa/test_ground_truth.json`` names the 500 of the official test
@@ -20,6 +21,8 @@ from functools import partial
 from pathlib import Path
 
 from selfspec_core.api import EvalItem, EvalTask, HubDataset, SelfspecError, package_file, read_text
+
+from . import exams
 
 PUBMEDQA_FILE = "pubmedqa/ori_pqal.json"
 TEST_IDS_FILE = "test_ground_truth.json"  # beside ori_pqal.json
@@ -101,7 +104,7 @@ def _read_json(path: Path):
         raise SelfspecError(f"{path}: not valid JSON ({exc}); download the file again") from None
 
 
-def _task(name: str, split: str, mode: str, description: str, **options) -> EvalTask:
+def _task(name: str, split: str, mode: str, description: str, suite: bool = True, **options) -> EvalTask:
     return EvalTask(
         name=name,
         domain="biomed",
@@ -111,7 +114,7 @@ def _task(name: str, split: str, mode: str, description: str, **options) -> Eval
         metric="accuracy",
         description=description,
         licence=LICENCE,
-        extra={"split": split},
+        extra={"split": split, "suite": suite},
         origin=ORIGIN,
         shipped=SHIPPED / "ori_pqal.json.gz",
         hub=HUB,
@@ -142,5 +145,7 @@ def evaluation_tasks() -> list[EvalTask]:
             "generate",
             "PubMedQA test split (500): yes/no/maybe read from the generated answer",
             max_new_tokens=8,
+            suite=False,  # the suite counts PubMedQA once, as ``pubmedqa``
         ),
+        *exams.evaluation_tasks(),
     ]

@@ -187,15 +187,26 @@ def test_hooks_answer_only_for_biomed():
 # ------------------------------------------------------------------------------ evaluation tasks
 
 
+def pubmedqa_tasks() -> dict:
+    return {name: task for name, task in tasks_by_name().items() if name.startswith("pubmedqa")}
+
+
 def test_tasks_declare_licence_mode_and_split():
-    found = tasks_by_name()
-    assert set(found) == {"pubmedqa", "pubmedqa_dev", "pubmedqa_gen"}
+    assert set(tasks_by_name()) == {"pubmedqa", "pubmedqa_dev", "pubmedqa_gen", "mmlu_medical", "medmcqa"}
+    found = pubmedqa_tasks()
     assert all(task.licence.startswith("MIT") and task.data_file == "pubmedqa/ori_pqal.json" for task in found.values())
     assert (found["pubmedqa"].mode, found["pubmedqa_gen"].mode) == ("loglikelihood", "generate")
     assert {task.name: task.extra["split"] for task in found.values()} == {
         "pubmedqa": "test",
         "pubmedqa_dev": "dev",
         "pubmedqa_gen": "test",
+    }
+    # the suite counts PubMedQA once
+    assert {name for name, task in tasks_by_name().items() if task.extra.get("suite", True)} == {
+        "pubmedqa",
+        "pubmedqa_dev",
+        "mmlu_medical",
+        "medmcqa",
     }
 
 
@@ -284,7 +295,7 @@ def test_corpus_never_overlaps_pubmedqa():
 def test_shipped_pubmedqa_and_abstracts_are_found_with_no_data_dir(monkeypatch):
     """What the README's first command evaluates and grounds on, offline, on a fresh machine."""
     monkeypatch.delenv("SELFSPEC_DATA", raising=False)
-    found = tasks_by_name()
+    found = pubmedqa_tasks()
     assert {name: find_data(task.source, None).where for name, task in found.items()} == dict.fromkeys(found, "shipped")
     test, dev = task_items(found["pubmedqa"], None), task_items(found["pubmedqa_dev"], None)
     truth = json.loads((tasks.SHIPPED / tasks.TEST_IDS_FILE).read_text())
@@ -356,7 +367,7 @@ def test_pubmedqa_from_its_hub_layout_gives_the_shipped_items(tmp_path, monkeypa
         {"pqa_labeled": {"train": datasets.Dataset.from_list(rows, features=features)}},
     )
     use_hub_mirror(monkeypatch, tmp_path / "hub")
-    for name, task in tasks_by_name().items():
+    for name, task in pubmedqa_tasks().items():
         from_hub = replace(task, shipped=None)
         assert find_data(from_hub.source, tmp_path).where == "hub"
         assert task_items(from_hub, tmp_path) == task_items(task, tmp_path), name
