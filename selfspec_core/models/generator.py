@@ -166,8 +166,10 @@ class HFGenerator:
         Measured on SmolLM2 on 2 CPU cores, the gain is within noise: a decoding step there costs
         mostly small matrix products, not the finished rows. Writing the cache into preallocated
         buffers instead of growing it by ``torch.cat`` measured no gain either (bench/generate.py,
-        28.9 s against 27.9 s); the prompts' pass without the padding's work (:func:`prefill`) took the
-        batch from 27.9 to 25.9-28.1 s over two runs: within this machine's noise.
+        28.9 s against 27.9 s). The prompts' pass without the padding's work (:func:`prefill`) is
+        faster by itself: 6.70 s against 8.17 s on bench/generate.py's 16 prompts (medians of five
+        alternating runs, all packed ones faster, 2-core EPYC), though over the whole batch (~28 s) the
+        gain is within this machine's run-to-run noise.
         """
         import torch
 
