@@ -206,7 +206,7 @@ def evaluation_tasks() -> list[EvalTask]:
         "takala/financial_phrasebank", config=f"sentences_{level.lower()}", revision="refs/convert/parquet"
     )
 
-    def fpb(name: str, split: str, mode: str, description: str, **options) -> EvalTask:
+    def fpb(name: str, split: str, mode: str, description: str, suite: bool = True, **options) -> EvalTask:
         return EvalTask(
             name=name,
             domain="finance",
@@ -216,7 +216,7 @@ def evaluation_tasks() -> list[EvalTask]:
             metric="accuracy",
             description=f"{description} ({level})",
             licence=FPB_LICENCE,
-            extra={**extra, "split": split},
+            extra={**extra, "split": split, "suite": suite},
             origin=FPB_ORIGIN,
             hub=hub,
             load_rows=partial(load_fpb_rows, split=split),
@@ -244,6 +244,7 @@ def evaluation_tasks() -> list[EvalTask]:
             "generate",
             "Financial PhraseBank test fifth: sentiment read from the generated answer",
             max_new_tokens=8,
+            suite=False,  # the suite counts Financial PhraseBank once, as ``fpb``
         ),
         EvalTask(
             name="tatqa",

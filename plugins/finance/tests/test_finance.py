@@ -201,7 +201,10 @@ def test_tasks_declare_licence_mode_and_agreement(monkeypatch):
         "CC BY-NC-SA" in found[name].licence and found[name].data_file == FPB_50
         for name in ("fpb", "fpb_dev", "fpb_gen")
     )
-    assert found["fpb"].extra == {"agreement": "50Agree", "split": "test"} and found["fpb_dev"].extra["split"] == "dev"
+    assert found["fpb"].extra == {"agreement": "50Agree", "split": "test", "suite": True}
+    assert found["fpb_dev"].extra["split"] == "dev"
+    # the suite counts Financial PhraseBank once
+    assert {name for name, task in found.items() if task.extra.get("suite", True)} == {"fpb", "fpb_dev", "tatqa"}
     assert (found["fpb_gen"].mode, found["tatqa"].mode, found["tatqa"].metric) == ("generate", "generate", "numeric")
     assert found["tatqa"].licence.startswith("CC BY 4.0")
     monkeypatch.setenv(tasks.FPB_LEVEL_ENV, "AllAgree")
