@@ -123,3 +123,27 @@ def test_killed_runs_resume_to_the_same_result(tmp_path):
         assert (resumed[key] - reference[key]).abs().max().item() < 1e-6, key
     steps = [json.loads(line)["step"] for line in (killed / "train" / "train_log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def test_two_rounds_on_the_embedded_model(tmp_path):
+    """``run --rounds 2``: round 2 writes and answers with round 1's adapter in ``run/round-2/``, tunes a
+    fresh adapter on both rounds' records, and the first round's report shows both rounds."""
+    env = {"SELFSPEC_DATA": str(DATA)} if DATA.is_dir() else {"SELFSPEC_DATA": ""}
+    (tmp_path / "quick.toml").write_text("[train]\nmax_steps = 2\n[evaluate]\ncross_domain = false\n")
+    args = ["--domain", "finance", "--profile", "tiny", "--config", "quick.toml", "--out", "run", "run"]
+    output = finish(selfspec([*args, "--rounds", "2"], tmp_path, env))
+    first, second = tmp_path / "run", tmp_path / "run" / "round-2"
+    assert "[round 2] writing and answering with round 1's adapter" in output
+    assert (second / "previous" / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        first / "train" / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
+    keys = lambda path: [(r["instruction"], r["input"]) for r in map(json.loads, path.read_text().splitlines())]  # noqa: E731
+    union = keys(second / "train" / "data.jsonl")
+    assert len(union) == len(set(union)) == json.loads((second / "train" / "manifest.json").read_text())["examples"]
+    assert set(union) == set(keys(first / "respond" / "data.jsonl")) | set(keys(second / "respond" / "data.jsonl"))
+    rows = json.loads((first / "rounds.json").read_text())
+    assert [row["round"] for row in rows] == [1, 2] and rows[1]["records"] == len(union)
+    assert "## Rounds" in (first / "report" / "report.md").read_text()
+    # nothing to redo but the first round's report, which shows the rounds
+    again = finish(selfspec([*args, "--rounds", "2"], tmp_path, env))
+    assert again.count("up to date, skipped") == 10, again

@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from selfspec_core.config import load_settings
+from selfspec_core.data.datasources import OFFLINE_ENVS, HubDataset
 from selfspec_core.data.tasks import EvalItem, EvalTask
 from selfspec_core.errors import SelfspecError
 from selfspec_core.hookspecs import hookimpl
@@ -151,6 +152,34 @@ def test_evaluation_counts_the_real_items_and_their_length(tmp_path, plugin, tin
     )
     tokens_per_minute = 60 * 100e9 * calibration.efficiency["prompt"] / (2 * estimates.model_parameters(tiny))
     assert short == pytest.approx(expected * per_item / tokens_per_minute)
+
+
+class FetchTasks:
+    @hookimpl
+    def register_domains(self, register):
+        register(Domain("fetchdom", "a domain whose benchmark is on the Hub only"))
+
+    @hookimpl
+    def evaluation_tasks(self, domain):
+        if domain != "fetchdom":
+            return None
+        hub = HubDataset("selfspec-tests/not-there")
+        return [EvalTask("hubbed", "fetchdom", "fetch/hubbed.jsonl", _load, hub=hub, load_rows=lambda rows: [])]
+
+
+def test_benchmarks_still_to_fetch_are_estimated_apart(tmp_path, plugin, tiny, monkeypatch):
+    """Whether the Hub will answer when the stage runs is unknown before it: their minutes are said beside."""
+    plugin(FetchTasks(), "fetch-tasks")
+    for name in OFFLINE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings("quick", overrides={"data_dir": str(tmp_path), "evaluate": {"cross_domain": False}})
+    assert [(load.items, load.to_fetch) for load in estimates.evaluation_load(settings, "fetchdom")] == [(300, True)]
+    made = estimates.estimate(settings, "fetchdom", tiny, ["evaluate"], 100.0)
+    assert made.minutes["evaluate"] == pytest.approx(estimates.CALIBRATION.other_seconds["evaluate"] / 60)
+    assert made.to_fetch > 0 and made.to_dict()["to_fetch_minutes"] == round(made.to_fetch, 2)
+    assert made.line().endswith(
+        f"; evaluate +{made.to_fetch:.1f} min if the benchmarks still to fetch from the Hub are fetched"
+    )
 
 
 def selfspec(*args, cwd):

@@ -278,3 +278,35 @@ def test_bad_instruction_file_is_named(tmp_path, tiny_model_dir):
     run.finish("generate", {"config_hash": "t", "input_hash": "t"})
     with pytest.raises(SelfspecError, match=r"instructions.jsonl:1: field 'input' is missing"):
         run_respond(run, make_settings(tmp_path, tiny_model_dir))
+
+
+def test_a_later_round_answers_with_the_round_befores_adapter(tmp_path, tiny_model_dir):
+    """``previous/adapter`` (what ``selfspec run --rounds`` hands on) is applied to the model that answers,
+    and is an input of the stage: another adapter makes the answers stale."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from selfspec_core.models.loading import ModelRef, load_model
+    from selfspec_core.run import rounds
+
+    settings = make_settings(tmp_path, tiny_model_dir, response_checks="", max_label_share=1.0)
+    plain = make_run(tmp_path, "round-1")
+    run_respond(plain, settings)
+    later = make_run(tmp_path, "round-2")
+    torch.manual_seed(3)
+    adapter = get_peft_model(
+        load_model(ModelRef("tiny", str(tiny_model_dir))),
+        LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
+    )
+    adapter.save_pretrained(later.path / rounds.PREVIOUS / "adapter")
+    pipeline = Pipeline(settings, DOMAIN, later, SEEDS)
+    assert rounds.previous_adapter(later) == later.path / "previous" / "adapter"
+    assert later.path / "previous" / "adapter" / "adapter_model.safetensors" in pipeline.input_files("respond")
+    run_respond(later, settings)
+    answers = [r["output"] for r in read_jsonl(plain.stage_dir("respond") / "data.jsonl")]
+    assert answers != [r["output"] for r in read_jsonl(later.stage_dir("respond") / "data.jsonl")]
+    before = pipeline.input_hash("respond")
+    (later.path / "previous" / "adapter" / "adapter_config.json").write_text(
+        (later.path / "previous" / "adapter" / "adapter_config.json").read_text().replace('"r": 4', '"r": 4 ')
+    )
+    assert pipeline.input_hash("respond") != before

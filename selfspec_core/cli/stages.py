@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from selfspec_core.cli.session import Session, use_log_file
+from selfspec_core.run import rounds
+from selfspec_core.run.pipeline import Pipeline
 from selfspec_core.run.rundir import STAGES
 from selfspec_core.runtime import distributed
 from selfspec_core.stages import estimate
@@ -93,14 +95,45 @@ def _options(ctx: click.Context) -> list[str]:
 @click.command()
 @_retrieval
 @_quant
+@click.option(
+    "--rounds",
+    "round_count",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Rounds of self-specialization: each after the first writes, answers and judges with the "
+    "round before's adapter, then tunes a fresh one on every round's records (in <out>/round-<k>/).",
+)
 @click.option("--force", is_flag=True, help="Run every stage again.")
 @click.pass_obj
-def run(session: Session, force: bool, **options):
+def run(session: Session, force: bool, round_count: int, **options):
     """Run every stage: generate, respond, train, evaluate, report, first saying how long they will take."""
+
+    def announce(stages: list[str]) -> None:
+        estimate.announce(pipeline, stages)
+        if round_count > 1:
+            click.echo(
+                f"[estimate] then {round_count - 1} more round(s), each about as long again "
+                "(training longer: it tunes on every round's records)"
+            )
+
     with session.pipeline(**_stage_overrides(options)) as pipeline:
-        pipeline.run_stages(
-            list(STAGES), force=force, before_running=lambda stages: estimate.announce(pipeline, stages)
-        )
+        pipeline.run_stages(list(STAGES), force=force, before_running=announce)
+        for number in range(2, round_count + 1):
+            current = rounds.round_run(pipeline.run, number).open()
+            rounds.hand_on(rounds.round_run(pipeline.run, number - 1), current)
+            click.echo(f"[round {number}] writing and answering with round {number - 1}'s adapter in {current.path}")
+            Pipeline(pipeline.settings, pipeline.domain, current, pipeline.seeds, pipeline.log).run_stages(
+                list(STAGES), force=force
+            )
+        if round_count > 1:
+            for row in rounds.summarize(pipeline.run, round_count):
+                suite = row["suite"] or {}
+                click.echo(
+                    f"[round {row['round']}] {row['records']} records; suite "
+                    f"{suite.get('base', float('nan')):.3f} -> {suite.get('specialized', float('nan')):.3f}"
+                )
+            pipeline.run_stages(["report"], force=True)  # the first round's report adds the rounds' table
     click.echo(f"report: {pipeline.run.stage_dir('report') / 'report.html'}")
 
 

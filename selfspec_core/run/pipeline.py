@@ -30,6 +30,7 @@ from selfspec_core.errors import SelfspecError
 from selfspec_core.models.loading import ModelRef, resolve_dtype, resolve_model
 from selfspec_core.plugins import manager as plugins
 from selfspec_core.records import Domain, Seed
+from selfspec_core.run import rounds
 from selfspec_core.run.adapter import adapter_training_data, stage_adapter
 from selfspec_core.run.context import StageContext
 from selfspec_core.run.rundir import RunDir, file_hash, stage_command
@@ -91,7 +92,18 @@ class Pipeline:
             adapter = stage_adapter(self.settings, self.run)
             data = adapter_training_data(adapter)
             return [adapter / "adapter_config.json", adapter / "adapter_model.safetensors", *([data] if data else [])]
-        return [self.run.path / relative for relative in STAGE_SPECS[stage][2]]
+        return [self.run.path / relative for relative in STAGE_SPECS[stage][2]] + self.round_inputs(stage)
+
+    def round_inputs(self, stage: str) -> list[Path]:
+        """What a round after the first reads from the round before (:mod:`selfspec_core.run.rounds`):
+        its adapter, for the stages that write and answer with it, and its records, for training and
+        the contamination check."""
+        adapter, data = rounds.previous_adapter(self.run), rounds.previous_data(self.run)
+        if stage in ("generate", "respond") and adapter is not None:
+            return [adapter / "adapter_config.json", adapter / "adapter_model.safetensors"]
+        if stage in ("train", "evaluate") and data is not None:
+            return [data]
+        return []
 
     def input_hash(self, stage: str) -> str:
         files = self.input_files(stage)

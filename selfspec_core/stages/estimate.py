@@ -142,6 +142,9 @@ class Estimate:
     model: str
     parameters: int
     stages: dict[str, StageEstimate]
+    # minutes the evaluate stage adds if the benchmarks still to fetch from the Hub can be fetched when
+    # it runs (with no network it skips them): not in ``stages``, said beside them
+    to_fetch: float = 0.0
 
     @property
     def minutes(self) -> dict[str, float]:
@@ -154,7 +157,15 @@ class Estimate:
             for number, (stage, minutes) in enumerate(self.minutes.items())
         ]
         total = sum(self.minutes.values())
-        return f"[estimate] {', '.join(parts)}: about {total:,.1f} minutes on this machine ({self.machine.describe()})"
+        fetched = (
+            f"; evaluate {self.to_fetch:+,.1f} min if the benchmarks still to fetch from the Hub are fetched"
+            if self.to_fetch
+            else ""
+        )
+        return (
+            f"[estimate] {', '.join(parts)}: about {total:,.1f} minutes on this machine ({self.machine.describe()})"
+            f"{fetched}"
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -165,6 +176,7 @@ class Estimate:
             "device": self.machine.device,
             "matmul_gflops": round(self.machine.gflops, 1),
             "threads": self.machine.threads,
+            "to_fetch_minutes": round(self.to_fetch, 2),
             "stages": {
                 stage: {
                     "minutes": round(estimate.minutes, 2),
@@ -192,14 +204,18 @@ def estimate(
         )
     parameters = model_parameters(model_ref)
     machine = Machine.here(resolve_dtype(settings.dtype), gflops)
+
+    def seconds(tokens: dict[str, float]) -> float:
+        return sum(count / machine.tokens_per_second(kind, parameters, calibration) for kind, count in tokens.items())
+
     costs = {}
     for stage in stages:
         tokens = _WORK[stage](settings, domain, calibration)
-        seconds = calibration.other_seconds[stage] + sum(
-            count / machine.tokens_per_second(kind, parameters, calibration) for kind, count in tokens.items()
-        )
-        costs[stage] = StageEstimate(seconds / 60, tokens)
-    return Estimate(machine, model_ref.name, parameters, costs)
+        costs[stage] = StageEstimate((calibration.other_seconds[stage] + seconds(tokens)) / 60, tokens)
+    to_fetch = (
+        seconds(_evaluate_tokens(settings, domain, calibration, to_fetch=True)) / 60 if "evaluate" in costs else 0.0
+    )
+    return Estimate(machine, model_ref.name, parameters, costs, to_fetch)
 
 
 def estimate_minutes(
@@ -301,10 +317,15 @@ def _train_tokens(settings: Settings, domain: str, calibration: Calibration) -> 
     return {TRAIN: seen * min(calibration.train_example_tokens, train.max_length)}
 
 
-def _evaluate_tokens(settings: Settings, domain: str, calibration: Calibration) -> dict[str, float]:
-    """Base and specialized model on every item (a base score cached by an earlier run is not foreseen)."""
+def _evaluate_tokens(
+    settings: Settings, domain: str, calibration: Calibration, to_fetch: bool = False
+) -> dict[str, float]:
+    """Base and specialized model on every item of the tasks on this machine (``to_fetch``: of those still
+    to fetch from the Hub instead); a base score cached by an earlier run is not foreseen."""
     tokens = {PROMPT: 0.0, DECODE: 0.0}
     for task in evaluation_load(settings, domain, calibration):
+        if task.to_fetch != to_fetch:
+            continue
         tokens[PROMPT] += 2 * task.items * (calibration.evaluate_item_tokens + task.chars / calibration.chars_per_token)
         tokens[DECODE] += 2 * task.items * task.new_tokens
     return tokens
@@ -331,6 +352,7 @@ class TaskLoad:
     items: int
     chars: float
     new_tokens: int
+    to_fetch: bool = False  # its items come from the Hub when the stage runs, if the Hub answers then
 
 
 def evaluation_load(settings: Settings, domain: str, calibration: Calibration = CALIBRATION) -> list[TaskLoad]:
@@ -350,7 +372,8 @@ def evaluation_load(settings: Settings, domain: str, calibration: Calibration = 
         if where == "missing":  # the stage skips it
             continue
         if where == "to fetch":  # its items come from the Hub only when the stage runs
-            loads.append(TaskLoad(max_items or calibration.default_items, calibration.default_item_chars, new_tokens))
+            items, chars = max_items or calibration.default_items, calibration.default_item_chars
+            loads.append(TaskLoad(items, chars, new_tokens, to_fetch=True))
             continue
         items = read_items(task, root, log=lambda line: None)
         if isinstance(items, str):  # unreadable after all: the stage skips it too

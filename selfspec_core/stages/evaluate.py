@@ -52,6 +52,7 @@ from selfspec_core.models.backends import make_generator
 from selfspec_core.models.loading import check_adapter, load_tokenizer
 from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.plugins import manager as plugins
+from selfspec_core.run import rounds
 from selfspec_core.run.adapter import adapter_prompt_format, adapter_prompts, adapter_training_data, stage_adapter
 from selfspec_core.run.rundir import RecordLog, atomic_write_json, read_jsonl, stage_command, write_jsonl
 from selfspec_core.templates import PromptTemplate, fill, template_context
@@ -671,7 +672,11 @@ def run_stage(ctx) -> dict:
     base = score_model("base", settings, ctx.model, None, loaded, prompts, ctx.log, cache)
     specialized = score_model("specialized", settings, ctx.model, adapter, loaded, prompts, ctx.log, cache)
 
-    training_data = adapter_training_data(adapter) if evaluate.adapter else ctx.run.require("respond", "data.jsonl")
+    if evaluate.adapter:
+        training_data = adapter_training_data(adapter)
+    else:
+        ctx.run.require("respond", "data.jsonl")  # the run's own adapter: the data it was tuned on is there
+        training_data = rounds.training_data(ctx.run)
     if training_data is None:
         contamination, touched = unknown_contamination(adapter, evaluate.ngram), set()
         ctx.log(f"[evaluate] contamination unknown: {contamination['reason']}")

@@ -33,6 +33,7 @@ from selfspec_core.errors import SelfspecError
 from selfspec_core.models.backends import make_generator
 from selfspec_core.models.generator import Completion, cut_at_stop
 from selfspec_core.records import Funnel, Seed
+from selfspec_core.run.rounds import previous_adapter
 from selfspec_core.run.rundir import RecordLog, atomic_write_json, read_jsonl, write_jsonl
 from selfspec_core.runtime import logs
 from selfspec_core.stages import mine as mining
@@ -377,7 +378,9 @@ def run_stage(ctx) -> dict:
                 state.round_batches = _round_batches(settings, funnel)
                 state.round_kept = 0
             if generator is None:
-                generator = make_generator(ctx.settings, ctx.model, batch_size=settings.batch_size)
+                generator = make_generator(
+                    ctx.settings, ctx.model, adapter=previous_adapter(ctx.run), batch_size=settings.batch_size
+                )
             kept = _run_batch(ctx, settings, generator, formats, examples, checks, state, funnel, kept_by_type)
             log.append(kept)
             examples.extend(kept)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selfspec_core.run.rounds import SUMMARY_FILE
 from selfspec_core.run.rundir import atomic_write_text, read_jsonl
 from selfspec_core.stages.estimate import read_estimate
 from selfspec_core.stages.evaluate import SUITE_FILE
@@ -401,6 +402,39 @@ def suite_section(suite: dict, domain: str) -> Section | None:
     return Section("Domain suite", blocks)
 
 
+def rounds_section(rows: list) -> Section | None:
+    """Each round of ``selfspec run --rounds N`` side by side: what it trained on and how it scored."""
+    rows = [_mapping(row) for row in rows if isinstance(row, dict)]
+    if len(rows) < 2:
+        return None
+    names = list(dict.fromkeys(name for row in rows for name in _mapping(row.get("tasks"))))
+    table = []
+    for row in rows:
+        suite, tasks = _mapping(row.get("suite")), _mapping(row.get("tasks"))
+        cells = [str(row.get("round")), _fmt(row.get("records"))]
+        cells.append(
+            f"{_fmt(suite.get('specialized'))} ({_fmt(suite.get('delta'), signed=True)} {_interval(suite.get('ci'))})"
+            if suite
+            else ""
+        )
+        for name in names:
+            task = _mapping(tasks.get(name))
+            f1 = _mapping(task.get("macro_f1"))
+            cells.append(
+                f"{_fmt(task.get('specialized'))}" + (f" / {_fmt(f1.get('specialized'))}" if f1 else "") if task else ""
+            )
+        table.append(cells)
+    return Section(
+        "Rounds",
+        [
+            "Each round after the first wrote and answered its data with the round before's adapter and tuned "
+            "a fresh adapter on every round's records (`selfspec run --rounds N`; round k's run is "
+            "`round-<k>/`). Specialized scores; a task with fixed answers also shows its macro-F1.",
+            Table(["round", "records trained on", "suite (vs base, 95% CI)", *names], table),
+        ],
+    )
+
+
 def comparison_section(title: str, entries: dict, figure_name: str, empty: str) -> Section:
     section = Section(title)
     scored = [
@@ -722,9 +756,11 @@ def build_sections(run, seeds: int | None, model: str, samples: int = 5, seed: i
     own = {k: v for k, v in results.items() if k != "cross_domain"}
     timing = estimate_section(run)
     suite = suite_section(_mapping(_read_json(run.stage_dir("evaluate") / SUITE_FILE)), run.domain)
+    rounds = rounds_section(_read_json(run.path / SUMMARY_FILE) or [])
     return [
         run_section(run, model),
         *([suite] if suite else []),
+        *([rounds] if rounds else []),
         *([timing] if timing else []),
         funnel_section(run, seeds),
         retrieval_section(run),

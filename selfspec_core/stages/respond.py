@@ -31,6 +31,7 @@ from selfspec_core.data.retrieval import BM25Index, Hit, corpus_hash, resolve_co
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.backends import make_generator
 from selfspec_core.records import Funnel, Seed, TrainingRecord
+from selfspec_core.run.rounds import previous_adapter
 from selfspec_core.run.rundir import RecordLog, read_jsonl, stage_command, write_jsonl
 from selfspec_core.runtime import logs
 from selfspec_core.stages import checks as quality
@@ -83,7 +84,9 @@ def run_stage(ctx) -> dict:
         )
     funnel = Funnel(generated=len(records) + len(mined))
     hits, retrieval_stats = _retrieve(ctx, records)
-    generator = make_generator(ctx.settings, ctx.model, batch_size=settings.batch_size)
+    generator = make_generator(
+        ctx.settings, ctx.model, adapter=previous_adapter(ctx.run), batch_size=settings.batch_size
+    )
     plans = _plans(ctx, records, hits, getattr(generator, "tokenizer", None))
     chunk_size = settings.batch_size * CHUNK_BATCHES
     if settings.min_relevance > 0 and hits is not None:

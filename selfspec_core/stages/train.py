@@ -49,6 +49,7 @@ from selfspec_core.config import TrainSettings
 from selfspec_core.errors import SelfspecError
 from selfspec_core.models.loading import ModelRef, cpu_flags, default_quant, load_model, load_tokenizer, resolve_dtype
 from selfspec_core.models.prompting import PromptFormat
+from selfspec_core.run import rounds
 from selfspec_core.run.adapter import TRAINING_INFO, read_training_info
 from selfspec_core.run.context import StageContext
 from selfspec_core.run.rundir import RecordLog, atomic_write_json, file_hash, iter_jsonl, stage_command, write_jsonl
@@ -385,8 +386,18 @@ def make_trainer(model, examples: list[Example], settings: TrainSettings, tokeni
 
 
 def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
-    """Train a LoRA adapter on ``respond/data.jsonl``; ``callbacks`` are extra TrainerCallbacks."""
+    """Train a LoRA adapter on ``respond/data.jsonl`` (in a round after the first, with the records of
+    the rounds before: :mod:`selfspec_core.run.rounds`); ``callbacks`` are extra TrainerCallbacks."""
     data_path = ctx.run.require("respond", "data.jsonl")
+    records = load_records(data_path, stage_command(ctx.domain.name, "respond", ctx.run.path))
+    earlier = rounds.previous_data(ctx.run)
+    data_file = "respond/data.jsonl"
+    if earlier is not None:  # a round after the first: every round's records, each once
+        records = rounds.union_records(load_records(earlier, "selfspec run --rounds"), records)
+        data_path = ctx.work / rounds.UNION_FILE
+        write_jsonl(data_path, records)
+        data_file = f"train/{rounds.UNION_FILE}"
+        ctx.log(f"[train] {len(records)} records of this round and the rounds before it")
     data_hash = file_hash(data_path)
     saved = saved_stats(ctx.work / "adapter", data_hash)
     if saved is not None:  # killed after saving the adapter, before the stage was sealed
@@ -395,12 +406,9 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     tokenizer = load_tokenizer(ctx.model)
     prompts = PromptFormat.chosen(ctx.settings.train.prompt_format, template, tokenizer, ctx.template_context)
     ctx.log(f"[train] prompt format: {prompts.name}")
-    examples = [
-        encode_example(r, prompts, ctx.settings.train.max_length)
-        for r in load_records(data_path, stage_command(ctx.domain.name, "respond", ctx.run.path))
-    ]
+    examples = [encode_example(r, prompts, ctx.settings.train.max_length) for r in records]
     info = {
-        "data_file": "respond/data.jsonl",
+        "data_file": data_file,
         "data_hash": data_hash,
         "prompt_template": dataclasses.asdict(template),
         "prompt_format": prompts.name,
