@@ -201,6 +201,11 @@ def test_tasks_declare_licence_mode_and_split():
         "pubmedqa_dev": "dev",
         "pubmedqa_gen": "test",
     }
+    # the quick profile scores by log-likelihood only, which leaves no member of the suite out
+    quick = installed_domains()[DOMAIN].profile_settings["quick"]
+    assert quick == {"evaluate": {"modes": "loglikelihood"}}
+    suite = [task for task in tasks_by_name().values() if task.extra.get("suite", True)]
+    assert {task.mode for task in suite} == {"loglikelihood"}
     # the suite counts PubMedQA once
     assert {name for name, task in tasks_by_name().items() if task.extra.get("suite", True)} == {
         "pubmedqa",
