@@ -131,29 +131,24 @@ def _index(answer) -> int:
 
 
 def evaluation_tasks() -> list[EvalTask]:
+    exams = (
+        ("mmlu_medical", MMLU_FOLDER, load_mmlu, load_mmlu_rows, MMLU_HUB, MMLU_LICENCE, MMLU_ORIGIN,
+         "MMLU's six medical subjects, test questions (1,089)"),
+        ("medmcqa", MEDMCQA_FILE, load_medmcqa, load_medmcqa_rows, MEDMCQA_HUB, MEDMCQA_LICENCE, MEDMCQA_ORIGIN,
+         "MedMCQA validation questions (4,183)"),
+    )  # fmt: skip
     return [
         EvalTask(
-            name="mmlu_medical",
+            name=name,
             domain="biomed",
-            data_file=MMLU_FOLDER,
-            load=load_mmlu,
-            description="MMLU's six medical subjects, test questions (1,089): the likeliest option by acc_norm",
-            licence=MMLU_LICENCE,
-            origin=MMLU_ORIGIN,
-            hub=MMLU_HUB,
-            load_rows=load_mmlu_rows,
+            data_file=data_file,
+            load=load,
+            description=f"{description}: the likeliest option by {HEADLINE}",
+            licence=licence,
+            origin=origin,
+            hub=hub,
+            load_rows=load_rows,
             headline=HEADLINE,
-        ),
-        EvalTask(
-            name="medmcqa",
-            domain="biomed",
-            data_file=MEDMCQA_FILE,
-            load=load_medmcqa,
-            description="MedMCQA validation questions (4,183): the likeliest option by acc_norm",
-            licence=MEDMCQA_LICENCE,
-            origin=MEDMCQA_ORIGIN,
-            hub=MEDMCQA_HUB,
-            load_rows=load_medmcqa_rows,
-            headline=HEADLINE,
-        ),
+        )
+        for name, data_file, load, load_rows, hub, licence, origin, description in exams
     ]
