@@ -11,12 +11,11 @@ inputs of the stages that read them, so a round reruns when the round before it 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
-from selfspec_core.run.rundir import RunDir, atomic_write_json, read_jsonl, write_jsonl
+from selfspec_core.run.rundir import RunDir, atomic_write_json, read_json, read_jsonl, write_jsonl
 
 PREVIOUS = "previous"
 UNION_FILE = "data.jsonl"  # in the train stage folder of a round after the first: the records it trained on
@@ -78,12 +77,12 @@ def summarize(first: RunDir, count: int) -> list[dict]:
     rows = []
     for number in range(1, count + 1):
         run = round_run(first, number)
-        results = _json(run.stage_dir("evaluate") / "eval.json") or {}
+        results = read_json(run.stage_dir("evaluate") / "eval.json") or {}
         rows.append(
             {
                 "round": number,
                 "records": (run.manifest("train") or {}).get("examples"),
-                "suite": _json(run.stage_dir("evaluate") / "suite.json"),
+                "suite": read_json(run.stage_dir("evaluate") / "suite.json"),
                 "tasks": {
                     name: {key: row[key] for key in ("base", "specialized", "delta", "ci", "macro_f1") if key in row}
                     for name, row in results.items()
@@ -93,10 +92,3 @@ def summarize(first: RunDir, count: int) -> list[dict]:
         )
     atomic_write_json(first.path / SUMMARY_FILE, rows)
     return rows
-
-
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None

@@ -76,6 +76,15 @@ def atomic_write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def read_json(path: Path):
+    """The JSON value in ``path``, or None when the file is missing or unreadable (a stage not run, a
+    torn write): for readers that show what is there and leave out what is not."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def dump_line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
 

@@ -15,7 +15,6 @@ prompts kept, those shares of the ceiling) is measured on real runs: :data:`CALI
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -27,7 +26,7 @@ from selfspec_core.data import datasources
 from selfspec_core.data.tasks import EvalItem
 from selfspec_core.errors import SelfspecError, one_line
 from selfspec_core.models.loading import ModelRef, resolve_dtype
-from selfspec_core.run.rundir import STAGES, atomic_write_json
+from selfspec_core.run.rundir import STAGES, atomic_write_json, read_json
 from selfspec_core.runtime import throughput
 from selfspec_core.stages.evaluate import (
     collect_tasks,
@@ -208,13 +207,19 @@ def estimate(
     def seconds(tokens: dict[str, float]) -> float:
         return sum(count / machine.tokens_per_second(kind, parameters, calibration) for kind, count in tokens.items())
 
+    # the evaluation's tasks, read once: those on this machine make the stage's minutes, those still to
+    # fetch from the Hub the minutes said beside them
+    stages = list(stages)
+    loads = evaluation_load(settings, domain, calibration) if "evaluate" in stages else []
     costs = {}
     for stage in stages:
-        tokens = _WORK[stage](settings, domain, calibration)
+        tokens = (
+            _evaluate_tokens([load for load in loads if not load.to_fetch], calibration)
+            if stage == "evaluate"
+            else _WORK[stage](settings, domain, calibration)
+        )
         costs[stage] = StageEstimate((calibration.other_seconds[stage] + seconds(tokens)) / 60, tokens)
-    to_fetch = (
-        seconds(_evaluate_tokens(settings, domain, calibration, to_fetch=True)) / 60 if "evaluate" in costs else 0.0
-    )
+    to_fetch = seconds(_evaluate_tokens([load for load in loads if load.to_fetch], calibration)) / 60
     return Estimate(machine, model_ref.name, parameters, costs, to_fetch)
 
 
@@ -251,10 +256,7 @@ def announce(pipeline: Pipeline, stages: list[str]) -> None:
 
 def read_estimate(run_path: Path) -> dict:
     """The run folder's estimate.json, or ``{}`` when there is none (a run from before estimates)."""
-    try:
-        made = json.loads((Path(run_path) / ESTIMATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    made = read_json(Path(run_path) / ESTIMATE_FILE)
     return made if isinstance(made, dict) else {}
 
 
@@ -317,15 +319,11 @@ def _train_tokens(settings: Settings, domain: str, calibration: Calibration) -> 
     return {TRAIN: seen * min(calibration.train_example_tokens, train.max_length)}
 
 
-def _evaluate_tokens(
-    settings: Settings, domain: str, calibration: Calibration, to_fetch: bool = False
-) -> dict[str, float]:
-    """Base and specialized model on every item of the tasks on this machine (``to_fetch``: of those still
-    to fetch from the Hub instead); a base score cached by an earlier run is not foreseen."""
+def _evaluate_tokens(loads: Iterable[TaskLoad], calibration: Calibration) -> dict[str, float]:
+    """Base and specialized model on every item of ``loads`` (a base score cached by an earlier run is
+    not foreseen)."""
     tokens = {PROMPT: 0.0, DECODE: 0.0}
-    for task in evaluation_load(settings, domain, calibration):
-        if task.to_fetch != to_fetch:
-            continue
+    for task in loads:
         tokens[PROMPT] += 2 * task.items * (calibration.evaluate_item_tokens + task.chars / calibration.chars_per_token)
         tokens[DECODE] += 2 * task.items * task.new_tokens
     return tokens
@@ -335,11 +333,11 @@ def _report_tokens(settings: Settings, domain: str, calibration: Calibration) ->
     return {}
 
 
+# The work of each stage but evaluate, whose tasks :func:`estimate` reads once for two figures.
 _WORK: dict[str, Callable[[Settings, str, Calibration], dict[str, float]]] = {
     "generate": _generate_tokens,
     "respond": _respond_tokens,
     "train": _train_tokens,
-    "evaluate": _evaluate_tokens,
     "report": _report_tokens,
 }
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from selfspec_core.run.rounds import SUMMARY_FILE
-from selfspec_core.run.rundir import atomic_write_text, read_jsonl
+from selfspec_core.run.rundir import atomic_write_text, read_json, read_jsonl
 from selfspec_core.stages.estimate import read_estimate
 from selfspec_core.stages.evaluate import SUITE_FILE
 
@@ -50,13 +50,6 @@ class Section:
 
 
 # ------------------------------------------------------------------------------ defensive reading
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -659,7 +652,7 @@ def _names(tasks: list[str]) -> str:
 
 
 def contamination_section(run) -> Section:
-    data = _mapping(_read_json(run.stage_dir("evaluate") / "contamination.json"))
+    data = _mapping(read_json(run.stage_dir("evaluate") / "contamination.json"))
     if not data:
         return Section("Contamination", [f"Contamination check {NOT_AVAILABLE} (evaluate not run)."])
     if data.get("status") == "unknown":
@@ -752,11 +745,11 @@ def _grounding(retrieved) -> str:
 
 
 def build_sections(run, seeds: int | None, model: str, samples: int = 5, seed: int = 0) -> list[Section]:
-    results = _mapping(_read_json(run.stage_dir("evaluate") / "eval.json"))
+    results = _mapping(read_json(run.stage_dir("evaluate") / "eval.json"))
     own = {k: v for k, v in results.items() if k != "cross_domain"}
     timing = estimate_section(run)
-    suite = suite_section(_mapping(_read_json(run.stage_dir("evaluate") / SUITE_FILE)), run.domain)
-    rounds = rounds_section(_read_json(run.path / SUMMARY_FILE) or [])
+    suite = suite_section(_mapping(read_json(run.stage_dir("evaluate") / SUITE_FILE)), run.domain)
+    rounds = rounds_section(read_json(run.path / SUMMARY_FILE) or [])
     return [
         run_section(run, model),
         *([suite] if suite else []),
