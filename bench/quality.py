@@ -16,7 +16,7 @@ macro-F1; ``macro_f1_ci_low``: the lower bound of the paired 95% interval of the
 ``acc_norm``: accuracy with answers picked per byte of the choice, ``acc_calibrated``: picked after the
 content-free prompt's log-probabilities are taken out, see selfspec_core.eval.scoring.choice_values;
 ``suite_*``: the domain suite's macro-average over its ``suite_tasks`` scored benchmarks, ``suite_missing``
-members not scored for want of data),
+members not scored: data missing, or a scoring mode the settings leave out),
 then ``prompt_format=<f> <task>_chat=<y> <task>_chat_base=<x>``: the form the adapter learnt
 (selfspec_core.models.prompting) and the main task scored in plain chat form, what a chat client sends
 (``evaluate.prompt_format = "chat"``; an adapter that learnt another form is scored so by
