@@ -50,6 +50,8 @@ def test_a_later_round_trains_a_fresh_adapter_on_every_rounds_records(tmp_path, 
     assert union == [*FIRST, SECOND[1]] and second.manifest("train")["examples"] == 3
     assert rounds.training_data(second) == second.stage_dir("train") / rounds.UNION_FILE
     assert adapter_training_data(second.stage_dir("train") / "adapter") == rounds.training_data(second)
+    # a torn hand-on names the command that writes it again (one that parses)
+    assert rounds.rounds_command(second) == f"selfspec run --domain finance --out {first.path} --rounds 2"
     # round 1's records changed: round 2's training is stale
     before = pipeline.input_hash("train")
     write_jsonl(first.stage_dir("respond") / "data.jsonl", FIRST[:1])

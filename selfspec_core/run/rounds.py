@@ -12,6 +12,7 @@ inputs of the stages that read them, so a round reruns when the round before it 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,22 @@ def training_data(run: RunDir) -> Path:
     """The records the run's adapter was tuned on: every round's union, or round 1's responses."""
     union = run.stage_dir("train") / UNION_FILE
     return union if union.is_file() else run.stage_dir("respond") / "data.jsonl"
+
+
+def rounds_command(run: RunDir) -> str:
+    """The command that runs the rounds up to ``run``'s (and hands it ``previous/`` again), as a user can paste it."""
+    return shlex.join(
+        [
+            "selfspec",
+            "run",
+            "--domain",
+            run.domain,
+            "--out",
+            str(run.path.parent),
+            "--rounds",
+            run.path.name.removeprefix("round-"),
+        ]
+    )
 
 
 def union_records(earlier: list[dict], own: list[dict]) -> list[dict]:

@@ -393,7 +393,7 @@ def run_stage(ctx: StageContext, callbacks: Sequence = ()) -> dict:
     earlier = rounds.previous_data(ctx.run)
     data_file = "respond/data.jsonl"
     if earlier is not None:  # a round after the first: every round's records, each once
-        records = rounds.union_records(load_records(earlier, "selfspec run --rounds"), records)
+        records = rounds.union_records(load_records(earlier, rounds.rounds_command(ctx.run)), records)
         data_path = ctx.work / rounds.UNION_FILE
         write_jsonl(data_path, records)
         data_file = f"train/{rounds.UNION_FILE}"
