@@ -154,6 +154,41 @@ def test_evaluation_counts_the_real_items_and_their_length(tmp_path, plugin, tin
     assert short == pytest.approx(expected * per_item / tokens_per_minute)
 
 
+def test_base_scores_an_earlier_run_cached_are_not_estimated_again(tmp_path, plugin, tiny, monkeypatch):
+    """The evaluate stage reads the base model's scores an earlier run cached (same model, items,
+    prompts): the estimate counts only the specialized model's work on those tasks."""
+    from selfspec_core.stages import evaluate as evaluation
+    from selfspec_core.templates import template_context
+
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "cache"))
+    plugin(EstimateTasks(), "estimate-tasks")
+    (tmp_path / "est").mkdir()
+    write_jsonl(tmp_path / "est" / "sentences.jsonl", [{"id": str(n), "text": f"Rates rose {n}%."} for n in range(6)])
+    settings = load_settings("quick", overrides={"data_dir": str(tmp_path), "evaluate": {"cross_domain": False}})
+
+    def prompt_tokens() -> float:
+        return estimates.estimate(settings, "estdom", tiny, ["evaluate"], 100.0).stages["evaluate"].tokens["prompt"]
+
+    assert [load.base_cached for load in estimates.evaluation_load(settings, "estdom", model_ref=tiny)] == [False]
+    both = prompt_tokens()
+    _, loaded, _ = evaluation.stage_tasks(settings, "estdom", log=lambda line: None)
+    template = estimates.plugins.first_answer(
+        "prompt_template", estimates.PromptTemplate, domain="estdom", stage="train"
+    )
+    prompts = evaluation.evaluation_prompts(
+        settings, tiny, None, template, template_context("estdom", "a domain for estimate tests")
+    )
+    evaluation.score_model("base", settings, tiny, None, loaded, prompts, log=lambda line: None)  # as a run does
+
+    assert [load.base_cached for load in estimates.evaluation_load(settings, "estdom", model_ref=tiny)] == [True]
+    assert prompt_tokens() == pytest.approx(both / 2)
+    uncached = load_settings(
+        "quick",
+        overrides={"data_dir": str(tmp_path), "evaluate": {"cross_domain": False, "cache_base_scores": False}},
+    )
+    assert [load.base_cached for load in estimates.evaluation_load(uncached, "estdom", model_ref=tiny)] == [False]
+
+
 class FetchTasks:
     @hookimpl
     def register_domains(self, register):

@@ -492,7 +492,7 @@ def test_the_stage_poses_both_models_the_form_the_adapter_learnt(
     monkeypatch.setattr(
         evaluation,
         "score_task",
-        lambda gen, task, prompts, *rest: posed.append(prompts) or real(gen, task, prompts, *rest),
+        lambda gen, task, asked, *rest: posed.append(asked.prompts) or real(gen, task, asked, *rest),
     )
 
     Pipeline(settings, plugins.get_domain("tinydom"), run, seeds=[]).run_stages(["evaluate"])

@@ -26,16 +26,21 @@ from selfspec_core.data import datasources
 from selfspec_core.data.tasks import EvalItem
 from selfspec_core.errors import SelfspecError, one_line
 from selfspec_core.models.loading import ModelRef, resolve_dtype
+from selfspec_core.models.prompting import PromptFormat
+from selfspec_core.plugins import manager as plugins
 from selfspec_core.run.rundir import STAGES, atomic_write_json, read_json
 from selfspec_core.runtime import throughput
 from selfspec_core.stages.evaluate import (
+    base_scores_cached,
     collect_tasks,
     cross_domain_scored,
+    evaluation_prompts,
     item_cap,
     read_items,
     resolve_data_dir,
     split_items,
 )
+from selfspec_core.templates import PromptTemplate, template_context
 
 if TYPE_CHECKING:
     from selfspec_core.config import Settings
@@ -210,7 +215,7 @@ def estimate(
     # the evaluation's tasks, read once: those on this machine make the stage's minutes, those still to
     # fetch from the Hub the minutes said beside them
     stages = list(stages)
-    loads = evaluation_load(settings, domain, calibration) if "evaluate" in stages else []
+    loads = evaluation_load(settings, domain, calibration, model_ref) if "evaluate" in stages else []
     costs = {}
     for stage in stages:
         tokens = (
@@ -320,12 +325,15 @@ def _train_tokens(settings: Settings, domain: str, calibration: Calibration) -> 
 
 
 def _evaluate_tokens(loads: Iterable[TaskLoad], calibration: Calibration) -> dict[str, float]:
-    """Base and specialized model on every item of ``loads`` (a base score cached by an earlier run is
-    not foreseen)."""
+    """Base and specialized model on every item of ``loads``; the specialized model alone where an
+    earlier run cached the base model's scores."""
     tokens = {PROMPT: 0.0, DECODE: 0.0}
     for task in loads:
-        tokens[PROMPT] += 2 * task.items * (calibration.evaluate_item_tokens + task.chars / calibration.chars_per_token)
-        tokens[DECODE] += 2 * task.items * task.new_tokens
+        models = 1 if task.base_cached else 2
+        tokens[PROMPT] += (
+            models * task.items * (calibration.evaluate_item_tokens + task.chars / calibration.chars_per_token)
+        )
+        tokens[DECODE] += models * task.items * task.new_tokens
     return tokens
 
 
@@ -351,13 +359,18 @@ class TaskLoad:
     chars: float
     new_tokens: int
     to_fetch: bool = False  # its items come from the Hub when the stage runs, if the Hub answers then
+    base_cached: bool = False  # an earlier run cached the base model's scores: only the specialized model runs
 
 
-def evaluation_load(settings: Settings, domain: str, calibration: Calibration = CALIBRATION) -> list[TaskLoad]:
+def evaluation_load(
+    settings: Settings, domain: str, calibration: Calibration = CALIBRATION, model_ref: ModelRef | None = None
+) -> list[TaskLoad]:
     """The tasks the evaluate stage will score, from their real items where they are on this machine
     (data directory, shipped, Hub cache); a task still to fetch counts ``calibration``'s default items,
-    one that is missing nothing (the stage skips it)."""
+    one that is missing nothing (the stage skips it). Given the model, a task whose base-model scores
+    an earlier run cached is marked so (the items are then posed as the stage will pose them)."""
     evaluate = settings.evaluate
+    posing = _posing(settings, domain, model_ref) if model_ref is not None and evaluate.cache_base_scores else None
     own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes, evaluate.task_dir)
     others = cross_domain_scored(others, evaluate)
     cross_items = evaluate.max_items if evaluate.cross_domain_max_items is None else evaluate.cross_domain_max_items
@@ -380,8 +393,29 @@ def evaluation_load(settings: Settings, domain: str, calibration: Calibration = 
         if split.scored:
             shown = sum(_chars(demo) + len(demo.answer) for demo in split.demos)
             mean = sum(map(_chars, split.scored)) / len(split.scored)
-            loads.append(TaskLoad(len(split.scored), shown + mean, new_tokens))
+            cached = posing is not None and base_scores_cached(settings, model_ref, split, posing())
+            loads.append(TaskLoad(len(split.scored), shown + mean, new_tokens, base_cached=cached))
     return loads
+
+
+def _posing(settings: Settings, domain: str, model_ref: ModelRef) -> Callable[[], PromptFormat]:
+    """The form the evaluate stage will pose items in (the adapter's, which is training's until one is
+    trained), made once on first use: it reads the tokenizer."""
+    adapter = Path(settings.evaluate.adapter) if settings.evaluate.adapter else None
+    made: list[PromptFormat] = []
+
+    def prompts() -> PromptFormat:
+        if not made:
+            template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
+            context = template_context(domain, plugins.get_domain(domain).description)
+            made.append(
+                evaluation_prompts(
+                    settings, model_ref, adapter if adapter and adapter.is_dir() else None, template, context
+                )
+            )
+        return made[0]
+
+    return prompts
 
 
 def _chars(item: EvalItem) -> int:

@@ -279,21 +279,58 @@ def scoring_options(task: EvalTask, template: PromptTemplate, evaluate) -> dict:
     }
 
 
-def score_task(
-    generator, loaded: LoadedTask, prompts: Sequence[str], free_prompts: Sequence[str], options: dict, seed: int
-) -> list[ItemScore]:
+@dataclass(frozen=True)
+class Posed:
+    """A task's items as put to a model: their prompts, the content-free prompts contextual
+    calibration scores (log-likelihood tasks only) and the scoring options. A base-model score is
+    cached under all three (:func:`base_score_key`)."""
+
+    prompts: list[str]
+    free_prompts: list[str]
+    options: dict
+
+
+def pose(task: LoadedTask, prompts: PromptFormat, evaluate) -> Posed:
+    """``task``'s items in ``prompts``' form, each after the task's demonstrations."""
+    return Posed(
+        [render_prompt(prompts, item, task.demos) for item in task.scored],
+        (
+            [render_prompt(prompts, content_free(item), task.demos) for item in task.scored]
+            if task.task.mode == "loglikelihood"
+            else []
+        ),
+        scoring_options(task.task, prompts.template, evaluate),
+    )
+
+
+def base_score_key(settings, model_ref, task: LoadedTask, posed: Posed) -> str:
+    """The key the base model's scores of ``task``, posed as ``posed``, are cached under."""
+    return score_key(settings, model_ref, task.key, posed.prompts + posed.free_prompts, task.scored, posed.options)
+
+
+def base_scores_cached(settings, model_ref, task: LoadedTask, prompts: PromptFormat) -> bool:
+    """Whether an earlier run left the base model's scores of ``task`` in the cache, so a run scores
+    only the specialized model on it (``evaluate.cache_base_scores``)."""
+    if not settings.evaluate.cache_base_scores:
+        return False
+    key = base_score_key(settings, model_ref, task, pose(task, prompts, settings.evaluate))
+    return ScoreCache().get(key, [item.id for item in task.scored]) is not None
+
+
+def score_task(generator, loaded: LoadedTask, posed: Posed, seed: int) -> list[ItemScore]:
+    options = posed.options
     if options["mode"] == "loglikelihood":
         return score_loglikelihood(
             generator,
-            prompts,
+            posed.prompts,
             loaded.scored,
             metric=options["metric"],
-            content_free_prompts=free_prompts,
+            content_free_prompts=posed.free_prompts,
             tolerance=options["tolerance"],
         )
     return score_generation(
         generator,
-        prompts,
+        posed.prompts,
         loaded.scored,
         metric=options["metric"],
         max_new_tokens=options["max_new_tokens"],
@@ -328,14 +365,8 @@ def score_model(
         if rows is not None and [row["id"] for row in rows] == ids:
             results[task.key] = [ItemScore.from_dict(r) for r in rows]
             continue
-        posed = [render_prompt(prompts, item, task.demos) for item in task.scored]
-        free_prompts = (
-            [render_prompt(prompts, content_free(item), task.demos) for item in task.scored]
-            if task.task.mode == "loglikelihood"
-            else []
-        )
-        options = scoring_options(task.task, prompts.template, settings.evaluate)
-        key = score_key(settings, model_ref, task.key, posed + free_prompts, task.scored, options) if stored else ""
+        posed = pose(task, prompts, settings.evaluate)
+        key = base_score_key(settings, model_ref, task, posed) if stored else ""
         started = time.time()
         scores = stored.get(key, ids) if stored else None
         if scores is None:
@@ -343,7 +374,7 @@ def score_model(
                 generator = make_generator(
                     settings, model_ref, adapter=adapter, batch_size=settings.evaluate.batch_size
                 )
-            scores = score_task(generator, task, posed, free_prompts, options, settings.seed)
+            scores = score_task(generator, task, posed, settings.seed)
             if stored:
                 stored.put(key, scores)
             source = f"{time.time() - started:.0f}s"
