@@ -7,6 +7,7 @@ left-padded into batches so one ``generate`` call with a KV cache serves many pr
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +58,21 @@ def token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
         else:
             batches.append([index])
     return batches
+
+
+def alike_lengths(lengths: Sequence[int], waste: float = 1.25) -> list[list[int]]:
+    """Indices grouped shortest first so that each group, padded to its longest, holds at most
+    ``waste`` times its real tokens (a group grows while the next length keeps it so)."""
+    groups: list[list[int]] = []
+    real = 0
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and lengths[index] * (len(groups[-1]) + 1) <= waste * (real + lengths[index]):
+            groups[-1].append(index)
+            real += lengths[index]
+        else:
+            groups.append([index])
+            real = lengths[index]
+    return groups
 
 
 def padded(rows: Sequence[Sequence[int]], pad: int, left: bool = False):
@@ -245,8 +261,10 @@ class HFGenerator:
     def _score_on_cached_contexts(self, groups: list[tuple[list[int], list[list[int]]]]):
         """Yield ``(group number, [(log-probability, tokens) of each continuation])`` for groups of
         ``(context ids, continuations)``: contexts of similar length run together once (left-padded),
-        then their keys and values are repeated for each of their continuations, which run as one
-        right-padded batch on them."""
+        then their keys and values are repeated for each of their continuations, which run in
+        right-padded batches of alike length on them (:func:`alike_lengths`): padded to the longest
+        of all, a benchmark's answer options of 1 to 20 tokens held 2.5 padding positions for each
+        real one, each through the whole model and the float32 output layer."""
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -254,9 +272,8 @@ class HFGenerator:
             ids, mask, positions = left_padded([groups[i][0] for i in batch], pad)
             continuations = [c for i in batch for c in groups[i][1]]
             owner = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor([len(groups[i][1]) for i in batch]))
-            following, following_mask = padded(continuations, pad)
-            width = following.shape[1]
-            with torch.inference_mode(), timed_call(self.model, int(mask.sum()) + int(following_mask.sum())):
+            results: list[tuple[float, int]] = [(0.0, 0)] * len(continuations)
+            with torch.inference_mode(), timed_call(self.model, int(mask.sum()) + sum(map(len, continuations))):
                 prefix = self.model(
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
@@ -264,21 +281,27 @@ class HFGenerator:
                     use_cache=True,
                     logits_to_keep=1,
                 )
-                cache = prefix.cache
-                cache.batch_select_indices(owner.to(self.device))
-                rest = self.model(
-                    input_ids=following.to(self.device),
-                    attention_mask=torch.cat([mask[owner], following_mask], dim=1).to(self.device),
-                    position_ids=(positions[owner, -1:] + 1 + torch.arange(width)).to(self.device),
-                    cache=cache,
-                ).logits
-            # each context's last position predicts its continuations' first tokens, they the rest
-            logits = torch.cat([prefix.logits[owner.to(self.device), -1:], rest[:, :-1]], dim=1).float().cpu()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            results = [
-                (logprobs[row, torch.arange(len(c)), torch.tensor(c)].sum().item(), len(c))
-                for row, c in enumerate(continuations)
-            ]
+                chunks = alike_lengths([len(c) for c in continuations])
+                for number, chunk in enumerate(chunks):
+                    rows = owner[chunk]
+                    # the last chunk may take the prefix's cache itself: the selection replaces its tensors
+                    cache = prefix.cache if number == len(chunks) - 1 else copy.deepcopy(prefix.cache)
+                    cache.batch_select_indices(rows.to(self.device))
+                    following, following_mask = padded([continuations[i] for i in chunk], pad)
+                    width = following.shape[1]
+                    rest = self.model(
+                        input_ids=following.to(self.device),
+                        attention_mask=torch.cat([mask[rows], following_mask], dim=1).to(self.device),
+                        position_ids=(positions[rows, -1:] + 1 + torch.arange(width)).to(self.device),
+                        cache=cache,
+                    ).logits
+                    # each context's last position predicts its continuations' first tokens, they the rest
+                    logits = torch.cat([prefix.logits[rows.to(self.device), -1:], rest[:, :-1]], dim=1).float().cpu()
+                    logprobs = torch.log_softmax(logits, dim=-1)
+                    for row, index in enumerate(chunk):
+                        tokens = continuations[index]
+                        total = logprobs[row, torch.arange(len(tokens)), torch.tensor(tokens)].sum().item()
+                        results[index] = (total, len(tokens))
             start = 0
             for number in batch:
                 count = len(groups[number][1])
