@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from selfspec_core.models.generator import GENERATE_TOP_K, HFGenerator, cut_at_stop, token_batches
+from selfspec_core.models.generator import GENERATE_TOP_K, HFGenerator, alike_lengths, cut_at_stop, token_batches
 from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
 
 PROMPTS = ["The company reported", "Patients receiving the treatment", "Instruction: Classify", "0 1 2"]
@@ -195,6 +195,17 @@ def test_token_batches_fill_a_padded_token_budget_longest_first():
     assert batches[1] == [1, 4]  # 2 x 300
     assert all(max(lengths[i] for i in b) * len(b) <= 600 for b in batches[1:])
     assert batches[2] == [2, 3, 0, 5]  # the short ones share one batch
+
+
+def test_continuations_run_in_groups_of_alike_length():
+    """Answer options of 1 to 20 tokens: no group pads past 1.25x its real tokens, every option is in one."""
+    lengths = [1, 20, 3, 3, 2, 9, 10, 1, 4, 20, 8]
+    groups = alike_lengths(lengths)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        assert max(lengths[i] for i in group) * len(group) <= 1.25 * sum(lengths[i] for i in group)
+    assert [lengths[i] for i in groups[-1]] == [20, 20]  # the longest together
+    assert alike_lengths(lengths, waste=float("inf")) == [sorted(range(len(lengths)), key=lambda i: lengths[i])]
 
 
 def test_model_calls_are_metered_with_a_ceiling_above_the_measured_rate(parts):
