@@ -370,7 +370,8 @@ def evaluation_load(
     one that is missing nothing (the stage skips it). Given the model, a task whose base-model scores
     an earlier run cached is marked so (the items are then posed as the stage will pose them)."""
     evaluate = settings.evaluate
-    posing = _posing(settings, domain, model_ref) if model_ref is not None and evaluate.cache_base_scores else None
+    caching = model_ref is not None and evaluate.cache_base_scores
+    prompts: PromptFormat | None = None  # made on the first task whose items are here (it reads the tokenizer)
     own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes, evaluate.task_dir)
     others = cross_domain_scored(others, evaluate)
     cross_items = evaluate.max_items if evaluate.cross_domain_max_items is None else evaluate.cross_domain_max_items
@@ -393,29 +394,19 @@ def evaluation_load(
         if split.scored:
             shown = sum(_chars(demo) + len(demo.answer) for demo in split.demos)
             mean = sum(map(_chars, split.scored)) / len(split.scored)
-            cached = posing is not None and base_scores_cached(settings, model_ref, split, posing())
+            if caching and prompts is None:
+                prompts = _stage_prompts(settings, domain, model_ref)
+            cached = prompts is not None and base_scores_cached(settings, model_ref, split, prompts)
             loads.append(TaskLoad(len(split.scored), shown + mean, new_tokens, base_cached=cached))
     return loads
 
 
-def _posing(settings: Settings, domain: str, model_ref: ModelRef) -> Callable[[], PromptFormat]:
-    """The form the evaluate stage will pose items in (the adapter's, which is training's until one is
-    trained), made once on first use: it reads the tokenizer."""
+def _stage_prompts(settings: Settings, domain: str, model_ref: ModelRef) -> PromptFormat:
+    """The form the evaluate stage will pose items in: the adapter's, which is training's until one is trained."""
     adapter = Path(settings.evaluate.adapter) if settings.evaluate.adapter else None
-    made: list[PromptFormat] = []
-
-    def prompts() -> PromptFormat:
-        if not made:
-            template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
-            context = template_context(domain, plugins.get_domain(domain).description)
-            made.append(
-                evaluation_prompts(
-                    settings, model_ref, adapter if adapter and adapter.is_dir() else None, template, context
-                )
-            )
-        return made[0]
-
-    return prompts
+    template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
+    context = template_context(domain, plugins.get_domain(domain).description)
+    return evaluation_prompts(settings, model_ref, adapter if adapter and adapter.is_dir() else None, template, context)
 
 
 def _chars(item: EvalItem) -> int:
