@@ -7,9 +7,10 @@ then the content-free prompts of contextual calibration), alternating, ``--repea
 the baseline puts every option of a batch of questions in one batch padded to the longest.
 
 The items are the tasks' own where their data is on this machine (``--data-dir``); otherwise
-exam-shaped items cut from the biomed corpus's abstracts (``biomed_corpus/hallmarks_of_cancer/text``)
-at the two benchmarks' lengths (questions of 110-800 characters, options of 1-9 words): their scores
-mean nothing, their cost is the benchmarks'.
+exam-shaped items cut from the biomed corpus's abstracts (the shipped Medical Abstracts, and the
+Hallmarks of Cancer ones where the data directory has them) at the two benchmarks' lengths
+(questions of 110-800 characters, options of 1-9 words): their scores mean nothing, their cost is
+the benchmarks'.
 
     python bench/options.py [--items 100] [--repeats 2] [--data-dir DIR]
 
@@ -25,8 +26,10 @@ import re
 import time
 from pathlib import Path
 
+from selfspec_biomed import corpus as biomed_corpus
+
 from selfspec_core.config import load_settings
-from selfspec_core.data.tasks import EvalItem
+from selfspec_core.data.tasks import EvalItem, EvalTask
 from selfspec_core.eval.scoring import choice_request
 from selfspec_core.models import generator as generation
 from selfspec_core.models.loading import resolve_model
@@ -40,13 +43,11 @@ TASKS = "mmlu_medical,medmcqa"
 EXAM_SHAPES = [(110, 2), (130, 5), (220, 7), (330, 6), (800, 3), (100, 2)]
 
 
-def exam_shaped(corpus: Path, count: int) -> list[EvalItem]:
-    """``count`` four-option items of the exams' lengths, their text cut from the corpus's abstracts."""
+def exam_shaped(data_dir: Path, count: int) -> list[EvalItem]:
+    """``count`` four-option items of the exams' lengths, their text cut from the biomed corpus's
+    abstracts (the Medical Abstracts ship with the plugin, so there always are some)."""
     rng = random.Random(0)
-    text = " ".join(
-        path.read_text(encoding="utf-8")
-        for path in sorted((corpus / "hallmarks_of_cancer" / "text").glob("*.txt"))[:400]
-    )
+    text = " ".join(passage.text for passage in (biomed_corpus.passages(data_dir) or [])[:400])
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if 40 < len(s) < 400]
     words = text.split()
     items = []
@@ -67,8 +68,6 @@ def exam_shaped(corpus: Path, count: int) -> list[EvalItem]:
 
 def exam_task():
     """The exam-shaped items' task: scored as the exams are (log-likelihood of the options' texts)."""
-    from selfspec_core.data.tasks import EvalTask
-
     return EvalTask("exam_shaped", "biomed", "", lambda path: [], headline="acc_norm")
 
 
@@ -91,8 +90,7 @@ def main() -> None:
     if loaded:
         kind, tasks = "real", loaded
     else:
-        corpus = evaluation.resolve_data_dir(settings) / "biomed_corpus"
-        items = exam_shaped(corpus, args.items)
+        items = exam_shaped(evaluation.resolve_data_dir(settings), args.items)
         task = evaluation.LoadedTask(exam_task(), items, [], items)
         kind, tasks = "exam-shaped", [task]
     requests = []
