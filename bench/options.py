@@ -33,10 +33,8 @@ from selfspec_core.data.tasks import EvalItem, EvalTask
 from selfspec_core.eval.scoring import choice_request
 from selfspec_core.models import generator as generation
 from selfspec_core.models.loading import resolve_model
-from selfspec_core.plugins import manager as plugins
 from selfspec_core.runtime.openmp import choose_wait_policy
 from selfspec_core.stages import evaluate as evaluation
-from selfspec_core.templates import PromptTemplate, template_context
 
 TASKS = "mmlu_medical,medmcqa"
 # (question characters, option words) of the exams' kinds of question: short recall, vignettes
@@ -84,22 +82,20 @@ def main() -> None:
     settings = load_settings("quick", overrides=overrides)
     _, loaded, _ = evaluation.stage_tasks(settings, "biomed", log=lambda line: None)
     model = resolve_model(None)
-    template = plugins.first_answer("prompt_template", PromptTemplate, domain="biomed", stage="train")
-    context = template_context("biomed", plugins.get_domain("biomed").description)
-    prompts = evaluation.evaluation_prompts(settings, model, None, template, context)
+    prompts = evaluation.planned_prompts(settings, model, "biomed")
     if loaded:
         kind, tasks = "real", loaded
     else:
         items = exam_shaped(evaluation.resolve_data_dir(settings), args.items)
         task = evaluation.LoadedTask(exam_task(), items, [], items)
         kind, tasks = "exam-shaped", [task]
+    posed = [(task, evaluation.pose(task, prompts, settings.evaluate)) for task in tasks]
     requests = []
-    for task in tasks:
-        posed = evaluation.pose(task, prompts, settings.evaluate)
-        requests += [choice_request(p, c) for p, item in zip(posed.prompts, task.scored) for c in item.choices]
+    for task, asked in posed:
+        requests += [choice_request(p, c) for p, item in zip(asked.prompts, task.scored) for c in item.choices]
         requests += list(
             dict.fromkeys(
-                choice_request(p, c) for p, item in zip(posed.free_prompts, task.scored) for c in item.choices
+                choice_request(p, c) for p, item in zip(asked.free_prompts, task.scored) for c in item.choices
             )
         )
     scorer = evaluation.make_generator(settings, model, adapter=None, batch_size=settings.evaluate.batch_size)
@@ -119,7 +115,7 @@ def main() -> None:
     generation.alike_lengths = grouped
     best = {arm: min(times) for arm, times in seconds.items()}
     diff = max(abs(a[0] - b[0]) for a, b in zip(scores["grouped"], scores["padded"]))
-    agree, total = same_choices(tasks, prompts, settings, requests, scores)
+    agree, total = same_choices(posed, requests, scores)
     print(f"{len(requests)} requests from {sum(len(t.scored) for t in tasks)} items ({kind}); seconds {seconds}")
     print(
         f"speedup={best['padded'] / best['grouped']:.2f} grouped_s={best['grouped']:.1f} "
@@ -128,13 +124,12 @@ def main() -> None:
     )
 
 
-def same_choices(tasks, prompts, settings, requests, scores) -> tuple[int, int]:
+def same_choices(posed, requests, scores) -> tuple[int, int]:
     """Items whose highest-scoring option (by total log-probability) is the same in both arms."""
     index = {request: number for number, request in enumerate(requests)}
     agree = total = 0
-    for task in tasks:
-        posed = evaluation.pose(task, prompts, settings.evaluate)
-        for prompt, item in zip(posed.prompts, task.scored):
+    for task, asked in posed:
+        for prompt, item in zip(asked.prompts, task.scored):
             rows = [index[choice_request(prompt, choice)] for choice in item.choices]
             picks = [max(rows, key=lambda row: scores[arm][row][0]) for arm in ("grouped", "padded")]
             agree += picks[0] == picks[1]

@@ -157,8 +157,9 @@ def test_evaluation_counts_the_real_items_and_their_length(tmp_path, plugin, tin
 def test_base_scores_an_earlier_run_cached_are_not_estimated_again(tmp_path, plugin, tiny, monkeypatch):
     """The evaluate stage reads the base model's scores an earlier run cached (same model, items,
     prompts): the estimate counts only the specialized model's work on those tasks."""
+    from selfspec_core.plugins import manager as plugins
     from selfspec_core.stages import evaluate as evaluation
-    from selfspec_core.templates import template_context
+    from selfspec_core.templates import PromptTemplate, template_context
 
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path / "cache"))
     plugin(EstimateTasks(), "estimate-tasks")
@@ -172,9 +173,7 @@ def test_base_scores_an_earlier_run_cached_are_not_estimated_again(tmp_path, plu
     assert [load.base_cached for load in estimates.evaluation_load(settings, "estdom", model_ref=tiny)] == [False]
     both = prompt_tokens()
     _, loaded, _ = evaluation.stage_tasks(settings, "estdom", log=lambda line: None)
-    template = estimates.plugins.first_answer(
-        "prompt_template", estimates.PromptTemplate, domain="estdom", stage="train"
-    )
+    template = plugins.first_answer("prompt_template", PromptTemplate, domain="estdom", stage="train")
     prompts = evaluation.evaluation_prompts(
         settings, tiny, None, template, template_context("estdom", "a domain for estimate tests")
     )

@@ -27,20 +27,18 @@ from selfspec_core.data.tasks import EvalItem
 from selfspec_core.errors import SelfspecError, one_line
 from selfspec_core.models.loading import ModelRef, resolve_dtype
 from selfspec_core.models.prompting import PromptFormat
-from selfspec_core.plugins import manager as plugins
 from selfspec_core.run.rundir import STAGES, atomic_write_json, read_json
 from selfspec_core.runtime import throughput
 from selfspec_core.stages.evaluate import (
     base_scores_cached,
     collect_tasks,
     cross_domain_scored,
-    evaluation_prompts,
     item_cap,
+    planned_prompts,
     read_items,
     resolve_data_dir,
     split_items,
 )
-from selfspec_core.templates import PromptTemplate, template_context
 
 if TYPE_CHECKING:
     from selfspec_core.config import Settings
@@ -395,18 +393,10 @@ def evaluation_load(
             shown = sum(_chars(demo) + len(demo.answer) for demo in split.demos)
             mean = sum(map(_chars, split.scored)) / len(split.scored)
             if caching and prompts is None:
-                prompts = _stage_prompts(settings, domain, model_ref)
+                prompts = planned_prompts(settings, model_ref, domain)
             cached = prompts is not None and base_scores_cached(settings, model_ref, split, prompts)
             loads.append(TaskLoad(len(split.scored), shown + mean, new_tokens, base_cached=cached))
     return loads
-
-
-def _stage_prompts(settings: Settings, domain: str, model_ref: ModelRef) -> PromptFormat:
-    """The form the evaluate stage will pose items in: the adapter's, which is training's until one is trained."""
-    adapter = Path(settings.evaluate.adapter) if settings.evaluate.adapter else None
-    template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
-    context = template_context(domain, plugins.get_domain(domain).description)
-    return evaluation_prompts(settings, model_ref, adapter if adapter and adapter.is_dir() else None, template, context)
 
 
 def _chars(item: EvalItem) -> int:

@@ -240,6 +240,15 @@ def evaluation_prompts(settings, model_ref, adapter: Path | None, template: Prom
     return PromptFormat.chosen(chosen, template, tokenizer, context)
 
 
+def planned_prompts(settings, model_ref, domain: str) -> PromptFormat:
+    """The form a run's evaluate stage will pose ``domain``'s items in, said before the run has an
+    adapter: ``evaluate.adapter``'s where that folder exists, else training's."""
+    adapter = Path(settings.evaluate.adapter) if settings.evaluate.adapter else None
+    template = plugins.first_answer("prompt_template", PromptTemplate, domain=domain, stage="train")
+    context = template_context(domain, plugins.get_domain(domain).description)
+    return evaluation_prompts(settings, model_ref, adapter if adapter and adapter.is_dir() else None, template, context)
+
+
 def content_free(item: EvalItem) -> EvalItem:
     """The item with its content taken out, for contextual calibration (Zhao et al. 2021): the input
     emptied, the instruction kept as the task's wording; an item without an input carries its content in
