@@ -159,7 +159,8 @@ def test_long_input_is_cut_and_the_response_kept(tokenizer):
 
 @pytest.mark.parametrize("attention", ["sdpa", "packed"])
 def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer, attention):
-    """With sdpa the packed row gets a block-diagonal mask; ``packed_sdpa`` attends per example."""
+    """With sdpa the packed row gets a block-diagonal mask; ``packed_sdpa`` attends per example, in
+    the backward pass too."""
     model = load_model(ModelRef("tiny", str(tiny_model_dir)))
     if attention == "packed":
         training.use_packed_attention(model, max_length=256)
@@ -168,12 +169,21 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer, 
     packed = ResponseBatches(tokenizer, packing=True)([vars(first), vars(second), vars(third)])
     assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in (first, second, third)))
     inputs = {k: v for k, v in packed.items() if k not in ("labels", "logits_to_keep")}
-    with torch.no_grad():
-        together = model(**inputs, use_cache=False).logits[0]
-        alone = [
-            model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in (first, second, third)
-        ]
-    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-4)
+    weight = model.model.layers[0].self_attn.q_proj.weight  # upstream of every attention call
+
+    def logits_and_gradient(**model_inputs):
+        model.zero_grad()
+        logits = model(**model_inputs, use_cache=False).logits[0]
+        logits.square().mean().backward()
+        return logits.detach(), weight.grad.clone()
+
+    together, together_gradient = logits_and_gradient(**inputs)
+    alone = [logits_and_gradient(input_ids=torch.tensor([e.input_ids])) for e in (first, second, third)]
+    torch.testing.assert_close(together, torch.cat([logits for logits, _ in alone]), atol=1e-5, rtol=1e-4)
+    # the mean over the row weighs each example by its share of the row's positions
+    shares = [len(e.input_ids) / packed["input_ids"].shape[1] for e in (first, second, third)]
+    expected = sum(share * gradient for share, (_, gradient) in zip(shares, alone))
+    torch.testing.assert_close(together_gradient, expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("flags", "widened"), [(set(), True), ({"amx_bf16"}, False)])
