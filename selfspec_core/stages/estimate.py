@@ -31,13 +31,11 @@ from selfspec_core.run.rundir import STAGES, atomic_write_json, read_json
 from selfspec_core.runtime import throughput
 from selfspec_core.stages.evaluate import (
     base_scores_cached,
-    collect_tasks,
-    cross_domain_scored,
     item_cap,
+    load_task,
     planned_prompts,
-    read_items,
+    planned_tasks,
     resolve_data_dir,
-    split_items,
 )
 
 if TYPE_CHECKING:
@@ -367,35 +365,28 @@ def evaluation_load(
     (data directory, shipped, Hub cache); a task still to fetch counts ``calibration``'s default items,
     one that is missing nothing (the stage skips it). Given the model, a task whose base-model scores
     an earlier run cached is marked so (the items are then posed as the stage will pose them)."""
-    evaluate = settings.evaluate
-    caching = model_ref is not None and evaluate.cache_base_scores
+    caching = model_ref is not None and settings.evaluate.cache_base_scores
     prompts: PromptFormat | None = None  # made on the first task whose items are here (it reads the tokenizer)
-    own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes, evaluate.task_dir)
-    others = cross_domain_scored(others, evaluate)
-    cross_items = evaluate.max_items if evaluate.cross_domain_max_items is None else evaluate.cross_domain_max_items
     root = resolve_data_dir(settings)
     loads = []
-    for task, cap in [*((task, evaluate.max_items) for task in own), *((task, cross_items) for task in others)]:
-        max_items = item_cap(task, cap, evaluate)
-        new_tokens = 0 if task.mode == "loglikelihood" else task.max_new_tokens or evaluate.max_new_tokens
+    for task, cap in planned_tasks(settings, domain):
+        new_tokens = 0 if task.mode == "loglikelihood" else task.max_new_tokens or settings.evaluate.max_new_tokens
         where, _ = datasources.status(task.source, root)
         if where == "missing":  # the stage skips it
             continue
         if where == "to fetch":  # its items come from the Hub only when the stage runs
-            items, chars = max_items or calibration.default_items, calibration.default_item_chars
-            loads.append(TaskLoad(items, chars, new_tokens, to_fetch=True))
+            items = item_cap(task, cap, settings.evaluate) or calibration.default_items
+            loads.append(TaskLoad(items, calibration.default_item_chars, new_tokens, to_fetch=True))
             continue
-        items = read_items(task, root, log=lambda line: None)
-        if isinstance(items, str):  # unreadable after all: the stage skips it too
+        split = load_task(task, cap, settings, log=lambda line: None)
+        if isinstance(split, str):  # unreadable after all, or nothing left to score: the stage skips it too
             continue
-        split = split_items(task, items, evaluate.shots, max_items, settings.seed)
-        if split.scored:
-            shown = sum(_chars(demo) + len(demo.answer) for demo in split.demos)
-            mean = sum(map(_chars, split.scored)) / len(split.scored)
-            if caching and prompts is None:
-                prompts = planned_prompts(settings, model_ref, domain)
-            cached = prompts is not None and base_scores_cached(settings, model_ref, split, prompts)
-            loads.append(TaskLoad(len(split.scored), shown + mean, new_tokens, base_cached=cached))
+        shown = sum(_chars(demo) + len(demo.answer) for demo in split.demos)
+        mean = sum(map(_chars, split.scored)) / len(split.scored)
+        if caching and prompts is None:
+            prompts = planned_prompts(settings, model_ref, domain)
+        cached = prompts is not None and base_scores_cached(settings, model_ref, split, prompts)
+        loads.append(TaskLoad(len(split.scored), shown + mean, new_tokens, base_cached=cached))
     return loads
 
 

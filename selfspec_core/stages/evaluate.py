@@ -187,6 +187,18 @@ def split_items(task: EvalTask, items: list[EvalItem], shots: int, max_items: in
     return LoadedTask(task, items, demos, [items[i] for i in chosen])
 
 
+def load_task(task: EvalTask, max_items: int, settings, log: Callable[[str], None]) -> LoadedTask | str:
+    """``task`` read and split, its scored items capped at ``max_items`` (0: all); or why it is skipped."""
+    items = read_items(task, resolve_data_dir(settings), log)
+    if isinstance(items, str):
+        return items
+    evaluate = settings.evaluate
+    prepared = split_items(task, items, evaluate.shots, item_cap(task, max_items, evaluate), settings.seed)
+    if not prepared.scored:
+        return f"task {task.name} ({task.domain}) skipped: {len(items)} items, none left after {evaluate.shots} shots"
+    return prepared
+
+
 def load_tasks(
     tasks: Iterable[EvalTask], settings, log: Callable[[str], None], max_items: int | None = None
 ) -> tuple[list[LoadedTask], dict[str, str]]:
@@ -195,21 +207,21 @@ def load_tasks(
     ``max_items`` overrides ``evaluate.max_items`` (the seeded subset is a prefix of the same order,
     so fewer items are a subset of more).
     """
-    root, evaluate = resolve_data_dir(settings), settings.evaluate
-    max_items = evaluate.max_items if max_items is None else max_items
+    cap = settings.evaluate.max_items if max_items is None else max_items
+    return _load_all([(task, cap) for task in tasks], settings, log)
+
+
+def _load_all(
+    capped: Iterable[tuple[EvalTask, int]], settings, log: Callable[[str], None]
+) -> tuple[list[LoadedTask], dict[str, str]]:
     loaded, skipped = [], {}
-    for task in tasks:
-        items = read_items(task, root, log)
-        if isinstance(items, list):
-            prepared = split_items(task, items, evaluate.shots, item_cap(task, max_items, evaluate), settings.seed)
-            if prepared.scored:
-                loaded.append(prepared)
-                continue
-            items = (
-                f"task {task.name} ({task.domain}) skipped: {len(items)} items, none left after {evaluate.shots} shots"
-            )
-        skipped[f"{task.domain}/{task.name}"] = items
-        log(f"[evaluate] {items}")
+    for task, max_items in capped:
+        prepared = load_task(task, max_items, settings, log)
+        if isinstance(prepared, LoadedTask):
+            loaded.append(prepared)
+        else:
+            skipped[f"{task.domain}/{task.name}"] = prepared
+            log(f"[evaluate] {prepared}")
     return loaded, skipped
 
 
@@ -665,19 +677,28 @@ def suite_summary(
 # ------------------------------------------------------------------------------------------ stage
 
 
+def planned_tasks(settings, domain: str) -> list[tuple[EvalTask, int]]:
+    """Every task the evaluate stage scores for ``domain``, with the items it scores of each (0: all):
+    the domain's own at ``evaluate.max_items``, and with ``cross_domain`` the other domains' tasks in
+    ``cross_domain_modes`` at ``cross_domain_max_items``."""
+    evaluate = settings.evaluate
+    own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes, evaluate.task_dir)
+    cross_items = evaluate.max_items if evaluate.cross_domain_max_items is None else evaluate.cross_domain_max_items
+    return [(task, evaluate.max_items) for task in own] + [
+        (task, cross_items) for task in cross_domain_scored(others, evaluate)
+    ]
+
+
 def stage_tasks(
     settings, domain: str, log: Callable[[str], None]
 ) -> tuple[list[EvalTask], list[LoadedTask], dict[str, str]]:
-    """The stage's tasks: all of them, those loaded (other domains' capped at
-    ``cross_domain_max_items``), and the skipped ones with their reasons."""
-    evaluate = settings.evaluate
-    own, others = collect_tasks(domain, evaluate.cross_domain, evaluate.tasks, evaluate.modes, evaluate.task_dir)
-    others = cross_domain_scored(others, evaluate)
-    if not own:
+    """The stage's tasks (:func:`planned_tasks`): all of them, those loaded, and the skipped ones with
+    their reasons."""
+    planned = planned_tasks(settings, domain)
+    if not any(task.domain == domain for task, _ in planned):
         log(f"[evaluate] domain {domain!r} registers no evaluation tasks (hook evaluation_tasks)")
-    loaded, skipped = load_tasks(own, settings, log)
-    loaded_others, skipped_others = load_tasks(others, settings, log, evaluate.cross_domain_max_items)
-    return own + others, loaded + loaded_others, {**skipped, **skipped_others}
+    loaded, skipped = _load_all(planned, settings, log)
+    return [task for task, _ in planned], loaded, skipped
 
 
 def outside_inputs_hash(settings, domain: str) -> str:
