@@ -101,6 +101,11 @@ class TrainSettings:
     # every adapted layer's input); a one- or two-epoch run on a few hundred records does not overfit.
     lora_dropout: float = 0.0
     target_modules: str = "all-linear"
+    # The share of the transformer blocks, counted from the top, that get adapters (1.0: all). The
+    # backward pass stops at the lowest adapted block: 0.67 trained 1.4x as many tokens a second in
+    # biomed's quick run and 1.2x in finance's (shorter records) on a 2-core CPU. What it costs in
+    # quality depends on the domain (biomed's profile uses it; finance lost macro-F1 with it).
+    lora_top_share: float = 1.0
     learning_rate: float = 3e-4
     epochs: float = 2.0
     batch_size: int = 8
@@ -314,6 +319,7 @@ _RANGES = {
     "input_share": (0.0, 1.0),
     "max_label_share": (0.0, 1.0),
     "lora_dropout": (0.0, 1.0),
+    "lora_top_share": (0.01, 1.0),
     "judge_keep_fraction": (0.0, 1.0),
     "consistency_min_agreement": (0.0, 1.0),
     "warmup_ratio": (0.0, 1.0),

@@ -77,6 +77,14 @@ def test_lengths_cut_the_tokens_each_record_costs(tiny):
     assert short["generate"] < base["generate"]
 
 
+def test_adapting_fewer_blocks_shortens_only_the_training(tiny):
+    every, top = (model_minutes(minutes(tiny, train={"lora_top_share": share})) for share in (1.0, 0.5))
+    assert top["train"] == pytest.approx(every["train"] * 2 / 3)  # the forward pass, half the backward
+    assert {stage: top[stage] for stage in top if stage != "train"} == {
+        stage: every[stage] for stage in every if stage != "train"
+    }
+
+
 def test_a_faster_machine_gets_fewer_minutes_from_its_measured_rate(tiny, monkeypatch):
     asked = []
 

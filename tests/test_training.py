@@ -266,6 +266,32 @@ def test_stage_trains_only_lora_and_saves_a_reloadable_adapter(tmp_path, sharp_m
     assert training.run_stage(make_ctx(tmp_path, sharp_model_dir, run=ctx.run)) == stats
 
 
+def test_adapters_on_the_top_blocks_only(tmp_path, sharp_model_dir, tokenizer):
+    """``lora_top_share``: the top blocks get what ``all-linear`` gives every block, the lower ones
+    nothing (so no gradient is computed there), and the saved adapter loads back as trained."""
+    every = make_ctx(tmp_path / "every", sharp_model_dir)
+    top = make_ctx(tmp_path / "top", sharp_model_dir, lora_top_share=0.5, max_steps=3, learning_rate=1e-2)
+
+    def adapted(ctx):
+        """The adapter's parameters, and whether the lowest block's output takes part in the backward pass."""
+        model = training.lora_model(ctx.model, ctx.settings.train, "none")
+        outputs = []
+        model.base_model.model.model.layers[0].register_forward_hook(lambda module, args, out: outputs.append(out))
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+        lowest = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+        return {name for name, _ in model.named_parameters() if "lora_" in name}, lowest.requires_grad
+
+    everywhere, lowest_in_backward = adapted(every)
+    assert any(".layers.0." in name for name in everywhere) and lowest_in_backward
+    assert adapted(top) == ({name for name in everywhere if ".layers.1." in name}, False)
+
+    snapshot = Snapshot(tokenizer)
+    training.run_stage(top, callbacks=[snapshot])
+    assert snapshot.trainable and all(".layers.1." in name for name in snapshot.trainable)
+    tuned = load_model(top.model, adapter=top.work / "adapter")
+    torch.testing.assert_close(logits_of(tuned, PROBE, tokenizer), snapshot.logits)
+
+
 def test_resume_after_a_kill_continues_the_step_count(tmp_path, tiny_model_dir, tokenizer):
     settings = dict(epochs=3.0, batch_size=2, save_steps=2, lora_dropout=0.1, max_length=48)
     interrupted = make_ctx(tmp_path / "a", tiny_model_dir, **settings)

@@ -317,7 +317,10 @@ def _train_tokens(settings: Settings, domain: str, calibration: Calibration) -> 
     seen = records * train.epochs
     if train.max_steps:
         seen = min(seen, train.max_steps * train.batch_size * train.grad_accum)
-    return {TRAIN: seen * min(calibration.train_example_tokens, train.max_length)}
+    # A token's forward pass is about a third of its work; the backward pass stops at the lowest
+    # adapted block (train.lora_top_share), which saves somewhat more than this counts.
+    work = (1 + 2 * train.lora_top_share) / 3
+    return {TRAIN: seen * min(calibration.train_example_tokens, train.max_length) * work}
 
 
 def _evaluate_tokens(loads: Iterable[TaskLoad], calibration: Calibration) -> dict[str, float]:

@@ -237,12 +237,17 @@ def lora_model(ref: ModelRef, settings: TrainSettings, quant: str, dtype: str = 
     if quant == "nf4":  # norms to fp32, base frozen; the Trainer switches on activation checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = settings.target_modules
+    names = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    layers = top_layers(model, settings.lora_top_share)
+    if layers is not None and names == "all-linear":  # PEFT takes layer indices with module names only
+        names = block_linear_names(model)
     config = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         task_type="CAUSAL_LM",
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        target_modules=names,
+        layers_to_transform=layers,
     )
     try:
         return get_peft_model(model, config)
@@ -250,6 +255,28 @@ def lora_model(ref: ModelRef, settings: TrainSettings, quant: str, dtype: str = 
         raise SelfspecError(
             f"train.target_modules={targets!r}: {exc}. Use all-linear or module names such as q_proj,v_proj"
         ) from exc
+
+
+def top_layers(model, share: float) -> list[int] | None:
+    """Indices of the top ``share`` of ``model``'s transformer blocks (at least one); None for all."""
+    blocks = model.config.get_text_config().num_hidden_layers
+    count = max(1, round(blocks * share))
+    return None if count >= blocks else list(range(blocks - count, blocks))
+
+
+def block_linear_names(model) -> list[str]:
+    """The names (last part) of the linear layers inside the transformer blocks: what ``all-linear``
+    adapts, given as names so that PEFT can pick blocks by index. The output layer is left out, as
+    PEFT leaves it out of ``all-linear``."""
+    import torch
+
+    output = model.get_output_embeddings()
+    in_blocks = (
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output and any(p.isdigit() for p in name.split("."))
+    )
+    return sorted({name.rsplit(".", 1)[-1] for name in in_blocks})
 
 
 def training_arguments(settings: TrainSettings, output_dir: Path, seed: int, dtype: str = "float32", **overrides):
