@@ -15,6 +15,7 @@ from selfspec_core.records import Domain
 from selfspec_core.run.context import StageContext
 from selfspec_core.run.pipeline import Pipeline
 from selfspec_core.run.rundir import RunDir, file_hash, read_jsonl, write_jsonl
+from selfspec_core.runtime import throughput
 from selfspec_core.stages import train as training
 from selfspec_core.stages.train import IGNORE, ResponseBatches, encode_example, export_merged, response_loss
 from selfspec_core.testing import build_tiny_model
@@ -286,8 +287,10 @@ def test_adapters_on_the_top_blocks_only(tmp_path, sharp_model_dir, tokenizer):
     assert adapted(top) == ({name for name in everywhere if ".layers.1." in name}, False)
 
     snapshot = Snapshot(tokenizer)
-    training.run_stage(top, callbacks=[snapshot])
+    with throughput.metered() as meter:
+        training.run_stage(top, callbacks=[snapshot])
     assert snapshot.trainable and all(".layers.1." in name for name in snapshot.trainable)
+    assert meter.passes == 2.0  # the ceiling counts a forward pass and half a backward pass
     tuned = load_model(top.model, adapter=top.work / "adapter")
     torch.testing.assert_close(logits_of(tuned, PROBE, tokenizer), snapshot.logits)
 

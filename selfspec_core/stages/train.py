@@ -264,6 +264,14 @@ def top_layers(model, share: float) -> list[int] | None:
     return None if count >= blocks else list(range(blocks - count, blocks))
 
 
+def training_passes(model, top_share: float) -> float:
+    """Forward-pass equivalents of a training token: its forward pass (1) and its backward pass (2)
+    down to the lowest adapted block, so that the manifest's ceiling stays one no run can pass."""
+    layers = top_layers(model, top_share)
+    blocks = model.config.get_text_config().num_hidden_layers
+    return 1.0 + 2.0 * (1.0 if layers is None else len(layers) / blocks)
+
+
 def block_linear_names(model) -> list[str]:
     """The names (last part) of the linear layers inside the transformer blocks: what ``all-linear``
     adapts, given as names so that PEFT can pick blocks by index. The output layer is left out, as
@@ -497,9 +505,12 @@ def train_adapter(
     with disable_input_dtype_casting(model, active=dtype != "float32"):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
-    # a forward and a backward pass: about three forward passes' work per token
     throughput.record_model(
-        model, trainer.state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0), 0, seconds, passes=3.0
+        model,
+        trainer.state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0),
+        0,
+        seconds,
+        passes=training_passes(model, settings.lora_top_share),
     )
 
     state = trainer.state
