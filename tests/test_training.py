@@ -320,16 +320,20 @@ def test_resume_after_a_kill_continues_the_step_count(tmp_path, tiny_model_dir, 
     assert losses[0] == pytest.approx(losses[1])
 
 
-def test_nf4_base_trains_an_adapter(tmp_path):
+@pytest.mark.parametrize("top_share", [1.0, 0.5])
+def test_nf4_base_trains_an_adapter(tmp_path, top_share):
     bnb = pytest.importorskip("bitsandbytes")
     model_dir = build_tiny_model(tmp_path / "tiny64", hidden_size=64)
-    ctx = make_ctx(tmp_path, model_dir, quant="nf4", max_steps=2, batch_size=4)
+    ctx = make_ctx(tmp_path, model_dir, quant="nf4", max_steps=2, batch_size=4, lora_top_share=top_share)
     ctx.settings.train.gradient_checkpointing = True
     try:
         model = training.lora_model(ctx.model, ctx.settings.train, "nf4")
     except (RuntimeError, NotImplementedError) as exc:  # a bitsandbytes build without this device's 4-bit kernels
         pytest.skip(f"bitsandbytes cannot run NF4 here: {exc}")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    adapted = [name for name, _ in model.named_parameters() if "lora_" in name]
+    adapted_blocks = {name.split(".layers.")[1].split(".")[0] for name in adapted}
+    assert adapted_blocks == ({"0", "1"} if top_share == 1.0 else {"1"})
     stats = training.run_stage(ctx)
     assert stats["quant"] == "nf4" and stats["steps"] == 2
     assert all(s["loss"] == s["loss"] for s in read_jsonl(ctx.work / "train_log.jsonl"))  # finite, not NaN
