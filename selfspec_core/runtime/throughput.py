@@ -30,7 +30,7 @@ class TokenMeter:
     seconds: float = 0.0
     parameters: int = 0  # of the largest model that ran
     device: str = "cpu"
-    passes: float = 1.0  # forward-pass equivalents per token: training (forward and backward) about 3
+    passes: float = 1.0  # forward-pass equivalents per token: training's is training_passes()
 
     def figures(self, dtype: str) -> dict:
         """Manifest figures, the ceiling divided by the work each token took (``passes``)."""
@@ -82,6 +82,12 @@ def timed_call(model, prompt_tokens: int) -> Iterator[list[int]]:
     started = time.perf_counter()
     yield generated
     record_model(model, prompt_tokens, sum(generated), time.perf_counter() - started)
+
+
+def training_passes(adapted_share: float = 1.0) -> float:
+    """Forward-pass equivalents of a training token: its forward pass (one) and its backward pass (two)
+    through the adapted share of the blocks, below which the backward pass stops."""
+    return 1.0 + 2.0 * adapted_share
 
 
 def record_model(model, prompt_tokens: int, generated_tokens: int, seconds: float, passes: float = 1.0) -> None:

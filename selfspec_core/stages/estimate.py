@@ -49,9 +49,9 @@ PROMPT = "prompt"  # prompts read in one pass: generation prompts, benchmark ite
 DECODE = "decode"  # tokens generated one at a time
 OPTIONS = "options"  # respond's prompts, each option of several tokens scored on the prompt's cached keys
 TRAIN = "train"  # tokens trained on
-# Forward-pass equivalents per token: training's forward and backward pass, as the train stage
-# records its tokens (``throughput.record_model(..., passes=3.0)``).
-PASSES = {TRAIN: 3.0}
+# Forward-pass equivalents per token: training's forward and backward pass through every block, as
+# the train stage records its tokens (``throughput.training_passes``).
+PASSES = {TRAIN: throughput.training_passes()}
 
 
 @dataclass(frozen=True)
@@ -317,9 +317,9 @@ def _train_tokens(settings: Settings, domain: str, calibration: Calibration) -> 
     seen = records * train.epochs
     if train.max_steps:
         seen = min(seen, train.max_steps * train.batch_size * train.grad_accum)
-    # A token's forward pass is about a third of its work; the backward pass stops at the lowest
-    # adapted block (train.lora_top_share), which saves somewhat more than this counts.
-    work = (1 + 2 * train.lora_top_share) / 3
+    # The backward pass stops at the lowest adapted block (train.lora_top_share), which saves somewhat
+    # more than this counts.
+    work = throughput.training_passes(train.lora_top_share) / PASSES[TRAIN]
     return {TRAIN: seen * min(calibration.train_example_tokens, train.max_length) * work}
 
 

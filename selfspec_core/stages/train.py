@@ -264,12 +264,11 @@ def top_layers(model, share: float) -> list[int] | None:
     return None if count >= blocks else list(range(blocks - count, blocks))
 
 
-def training_passes(model, top_share: float) -> float:
-    """Forward-pass equivalents of a training token: its forward pass (1) and its backward pass (2)
-    down to the lowest adapted block, so that the manifest's ceiling stays one no run can pass."""
+def adapted_share(model, top_share: float) -> float:
+    """The share of ``model``'s blocks :func:`lora_model` adapts for ``lora_top_share = top_share``
+    (whole blocks, so not quite ``top_share``)."""
     layers = top_layers(model, top_share)
-    blocks = model.config.get_text_config().num_hidden_layers
-    return 1.0 + 2.0 * (1.0 if layers is None else len(layers) / blocks)
+    return 1.0 if layers is None else len(layers) / model.config.get_text_config().num_hidden_layers
 
 
 def block_linear_names(model) -> list[str]:
@@ -510,7 +509,8 @@ def train_adapter(
         trainer.state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0),
         0,
         seconds,
-        passes=training_passes(model, settings.lora_top_share),
+        # the backward pass stops at the lowest adapted block: the ceiling counts that work, so no run passes it
+        passes=throughput.training_passes(adapted_share(model, settings.lora_top_share)),
     )
 
     state = trainer.state
