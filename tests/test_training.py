@@ -290,9 +290,37 @@ def test_adapters_on_the_top_blocks_only(tmp_path, sharp_model_dir, tokenizer):
     with throughput.metered() as meter:
         training.run_stage(top, callbacks=[snapshot])
     assert snapshot.trainable and all(".layers.1." in name for name in snapshot.trainable)
-    assert meter.passes == 2.0  # the ceiling counts a forward pass and half a backward pass
+    model = training.lora_model(top.model, top.settings.train, "none")
+    examples = [encode_example(r, alpaca(tokenizer), top.settings.train.max_length) for r in RECORDS]
+    assert meter.passes == throughput.training_passes(model, 0.5, training.kept_share(examples))
     tuned = load_model(top.model, adapter=top.work / "adapter")
     torch.testing.assert_close(logits_of(tuned, PROBE, tokenizer), snapshot.logits)
+
+
+@pytest.mark.parametrize("top_share", [1.0, 0.5])
+def test_the_ceiling_counts_the_work_a_training_step_does(tmp_path, top_share):
+    """``training_passes`` (the ceiling's work a token) against torch's own FLOP count of a real step:
+    a packed batch, the kept logits, the response loss, the backward pass. Counting a backward pass's
+    weight gradients for the frozen base, or the output layer at every position, would miss by 9% or
+    more. The formula leaves in the input gradient of the lowest adapted block's first projections,
+    which nothing needs: 2% here in eight blocks, 0.5% in SmolLM2-135M's thirty."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model_dir = build_tiny_model(tmp_path / "tiny8", hidden_size=64, layers=8)
+    tokenizer = load_tokenizer(ModelRef("tiny8", str(model_dir)))
+    ctx = make_ctx(tmp_path, model_dir, lora_top_share=top_share)
+    model = training.lora_model(ctx.model, ctx.settings.train, "none")
+    examples = [encode_example(r, alpaca(tokenizer), 64) for r in RECORDS]
+    batch = ResponseBatches(tokenizer, packing=True)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    labels = batch.pop("labels")
+    with FlopCounterMode(display=False) as counter:
+        response_loss(model(**batch), labels).backward()
+    tokens = sum(len(e.input_ids) for e in examples)
+    elements = sum(p.numel() for p in model.parameters())
+    share = training.adapted_share(model, top_share)
+    passes = throughput.training_passes(model, share, training.kept_share(examples))
+    assert counter.get_total_flops() / tokens == pytest.approx(passes * 2 * elements, rel=0.03)
+    assert 1.0 < passes < 1 + 2 * share  # less than a whole backward pass's worth
 
 
 def test_resume_after_a_kill_continues_the_step_count(tmp_path, tiny_model_dir, tokenizer):
@@ -331,6 +359,11 @@ def test_nf4_base_trains_an_adapter(tmp_path, top_share):
     except (RuntimeError, NotImplementedError) as exc:  # a bitsandbytes build without this device's 4-bit kernels
         pytest.skip(f"bitsandbytes cannot run NF4 here: {exc}")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    # the ceiling counts every weight of the base, though a 4-bit parameter's numel counts half of them
+    unquantized = training.lora_model(ctx.model, ctx.settings.train, "none")
+    assert sum(map(throughput.parameter_elements, model.parameters())) == sum(
+        p.numel() for p in unquantized.parameters()
+    )
     adapted = [name for name, _ in model.named_parameters() if "lora_" in name]
     adapted_blocks = {name.split(".layers.")[1].split(".")[0] for name in adapted}
     assert adapted_blocks == ({"0", "1"} if top_share == 1.0 else {"1"})

@@ -232,7 +232,9 @@ def run_section(run, model: str) -> Section:
     section.blocks.append(
         "Model tokens: prompt and generated tokens the model ran (training: tokens trained on). "
         "The ceiling is this machine's measured matrix-product rate over the model's operations "
-        "per token (two per parameter; training three forward passes' worth)."
+        "per token (two per parameter; training: the least a LoRA token needs, a forward pass and the "
+        "backward pass's input gradients through the frozen weights, the output layer only where a "
+        "response token is predicted)."
     )
     return section
 

@@ -271,6 +271,13 @@ def adapted_share(model, top_share: float) -> float:
     return 1.0 if layers is None else len(layers) / model.config.get_text_config().num_hidden_layers
 
 
+def kept_share(examples: Sequence[Example]) -> float:
+    """The share of the examples' positions whose logit :class:`ResponseBatches` keeps: those that
+    predict a response token."""
+    tokens = sum(len(e.input_ids) for e in examples)
+    return sum(label != IGNORE for e in examples for label in e.labels[1:]) / tokens if tokens else 1.0
+
+
 def block_linear_names(model) -> list[str]:
     """The names (last part) of the linear layers inside the transformer blocks: what ``all-linear``
     adapts, given as names so that PEFT can pick blocks by index. The output layer is left out, as
@@ -509,8 +516,8 @@ def train_adapter(
         trainer.state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0),
         0,
         seconds,
-        # the backward pass stops at the lowest adapted block: the ceiling counts that work, so no run passes it
-        passes=throughput.training_passes(adapted_share(model, settings.lora_top_share)),
+        # the ceiling counts the work a token needs, so no run passes it and none is flattered
+        passes=throughput.training_passes(model, adapted_share(model, settings.lora_top_share), kept_share(examples)),
     )
 
     state = trainer.state
