@@ -226,7 +226,7 @@ def test_model_calls_are_metered_with_a_ceiling_above_the_measured_rate(parts):
     figures = meter.figures("float32")
     assert figures["ceiling_tokens_per_second"] > 0 and figures["tokens_per_second"] > 0
     with throughput.metered() as training:
-        throughput.record(10, 0, 1.0, meter.parameters, passes=3.0)  # a training call: three passes' work a token
+        throughput.record(10, 0, 1.0, meter.parameters, passes=3.0)  # a call worth three forward passes a token
     assert training.figures("float32")["ceiling_tokens_per_second"] == pytest.approx(
         figures["ceiling_tokens_per_second"] / 3, rel=0.01
     )

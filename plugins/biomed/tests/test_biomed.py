@@ -205,7 +205,7 @@ def test_tasks_declare_licence_mode_and_split():
     quick = installed_domains()[DOMAIN].profile_settings["quick"]
     assert quick["evaluate"] == {"modes": "loglikelihood"}
     # more reading tasks, adapters on the top blocks only: chosen on PubMedQA dev over three seeds
-    assert quick["generate"] == {"num_mined": 450} and quick["train"] == {"lora_top_share": 0.67}
+    assert quick["generate"] == {"num_mined": 700} and quick["train"] == {"lora_top_share": 0.67}
     suite = [task for task in tasks_by_name().values() if task.extra.get("suite", True)]
     assert {task.mode for task in suite} == {"loglikelihood"}
     # the suite counts PubMedQA once
