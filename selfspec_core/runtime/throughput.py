@@ -10,6 +10,7 @@ aside): no implementation can pass it, so the ratio says how much is left to win
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -109,8 +110,6 @@ def training_passes(model, adapted_share: float = 1.0, kept_share: float = 1.0) 
 def parameter_elements(parameter) -> int:
     """The values a parameter holds: a 4-bit quantized one (bitsandbytes) packs two in a byte, so its
     own ``numel`` counts half of them."""
-    import math
-
     shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
     return math.prod(shape) if shape is not None else parameter.numel()
 

@@ -511,16 +511,17 @@ def train_adapter(
     with disable_input_dtype_casting(model, active=dtype != "float32"):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
+    state = trainer.state
+    trained = state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0)  # by this process's run
     throughput.record_model(
         model,
-        trainer.state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0),
+        trained,
         0,
         seconds,
         # the ceiling counts the work a token needs, so no run passes it and none is flattered
         passes=throughput.training_passes(model, adapted_share(model, settings.lora_top_share), kept_share(examples)),
     )
 
-    state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     stats = {
         "examples": len(examples),
@@ -530,7 +531,7 @@ def train_adapter(
         "epochs": round(state.epoch or 0.0, 4),
         "final_loss": round(losses[-1], 4) if losses else None,
         "tokens": state.num_input_tokens_seen,
-        "tokens_per_s": round((state.num_input_tokens_seen - resumed.get("num_input_tokens_seen", 0)) / seconds, 1),
+        "tokens_per_s": round(trained / seconds, 1),
         "quant": quant,
         "packing": settings.packing,
         "processes": args.world_size,
