@@ -8,7 +8,10 @@ default settings and seed, each in its own process so its peak memory is its own
 * ``selfspec``: the stage as configured by default (``packing``: padding-free rows, attention per
   example, logits only where a response token is predicted). Same batches as the baseline;
 * ``grouped``: the stage with ``packing`` off: right-padded batches from the Trainer's length
-  grouping (sorted mega-batches of ``pool / (4 * batch)`` batches, so the pool must be large).
+  grouping (sorted mega-batches of ``pool / (4 * batch)`` batches, so the pool must be large);
+* ``flash32``: the stage with each example's attention in torch's float32 flash kernel, as before
+  a bfloat16 model on a CPU without AMX got matrix-product attention for its short spans
+  (:mod:`selfspec_core.models.packed_attention`; elsewhere the two arms run the same code).
 
 tok/s counts real (non-pad) tokens per second of training. Torch runs on ``--threads`` threads
 (default 1: on a busy shared CPU, thread hand-offs otherwise swamp the figures).
@@ -58,6 +61,10 @@ def run_arm(arm: str, data: Path, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     settings = load_settings("quick", overrides={"train": {"max_steps": steps, "quant": "none"}})
     settings.train.packing = arm != "grouped"
+    if arm == "flash32":
+        from selfspec_core.models import packed_attention
+
+        packed_attention.packed_attention_bf16_cpu = packed_attention.packed_sdpa_float32
     ref = resolve_model(None)
     work = data.parent / arm
     run = RunDir(work / "run", "finance").open()
@@ -110,7 +117,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=96)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--arm", choices=("baseline", "selfspec", "grouped"), help=argparse.SUPPRESS)
+    parser.add_argument("--arm", choices=("baseline", "selfspec", "grouped", "flash32"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.arm:
@@ -125,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         data = Path(folder) / "data.jsonl"
         write_jsonl(data, build_records(options.records, load_tokenizer(resolve_model(None)), TRAIN_TEMPLATE))
-        for arm in ("selfspec", "grouped", "baseline"):
+        for arm in ("selfspec", "flash32", "grouped", "baseline"):
             done = subprocess.run(
                 [
                     sys.executable,
@@ -156,10 +163,13 @@ def main() -> None:
         len({r["steps"] for r in results.values()}) == 1
         and results["selfspec"]["tokens"] == results["baseline"]["tokens"]
     )
-    ours, grouped, baseline = (results[a]["tokens_per_s"] for a in ("selfspec", "grouped", "baseline"))
+    ours, flash, grouped, baseline = (
+        results[a]["tokens_per_s"] for a in ("selfspec", "flash32", "grouped", "baseline")
+    )
     print(
         f"speedup={ours / baseline:.2f} tok_s={ours:.1f} baseline_tok_s={baseline:.1f} grouped_tok_s={grouped:.1f} "
-        f"peak_mb={results['selfspec']['peak_mb']}"
+        f"flash32_tok_s={flash:.1f} attention_speedup={ours / flash:.2f} peak_mb={results['selfspec']['peak_mb']} "
+        f"flash32_peak_mb={results['flash32']['peak_mb']}"
     )
 
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from selfspec_core.config import load_settings
 from selfspec_core.errors import SelfspecError
+from selfspec_core.models import packed_attention
 from selfspec_core.models.loading import ModelRef, load_model, load_tokenizer
 from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.plugins.defaults import TRAIN_TEMPLATE
@@ -164,8 +165,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer, 
     the backward pass too."""
     model = load_model(ModelRef("tiny", str(tiny_model_dir)))
     if attention == "packed":
-        training.use_packed_attention(model, max_length=256)
-        assert model.config._attn_implementation == training.PACKED_ATTENTION
+        packed_attention.use_packed_attention(model, max_length=256)
+        assert model.config._attn_implementation == packed_attention.PACKED_ATTENTION
     first, second, third = (encode_example(r, alpaca(tokenizer), 256) for r in RECORDS[:3])
     packed = ResponseBatches(tokenizer, packing=True)([vars(first), vars(second), vars(third)])
     assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in (first, second, third)))
@@ -187,27 +188,42 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer, 
     torch.testing.assert_close(together_gradient, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("flags", "widened"), [(set(), True), ({"amx_bf16"}, False)])
-def test_bfloat16_packed_attention_runs_in_float32_without_amx(tiny_model_dir, monkeypatch, flags, widened):
-    """Without AMX a bfloat16 model's span attention is computed in float32 and handed back in bfloat16."""
+@pytest.mark.parametrize(("flags", "expected"), [(set(), "packed_attention_bf16_cpu"), ({"amx_bf16"}, "packed_sdpa")])
+def test_a_bfloat16_model_without_amx_gets_its_own_packed_attention(tiny_model_dir, monkeypatch, flags, expected):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    monkeypatch.setattr(training, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(packed_attention, "cpu_flags", lambda: flags)
     model = load_model(ModelRef("tiny", str(tiny_model_dir)), dtype="bfloat16")
-    training.use_packed_attention(model, max_length=256)
-    expected = training.packed_sdpa_float32 if widened else training.packed_sdpa
-    assert ALL_ATTENTION_FUNCTIONS[training.PACKED_ATTENTION] is expected
+    packed_attention.use_packed_attention(model, max_length=256)
+    assert ALL_ATTENTION_FUNCTIONS[packed_attention.PACKED_ATTENTION] is getattr(packed_attention, expected)
 
+
+@pytest.mark.parametrize("short_span", [packed_attention.SHORT_SPAN, 20])
+def test_bfloat16_packed_attention_matches_float32_per_example(tiny_model_dir, monkeypatch, short_span):
+    """Without AMX a bfloat16 model's short spans attend by matrix products (float32 softmax), longer
+    ones by float32 flash: both agree with exact float32 attention per span, forward and backward, to
+    bfloat16's precision, with key/value heads shared by groups of query heads."""
+    monkeypatch.setattr(packed_attention, "SHORT_SPAN", short_span)
+    monkeypatch.setattr(packed_attention, "_causal_masks", {})
+    module = load_model(ModelRef("tiny", str(tiny_model_dir))).model.layers[0].self_attn
     torch.manual_seed(0)
-    query, key, value = (torch.randn(1, 4, 30, 16, dtype=torch.bfloat16) for _ in range(3))
-    bounds = torch.tensor([0, 12, 30])
-    module = model.model.layers[0].self_attn
-    output, _ = training.packed_sdpa_float32(module, query, key, value, None, cu_seq_lens_q=bounds, scaling=0.25)
-    exact, _ = training.packed_sdpa(
-        module, query.float(), key.float(), value.float(), None, cu_seq_lens_q=bounds, scaling=0.25
-    )
-    assert output.dtype == torch.bfloat16
-    torch.testing.assert_close(output, exact.to(torch.bfloat16), atol=0, rtol=0)
+    heads = [torch.randn(1, count, 40, 16) for count in (4, 2, 2)]  # query, key, value: groups of 2
+    bounds = torch.tensor([0, 12, 33, 40])  # one span (21 tokens) is past the lowered SHORT_SPAN of 20
+    grad = torch.randn(1, 40, 4, 16)
+
+    def attend(function, dtype):
+        inputs = [h.to(dtype).clone().requires_grad_() for h in heads]
+        output, _ = function(module, *inputs, None, cu_seq_lens_q=bounds, scaling=0.25)
+        (output.float() * grad).sum().backward()
+        return [output.float(), *(i.grad.float() for i in inputs)]
+
+    exact = attend(packed_attention.packed_sdpa, torch.float32)
+    got = attend(packed_attention.packed_attention_bf16_cpu, torch.bfloat16)
+    for tensor, reference in zip(got, exact):
+        assert (tensor - reference).norm() / reference.norm() < 0.02
+    # the products alone, against float32 flash on the same bfloat16 inputs
+    widened = attend(packed_attention.packed_sdpa_float32, torch.bfloat16)
+    assert (got[0] - widened[0]).norm() / widened[0].norm() < 0.02
 
 
 @pytest.mark.parametrize("packing", [True, False])

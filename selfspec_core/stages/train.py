@@ -12,8 +12,9 @@ What selfspec adds on top:
   *input* text, and its answer only when the answer alone nearly fills ``max_length``;
 * padding-free batches (``packing``): a batch's examples are concatenated into one row whose
   position ids restart at every example, so no compute goes to padding; with sdpa, attention runs on
-  each example's span of the row separately (:func:`packed_sdpa`), so no example attends to another
-  and attention costs the sum of the squared example lengths, not the square of the row length;
+  each example's span of the row separately (:mod:`selfspec_core.models.packed_attention`), so no
+  example attends to another and attention costs the sum of the squared example lengths, not the
+  square of the row length;
 * only the positions that predict a response token are projected onto the vocabulary
   (``logits_to_keep``): on instruction data most tokens are prompt, and the LM head is the largest
   single matrix of a small model;
@@ -40,14 +41,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AttentionInterface, AttentionMaskInterface, TrainerCallback
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers import TrainerCallback
 
 from selfspec_core import __version__
 from selfspec_core.config import TrainSettings
 from selfspec_core.errors import SelfspecError
-from selfspec_core.models.loading import ModelRef, cpu_flags, default_quant, load_model, load_tokenizer, resolve_dtype
+from selfspec_core.models.loading import ModelRef, default_quant, load_model, load_tokenizer, resolve_dtype
+from selfspec_core.models.packed_attention import use_packed_attention
 from selfspec_core.models.prompting import PromptFormat
 from selfspec_core.run import rounds
 from selfspec_core.run.adapter import TRAINING_INFO, read_training_info
@@ -57,7 +57,6 @@ from selfspec_core.runtime import distributed, throughput
 
 IGNORE = -100  # label of a token that is not trained on
 TRAINING_ARGS_FILE = "training_args.bin"  # what Trainer.save_model adds next to the weights
-PACKED_ATTENTION = "selfspec_packed_sdpa"
 PROCESSES_FILE = "processes.json"  # in the checkpoints folder: how many processes made its checkpoints
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -173,57 +172,6 @@ def response_loss(outputs, labels, num_items_in_batch=None):
         logits = logits[:, :-1][shifted != IGNORE]
     loss = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
     return loss / (num_items_in_batch if num_items_in_batch is not None else max(len(targets), 1))
-
-
-def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
-    """sdpa on each example's span of a packed row (``cu_seq_lens_q``: the spans' boundaries).
-
-    Given the whole row, sdpa would compute every query against every key and mask most of them
-    out (the CPU kernel skips no masked block); per span, each runs as a plain causal attention.
-    The spans are split off in one call, not sliced one by one: each slice's backward would write its
-    gradient into a zeroed copy of the whole row (attention took 1.1-1.25x as long on a 2-core EPYC).
-    Without boundaries (a padded batch, generation) this is sdpa as usual.
-    """
-    import torch
-
-    if cu_seq_lens_q is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    lengths = cu_seq_lens_q.diff().tolist()
-    spans = [
-        sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
-    ]
-    return torch.cat(spans, dim=1), None
-
-
-def packed_sdpa_float32(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
-    """:func:`packed_sdpa` computed in float32 and returned in the query's dtype.
-
-    On a CPU without AMX, torch's flash-attention kernel runs forward and backward faster in float32
-    than in bfloat16 (it widens bfloat16 blocks itself): 45 against 55 ms per layer on a packed row
-    of 1,900 tokens on a 2-core AVX512-BF16 EPYC (``bench/train.py``). The products around it stay in bfloat16.
-    """
-    output, weights = packed_sdpa(
-        module, query.float(), key.float(), value.float(), attention_mask, cu_seq_lens_q=cu_seq_lens_q, **kwargs
-    )
-    return output.to(query.dtype), weights
-
-
-def use_packed_attention(model, max_length: int) -> None:
-    """Switch an sdpa model to :func:`packed_sdpa` (:func:`packed_sdpa_float32` for a bfloat16 model
-    on a CPU without AMX).
-
-    Flash-attention models already attend per example from the same boundaries. A model with a
-    sliding window shorter than ``max_length`` keeps sdpa with the packed mask, which holds the window.
-    """
-    import torch
-
-    window = getattr(model.config, "sliding_window", None)
-    if model.config._attn_implementation == "sdpa" and not (window and window < max_length):
-        widen = model.dtype == torch.bfloat16 and model.device.type == "cpu" and "amx_bf16" not in cpu_flags()
-        AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_float32 if widen else packed_sdpa)
-        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-        model.set_attn_implementation(PACKED_ATTENTION)
 
 
 def lora_model(ref: ModelRef, settings: TrainSettings, quant: str, dtype: str = "float32"):
