@@ -224,6 +224,11 @@ def test_bfloat16_packed_attention_matches_float32_per_example(tiny_model_dir, m
     # the products alone, against float32 flash on the same bfloat16 inputs
     widened = attend(packed_attention.packed_sdpa_float32, torch.bfloat16)
     assert (got[0] - widened[0]).norm() / widened[0].norm() < 0.02
+    # what the products do not apply is left to sdpa, which refuses soft-capping rather than ignore it
+    with pytest.raises(ValueError, match="softcap"):
+        packed_attention.packed_attention_bf16_cpu(
+            module, *(h.bfloat16() for h in heads), None, cu_seq_lens_q=bounds, scaling=0.25, softcap=30.0
+        )
 
 
 @pytest.mark.parametrize("packing", [True, False])

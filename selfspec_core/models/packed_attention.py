@@ -28,6 +28,10 @@ PACKED_ATTENTION = "selfspec_packed_sdpa"
 # probabilities (heads x n x n), which past this costs more memory and time than flash's blocks.
 SHORT_SPAN = 512
 
+# Attention arguments the products do not apply (besides dropout): logit soft-capping, attention
+# sinks, a position bias.
+SDPA_ONLY = ("softcap", "s_aux", "position_bias")
+
 _causal_masks: dict = {}  # device -> SHORT_SPAN x SHORT_SPAN additive causal mask; a span takes its corner
 
 
@@ -96,11 +100,12 @@ def packed_attention_bf16_cpu(module, query, key, value, attention_mask, cu_seq_
 
     Over the short spans of instruction data the products beat the float32 flash kernel inside a
     training step: a biomed quick-profile step took 0.82 s instead of 1.02 on a 2-core AMD EPYC with
-    AVX512-BF16 (``bench/train.py`` compares them). Attention dropout goes through sdpa.
+    AVX512-BF16 (``bench/train.py`` compares them). Attention with dropout or any of :data:`SDPA_ONLY`
+    goes through sdpa, which applies (or refuses) it.
     """
     import torch
 
-    if cu_seq_lens_q is None or kwargs.get("dropout"):
+    if cu_seq_lens_q is None or kwargs.get("dropout") or any(kwargs.get(name) is not None for name in SDPA_ONLY):
         return packed_sdpa_float32(module, query, key, value, attention_mask, cu_seq_lens_q=cu_seq_lens_q, **kwargs)
     scaling = kwargs.get("scaling") or 1 / math.sqrt(query.shape[-1])
     lengths = _span_lengths(cu_seq_lens_q)
