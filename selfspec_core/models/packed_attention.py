@@ -35,25 +35,26 @@ SDPA_ONLY = ("softcap", "s_aux", "position_bias")
 _causal_masks: dict = {}  # device -> SHORT_SPAN x SHORT_SPAN additive causal mask; a span takes its corner
 
 
-def _span_lengths(cu_seq_lens_q) -> list[int]:
-    return cu_seq_lens_q.diff().tolist()
+def example_spans(query, key, value, cu_seq_lens_q):
+    """Each example's ``(query, key, value)`` of a packed row, split off in one call per tensor, not
+    sliced one by one: each slice's backward would write its gradient into a zeroed copy of the whole
+    row (attention took 1.1-1.25x as long on a 2-core EPYC)."""
+    lengths = cu_seq_lens_q.diff().tolist()
+    return zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
 
 
 def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
     """sdpa on each example's span of a packed row (``cu_seq_lens_q``: the spans' boundaries).
 
-    The spans are split off in one call, not sliced one by one: each slice's backward would write its
-    gradient into a zeroed copy of the whole row (attention took 1.1-1.25x as long on a 2-core EPYC).
     Without boundaries (a padded batch, generation) this is sdpa as usual.
     """
     import torch
 
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    lengths = _span_lengths(cu_seq_lens_q)
     spans = [
         sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+        for q, k, v in example_spans(query, key, value, cu_seq_lens_q)
     ]
     return torch.cat(spans, dim=1), None
 
@@ -108,9 +109,8 @@ def packed_attention_bf16_cpu(module, query, key, value, attention_mask, cu_seq_
     if cu_seq_lens_q is None or kwargs.get("dropout") or any(kwargs.get(name) is not None for name in SDPA_ONLY):
         return packed_sdpa_float32(module, query, key, value, attention_mask, cu_seq_lens_q=cu_seq_lens_q, **kwargs)
     scaling = kwargs.get("scaling") or 1 / math.sqrt(query.shape[-1])
-    lengths = _span_lengths(cu_seq_lens_q)
     spans = []
-    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+    for q, k, v in example_spans(query, key, value, cu_seq_lens_q):
         if q.shape[2] <= SHORT_SPAN:
             spans.append(span_products_attention(q, k, v, scaling))
         else:
