@@ -69,6 +69,12 @@ def test_domain_is_installed_through_its_entry_point():
     assert len(domain.task_families) == 9
 
 
+def test_quick_profile_trains_two_passes():
+    """Chosen on FPB dev over three training seeds (see DOMAIN); how a domain's profile settings meet a
+    config file and the flags is the core's (tests/test_cli.py)."""
+    assert installed_domains()[DOMAIN].profile_settings == {"quick": {"train": {"epochs": 2.0}}}
+
+
 def test_seeds_are_one_file_shipped_as_package_data():
     import selfspec_finance as plugin
 
