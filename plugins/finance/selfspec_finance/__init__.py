@@ -35,9 +35,10 @@ DOMAIN = Domain(
     # (150 written, 300 mined, 430 kept), against one pass: accuracy 0.677/0.680/0.687 ->
     # 0.730/0.713/0.703, macro-F1 0.657/0.565/0.608 -> 0.689/0.664/0.637, per item over the seeds
     # +0.034 [+0.011, +0.058] and +0.048 [+0.017, +0.077]. The second pass costs the training stage's
-    # time again: 1.6 more minutes on a 2-core AMD EPYC of CPU family 26, about 2.5 on the older 2-core
-    # EPYC (AVX512-BF16, no AMX) whose one-pass run took 8.9, inside the quick run's 15 minutes. Biomed
-    # keeps one: its 700 mined tasks train twice as long.
+    # time again: 1.8 more minutes on a 2-core AMD EPYC of CPU family 26 (measured), about 2.5 on the
+    # older 2-core EPYC (AVX512-BF16, no AMX) whose one-pass run took 8.9 (estimated, not measured
+    # there), inside the quick run's 15 minutes. Biomed keeps one: two passes were within noise on
+    # PubMedQA dev and its 700 mined tasks train twice as long.
     profile_settings={"quick": {"train": {"epochs": 2.0}}},
 )
 
