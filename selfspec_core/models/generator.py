@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from selfspec_core.errors import SelfspecError
+from selfspec_core.models.packed_linear import pack_linears
 from selfspec_core.runtime.throughput import timed_call
 
 
@@ -117,6 +118,8 @@ class HFGenerator:
         self.batch_tokens = max(1, batch_tokens)  # padded tokens per scoring forward pass
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if not hasattr(model, "peft_config"):  # a PEFT model's adapters could still be merged into its weights
+            pack_linears(model)
 
     @property
     def device(self):

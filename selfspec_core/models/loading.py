@@ -254,17 +254,20 @@ def float32_logits(model) -> None:
     options of a benchmark item often tie exactly and the first listed option wins. A finance
     adapter's choices on 300 FPB and PubMedQA dev items agreed with float32 on 90% in bfloat16,
     98.7% with float32 logits; the layer is one matrix, a small share of the compute.
+
+    The copies are the layer's ``float32_weight`` and ``float32_bias``, and its forward pass is
+    replaced, not followed by a hook: a hook's layer would first compute the 16-bit logits it drops.
     """
     import torch
 
     head = model.get_output_embeddings()
-    weight = head.weight.detach().float()
-    bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
+    head.float32_weight = head.weight.detach().float()
+    head.float32_bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
 
-    def in_float32(module, inputs, output):
-        return torch.nn.functional.linear(inputs[0].float(), weight, bias)
+    def in_float32(inputs):
+        return torch.nn.functional.linear(inputs.float(), head.float32_weight, head.float32_bias)
 
-    head.register_forward_hook(in_float32)
+    head.forward = in_float32
 
 
 def unfreeze_for_inference(model) -> None:
