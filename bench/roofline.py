@@ -44,7 +44,7 @@ def matmul_flops(name: str, shapes: tuple) -> int:
 
 
 def recording_mode():
-    """A dispatch mode that counts each matrix product (op, shapes, strides, dtype) while ``on``."""
+    """A dispatch mode that counts each matrix product (op, shapes, strides, dtype) while entered."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -66,7 +66,7 @@ def recording_mode():
 
 def replay_seconds(seen: Counter, trials: int = 5) -> float:
     """Seconds the recorded products take alone: per kind, the best of ``trials`` timings of as many
-    calls as the step made, on inputs allocated once (so warm in cache: the most favourable case)."""
+    calls as the recorded steps made, on inputs allocated once (warm in cache: the most favourable case)."""
     import torch
 
     total = 0.0
