@@ -33,7 +33,7 @@ def pack_linears(model) -> bool:
     import torch
 
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not hasattr(m, PACKED)]
-    weights = [getattr(layer, "float32_weight", layer.weight) for layer in layers]
+    weights = [multiplied(layer)[0] for layer in layers]
     if (
         not layers
         or not torch.backends.mkldnn.is_available()
@@ -41,16 +41,23 @@ def pack_linears(model) -> bool:
         or sum(w.numel() * w.element_size() for w in weights) > MEMORY_SHARE * available_memory()
     ):
         return False
-    for layer, weight in zip(layers, weights):
-        _pack(layer, weight.detach().contiguous())
+    for layer in layers:
+        _pack(layer)
     return True
 
 
-def _pack(layer, weight) -> None:
+def multiplied(layer) -> tuple:
+    """The weight and bias ``layer``'s forward pass multiplies: its float32 copies where
+    :func:`~selfspec_core.models.loading.float32_logits` set them, else its own."""
+    return getattr(layer, "float32_weight", layer.weight), getattr(layer, "float32_bias", layer.bias)
+
+
+def _pack(layer) -> None:
     import torch
 
+    weight, bias = multiplied(layer)
+    weight = weight.detach().contiguous()
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-    bias = getattr(layer, "float32_bias", layer.bias)
     bias = None if bias is None else bias.detach().to(weight.dtype)
     plain = layer.forward
 
